@@ -1,0 +1,73 @@
+"""Synthetic arithmetic: the quick offline task for demos and tiny from-scratch models (class "math").
+
+    python data/arithmetic/prepare.py --tokenizer char            # -> data/arithmetic/char/ (+ vocab.json)
+    python data/arithmetic/prepare.py --tokenizer smollm2-135m    # -> data/arithmetic/smollm2-135m/
+    python data/arithmetic/prepare.py --digits 2 --ops "+-" --n_train 2000 --out /tmp/arith
+
+A problem is "What is a OP b?" with OP in --ops ("+", "-", "*"); each operand first draws its number of
+digits uniformly from 1..--digits, then a value with that many digits (so short and long numbers are
+equally common). Subtraction puts the larger operand first, so every answer is a non-negative integer
+and the answer text is just that number (e.g. "579"): eval reads the final number and compares exactly.
+The test split is drawn first; train never contains a test problem, counting a+b and b+a (a*b and b*a)
+as the same problem. Everything is seeded by --seed. Defaults take about a second.
+To mix with data/pycode at character level, reuse its vocabulary: --tokenizer data/pycode/char/vocab.json.
+"""
+import argparse
+import os
+import random
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer
+from dataset import tokenizer_tag, write_dataset
+
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def random_number(rng, digits):
+    k = rng.randint(1, digits)  # number of digits, then a value with exactly k digits (0 counts as 1 digit)
+    return rng.randrange(10 ** (k - 1) if k > 1 else 0, 10 ** k)
+
+
+def make_problems(n, rng, digits, ops, exclude=frozenset()):
+    """n distinct problems, none of whose keys is in exclude. Returns (examples, their keys)."""
+    n_values = 10 ** digits
+    if n + len(exclude) > len(ops) * n_values * (n_values + 1) // 2:
+        raise ValueError(f"only {len(ops) * n_values * (n_values + 1) // 2} distinct problems with "
+                         f"--digits {digits} --ops {ops!r}: ask for fewer examples")
+    examples, keys = [], set()
+    while len(examples) < n:
+        op = rng.choice(ops)
+        a, b = random_number(rng, digits), random_number(rng, digits)
+        if op == "-" and a < b:
+            a, b = b, a
+        key = (op, min(a, b), max(a, b))
+        if key in keys or key in exclude:
+            continue
+        keys.add(key)
+        answer = str(OPS[op](a, b))
+        examples.append(dict(question=f"What is {a} {op} {b}?", answer=answer, final=answer, label="math"))
+    return examples, keys
+
+
+def prepare(tokenizer="char", out=None, n_train=10000, n_test=500, digits=3, ops="+-*", seed=0):
+    """Generate, tokenize and write data/arithmetic/<tag>/ (or out). Returns the output folder."""
+    assert ops and set(ops) <= set(OPS), f"--ops must use only {''.join(OPS)}"
+    rng = random.Random(seed)
+    test, test_keys = make_problems(n_test, rng, digits, ops)
+    train, _ = make_problems(n_train, rng, digits, ops, exclude=test_keys)
+    out = out or os.path.join(HERE, tokenizer_tag(tokenizer))
+    write_dataset(out, tokenizer, {"train": train, "test": test}, classes=["math"])
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", default="char", help="char, gpt2, smollm2-135m, a HF tokenizer folder or a char vocab .json")
+    p.add_argument("--out", default=None, help="output folder (default data/arithmetic/<tokenizer tag>)")
+    p.add_argument("--n_train", type=int, default=10000)
+    p.add_argument("--n_test", type=int, default=500)
+    p.add_argument("--digits", type=int, default=3, help="max digits per operand")
+    p.add_argument("--ops", default="+-*", help="operators to use, a subset of +-*")
+    p.add_argument("--seed", type=int, default=0)
+    prepare(**vars(p.parse_args()))

@@ -1,0 +1,76 @@
+"""GSM8K grade-school math word problems (7,473 train / 1,319 test), class "math".
+
+    python data/gsm8k/prepare.py                         # smollm2-135m chat format -> data/gsm8k/smollm2-135m/
+    python data/gsm8k/prepare.py --tokenizer gpt2        # "Question: ...\\nAnswer: " format -> data/gsm8k/gpt2/
+    python data/gsm8k/prepare.py --tokenizer gpt2 --limit 50 --out /tmp/gsm8k   # a quick slice
+
+Reads train.jsonl / test.jsonl ({"question", "answer"}) from --src, by default ../shared/data/gsm8k
+beside the repo; without it, downloads them once from the public GSM8K repository into data/gsm8k/raw/.
+The answer is the worked solution with the calculator annotations "<<3*4=12>>" removed, ending in the
+line "#### N"; N is written without thousands commas ("#### 1080", not "#### 1,080") and is also stored
+as test.jsonl's "final" (the gold answer eval compares with the last number the model writes).
+--max_len drops train examples longer than that many tokens (the test split is always kept whole).
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer
+from dataset import tokenizer_tag, write_dataset
+
+URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
+SHARED = os.path.join(HERE, "..", "..", "..", "shared", "data", "gsm8k")
+
+
+def read_split(split, src=None):
+    """Rows of {split}.jsonl from src, else ../shared/data/gsm8k, else data/gsm8k/raw/ (downloaded once)."""
+    if src is None:
+        src = SHARED if os.path.isfile(os.path.join(SHARED, f"{split}.jsonl")) else os.path.join(HERE, "raw")
+        download(split, src)
+    path = os.path.join(src, f"{split}.jsonl")
+    if not os.path.isfile(path):
+        raise SystemExit(f"GSM8K: {path} not found")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def download(split, folder):
+    path = os.path.join(folder, f"{split}.jsonl")
+    if os.path.isfile(path):
+        return
+    os.makedirs(folder, exist_ok=True)
+    try:
+        urllib.request.urlretrieve(URL.format(split), path + ".part")
+    except OSError as e:
+        raise SystemExit(f"GSM8K {split}.jsonl is not in {os.path.abspath(SHARED)} and downloading "
+                         f"{URL.format(split)} failed ({e}); pass --src DIR") from None
+    os.replace(path + ".part", path)
+
+
+def to_example(row):
+    solution, final = row["answer"].split("####")
+    final = final.strip().replace(",", "")
+    solution = re.sub(r"<<[^>]*>>", "", solution).rstrip()
+    return dict(question=row["question"], answer=f"{solution}\n#### {final}", final=final, label="math")
+
+
+def prepare(tokenizer="smollm2-135m", out=None, src=None, max_len=1024, limit=None):
+    """Tokenize GSM8K into data/gsm8k/<tag>/ (or out). Returns the output folder."""
+    splits = {s: [to_example(r) for r in read_split(s, src)[:limit]] for s in ("train", "test")}
+    out = out or os.path.join(HERE, tokenizer_tag(tokenizer))
+    write_dataset(out, tokenizer, splits, classes=["math"], max_len=max_len)
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", default="smollm2-135m", help="smollm2-135m, gpt2, a HF tokenizer folder, char, ...")
+    p.add_argument("--out", default=None, help="output folder (default data/gsm8k/<tokenizer tag>)")
+    p.add_argument("--src", default=None, help="folder with train.jsonl and test.jsonl")
+    p.add_argument("--max_len", type=int, default=1024, help="drop train examples longer than this (tokens); 0 keeps all")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split")
+    prepare(**vars(p.parse_args()))

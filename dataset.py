@@ -1,0 +1,166 @@
+"""Prepared token data: the on-disk format, its writer (used by data/*/prepare.py) and the batch loader.
+
+A prepared folder data/<task>/<tag>/ (tag from the tokenizer: char, gpt2, smollm2-135m, ...) holds
+  train.npz, test.npz  written with np.savez (no pickles):
+      tokens    int32 (N,)    all examples concatenated: prompt tokens, answer tokens, end token
+      loss_mask bool  (N,)    True exactly on the answer tokens and the end token that closes the answer
+      offsets   int64 (E+1,)  example e is tokens[offsets[e]:offsets[e+1]]
+      labels    int16 (E,)    class of each example, an index into meta["classes"]
+  test.jsonl   per test example: prompt (the formatted text to encode), answer (reference answer text,
+               no end token), final (gold final answer string for math, else null), label (class name)
+  meta.json    {"tokenizer", "classes", "chat", "vocab_size", "eot"}: "tokenizer" is what get_tokenizer
+               takes (a relative path is resolved inside the folder: char vocabularies live there as
+               vocab.json); "eot" ends every answer (<|im_end|> for chat models) and pads batches.
+Formatting: chat models get chat_prompt(enc, question) and answers end with <|im_end|>; base models and
+char get "Question: {q}\\nAnswer: " and answers end with the end-of-text token. Prompt and answer are
+encoded separately, so the prompt tokens are exactly what eval.py gets by encoding test.jsonl's prompt.
+
+Loading (python -m pytest tests/test_data.py tests it):
+    ds = TokenDataset(["data/arithmetic/char"], "train")
+    sampler = BatchSampler(len(ds), batch_size=64, seed=0, rank=rank, world_size=world_size)
+    for ix in np.split(sampler.next_batch(), grad_accum):  # this rank's share of one optimizer step
+        x, y, labels = ds.get_batch(ix, block_size)       # y = next token on answer positions, else -1
+"""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokenizer import END_OF_TURN, CharTokenizer, chat_prompt, get_tokenizer, has_chat_template
+
+
+def format_prompt(enc, question):
+    return chat_prompt(enc, question) if has_chat_template(enc) else f"Question: {question}\nAnswer: "
+
+
+def tokenizer_tag(name):
+    """Output folder name for a tokenizer: char for char vocabularies, else the name or folder's basename."""
+    return "char" if name == "char" or name.endswith(".json") else os.path.basename(os.path.normpath(name)).removesuffix(".gguf")
+
+
+def write_dataset(out_dir, tokenizer, splits, classes, max_len=None):
+    """Tokenize splits = {"train": [ex, ...], "test": [...]}, ex = dict(question, answer, label[, final]).
+    tokenizer "char" builds a character vocabulary from all the text (an existing vocab .json is reused);
+    either way it is saved as out_dir/vocab.json. max_len drops longer train examples (test is kept whole)."""
+    os.makedirs(out_dir, exist_ok=True)
+    vocab = os.path.join(out_dir, "vocab.json")
+    if tokenizer == "char":
+        text = (ex["question"] + ex["answer"] for exs in splits.values() for ex in exs)
+        CharTokenizer("".join(set("Question: \nAnswer: ").union(*text))).save(vocab)
+    elif tokenizer.endswith(".json"):  # another folder's char vocabulary, so the two can be mixed
+        get_tokenizer(tokenizer).save(vocab)
+    elif os.path.exists(tokenizer):  # a .gguf file or HF folder: absolute, so any working directory finds it
+        tokenizer = os.path.abspath(tokenizer)
+    enc = get_tokenizer(vocab if tokenizer == "char" or tokenizer.endswith(".json") else tokenizer)
+    tokenizer = "vocab.json" if isinstance(enc, CharTokenizer) else tokenizer
+    chat = has_chat_template(enc)
+    end = enc.encode(END_OF_TURN, allowed_special="all")[0] if chat else enc.eot_token
+    for split, examples in splits.items():
+        tokens, mask, offsets, labels, rows = [], [], [0], [], []
+        for ex in examples:
+            prompt = format_prompt(enc, ex["question"])
+            p = enc.encode(prompt, allowed_special="all")
+            a = enc.encode(ex["answer"], allowed_special="all") + [end]
+            if max_len and split == "train" and len(p) + len(a) > max_len:
+                continue
+            tokens += p + a
+            mask += [False] * len(p) + [True] * len(a)
+            offsets.append(len(tokens))
+            labels.append(classes.index(ex["label"]))
+            rows.append(dict(prompt=prompt, answer=ex["answer"], final=ex.get("final"), label=ex["label"]))
+        np.savez(os.path.join(out_dir, f"{split}.npz"), tokens=np.array(tokens, np.int32),
+                 loss_mask=np.array(mask, bool), offsets=np.array(offsets, np.int64), labels=np.array(labels, np.int16))
+        if split == "test":
+            with open(os.path.join(out_dir, "test.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        lens = np.diff(offsets) if rows else np.zeros(1)
+        print(f"{out_dir}/{split}.npz: {len(rows)} examples ({len(examples) - len(rows)} dropped over max_len={max_len}), "
+              f"{len(tokens)} tokens, length mean {lens.mean():.0f} max {lens.max()}")
+    meta = dict(tokenizer=tokenizer, classes=classes, chat=chat, vocab_size=enc.n_vocab, eot=end)
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+class TokenDataset:
+    """One split of one or more prepared folders, concatenated. Labels are remapped to the union of the
+    folders' classes (in order of appearance); all folders must share one tokenizer."""
+
+    def __init__(self, data_dirs, split):
+        data_dirs = [data_dirs] if isinstance(data_dirs, str) else list(data_dirs)
+        self.classes, parts = [], []
+        for d in data_dirs:
+            with open(os.path.join(d, "meta.json")) as f:
+                meta = json.load(f)
+            path = os.path.join(d, meta["tokenizer"])
+            tok = path if os.path.exists(path) else meta["tokenizer"]
+            key = (Path(tok).read_text() if os.path.isfile(tok) else tok, meta["chat"], meta["eot"])
+            if not parts:
+                self.key, self.tokenizer_path, self.meta = key, tok, meta
+            elif key != self.key:
+                raise ValueError(f"{d} was prepared with tokenizer {tok!r} but {data_dirs[0]} with "
+                                 f"{self.tokenizer_path!r}: prepare every folder with the same --tokenizer (for char, "
+                                 f"pass the first folder's vocab.json as the --tokenizer of the others)")
+            self.classes += [c for c in meta["classes"] if c not in self.classes]
+            z = np.load(os.path.join(d, f"{split}.npz"))
+            remap = np.array([self.classes.index(c) for c in meta["classes"]], np.int64)
+            parts.append((z["tokens"], z["loss_mask"], z["offsets"], remap[z["labels"]]))
+        self.tokens = np.concatenate([p[0] for p in parts])
+        self.loss_mask = np.concatenate([p[1] for p in parts])
+        starts = np.cumsum([0] + [len(p[0]) for p in parts])
+        self.offsets = np.concatenate([p[2][:-1] + s for p, s in zip(parts, starts)] + [starts[-1:]])
+        self.labels = np.concatenate([p[3] for p in parts])
+        self.vocab_size, self.eot, self.chat = self.meta["vocab_size"], self.meta["eot"], self.meta["chat"]
+        self.tokenizer = get_tokenizer(self.tokenizer_path)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def get_batch(self, indices, block_size):
+        """x (B,T) inputs, y (B,T) targets (token i+1 where it is an answer/end token, else -1), labels (B,).
+        Right-padded with eot to the longest example (examples over block_size keep their start)."""
+        indices = np.asarray(indices, np.int64)
+        starts = self.offsets[indices]
+        ends = np.minimum(self.offsets[indices + 1], starts + block_size + 1)
+        x = np.full((len(indices), int((ends - starts).max()) - 1), self.eot, np.int64)
+        y = np.full_like(x, -1)
+        for b, (s, e) in enumerate(zip(starts, ends)):
+            x[b, :e - s - 1] = self.tokens[s:e - 1]
+            y[b, :e - s - 1] = np.where(self.loss_mask[s + 1:e], self.tokens[s + 1:e], -1)
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(self.labels[indices])
+
+
+class BatchSampler:
+    """Infinite, deterministic, resumable example order. Each optimizer step takes the next batch_size
+    (the global batch) indices of a seeded per-epoch permutation, running on into the next epoch when
+    one ends; rank r of world_size gets the r-th contiguous slice, so the global batch does not depend
+    on the number of processes. state_dict() is {"epoch", "pos"}: save it in checkpoints to resume."""
+
+    def __init__(self, n, batch_size, seed=0, rank=0, world_size=1):
+        assert batch_size % world_size == 0, "global batch must split evenly over the ranks"
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.epoch, self.pos, self._perm = 0, 0, (None, None)
+
+    def perm(self, epoch):
+        if self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        return self._perm[1]
+
+    def next_batch(self):
+        """This rank's batch_size // world_size indices of the next global batch."""
+        parts, need = [], self.batch_size
+        while need:
+            take = self.perm(self.epoch)[self.pos:self.pos + need]
+            parts.append(take)
+            need, self.pos = need - len(take), self.pos + len(take)
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+        per_rank = self.batch_size // self.world_size
+        return np.concatenate(parts)[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])

@@ -1,0 +1,255 @@
+"""
+L2D: a trainable diffusion path around a frozen GPT (Cetin, Zhao & Tang, ICML 2025).
+The method, with every default, is in ../shared/L2D_METHOD.md; section numbers below refer to it.
+
+The base model predicts token i+1 from the context <= i. The path adds, at every position i, a
+"diffusion token" x_t: a noisy version of the *next* token's flow embedding x_1 = V[y_{i+1}],
+    x_t = (1 - t) x_0 + t x_1,    x_0 ~ N(0, sigma^2 I),    t in [0, 1].
+The path's hidden state starts from x_t, attends to the base's own keys/values of each layer
+(never to other diffusion tokens), is modulated by t (adaLN-Zero), and is merged into the base's
+last hidden state with a gate that is exactly zero at t = 0:
+    h = h_main + (w(c_t) - w(c_0)) * h_path,    logits = lm_head(final_norm(h)).
+Training is plain cross-entropy at random t (per position). Generating a token integrates
+dx/dt = (x_hat_1 - x_t) / (1 - t) from t=0 to t=1 with an ODE solver (solvers.py); one step
+is exactly the base model.
+
+    l2d = L2D(base, L2DConfig(variant="lora"))
+    logits, loss = l2d(idx, targets, labels)                 # training forward
+    for token, nfe in l2d.generate(idx, 64, steps=8): ...    # decoding with the ODE
+
+Choices where the spec is silent: the sinusoidal time embedding is 256 wide (128 frequencies, cos
+and sin halves, as in DiT); GPT-2's path input gets no position embedding (positions reach it
+through the base keys it attends to); with guidance the final token is read from the
+class-conditional logits.
+"""
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lora import LoRALinear
+from model import IGNORE_INDEX, KVCache, MLP, apply_rope, causal_attention, sample_token
+from solvers import SOLVERS, grid
+
+
+# dopri5 stops just short of t=1: a step landing on t=1 meets the velocity defined as 0 there
+# (its true limit is x_hat_1 - x_0), fails its error test and the step size collapses. What is
+# left, 1e-4 of the noise, is below what the t=1 read-out can notice.
+ADAPTIVE_T_END = 1 - 1e-4
+
+
+@dataclass
+class L2DConfig:
+    variant: str = "lora"       # "lora": frozen base q/o/MLP + LoRA; "full": trainable copies
+    flow_dim: int = 256         # d_f, the width of the diffused token space
+    cond_dim: int = 256         # width of the time/class conditioning c
+    sigma: float = 64.0         # std of the noise x_0
+    lora_rank: int = 32
+    lora_alpha: float = 32.0
+    num_classes: int = 0        # J guidance classes (0: no class conditioning); index J is null
+    label_dropout: float = 0.2  # training: probability of replacing a label by null
+    t_schedule: str = "uniform"  # "uniform" or "cosmap" (sec. 3)
+
+    def __post_init__(self):
+        if self.variant not in ("lora", "full"):
+            raise ValueError(f"unknown L2D variant {self.variant!r}; use 'lora' or 'full'")
+        if self.t_schedule not in ("uniform", "cosmap"):
+            raise ValueError(f"unknown t_schedule {self.t_schedule!r}; use 'uniform' or 'cosmap'")
+
+
+def mlp2(d_in, d_hidden, d_out, zero_last=False, last_bias=True):
+    """Linear - SiLU - Linear; adaLN-Zero heads start at exactly zero output."""
+    net = nn.Sequential(nn.Linear(d_in, d_hidden), nn.SiLU(), nn.Linear(d_hidden, d_out, bias=last_bias))
+    if zero_last:
+        nn.init.zeros_(net[2].weight)
+        if last_bias:
+            nn.init.zeros_(net[2].bias)
+    return net
+
+
+def time_embedding(t, dim=256, max_period=1e4):
+    """Sinusoidal features of t in [0, 1]: cos(t f_k) and sin(t f_k), f_k = max_period^(-k/(dim/2))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[..., None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def sample_t(shape, schedule, device=None):
+    """t ~ U(0, 1) per position, optionally warped by cosmap: t = 1 - 1 / (tan(pi u / 2) + 1)."""
+    u = torch.rand(shape, device=device)
+    if schedule == "cosmap":
+        return 1 - 1 / (torch.tan(math.pi * u / 2) + 1)
+    return u
+
+
+class PathLayer(nn.Module):
+    """The diffusion-path twin of one base block (sec. 4). It reuses the block's frozen norms and
+    attends to the block's keys/values; its q, o and MLP are its own (copies, or base + LoRA)."""
+
+    def __init__(self, block, config):
+        super().__init__()
+        adapt = (lambda lin: copy.deepcopy(lin).requires_grad_(True)) if config.variant == "full" \
+            else (lambda lin: LoRALinear(lin, config.lora_rank, config.lora_alpha))
+        attn, mlp = block.attn, block.mlp
+        self.n_head, self.head_dim = attn.n_head, attn.head_dim
+        self.q_proj, self.o_proj = adapt(attn.q_proj), adapt(attn.o_proj)
+        gate = adapt(mlp.gate_proj) if mlp.gate_proj is not None else None  # SwiGLU only
+        self.mlp = MLP(adapt(mlp.up_proj), adapt(mlp.down_proj), gate)
+        d = attn.q_proj.in_features
+        # (norm-weight delta, shift, gate) for the attention branch, then for the MLP branch.
+        self.modulation = mlp2(config.cond_dim, config.cond_dim, 6 * d, zero_last=True)
+
+    def forward(self, h, c, block, k, v, rope):
+        B, T, _ = h.shape
+        dw_attn, shift_attn, gate_attn, dw_mlp, shift_mlp, gate_mlp = self.modulation(c).chunk(6, dim=-1)
+        u = block.ln_1.modulated(h, dw_attn, shift_attn)
+        q = self.q_proj(u).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q = apply_rope(q, *rope)
+        y = causal_attention(q, k, v)  # base K/V of positions <= i; no diffusion token is a key
+        h = h + gate_attn * self.o_proj(y.transpose(1, 2).flatten(2))
+        return h + gate_mlp * self.mlp(block.ln_2.modulated(h, dw_mlp, shift_mlp))
+
+
+class L2D(nn.Module):
+    def __init__(self, base, config):
+        super().__init__()
+        self.config = config
+        self.base = base.requires_grad_(False).eval()  # frozen: never trained, never changed
+        d, d_f, c = base.config.n_embd, config.flow_dim, config.cond_dim
+        self.flow_proj = nn.Linear(d, d_f)                    # W_v (sec. 2)
+        self.input_mlp = mlp2(d_f, 256, d)                    # x_t -> h^0
+        self.time_mlp = mlp2(256, c, c)                       # sinusoidal(t) -> c
+        self.class_embed = nn.Embedding(config.num_classes + 1, c) if config.num_classes else None
+        self.layers = nn.ModuleList(PathLayer(block, config) for block in base.h)
+        # w(c) in the merge (sec. 4); no last bias: it would cancel in w(c_t) - w(c_0).
+        self.merge_gate = mlp2(c, c, d, zero_last=True, last_bias=False)
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.base.eval()  # the frozen base always runs in inference mode
+        return self
+
+    # --- the flow token space (sec. 2) ---------------------------------------------------------
+    def flow_embed(self, ids):
+        """V[ids] = sqrt(d_f) * normalize(W_v E[ids]): unit norm, then ~unit variance per coordinate."""
+        e = self.flow_proj(self.base.wte.weight[ids])
+        return math.sqrt(self.config.flow_dim) * F.normalize(e, dim=-1)
+
+    def condition(self, t, labels):
+        """c = time_mlp(sinusoidal(t)) + class_embed(label); labels None means the null class."""
+        c = self.time_mlp(time_embedding(t))
+        if self.class_embed is not None:
+            if labels is None:
+                labels = torch.full(t.shape[:1], self.config.num_classes, device=t.device)
+            c = c + self.class_embed(labels).view(-1, *[1] * (t.dim() - 1), c.size(-1))
+        return c
+
+    # --- one evaluation of the path ------------------------------------------------------------
+    def predict(self, h_main, cache, x_t, t, labels=None):
+        """Logits (B, T, vocab) for diffusion tokens x_t (B, T, d_f) at times t (B, T) placed at the
+        last T positions of `cache`, whose base hidden states (before the final norm) are h_main."""
+        sigma, T = self.config.sigma, x_t.size(1)
+        c_in = 1 / torch.sqrt((1 - t) ** 2 * sigma**2 + t**2)  # analytic std of x_t, per coordinate
+        h = self.input_mlp(x_t * c_in[..., None])
+        c = self.condition(t, labels)
+        pos = torch.arange(len(cache) - T, len(cache), device=x_t.device)
+        rope = self.base.rope(pos)
+        for layer, (path_layer, block) in enumerate(zip(self.layers, self.base.h)):
+            h = path_layer(h, c, block, cache.keys[layer], cache.values[layer], rope)
+        # Same shapes for c_t and c_0, so w(c_t) - w(c_0) is exactly 0 wherever t == 0 and the
+        # logits there are the base's bit for bit, whatever the path has learned.
+        gate = self.merge_gate(c) - self.merge_gate(self.condition(torch.zeros_like(t), labels))
+        return self.base.head(h_main + gate * h)
+
+    # --- training (sec. 3) ---------------------------------------------------------------------
+    def noisy_targets(self, targets, t):
+        """x_t for the next tokens `targets` (B, T); ignored targets get an arbitrary x_1."""
+        x_1 = self.flow_embed(targets.clamp(min=0))
+        x_0 = self.config.sigma * torch.randn_like(x_1)
+        return (1 - t[..., None]) * x_0 + t[..., None] * x_1
+
+    def forward(self, idx, targets, labels=None, t=None):
+        """Training forward: random t per position (unless given), x_t of the next token, and the
+        cross-entropy of the merged logits on targets != -1. Returns (logits, loss)."""
+        with torch.no_grad():  # the base is frozen: no graph, no activations kept for it
+            h_main, cache = self.base.trunk(idx)
+        if t is None:
+            t = sample_t(idx.shape, self.config.t_schedule, idx.device)
+        if labels is not None and self.training and self.config.label_dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
+            labels = labels.masked_fill(drop, self.config.num_classes)
+        logits = self.predict(h_main, cache, self.noisy_targets(targets, t), t, labels)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def logits_at(self, idx, x_t, t, labels=None):
+        """Logits for all positions given explicit diffusion tokens x_t (B, T, d_f) and t (B, T)."""
+        h_main, cache = self.base.trunk(idx)
+        return self.predict(h_main, cache, x_t, t, labels)
+
+    # --- generation (sec. 5) -------------------------------------------------------------------
+    @torch.no_grad()
+    def next_token(self, h_last, cache, steps=8, solver="midpoint", atol=1e-5, rtol=1e-5, x1="argmax",
+                   guidance=1.0, labels=None, temperature=0.0, top_k=None, callback=None):
+        """One new token for each row, from the base's last hidden state h_last (B, 1, d) and its
+        cache. Only the path runs inside the ODE. Returns (token (B,), nfe (B,))."""
+        B = h_last.size(0)
+        if steps == 1:  # no integration: the t=0 logits, which are the base model's
+            return sample_token(self.base.head(h_last[:, 0]), temperature, top_k), torch.zeros(B, dtype=torch.long)
+        table = self.flow_embed(torch.arange(self.base.config.vocab_size, device=h_last.device)) if x1 == "mean" else None
+        seen = {}
+
+        def evaluate(x, t):  # (B, d_f), (B,) -> logits (B, vocab); two evaluations with guidance
+            x_t, t_ = x[:, None].float(), t[:, None].float()
+            logits = self.predict(h_last, cache, x_t, t_, labels)[:, 0]
+            if guidance != 1.0:
+                unconditional = self.predict(h_last, cache, x_t, t_, None)[:, 0]
+                return logits, unconditional
+            return logits, None
+
+        def estimate_x1(logits, t):
+            if x1 == "argmax":
+                return self.flow_embed(logits.argmax(-1))
+            if x1 == "sample":  # temperature tau(t) = 1 - t: explore early, commit late
+                tau = (1 - t).clamp(min=1e-3)[:, None]
+                return self.flow_embed(torch.multinomial(F.softmax(logits.float() / tau, -1), 1)[:, 0])
+            return F.softmax(logits.float(), -1) @ table  # "mean": E[x_1] under the prediction
+
+        def velocity(x, t):
+            logits, unconditional = evaluate(x, t)
+            seen["logits"] = logits
+            x_hat = estimate_x1(logits, t).double()
+            if unconditional is not None:  # v = w v(class) + (1 - w) v(null)
+                x_hat = guidance * x_hat + (1 - guidance) * estimate_x1(unconditional, t).double()
+            v = (x_hat - x) / (1 - t[:, None]).clamp(min=1e-12)
+            return torch.where(t[:, None] >= 1, torch.zeros_like(v), v)  # singular at t=1: defined 0
+
+        x_0 = self.config.sigma * torch.randn(B, self.config.flow_dim, device=h_last.device, dtype=torch.float64)
+        step_callback = callback and (lambda info: callback({**info, "logits": seen["logits"]}))
+        if solver == "dopri5":
+            x, nfe = SOLVERS[solver](velocity, x_0, t1=ADAPTIVE_T_END, atol=atol, rtol=rtol, callback=step_callback)
+        else:
+            x, nfe = SOLVERS[solver](velocity, x_0, grid(steps).to(h_last.device), callback=step_callback)
+        logits, _ = evaluate(x, torch.ones(B, dtype=torch.float64, device=x.device))  # read at t = 1
+        evaluations_per_call = 1 if guidance == 1.0 else 2
+        return sample_token(logits, temperature, top_k), (nfe.cpu() + 1) * evaluations_per_call
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, **ode):
+        """Yield (token (B,), nfe (B,)) per step. The base runs once per new token with its KV
+        cache; the ODE of `next_token` reuses that token's hidden state and K/V."""
+        cache = KVCache()
+        h, _ = self.base.trunk(idx, cache)
+        for _ in range(max_new_tokens):
+            token, nfe = self.next_token(h[:, -1:], cache, **ode)
+            yield token, nfe
+            h, _ = self.base.trunk(token[:, None], cache)

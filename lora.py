@@ -1,0 +1,38 @@
+"""
+LoRA (Hu et al., 2021): a frozen linear layer plus a trainable low-rank update,
+    y = W x + b + (alpha / rank) * B A x,   A: (rank, in), B: (out, rank), B zero-initialised,
+so a freshly wrapped layer computes exactly what the original did.
+
+Used twice: by diffusion.py for the "lora" variant of the diffusion path (frozen base q/o/MLP
+plus LoRA), and by train.py's `method=lora`, the paper's weight-finetuning baseline.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base, rank=32, alpha=32.0):
+        super().__init__()
+        self.base = base  # shared with the frozen model, never trained here
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default init
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+
+def add_lora(model, rank=32, alpha=32.0):
+    """Freeze `model` and wrap each of its transformer blocks' linear layers (attention q/k/v/o and
+    the MLP) in LoRA, in place. Returns the model; only the LoRA factors require grad."""
+    model.requires_grad_(False)
+    for block in model.h:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, LoRALinear(child, rank, alpha))
+    return model

@@ -1,0 +1,143 @@
+"""diffusion.py: exact preservation of the base, gradient flow, and agreement between the
+training, explicit-x_t and cached (generation) ways of evaluating the diffusion path."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusion import L2D, L2DConfig
+from model import GPT, GPTConfig, KVCache
+
+VOCAB = 53
+
+
+def tiny_base(family, seed=0):
+    torch.manual_seed(seed)
+    config = GPTConfig(family=family, block_size=32, vocab_size=VOCAB, n_layer=2, n_head=4,
+                       n_kv_head=2 if family == "llama" else 0, n_embd=32)
+    return GPT(config).eval()
+
+
+def tiny_l2d(family, variant, num_classes=2, randomize=True):
+    l2d = L2D(tiny_base(family), L2DConfig(variant=variant, flow_dim=16, cond_dim=24, num_classes=num_classes))
+    if randomize:  # every path parameter random and non-zero, zero-initialised heads included
+        with torch.no_grad():
+            for p in l2d.trainable_parameters():
+                p.copy_(torch.randn_like(p) * 0.1)
+    return l2d.eval()
+
+
+CASES = [(f, v) for f in ("gpt2", "llama") for v in ("lora", "full")]
+
+
+@pytest.mark.parametrize("family,variant", CASES)
+def test_t0_logits_equal_base_bit_for_bit(family, variant):
+    l2d = tiny_l2d(family, variant)
+    idx = torch.randint(0, VOCAB, (3, 11))
+    x_t = torch.randn(3, 11, 16) * 64
+    with torch.no_grad():
+        base_logits, _ = l2d.base(idx)
+        path_logits = l2d.logits_at(idx, x_t, torch.zeros(3, 11), labels=torch.tensor([0, 1, 2]))
+        moved = l2d.logits_at(idx, x_t, torch.full((3, 11), 0.5))
+    assert torch.equal(path_logits, base_logits)
+    assert not torch.allclose(moved, base_logits, atol=1e-3)  # the path does change t > 0
+
+
+@pytest.mark.parametrize("family,variant", CASES)
+def test_steps1_generation_is_base_greedy_decoding(family, variant):
+    l2d = tiny_l2d(family, variant)
+    idx = torch.randint(0, VOCAB, (2, 5))
+    base_tokens = torch.stack(list(l2d.base.generate(idx, 8, temperature=0)), 1)
+    l2d_tokens = torch.stack([tok for tok, _ in l2d.generate(idx, 8, steps=1)], 1)
+    assert torch.equal(l2d_tokens, base_tokens)
+
+
+@pytest.mark.parametrize("family,variant", CASES)
+def test_gradients_reach_path_only_and_base_is_unchanged(family, variant):
+    l2d = tiny_l2d(family, variant).train()
+    base_before = {k: v.clone() for k, v in l2d.base.state_dict().items()}
+    idx, targets = torch.randint(0, VOCAB, (2, 9)), torch.randint(0, VOCAB, (2, 9))
+    _, loss = l2d(idx, targets, labels=torch.tensor([0, 1]))
+    loss.backward()
+    assert all(p.grad is None for p in l2d.base.parameters())
+    named = [(n, p) for n, p in l2d.named_parameters() if p.requires_grad]
+    assert named and all(not n.startswith("base.") for n, _ in named)
+    missing = [n for n, p in named if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, f"no gradient for {missing}"
+    torch.optim.AdamW(l2d.trainable_parameters(), lr=1e-2).step()
+    for k, v in l2d.base.state_dict().items():
+        assert torch.equal(v, base_before[k]), k
+
+
+def test_lora_variant_trains_only_lora_factors_of_the_path_linears():
+    l2d = tiny_l2d("llama", "lora", randomize=False)
+    linear_names = [n for n, p in l2d.named_parameters() if p.requires_grad and n.startswith("layers.")
+                    and "modulation" not in n]
+    assert linear_names and all(n.endswith(("lora_A", "lora_B")) for n in linear_names)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_training_forward_equals_explicit_x_t_forward(family):
+    """x_t built by hand from the method's formulas: x_t = (1-t) sigma eps + t sqrt(d_f) normalize(W_v E[y])."""
+    l2d = tiny_l2d(family, "full")
+    idx, targets = torch.randint(0, VOCAB, (2, 10)), torch.randint(0, VOCAB, (2, 10))
+    targets[:, :3] = -1
+    t = torch.rand(2, 10)
+    labels = torch.tensor([1, 0])
+    torch.manual_seed(123)
+    logits, loss = l2d(idx, targets, labels, t=t)
+    torch.manual_seed(123)
+    eps = torch.randn(2, 10, 16)
+    with torch.no_grad():
+        x_1 = math.sqrt(16) * F.normalize(l2d.base.wte.weight[targets.clamp(min=0)] @ l2d.flow_proj.weight.t()
+                                          + l2d.flow_proj.bias, dim=-1)
+        x_t = (1 - t[..., None]) * 64.0 * eps + t[..., None] * x_1
+        explicit = l2d.logits_at(idx, x_t, t, labels)
+    torch.testing.assert_close(logits, explicit, atol=1e-5, rtol=1e-5)
+    expected_loss = F.cross_entropy(explicit[:, 3:].reshape(-1, VOCAB), targets[:, 3:].reshape(-1))
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_cached_single_position_equals_full_sequence(family):
+    l2d = tiny_l2d(family, "lora")
+    idx = torch.randint(0, VOCAB, (2, 12))
+    x_t, t = torch.randn(2, 12, 16) * 20, torch.rand(2, 12)
+    with torch.no_grad():
+        full = l2d.logits_at(idx, x_t, t, labels=torch.tensor([0, 1]))
+        cache = KVCache()
+        for i in range(12):  # decoding: the base sees one token at a time
+            h, _ = l2d.base.trunk(idx[:, i:i + 1], cache)
+            one = l2d.predict(h, cache, x_t[:, i:i + 1], t[:, i:i + 1], labels=torch.tensor([0, 1]))
+            torch.testing.assert_close(one[:, 0], full[:, i], atol=1e-5, rtol=1e-5)
+
+
+def test_nfe_per_token_matches_the_solver():
+    l2d = tiny_l2d("llama", "lora")
+    idx = torch.randint(0, VOCAB, (2, 4))
+    counts = {("midpoint", 8): 15, ("euler", 4): 4, ("rk4", 3): 9}  # evaluations + 1 read-out at t=1
+    for (solver, steps), expected in counts.items():
+        for _, nfe in l2d.generate(idx, 2, steps=steps, solver=solver):
+            assert nfe.tolist() == [expected, expected]
+    for _, nfe in l2d.generate(idx, 2, steps=8, solver="midpoint", guidance=2.0, labels=torch.tensor([0, 0])):
+        assert nfe.tolist() == [30, 30]  # guidance: two path evaluations per velocity
+    for _, nfe in l2d.generate(idx, 2, solver="dopri5"):
+        assert (nfe > 1).all()
+
+
+def test_x1_estimates_and_sampling_run():
+    l2d = tiny_l2d("gpt2", "lora")
+    idx = torch.randint(0, VOCAB, (1, 4))
+    for x1 in ("argmax", "sample", "mean"):
+        tokens = [tok for tok, _ in l2d.generate(idx, 3, steps=4, x1=x1, temperature=0.8, top_k=5)]
+        assert all(0 <= tok.item() < VOCAB for tok in tokens)
+
+
+def test_show_steps_callback_sees_logits_each_step():
+    l2d = tiny_l2d("llama", "lora")
+    h, cache = l2d.base.trunk(torch.randint(0, VOCAB, (1, 4)))
+    seen = []
+    l2d.next_token(h[:, -1:], cache, steps=5, solver="euler", callback=lambda info: seen.append(info))
+    assert len(seen) == 4 and all(info["logits"].shape == (1, VOCAB) for info in seen)
