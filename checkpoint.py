@@ -1,0 +1,86 @@
+"""
+Checkpoints: written by train.py, read by train.py (resume), sample.py, eval.py and bench.py.
+
+A checkpoint is one torch.save'd dict of plain data (tensors, numbers, strings, dicts), loaded with
+weights_only=True (nothing is unpickled). For `l2d` and `lora` it holds only the trainable tensors
+plus what rebuilds the rest: the base model's name or path (`init_from`) and every config. For
+`full` and `ar` it holds the whole model. Files are written atomically (temp file + rename), so a
+kill at any moment leaves the previous checkpoint intact.
+
+    model, tokenizer, ckpt = load_model("out-quick-l2d/ckpt.pt")   # an L2D or a GPT
+    base, tokenizer = load_base("smollm2-135m")                     # a base model by name/path/ckpt
+"""
+
+import os
+import pickle
+import zipfile
+import torch
+
+from diffusion import L2D, L2DConfig
+from lora import add_lora
+from model import GPT, GPTConfig
+
+
+def save_checkpoint(path, ckpt):
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+
+
+def read_checkpoint(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found (train one with train.py, or check the path)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {path} is truncated or corrupted ({first_line[:120]}); "
+                         "use an earlier checkpoint or retrain") from None
+    if not isinstance(ckpt, dict) or "method" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not an l2d checkpoint (no method/state_dict); was it written by train.py?")
+    return ckpt
+
+
+def load_base(init_from, block_size=None):
+    """A frozen-to-be base GPT and its tokenizer: a pretrained name or HF folder, or the ckpt.pt of
+    a model trained with method=ar/full (e.g. the quick recipe's tiny GPT)."""
+    if init_from.endswith(".pt"):
+        model, tokenizer, ckpt = load_model(init_from)
+        if ckpt["method"] not in ("ar", "full"):
+            raise ValueError(f"{init_from} holds a {ckpt['method']} model; a base must come from method=ar or full")
+        return model, tokenizer
+    return GPT.from_pretrained(init_from, block_size=block_size)
+
+
+def build_model(method, base, l2d_config=None, lora_rank=32, lora_alpha=32.0):
+    """The model a training method trains: the diffusion path around the frozen base (l2d), the base
+    with LoRA (lora), or the base itself (full, ar)."""
+    if method == "l2d":
+        return L2D(base, l2d_config)
+    if method == "lora":
+        return add_lora(base, lora_rank, lora_alpha)
+    return base
+
+
+def trainable_state_dict(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_model(path):
+    """Rebuild the model a checkpoint describes, with its weights. Returns (model, tokenizer, ckpt)."""
+    from tokenizer import get_tokenizer
+    ckpt = read_checkpoint(path)
+    method = ckpt["method"]
+    if method in ("ar", "full"):
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        tokenizer = get_tokenizer(ckpt["tokenizer"])
+    else:
+        base, tokenizer = load_base(ckpt["init_from"], ckpt["model_config"]["block_size"])
+        l2d_config = L2DConfig(**ckpt["l2d_config"]) if ckpt.get("l2d_config") else None
+        model = build_model(method, base, l2d_config, ckpt["lora_rank"], ckpt["lora_alpha"])
+    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        raise ValueError(f"checkpoint {path} does not match its model: missing {sorted(trainable & set(missing))[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return model.eval(), tokenizer, ckpt

