@@ -104,14 +104,14 @@ class PathLayer(nn.Module):
         # (norm-weight delta, shift, gate) for the attention branch, then for the MLP branch.
         self.modulation = mlp2(config.cond_dim, config.cond_dim, 6 * d, zero_last=True)
 
-    def forward(self, h, c, block, k, v, rope):
+    def forward(self, h, c, block, k, v, rope, pos):
         B, T, _ = h.shape
         dw_attn, shift_attn, gate_attn, dw_mlp, shift_mlp, gate_mlp = self.modulation(c).chunk(6, dim=-1)
         u = block.ln_1.modulated(h, dw_attn, shift_attn)
         q = self.q_proj(u).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q = apply_rope(q, *rope)
-        y = causal_attention(q, k, v)  # base K/V of positions <= i; no diffusion token is a key
+        y = causal_attention(q, k, v, pos)  # base K/V of positions <= i; no diffusion token is a key
         h = h + gate_attn * self.o_proj(y.transpose(1, 2).flatten(2))
         return h + gate_mlp * self.mlp(block.ln_2.modulated(h, dw_mlp, shift_mlp))
 
@@ -154,17 +154,21 @@ class L2D(nn.Module):
         return c
 
     # --- one evaluation of the path ------------------------------------------------------------
-    def predict(self, h_main, cache, x_t, t, labels=None):
-        """Logits (B, T, vocab) for diffusion tokens x_t (B, T, d_f) at times t (B, T) placed at the
-        last T positions of `cache`, whose base hidden states (before the final norm) are h_main."""
-        sigma, T = self.config.sigma, x_t.size(1)
+    def predict(self, h_main, cache, x_t, t, labels=None, pos=None):
+        """Logits (B, P, vocab) for diffusion tokens x_t (B, P, d_f) at times t (B, P), at positions
+        `pos` (B, P) of the cached sequence (default: its last P positions), where the base's hidden
+        states before the final norm are h_main (B, P, d)."""
+        sigma = self.config.sigma
         c_in = 1 / torch.sqrt((1 - t) ** 2 * sigma**2 + t**2)  # analytic std of x_t, per coordinate
         h = self.input_mlp(x_t * c_in[..., None])
         c = self.condition(t, labels)
-        pos = torch.arange(len(cache) - T, len(cache), device=x_t.device)
-        rope = self.base.rope(pos)
+        rope = None
+        if pos is None:
+            rope = self.base.rope(torch.arange(len(cache) - x_t.size(1), len(cache), device=x_t.device))
+        elif self.base.wpe is None:
+            rope = tuple(r[:, None] for r in self.base.rope(pos))  # (B, 1, P, hd): per row, all heads
         for layer, (path_layer, block) in enumerate(zip(self.layers, self.base.h)):
-            h = path_layer(h, c, block, cache.keys[layer], cache.values[layer], rope)
+            h = path_layer(h, c, block, cache.keys[layer], cache.values[layer], rope, pos)
         # Same shapes for c_t and c_0, so w(c_t) - w(c_0) is exactly 0 wherever t == 0 and the
         # logits there are the base's bit for bit, whatever the path has learned.
         gate = self.merge_gate(c) - self.merge_gate(self.condition(torch.zeros_like(t), labels))
@@ -172,22 +176,34 @@ class L2D(nn.Module):
 
     # --- training (sec. 3) ---------------------------------------------------------------------
     def noisy_targets(self, targets, t):
-        """x_t for the next tokens `targets` (B, T); ignored targets get an arbitrary x_1."""
+        """x_t for the next tokens `targets` (B, P); ignored targets get an arbitrary x_1."""
         x_1 = self.flow_embed(targets.clamp(min=0))
         x_0 = self.config.sigma * torch.randn_like(x_1)
         return (1 - t[..., None]) * x_0 + t[..., None] * x_1
 
+    @staticmethod
+    def answer_positions(targets):
+        """(B, P) positions whose target is not ignored, in order, padded (with ignored positions)
+        to the longest row. The path only runs there: diffusion tokens never attend to each other,
+        so leaving out prompt positions changes nothing but the cost."""
+        valid = targets != IGNORE_INDEX
+        count = max(int(valid.sum(1).max()), 1)
+        return torch.argsort((~valid).int(), dim=1, stable=True)[:, :count]
+
     def forward(self, idx, targets, labels=None, t=None):
-        """Training forward: random t per position (unless given), x_t of the next token, and the
-        cross-entropy of the merged logits on targets != -1. Returns (logits, loss)."""
+        """Training forward: random t per answer position (unless t (B, T) is given), x_t of the
+        next token, and the cross-entropy of the merged logits on targets != -1.
+        Returns (logits, loss) with logits (B, P, vocab) at answer_positions(targets)."""
         with torch.no_grad():  # the base is frozen: no graph, no activations kept for it
             h_main, cache = self.base.trunk(idx)
-        if t is None:
-            t = sample_t(idx.shape, self.config.t_schedule, idx.device)
+        pos = self.answer_positions(targets)
+        targets = targets.gather(1, pos)
+        h_main = h_main.gather(1, pos[..., None].expand(-1, -1, h_main.size(-1)))
+        t = sample_t(pos.shape, self.config.t_schedule, idx.device) if t is None else t.gather(1, pos)
         if labels is not None and self.training and self.config.label_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
             labels = labels.masked_fill(drop, self.config.num_classes)
-        logits = self.predict(h_main, cache, self.noisy_targets(targets, t), t, labels)
+        logits = self.predict(h_main, cache, self.noisy_targets(targets, t), t, labels, pos)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
 

@@ -110,11 +110,15 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def causal_attention(q, k, v):
-    """Queries are the last T of the S key positions; query i sees keys at positions <= its own.
+def causal_attention(q, k, v, q_pos=None):
+    """Query i sees keys at positions <= its own. By default the T queries are the last T of the
+    S key positions; `q_pos` (B, T) places them anywhere (the diffusion path's answer positions).
     Used by the base and by the diffusion path (whose queries attend to the base's K/V)."""
     T, S = q.size(-2), k.size(-2)
     gqa = q.size(1) != k.size(1)
+    if q_pos is not None:
+        mask = torch.arange(S, device=q.device) <= q_pos[:, None, :, None]  # (B, 1, T, S)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if T == 1:  # one new position sees everything cached

@@ -81,6 +81,8 @@ def main(argv=None):
                 start = f.read()
         except OSError:
             raise UsageError(f"prompt file {start[5:]} not found") from None
+    else:
+        start = start.replace("\\n", "\n")  # a shell passes --start "Q\nA" as a backslash and an n
     if cfg["chat"]:
         if not has_chat_template(enc):
             raise UsageError(f"{cfg['init_from']}'s tokenizer has no chat template; drop --chat")

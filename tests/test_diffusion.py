@@ -80,23 +80,30 @@ def test_lora_variant_trains_only_lora_factors_of_the_path_linears():
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_training_forward_equals_explicit_x_t_forward(family):
-    """x_t built by hand from the method's formulas: x_t = (1-t) sigma eps + t sqrt(d_f) normalize(W_v E[y])."""
+    """x_t built by hand from the method's formulas, x_t = (1-t) sigma eps + t sqrt(d_f) normalize(W_v E[y]),
+    at every position; the training forward runs the path at answer positions only (rows of different
+    answer lengths, so one row is padded) and must agree there."""
     l2d = tiny_l2d(family, "full")
     idx, targets = torch.randint(0, VOCAB, (2, 10)), torch.randint(0, VOCAB, (2, 10))
-    targets[:, :3] = -1
+    targets[0, :3] = -1  # row 0 answers at positions 3..9, row 1 at 5..9
+    targets[1, :5] = -1
     t = torch.rand(2, 10)
     labels = torch.tensor([1, 0])
     torch.manual_seed(123)
     logits, loss = l2d(idx, targets, labels, t=t)
     torch.manual_seed(123)
-    eps = torch.randn(2, 10, 16)
+    eps = torch.randn(2, 7, 16)  # the forward draws noise for the 7 answer slots of each row
+    noise = torch.zeros(2, 10, 16)
+    noise[0, 3:], noise[1, 5:] = eps[0], eps[1, :5]
     with torch.no_grad():
         x_1 = math.sqrt(16) * F.normalize(l2d.base.wte.weight[targets.clamp(min=0)] @ l2d.flow_proj.weight.t()
                                           + l2d.flow_proj.bias, dim=-1)
-        x_t = (1 - t[..., None]) * 64.0 * eps + t[..., None] * x_1
+        x_t = (1 - t[..., None]) * 64.0 * noise + t[..., None] * x_1
         explicit = l2d.logits_at(idx, x_t, t, labels)
-    torch.testing.assert_close(logits, explicit, atol=1e-5, rtol=1e-5)
-    expected_loss = F.cross_entropy(explicit[:, 3:].reshape(-1, VOCAB), targets[:, 3:].reshape(-1))
+    torch.testing.assert_close(logits[0], explicit[0, 3:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1, :5], explicit[1, 5:], atol=1e-5, rtol=1e-5)
+    valid = targets != -1
+    expected_loss = F.cross_entropy(explicit[valid], targets[valid])
     torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
 
 
