@@ -12,8 +12,6 @@ kill at any moment leaves the previous checkpoint intact.
 """
 
 import os
-import pickle
-import zipfile
 import torch
 
 from diffusion import L2D, L2DConfig
@@ -22,9 +20,18 @@ from model import GPT, GPTConfig
 
 
 def save_checkpoint(path, ckpt):
+    """Write ckpt to path atomically: a temp file, flushed to disk, then renamed over the old one."""
     tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+    except BaseException:  # a failed or interrupted save leaves the old checkpoint and no temp file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def read_checkpoint(path):
@@ -32,9 +39,9 @@ def read_checkpoint(path):
         raise FileNotFoundError(f"checkpoint {path} not found (train one with train.py, or check the path)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint {path} is truncated or corrupted ({first_line[:120]}); "
+    except Exception as e:  # whatever torch.load trips on (zip, pickle, EOF, ...), the file is unusable
+        reason = str(e).strip().splitlines()[0].split(". ")[0][:100] if str(e).strip() else ""  # first sentence
+        raise ValueError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}: {reason}); "
                          "use an earlier checkpoint or retrain") from None
     if not isinstance(ckpt, dict) or "method" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not an l2d checkpoint (no method/state_dict); was it written by train.py?")

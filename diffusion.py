@@ -255,9 +255,10 @@ class L2D(nn.Module):
             x, nfe = SOLVERS[solver](velocity, x_0, t1=ADAPTIVE_T_END, atol=atol, rtol=rtol, callback=step_callback)
         else:
             x, nfe = SOLVERS[solver](velocity, x_0, grid(steps).to(h_last.device), callback=step_callback)
-        logits, _ = evaluate(x, torch.ones(B, dtype=torch.float64, device=x.device))  # read at t = 1
+        t_end = torch.ones(B, 1, device=x.device)  # read the token at t = 1, class-conditional
+        logits = self.predict(h_last, cache, x[:, None].float(), t_end, labels)[:, 0]
         evaluations_per_call = 1 if guidance == 1.0 else 2
-        return sample_token(logits, temperature, top_k), (nfe.cpu() + 1) * evaluations_per_call
+        return sample_token(logits, temperature, top_k), nfe.cpu() * evaluations_per_call + 1
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, **ode):

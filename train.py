@@ -93,8 +93,15 @@ def main(argv=None):
     cfg = configure(DEFAULTS, argv)
     if cfg["method"] not in METHODS:
         raise UsageError(f"unknown method {cfg['method']!r}; use one of {', '.join(METHODS)}")
+    if cfg["method"] in ("l2d", "lora") and cfg["init_from"] == "scratch":  # their checkpoints omit the base
+        raise UsageError(f"method={cfg['method']} finetunes a frozen base, not a random one: train a base with "
+                         "method=ar first and pass its ckpt.pt as --init_from")
     device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world_size, device = setup_distributed(device)
+    per_step = cfg["micro_batch"] * world_size
+    if cfg["batch_size"] % per_step:
+        raise UsageError(f"batch_size {cfg['batch_size']} must be a multiple of micro_batch x processes = {per_step}")
+    grad_accum = cfg["batch_size"] // per_step
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -107,7 +114,7 @@ def main(argv=None):
     resume = cfg["init_from"] == "resume"
     ckpt = read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt")) if resume else None
     if resume:  # what the model is comes from the checkpoint; how to train it from the command line
-        for key in ("method", "init_from", "datasets", "seed", "variant"):
+        for key in ("method", "init_from", "datasets", "seed", "variant", "block_size", "lora_rank", "lora_alpha"):
             cfg[key] = ckpt["config"][key]
     train_data = TokenDataset(cfg["datasets"], "train")
     val_data = TokenDataset(cfg["datasets"], "test")
@@ -141,15 +148,14 @@ def main(argv=None):
     # --- optimiser, data order, and the state a resume restores ------------------------------
     optimizer = make_optimizer(model, cfg, device)
     sampler = BatchSampler(len(train_data), cfg["batch_size"], cfg["seed"], rank, world_size)
-    per_step = cfg["micro_batch"] * world_size
-    if cfg["batch_size"] % per_step:
-        raise UsageError(f"batch_size {cfg['batch_size']} must be a multiple of micro_batch x processes = {per_step}")
-    grad_accum = cfg["batch_size"] // per_step
     it = 0
     if resume:
         optimizer.load_state_dict(ckpt["optimizer"])
         sampler.load_state_dict(ckpt["sampler"])
+        if ckpt.get("scaler"):  # empty when saved by a disabled (not float16) scaler
+            scaler.load_state_dict(ckpt["scaler"])
         it = ckpt["iter_num"]
+        torch.set_rng_state(ckpt["rng"])
     raw_model = model
     if cfg["compile"]:
         model = torch.compile(model)
@@ -178,6 +184,8 @@ def main(argv=None):
                 if cfg["method"] == "l2d":
                     t = torch.rand(x.shape, device=device)
                     logits, _ = raw_model(x, y, labels, t=t)
+                    pos = raw_model.answer_positions(y)  # l2d's logits are at the answer positions only
+                    y, t = y.gather(1, pos), t.gather(1, pos)
                 else:
                     logits, _ = raw_model(x, y)
                     t = torch.zeros(x.shape, device=device)
@@ -195,12 +203,14 @@ def main(argv=None):
         return losses[-1], losses[:-1]
 
     def checkpoint():
-        state = dict(method=cfg["method"], init_from=cfg["init_from"],
+        local = lambda p: os.path.abspath(p) if os.path.exists(p) else p  # loadable from any directory
+        state = dict(method=cfg["method"], init_from=local(cfg["init_from"]),
                      model_config=asdict(base_config), l2d_config=asdict(l2d_config) if cfg["method"] == "l2d" else None,
                      lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"],
-                     tokenizer=train_data.tokenizer_path, classes=train_data.classes,
+                     tokenizer=local(train_data.tokenizer_path), classes=train_data.classes,
                      state_dict=trainable_state_dict(raw_model) if cfg["method"] in ("l2d", "lora") else raw_model.state_dict(),
-                     optimizer=optimizer.state_dict(), sampler=sampler.state_dict(), iter_num=it, config=cfg,
+                     optimizer=optimizer.state_dict(), sampler=sampler.state_dict(), scaler=scaler.state_dict(),
+                     iter_num=it, config=cfg,
                      rng=torch.get_rng_state())
         os.makedirs(cfg["out_dir"], exist_ok=True)
         save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), state)
@@ -213,6 +223,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro_batches = np.split(sampler.next_batch(), grad_accum)
+        loss_sum = torch.zeros((), device=device)
         for micro, indices in enumerate(micro_batches):
             x, y, labels = train_data.get_batch(indices, base_config.block_size)
             if world_size > 1:  # all-reduce gradients only on the last micro-step
@@ -220,6 +231,7 @@ def main(argv=None):
             torch.manual_seed(step_seed(cfg, it, rank * grad_accum + micro))
             _, loss = forward(x, y, labels)
             scaler.scale(loss / grad_accum).backward()
+            loss_sum += loss.detach()
             tokens_seen += x.numel()
         if cfg["grad_clip"]:
             scaler.unscale_(optimizer)
@@ -229,8 +241,11 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         it += 1
         if it % cfg["log_interval"] == 0 or it == cfg["max_iters"]:
+            if world_size > 1:  # the mean over the global batch, so logs do not depend on the process count
+                dist.all_reduce(loss_sum)
             elapsed = time.time() - t0
-            log(f"iter {it}: loss {loss.item():.4f}, lr {lr:.2e}, {tokens_seen * world_size / elapsed:.0f} tok/s")
+            log(f"iter {it}: loss {loss_sum.item() / (grad_accum * world_size):.4f}, lr {lr:.2e}, "
+                f"{tokens_seen * world_size / elapsed:.0f} tok/s")
         if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
             val, buckets = evaluate()
             by_t = "" if cfg["method"] != "l2d" else ", by t: " + " ".join(f"{b:.3f}" for b in buckets)
@@ -238,6 +253,7 @@ def main(argv=None):
             if master:
                 checkpoint()
     if world_size > 1:
+        dist.barrier()  # let the master finish its checkpoint: gloo aborts if a peer leaves first
         dist.destroy_process_group()
 
 

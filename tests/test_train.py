@@ -1,0 +1,272 @@
+"""train.py and checkpoint.py end to end, on tiny models and tiny char-level arithmetic data (CPU):
+data-parallel training equals one process, resume is bit-exact, checkpoints hold what they should
+and load back, bad checkpoints and bad command lines give one-line errors, saves are atomic.
+
+Most runs call train.main in this process (one thread); the data-parallel runs and the exit-code
+checks run train.py as a subprocess (torch.distributed.run, gloo on CPU)."""
+import contextlib
+import io
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from checkpoint import load_model, read_checkpoint, save_checkpoint
+from dataset import TokenDataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "data", "arithmetic"))
+from prepare import prepare  # noqa: E402
+
+TINY = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=64", "--flow_dim=16", "--lora_rank=4",
+        "--batch_size=8", "--micro_batch=4", "--warmup_iters=2", "--learning_rate=1e-3",
+        "--eval_examples=8", "--eval_interval=1000", "--log_interval=1"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return prepare("char", out=str(tmp_path_factory.mktemp("data")), n_train=256, n_test=32)
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(data, tmp_path_factory):
+    """The ckpt.pt of a tiny GPT trained from scratch for 3 steps (method=ar): the base of the l2d,
+    lora and full runs."""
+    out = tmp_path_factory.mktemp("ar")
+    run_train(*TINY, f"--datasets={[data]}", "--init_from=scratch", "--method=ar", "--max_iters=3", f"--out_dir={out}")
+    return str(out / "ckpt.pt")
+
+
+def run_train(*args):
+    """train.main(args) in this process, on one thread (fastest for tiny models, and the machine is
+    shared). Returns (the model it trained, its log)."""
+    built, build_model, threads = [], train.build_model, torch.get_num_threads()
+
+    def capture(*a, **k):
+        built.append(build_model(*a, **k))
+        return built[-1]
+
+    train.build_model, log = capture, io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(), contextlib.redirect_stdout(log):
+            train.main([str(a) for a in args])
+    finally:
+        train.build_model = build_model
+        torch.set_num_threads(threads)
+    return built[0], log.getvalue()
+
+
+def run_script(*args, ddp=False):
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if ddp else []
+    return subprocess.run([sys.executable, *launcher, "train.py", *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def logged(log):
+    """{iter: (loss, lr)} from the training log, and the validation lines."""
+    steps = {int(m[1]): (float(m[2]), m[3]) for m in re.finditer(r"iter (\d+): loss ([\d.]+), lr (\S+),", log)}
+    return steps, re.findall(r"val loss .*", log)
+
+
+def method_args(method, data, base_ckpt):
+    init = "scratch" if method == "ar" else base_ckpt
+    return TINY + [f"--datasets={[data]}", f"--method={method}", f"--init_from={init}"]
+
+
+def max_abs_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# --- data parallel = one process ------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["l2d", "ar"])
+def test_ddp_matches_one_process(method, data, base_ckpt, tmp_path):
+    """2 processes x 2 micro-steps each = 1 process x 4 micro-steps on the same global batch: the same
+    examples, the same t/noise/label dropout per example (step_seed), gradients averaged alike.
+    Only the order of summing micro-batch gradients differs. Adam turns that rounding into update
+    differences of up to ~1% of lr where a gradient is near its eps (e.g. the zero-initialised merge
+    gate), hence a small lr: the runs then agree to ~1e-8, while a wrong t/noise, batch or gradient
+    average moves parameters by ~lr = 1e-5 a step."""
+    args = method_args(method, data, base_ckpt) + ["--variant=full", "--micro_batch=2", "--max_iters=3",
+                                                   "--learning_rate=1e-5"]
+    ddp = run_script(*args, f"--out_dir={tmp_path / 'ddp'}", ddp=True)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 process(es)" in ddp.stdout
+    _, one_log = run_train(*args, f"--out_dir={tmp_path / 'one'}")
+    assert "1 process(es)" in one_log
+
+    a = read_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))["state_dict"]
+    b = read_checkpoint(str(tmp_path / "one" / "ckpt.pt"))["state_dict"]
+    diff = max_abs_diff(a, b)
+    print(f"{method}: max |ddp - one process| = {diff:.2e}")
+    assert diff <= 1e-6
+    if method == "l2d":
+        assert a["merge_gate.2.weight"].abs().max() > 1e-5  # zero-initialised: it did train
+    (ddp_steps, ddp_val), (one_steps, one_val) = logged(ddp.stdout), logged(one_log)
+    assert ddp_steps.keys() == one_steps.keys() == {1, 2, 3}
+    for i in ddp_steps:  # logged loss is the global batch's mean, whatever the process count
+        assert ddp_steps[i][0] == pytest.approx(one_steps[i][0], abs=2e-4) and ddp_steps[i][1] == one_steps[i][1]
+    assert len(ddp_val) == len(one_val) == 1
+    assert [float(v) for v in re.findall(r"\d+\.\d+", ddp_val[0])] == \
+        pytest.approx([float(v) for v in re.findall(r"\d+\.\d+", one_val[0])], abs=2e-4)
+
+
+# --- resume -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["l2d", "ar"])
+def test_resume_is_bit_exact(method, data, base_ckpt, tmp_path):
+    """4 steps straight = 2 steps, stop, --init_from=resume for 2 more: same losses, lr and weights."""
+    args = method_args(method, data, base_ckpt) + ["--variant=full", "--lr_decay_iters=4", "--min_lr=1e-4"]
+    _, straight = run_train(*args, "--max_iters=4", f"--out_dir={tmp_path / 'straight'}")
+    _, first = run_train(*args, "--max_iters=2", f"--out_dir={tmp_path / 'split'}")
+    assert read_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["iter_num"] == 2
+    resume = [a for a in args if not a.startswith(("--init_from", "--method", "--datasets"))]
+    _, second = run_train(*resume, "--init_from=resume", "--max_iters=4", f"--out_dir={tmp_path / 'split'}")
+
+    straight_steps, straight_val = logged(straight)
+    split_steps = {**logged(first)[0], **logged(second)[0]}
+    assert logged(second)[0].keys() == {3, 4}
+    assert split_steps == straight_steps  # losses and lr, as printed
+    assert float(straight_steps[4][1]) < float(straight_steps[3][1])  # cosine decay, to lr_decay_iters=4
+    assert logged(second)[1] == straight_val
+    a = read_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    b = read_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
+    assert a["iter_num"] == b["iter_num"] == 4 and a["sampler"] == b["sampler"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+def test_lr_schedule():
+    cfg = dict(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110, max_iters=500)
+    assert train.lr_at(0, cfg) == pytest.approx(0.1) and train.lr_at(9, cfg) == pytest.approx(1.0)
+    assert train.lr_at(10, cfg) == pytest.approx(1.0)
+    assert train.lr_at(60, cfg) == pytest.approx(0.55)  # halfway down the cosine
+    assert train.lr_at(110, cfg) == train.lr_at(400, cfg) == 0.1
+    lrs = [train.lr_at(i, cfg) for i in range(10, 111)]
+    assert all(x >= y for x, y in zip(lrs, lrs[1:]))
+    assert train.lr_at(60, {**cfg, "lr_decay_iters": 0, "max_iters": 110}) == pytest.approx(0.55)  # default
+
+
+# --- what a checkpoint holds ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["l2d", "lora", "ar", "full"])
+def test_checkpoint_contents_and_load_model(method, data, base_ckpt, tmp_path):
+    model, _ = run_train(*method_args(method, data, base_ckpt), "--max_iters=2", f"--out_dir={tmp_path}")
+    ckpt = read_checkpoint(str(tmp_path / "ckpt.pt"))
+    saved = ckpt["state_dict"]
+    if method in ("l2d", "lora"):  # only what trained; the base is rebuilt from init_from
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert saved.keys() == trainable
+        assert sum(v.numel() for v in saved.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        base = model.base if method == "l2d" else model
+        after = {k.replace(".base.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+        source = read_checkpoint(base_ckpt)["state_dict"]
+        assert after.keys() == source.keys()
+        for k in source:  # the frozen base is bit for bit what it was
+            assert torch.equal(after[k], source[k]), k
+    else:  # the whole model
+        assert saved.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        if k in saved:
+            assert torch.equal(saved[k], v), k
+
+    loaded, tokenizer, _ = load_model(str(tmp_path / "ckpt.pt"))
+    assert type(loaded) is type(model) and not loaded.training
+    x, y, labels = TokenDataset([data], "test").get_batch(range(4), 64)
+    model.eval()
+    with torch.no_grad():
+        if method == "l2d":
+            g = torch.Generator().manual_seed(0)
+            t = torch.rand(x.shape, generator=g)
+            x_t = torch.randn(*x.shape, model.config.flow_dim, generator=g)
+            want, got = model.logits_at(x, x_t, t, labels), loaded.logits_at(x, x_t, t, labels)
+        else:
+            want, got = model(x)[0], loaded(x)[0]
+    assert torch.equal(want, got)
+    assert tokenizer.encode("What is 1 + 2?") == TokenDataset([data], "test").tokenizer.encode("What is 1 + 2?")
+
+
+# --- bad checkpoints, bad command lines -------------------------------------------------------------
+
+def corrupt(src, dst, how):
+    data = open(src, "rb").read()
+    with open(dst, "wb") as f:
+        f.write(data[:len(data) // 2] if how == "truncated" else bytes(range(256)) * 8)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_read_checkpoint_rejects_bad_files(how, base_ckpt, tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    corrupt(base_ckpt, path, how)
+    with pytest.raises(ValueError) as e:
+        read_checkpoint(path)
+    assert path in str(e.value) and "corrupted" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_checkpoint(str(tmp_path / "missing.pt"))
+    torch.save({"something": 1}, path)
+    with pytest.raises(ValueError, match="not an l2d checkpoint"):
+        read_checkpoint(path)
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing"])
+def test_resume_from_bad_checkpoint_exits_2(how, base_ckpt, tmp_path):
+    if how == "truncated":
+        corrupt(base_ckpt, tmp_path / "ckpt.pt", how)
+    result = run_script("--init_from=resume", f"--out_dir={tmp_path}", "--device=cpu")
+    assert_one_line_error(result, str(tmp_path / "ckpt.pt"), "corrupted" if how == "truncated" else "not found")
+
+
+@pytest.mark.parametrize("arg, words", [("--nonsense=1", ["unknown option --nonsense"]),
+                                        ("--method=nonsense", ["unknown method 'nonsense'", "l2d"])])
+def test_cli_errors_exit_2(arg, words):
+    assert_one_line_error(run_script(arg), *words)
+
+
+def test_usage_errors(data):
+    with pytest.raises(train.UsageError, match="frozen base"):  # its checkpoint could not be loaded
+        train.main(TINY + [f"--datasets={[data]}", "--method=l2d", "--init_from=scratch"])
+    with pytest.raises(train.UsageError, match="multiple of micro_batch"):
+        train.main(TINY + [f"--datasets={[data]}", "--method=ar", "--init_from=scratch", "--micro_batch=3"])
+
+
+# --- atomic save ------------------------------------------------------------------------------------
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    old = dict(method="ar", state_dict={"w": torch.arange(1000.0)})
+    save_checkpoint(path, old)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    assert torch.equal(read_checkpoint(path)["state_dict"]["w"], old["state_dict"]["w"])
+    before = open(path, "rb").read()
+
+    def dies_midway(obj, f, *args, **kwargs):  # torch.save may be handed a path or an open file
+        with open(f, "wb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f) as out:
+            out.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(path, dict(method="ar", state_dict={"w": torch.zeros(1000)}))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
+    assert open(path, "rb").read() == before
+    assert torch.equal(read_checkpoint(path)["state_dict"]["w"], old["state_dict"]["w"])
