@@ -1,18 +1,9 @@
-# The full-finetuning baseline for config/l2d_smollm2_gsm8k.py: same data and budget.
-#   python data/gsm8k/prepare.py
+# The full-finetuning baseline (all base weights) for config/l2d_smollm2_gsm8k.py: it reads that file,
+# so data, batch and steps are the same; the lr is 10x lower, as usual when every weight moves.
 #   python train.py config/full_smollm2_gsm8k.py
-#   python eval.py --ckpt out-full-smollm2-gsm8k/ckpt.pt --task gsm8k --steps 1 --limit 100
+#   python eval.py --ckpt out-full-smollm2-gsm8k/ckpt.pt --task gsm8k --steps 1
+exec(open("config/l2d_smollm2_gsm8k.py").read())
 out_dir = "out-full-smollm2-gsm8k"
-init_from = "smollm2-135m"
 method = "full"
-datasets = ["data/gsm8k/smollm2-135m"]
-block_size = 512
-batch_size = 32
-micro_batch = 8
-max_iters = 200                   # ~0.9 epoch of GSM8K; the paper trains 1 epoch of 892k examples
-learning_rate = 5e-5
-min_lr = 5e-6
-warmup_iters = 20
-eval_interval = 50
-eval_examples = 64
-log_interval = 5
+learning_rate = learning_rate / 10
+min_lr = min_lr / 10

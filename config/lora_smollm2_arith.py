@@ -1,18 +1,7 @@
-# The LoRA baseline (rank 32 on attention + MLP) for config/l2d_smollm2_arith.py: same data and budget.
-#   python data/arithmetic/prepare.py --tokenizer smollm2-135m --digits 3
+# The LoRA baseline (rank 32 on attention + MLP, the base's own weights) for config/l2d_smollm2_arith.py:
+# it reads that file, so data, batch, steps and lr are the same; only the method differs.
 #   python train.py config/lora_smollm2_arith.py
 #   python eval.py --ckpt out-lora-smollm2-arith/ckpt.pt --task arithmetic --steps 1
+exec(open("config/l2d_smollm2_arith.py").read())
 out_dir = "out-lora-smollm2-arith"
-init_from = "smollm2-135m"
 method = "lora"
-datasets = ["data/arithmetic/smollm2-135m"]
-block_size = 512
-batch_size = 32
-micro_batch = 16
-max_iters = 300
-learning_rate = 5e-4
-min_lr = 5e-5
-warmup_iters = 30
-eval_interval = 100
-eval_examples = 128
-log_interval = 10

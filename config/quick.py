@@ -1,6 +1,6 @@
 # The quick recipe, step 1 of 2: a tiny Llama-style GPT trained from scratch on synthetic
 # arithmetic with a character vocabulary (a few minutes on 2 CPU cores).
-#   python data/arithmetic/prepare.py --tokenizer char
+#   python data/arithmetic/prepare.py --tokenizer char --digits 2
 #   python train.py config/quick.py
 # Step 2 trains its diffusion path: python train.py config/quick_l2d.py
 out_dir = "out-quick"
