@@ -214,23 +214,19 @@ class L2D(nn.Module):
 
     # --- generation (sec. 5) -------------------------------------------------------------------
     @torch.no_grad()
-    def next_token(self, h_last, cache, steps=8, solver="midpoint", atol=1e-5, rtol=1e-5, x1="argmax",
-                   guidance=1.0, labels=None, temperature=0.0, top_k=None, callback=None):
-        """One new token for each row, from the base's last hidden state h_last (B, 1, d) and its
-        cache. Only the path runs inside the ODE. Returns (token (B,), nfe (B,))."""
-        B = h_last.size(0)
-        if steps == 1:  # no integration: the t=0 logits, which are the base model's
-            return sample_token(self.base.head(h_last[:, 0]), temperature, top_k), torch.zeros(B, dtype=torch.long)
-        table = self.flow_embed(torch.arange(self.base.config.vocab_size, device=h_last.device)) if x1 == "mean" else None
+    def flow(self, h_main, cache, x_0, steps=8, solver="midpoint", atol=1e-5, rtol=1e-5, x1="argmax",
+             guidance=1.0, labels=None, pos=None, callback=None):
+        """Integrate dx/dt = (x_hat_1 - x_t) / (1 - t) from noise x_0 (B, P, d_f) at t=0 to t=1 for
+        diffusion tokens at positions `pos` (B, P) of the cache (default: its last P positions), whose
+        base hidden states are h_main (B, P, d). Every position is its own ODE row (so dopri5 adapts
+        per token); only the path runs. Returns the logits read at t=1 (B, P, vocab) and the path
+        evaluations each position took (B, P)."""
+        B, P, d_f = x_0.shape
+        table = self.flow_embed(torch.arange(self.base.config.vocab_size, device=x_0.device)) if x1 == "mean" else None
         seen = {}
 
-        def evaluate(x, t):  # (B, d_f), (B,) -> logits (B, vocab); two evaluations with guidance
-            x_t, t_ = x[:, None].float(), t[:, None].float()
-            logits = self.predict(h_last, cache, x_t, t_, labels)[:, 0]
-            if guidance != 1.0:
-                unconditional = self.predict(h_last, cache, x_t, t_, None)[:, 0]
-                return logits, unconditional
-            return logits, None
+        def evaluate(x, t, labels):  # rows (B*P, d_f), (B*P,) -> logits (B*P, vocab)
+            return self.predict(h_main, cache, x.view(B, P, d_f).float(), t.view(B, P).float(), labels, pos).flatten(0, 1)
 
         def estimate_x1(logits, t):
             if x1 == "argmax":
@@ -241,24 +237,34 @@ class L2D(nn.Module):
             return F.softmax(logits.float(), -1) @ table  # "mean": E[x_1] under the prediction
 
         def velocity(x, t):
-            logits, unconditional = evaluate(x, t)
-            seen["logits"] = logits
+            logits = seen["logits"] = evaluate(x, t, labels)
             x_hat = estimate_x1(logits, t).double()
-            if unconditional is not None:  # v = w v(class) + (1 - w) v(null)
-                x_hat = guidance * x_hat + (1 - guidance) * estimate_x1(unconditional, t).double()
+            if guidance != 1.0:  # v = w v(class) + (1 - w) v(null): a second, unconditional evaluation
+                x_hat = guidance * x_hat + (1 - guidance) * estimate_x1(evaluate(x, t, None), t).double()
             v = (x_hat - x) / (1 - t[:, None]).clamp(min=1e-12)
             return torch.where(t[:, None] >= 1, torch.zeros_like(v), v)  # singular at t=1: defined 0
 
-        x_0 = self.config.sigma * torch.randn(B, self.config.flow_dim, device=h_last.device, dtype=torch.float64)
+        rows = x_0.flatten(0, 1).double()
         step_callback = callback and (lambda info: callback({**info, "logits": seen["logits"]}))
         if solver == "dopri5":
-            x, nfe = SOLVERS[solver](velocity, x_0, t1=ADAPTIVE_T_END, atol=atol, rtol=rtol, callback=step_callback)
+            x, nfe = SOLVERS[solver](velocity, rows, t1=ADAPTIVE_T_END, atol=atol, rtol=rtol, callback=step_callback)
         else:
-            x, nfe = SOLVERS[solver](velocity, x_0, grid(steps).to(h_last.device), callback=step_callback)
-        t_end = torch.ones(B, 1, device=x.device)  # read the token at t = 1, class-conditional
-        logits = self.predict(h_last, cache, x[:, None].float(), t_end, labels)[:, 0]
+            x, nfe = SOLVERS[solver](velocity, rows, grid(steps).to(x_0.device), callback=step_callback)
+        t_end = torch.ones(B * P, device=x_0.device)  # read the token at t = 1, class-conditional
+        logits = evaluate(x, t_end, labels).view(B, P, -1)
         evaluations_per_call = 1 if guidance == 1.0 else 2
-        return sample_token(logits, temperature, top_k), nfe.cpu() * evaluations_per_call + 1
+        return logits, (nfe * evaluations_per_call + 1).view(B, P)
+
+    @torch.no_grad()
+    def next_token(self, h_last, cache, steps=8, temperature=0.0, top_k=None, **ode):
+        """One new token for each row, from the base's last hidden state h_last (B, 1, d) and its
+        cache; `ode` are flow()'s settings. Returns (token (B,), nfe (B,))."""
+        B = h_last.size(0)
+        if steps == 1 and ode.get("solver") != "dopri5":  # no integration: the t=0 logits, the base's
+            return sample_token(self.base.head(h_last[:, 0]), temperature, top_k), torch.zeros(B, dtype=torch.long)
+        x_0 = self.config.sigma * torch.randn(B, 1, self.config.flow_dim, device=h_last.device)
+        logits, nfe = self.flow(h_last, cache, x_0, steps, **ode)
+        return sample_token(logits[:, 0], temperature, top_k), nfe[:, 0].cpu()
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, **ode):

@@ -1,0 +1,393 @@
+"""
+Evaluate a model on the test split of a prepared math task. The base model, a LoRA/full finetune and
+an L2D checkpoint all go through the same command, so their rows are comparable.
+
+    python eval.py --ckpt out-quick-l2d/ckpt.pt --task arithmetic --steps 1,2,4,8,16 --limit 200
+    python eval.py --ckpt out-quick/ckpt.pt --task arithmetic            # a GPT (ar/full/lora): one row
+    python eval.py --ckpt smollm2-135m --task gsm8k --limit 100          # a base model by name or HF folder
+    python eval.py --ckpt out/ckpt.pt --task gsm8k --solver dopri5 --atol 1e-3,1e-4 --rtol 1e-3,1e-4
+    python eval.py --ckpt out/ckpt.pt --task gsm8k --steps 8 --guidance 1,1.5,2 --label math
+
+One row per setting: each step count (fixed-step solvers) or each (atol, rtol) pair (dopri5), times
+each guidance weight. A model that is not an L2D gets a single row, steps=1 (the model itself).
+  acc [95% CI]  greedy generation (temperature 0, stopping at the data's end token or max_new_tokens);
+                correct when final_number(output) equals the gold final answer. Wilson score interval.
+  nfe/tok       diffusion-path evaluations per generated token, as L2D.next_token counts them: 0 for
+                the base alone (steps=1, or a GPT), 15 for midpoint with 8 steps (7 x 2 + 1), 29 with
+                guidance (each velocity costs two, the read-out one). The base's own forward (once per
+                token) is not counted.
+  tok/s         generated tokens per second, one prompt at a time (prefill included).
+  tf_acc tf_nll teacher-forced next-token accuracy and mean NLL (nats) over the answer tokens and the
+                end token (the positions train.py's loss uses), with the gold prefix: the base runs
+                once on prompt + answer, then the ODE is integrated for all answer positions at once
+                (diffusion tokens never attend to each other) and the logits are read at t = 1.
+                The read-out has seen the path's own x_hat_1, so a wrong token is read confidently:
+                tf_nll can rise with steps even where tf_acc rises too.
+  tf_nfe        path evaluations per answer token in the teacher-forced pass.
+
+--steps, --atol, --rtol and --guidance take one value or a comma-separated list ("1,2,4" or 1,2,4).
+--label: "" (default) conditions each example on its own class from the data (null if the model
+does not know it), "null" on the null class, a class name (e.g. math) on that class.
+--data defaults to data/<task>/<tokenizer tag> (e.g. data/gsm8k/smollm2-135m, data/arithmetic/char).
+--out defaults to eval_results.json next to the checkpoint (the current folder for a base model);
+with matplotlib installed, a PNG of accuracy against steps is written beside it. Rows are appended
+to the JSON as they finish, so a killed run keeps what it had.
+
+Reproducible: generation reseeds with seed + i before example i, the teacher-forced noise of example
+i comes from a generator seeded with seed + i, so a row does not depend on --limit, on --batch_size
+or on the other rows. Teacher-forced decoding is greedy only (x_hat_1 = V[argmax]).
+"""
+
+import json
+import math
+import os
+import re
+import sys
+import time
+from decimal import Decimal, InvalidOperation
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from checkpoint import load_base, load_model
+from configurator import UsageError, configure, fail
+from dataset import TokenDataset, tokenizer_tag
+from diffusion import L2D
+from solvers import SOLVERS
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+TASKS = ("gsm8k", "arithmetic")
+DEFAULTS = dict(
+    ckpt="", task="arithmetic", data="", limit=0, max_new_tokens=256,
+    steps=None, solver="midpoint", atol=None, rtol=None, guidance=None, label="",  # None: LIST_DEFAULTS
+    generate=True, teacher_forced=True, batch_size=8,  # batch_size: examples per teacher-forced batch
+    out="", seed=1337, device="auto",
+)
+LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], atol=[1e-5], rtol=[1e-5], guidance=[1.0])
+
+
+# --- answers ----------------------------------------------------------------------------------------
+# A number: an optional minus sign (not a hyphen after a word or digit, as in "10-3"), an optional $,
+# digits with optional thousands commas, an optional decimal part ("42." ending a sentence is 42).
+NUMBER = re.compile(r"(?:(?<![\w.])-)?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def normalize_number(text):
+    """Canonical string of a number: no $ or commas, no trailing zeros after the point ("3.50" -> "3.5",
+    "7.0" -> "7", "007" -> "7", "-0" -> "0")."""
+    try:
+        d = Decimal(text.replace("$", "").replace(",", ""))
+    except InvalidOperation:
+        return None
+    return "0" if d == 0 else format(d.normalize(), "f")
+
+
+def final_number(text):
+    """The final answer a text states: the first number after its last "####" (GSM8K's convention), else
+    the last number in the text; normalised with normalize_number. None if there is no number."""
+    if text is None:
+        return None
+    tail = text.rpartition("####")[2] if "####" in text else ""
+    after = NUMBER.findall(tail)
+    numbers = after[:1] or NUMBER.findall(text)[-1:]
+    return normalize_number(numbers[0]) if numbers else None
+
+
+def wilson_interval(correct, n, z=1.96):
+    """95% Wilson score interval for a proportion correct / n ((0, 1) when n = 0)."""
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = correct / n, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+# --- the ODE for many positions at once --------------------------------------------------------------
+@torch.no_grad()
+def teacher_forced(model, x, y, steps=1, solver="midpoint", atol=1e-5, rtol=1e-5, guidance=1.0, labels=None,
+                   seeds=None):
+    """Next-token logits with the gold prefix at the answer positions, as training sees them: x, y (B, T)
+    from TokenDataset.get_batch (y = -1 off the answer), positions pos = L2D.answer_positions(y) (B, P),
+    rows padded with ignored positions. An L2D model runs its base once, then the ODE for all those
+    positions in parallel (steps=1: the base's logits); any other model gives its own logits.
+    seeds: one per row, for the noise of that row's positions (None: the global generator).
+    Returns (logits (B, P, V), targets (B, P), nfe (B, P))."""
+    pos = L2D.answer_positions(y)
+    targets = y.gather(1, pos)
+    base = model.base if isinstance(model, L2D) else model
+    h_main, cache = base.trunk(x)
+    h_main = h_main.gather(1, pos[..., None].expand(-1, -1, h_main.size(-1)))
+    no_nfe = torch.zeros(pos.shape, dtype=torch.long)
+    if not isinstance(model, L2D) or (steps == 1 and solver != "dopri5"):  # the t=0 logits: the base's
+        return base.head(h_main), targets, no_nfe
+    shape, sigma = (x.size(1), model.config.flow_dim), model.config.sigma
+    if seeds is None:
+        noise = sigma * torch.randn(x.size(0), *shape, dtype=torch.float64)
+    else:  # per-example noise for every position of the row: independent of batching
+        noise = torch.stack([sigma * torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+                             for s in seeds])
+    x_0 = noise.gather(1, pos.cpu()[..., None].expand(-1, -1, shape[1])).to(x.device)
+    logits, nfe = model.flow(h_main, cache, x_0, steps, solver, atol, rtol, "argmax", guidance, labels, pos)
+    return logits, targets, nfe.cpu()
+
+
+def answer_stats(logits, targets, nfe=None):
+    """Sums over the answer positions (targets != -1): correct argmaxes, NLL, positions, path evaluations."""
+    mask = targets != -1
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="sum")
+    correct = ((logits.argmax(-1) == targets) & mask).sum()
+    nfe_sum = int(nfe.to(mask.device)[mask].sum()) if nfe is not None else 0
+    return dict(correct=int(correct), nll=float(nll), count=int(mask.sum()), nfe=nfe_sum)
+
+
+# --- generation -----------------------------------------------------------------------------------
+@torch.no_grad()
+def generate_answer(model, prompt_ids, max_new_tokens, stop, setting, labels=None):
+    """Greedy continuation of one prompt until a token in `stop` (not returned) or max_new_tokens.
+    Returns (answer token ids, tokens generated including the stop token, path evaluations)."""
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)
+    if isinstance(model, L2D):
+        stream = model.generate(idx, max_new_tokens, steps=setting["steps"], solver=setting["solver"],
+                                atol=setting["atol"], rtol=setting["rtol"], guidance=setting["guidance"], labels=labels)
+    else:
+        stream = ((token, torch.zeros(1, dtype=torch.long)) for token in model.generate(idx, max_new_tokens, temperature=0))
+    out, generated, nfe = [], 0, 0
+    for token, n in stream:
+        token, generated, nfe = int(token[0]), generated + 1, nfe + int(n[0])
+        if token in stop:
+            break
+        out.append(token)
+    return out, generated, nfe
+
+
+# --- command line -----------------------------------------------------------------------------------
+def parse_list(key, value, kind):
+    """One value, a tuple/list, or a comma-separated string -> a list of `kind` (int or float)."""
+    if value is None:
+        return list(LIST_DEFAULTS[key])
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        try:
+            number = float(item)
+        except (TypeError, ValueError):
+            raise UsageError(f"--{key} must be a number or a comma-separated list of numbers, got {value!r}") from None
+        if isinstance(item, bool) or (kind is int and not number.is_integer()):
+            raise UsageError(f"--{key} takes whole numbers, got {item!r}")
+        out.append(kind(number))
+    if not out:
+        raise UsageError(f"--{key} is empty")
+    return out
+
+
+def make_settings(cfg, is_l2d):
+    """The rows to evaluate: dicts of steps, solver, atol, rtol, guidance."""
+    if not is_l2d:
+        return [dict(steps=1, solver=None, atol=None, rtol=None, guidance=1.0)]
+    steps, guidance = parse_list("steps", cfg["steps"], int), parse_list("guidance", cfg["guidance"], float)
+    atol, rtol = parse_list("atol", cfg["atol"], float), parse_list("rtol", cfg["rtol"], float)
+    if cfg["solver"] not in SOLVERS:
+        raise UsageError(f"unknown solver {cfg['solver']!r}; use one of {', '.join(SOLVERS)}")
+    if min(steps) < 1 or min(atol + rtol) <= 0:
+        raise UsageError("--steps must be >= 1 and --atol/--rtol > 0")
+    if len(atol) != len(rtol) and 1 not in (len(atol), len(rtol)):
+        raise UsageError(f"--atol has {len(atol)} values and --rtol {len(rtol)}: give as many, or one of either")
+    tolerances = list(zip(atol * (len(rtol) if len(atol) == 1 else 1), rtol * (len(atol) if len(rtol) == 1 else 1)))
+    if cfg["solver"] == "dopri5":
+        grid_ = [dict(steps=None, atol=a, rtol=r) for a, r in tolerances]
+    else:
+        grid_ = [dict(steps=s, atol=atol[0], rtol=rtol[0]) for s in steps]
+    settings = []
+    for g in grid_:
+        for w in ([1.0] if g["steps"] == 1 else guidance):  # steps=1 is the base: guidance changes nothing
+            settings.append(dict(g, solver=cfg["solver"], guidance=w))
+    return settings
+
+
+def setting_name(s):
+    name = f"steps={s['steps']}" if s["steps"] is not None else f"atol={s['atol']:g} rtol={s['rtol']:g}"
+    return name + (f" w={s['guidance']:g}" if s["guidance"] != 1.0 else "")
+
+
+def load(ckpt_arg):
+    """(model, tokenizer, tokenizer name, class names, checkpoint path or None) from a ckpt.pt (or a
+    folder holding one), or a base model name / Hugging Face folder."""
+    if not ckpt_arg:
+        raise UsageError("--ckpt is required: a ckpt.pt from train.py, or a base model (e.g. smollm2-135m)")
+    path = os.path.join(ckpt_arg, "ckpt.pt") if os.path.isfile(os.path.join(ckpt_arg, "ckpt.pt")) else ckpt_arg
+    if path.endswith(".pt") or os.path.isfile(path):
+        model, tokenizer, ckpt = load_model(path)
+        return model, tokenizer, ckpt.get("tokenizer") or ckpt["init_from"], ckpt.get("classes") or [], path
+    model, tokenizer = load_base(ckpt_arg)
+    return model.eval(), tokenizer, ckpt_arg, [], None
+
+
+def example_labels(model, model_classes, ds, label):
+    """Class index per test example for the model's class embedding, or None (no classes: unconditional)."""
+    if not isinstance(model, L2D) or model.class_embed is None:
+        return None
+    null = model.config.num_classes
+    if label == "null":
+        return np.full(len(ds), null)
+    if label:
+        if label not in model_classes:
+            raise UsageError(f"--label {label!r} is not a class of this model (its classes: {', '.join(model_classes)}; or null)")
+        return np.full(len(ds), model_classes.index(label))
+    own = np.array([model_classes.index(c) if c in model_classes else null for c in ds.classes])
+    return own[ds.labels]
+
+
+def check_tokenizer(model_tok, data_tok, probe, data_dir):
+    try:
+        same = model_tok.encode(probe, allowed_special="all") == data_tok.encode(probe, allowed_special="all")
+    except ValueError:  # e.g. a character outside a char vocabulary
+        same = False
+    if not same:
+        raise UsageError(f"{data_dir} was prepared with a different tokenizer than the model's; "
+                         "prepare the data with --tokenizer matching the model")
+
+
+def write_json(path, result):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+
+
+def plot(path, rows, title):
+    """Accuracy (generation, with its Wilson interval, and teacher-forced) against steps (or NFE for
+    dopri5), one line per guidance weight. Skipped without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    adaptive = any(r["steps"] is None for r in rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for w in sorted({r["guidance"] for r in rows}):
+        sel = [r for r in rows if r["guidance"] == w or r["steps"] == 1]  # steps=1 (the base) starts every line
+        xs = [r["nfe_per_token"] if adaptive else r["steps"] for r in sel]
+        tag = f" w={w:g}" if len({r['guidance'] for r in rows}) > 1 else ""
+        if sel[0].get("accuracy") is not None:
+            acc = np.array([r["accuracy"] for r in sel])
+            err = np.array([[r["accuracy"] - r["ci_low"], r["ci_high"] - r["accuracy"]] for r in sel]).T
+            ax.errorbar(xs, acc, yerr=err, marker="o", capsize=3, label="generation" + tag)
+        if sel[0].get("tf_accuracy") is not None:
+            ax.plot(xs, [r["tf_accuracy"] for r in sel], marker="s", linestyle="--", label="teacher-forced" + tag)
+    if not adaptive:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("mean path evaluations per token" if adaptive else "steps")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    cfg = configure(DEFAULTS, argv)
+    if cfg["task"] not in TASKS:
+        raise UsageError(f"unknown task {cfg['task']!r}; use one of {', '.join(TASKS)}")
+    if cfg["limit"] < 0 or cfg["max_new_tokens"] < 1 or cfg["batch_size"] < 1:
+        raise UsageError("--limit must be >= 0 (0: all), --max_new_tokens and --batch_size >= 1")
+    model, tokenizer, tokenizer_name, model_classes, ckpt_path = load(cfg["ckpt"])
+    is_l2d = isinstance(model, L2D)
+    settings = make_settings(cfg, is_l2d)
+    if not is_l2d and (cfg["steps"] is not None or cfg["guidance"] is not None):
+        print(f"note: {cfg['ckpt']} is not an L2D model: one row, steps=1 (the model itself)")
+    device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    base = model.base if is_l2d else model
+    block_size = base.config.block_size
+
+    data_dir = cfg["data"] or os.path.join(REPO, "data", cfg["task"], tokenizer_tag(tokenizer_name))
+    if not os.path.isfile(os.path.join(data_dir, "test.jsonl")):
+        raise UsageError(f"no prepared test split in {data_dir}: run data/{cfg['task']}/prepare.py "
+                         f"--tokenizer {tokenizer_name} (or pass --data)")
+    ds = TokenDataset([data_dir], "test")
+    with open(os.path.join(data_dir, "test.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    n = min(cfg["limit"] or len(rows), len(rows))
+    check_tokenizer(tokenizer, ds.tokenizer, rows[0]["prompt"] + rows[0]["answer"], data_dir)
+    labels = example_labels(model, model_classes, ds, cfg["label"])
+    if labels is None and any(s["guidance"] != 1.0 for s in settings):
+        raise UsageError("--guidance other than 1 needs an L2D model trained with classes")
+    stop = {ds.eot} | ({tokenizer.eot_token} if getattr(tokenizer, "eot_token", None) is not None else set())
+    golds = [final_number(r["final"] if r.get("final") is not None else r["answer"]) for r in rows[:n]]
+    prompts = [ds.tokenizer.encode(r["prompt"], allowed_special="all") for r in rows[:n]]
+
+    out = cfg["out"] or os.path.join(os.path.dirname(ckpt_path) if ckpt_path else ".", "eval_results.json")
+    kind = f"L2D ({model.config.variant})" if is_l2d else "GPT"
+    print(f"{kind} from {cfg['ckpt']} on {data_dir}: {n} examples, {len(settings)} row(s), device {device}")
+    result = dict(ckpt=cfg["ckpt"], model=kind, task=cfg["task"], data=data_dir, n=n, config=cfg, rows=[])
+    print(f"{'setting':<24} {'acc':>6} {'95% CI':>15} {'n':>5} {'nfe/tok':>8} {'tok/s':>8} "
+          f"{'tf_acc':>7} {'tf_nll':>7} {'tf_nfe':>7}")
+    for setting in settings:
+        row = dict(setting=setting_name(setting), **setting)
+        if cfg["generate"]:
+            correct = tokens = nfe = 0
+            seconds, samples = 0.0, []
+            for i in tqdm(range(n), desc=row["setting"], leave=False, file=sys.stderr):
+                torch.manual_seed(cfg["seed"] + i)
+                lab = None if labels is None else torch.tensor([labels[i]], device=device)
+                budget = min(cfg["max_new_tokens"], block_size - len(prompts[i]))
+                t0 = time.perf_counter()
+                answer, generated, spent = generate_answer(model, prompts[i], budget, stop, setting, lab) \
+                    if budget > 0 else ([], 0, 0)
+                seconds += time.perf_counter() - t0
+                text = ds.tokenizer.decode(answer)
+                pred = final_number(text)
+                correct += pred is not None and pred == golds[i]
+                tokens, nfe = tokens + generated, nfe + spent
+                if i < 3:
+                    samples.append(dict(prompt=rows[i]["prompt"], output=text, pred=pred, gold=golds[i]))
+            low, high = wilson_interval(correct, n)
+            row.update(accuracy=correct / max(n, 1), correct=int(correct), n=n, ci_low=low, ci_high=high,
+                       nfe_per_token=nfe / max(tokens, 1), tokens=tokens, tokens_per_s=tokens / max(seconds, 1e-9),
+                       seconds=seconds, samples=samples)
+        if cfg["teacher_forced"]:
+            sums = dict(correct=0, nll=0.0, count=0, nfe=0)
+            for b0 in tqdm(range(0, n, cfg["batch_size"]), desc=row["setting"] + " (tf)", leave=False, file=sys.stderr):
+                ix = np.arange(b0, min(b0 + cfg["batch_size"], n))
+                x, y, _ = ds.get_batch(ix, block_size)
+                lab = None if labels is None else torch.as_tensor(labels[ix], device=device)
+                logits, targets, spent = teacher_forced(
+                    model, x.to(device), y.to(device), setting["steps"], setting["solver"], setting["atol"],
+                    setting["rtol"], setting["guidance"], lab, seeds=[cfg["seed"] + int(i) for i in ix])
+                for key, value in answer_stats(logits, targets, spent).items():
+                    sums[key] += value
+            row.update(tf_accuracy=sums["correct"] / max(sums["count"], 1), tf_nll=sums["nll"] / max(sums["count"], 1),
+                       tf_tokens=sums["count"], tf_nfe_per_token=sums["nfe"] / max(sums["count"], 1))
+        if not cfg["generate"]:  # the plot's x axis for dopri5
+            row["nfe_per_token"] = row.get("tf_nfe_per_token", 0.0)
+        result["rows"].append(row)
+        print(format_row(row))
+        write_json(out, result)
+    print(f"wrote {out}")
+    plot(os.path.splitext(out)[0] + ".png", result["rows"], f"{kind}: {cfg['ckpt']} on {cfg['task']} (n={n})")
+    return result
+
+
+def format_row(row):
+    dash = "-"
+    gen = (f"{row['accuracy']:6.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] {row['n']:5d} "
+           f"{row['nfe_per_token']:8.1f} {row['tokens_per_s']:8.1f}") if "accuracy" in row else \
+        f"{dash:>6} {dash:>15} {dash:>5} {dash:>8} {dash:>8}"
+    tf = (f"{row['tf_accuracy']:7.3f} {row['tf_nll']:7.3f} {row['tf_nfe_per_token']:7.1f}") if "tf_accuracy" in row \
+        else f"{dash:>7} {dash:>7} {dash:>7}"
+    return f"{row['setting']:<24} {gen} {tf}"
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        fail(e)

@@ -1,0 +1,263 @@
+"""eval.py: the answer parser, the Wilson interval, teacher-forced metrics against hand computations,
+the all-positions ODE against L2D.next_token, and a tiny end-to-end run on prepared arithmetic data."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as ev
+from checkpoint import save_checkpoint
+from configurator import UsageError
+from diffusion import L2D, L2DConfig
+from model import GPT, GPTConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 37
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips altogether.\n#### 72", "72"),
+    ("Total: 1,000 + 80\n#### 1,080", "1080"),
+    ("#### -3", "-3"),
+    ("#### 5\nwait, no\n#### 7", "7"),                 # the last ####
+    ("#### 18 dollars, or 20 with tax", "18"),          # the first number after it
+    ("so it costs 12 in all ####", "12"),               # #### without a number: the last number
+    ("The answer is $1,234.50.", "1234.5"),
+    ("It is $5", "5"),
+    ("From 10 to -5 degrees", "-5"),
+    ("10-3", "3"),                                      # a hyphen after a digit is no minus sign
+    ("x is 3.0", "3"),
+    ("0.50", "0.5"),
+    ("-0", "0"),
+    ("The answer is 42.", "42"),
+    ("1,234,567 people", "1234567"),
+    ("579", "579"),                                     # arithmetic: the answer is the number
+    ("007", "7"),
+    ("12 + 30 = 42", "42"),
+    ("no number here", None),
+    ("", None),
+    (None, None),
+])
+def test_final_number(text, expected):
+    assert ev.final_number(text) == expected
+
+
+@pytest.mark.parametrize("correct,n,low,high", [
+    (50, 100, 0.4038, 0.5962),
+    (0, 10, 0.0, 0.2775),   # upper = z^2 / (n + z^2)
+    (10, 10, 0.7225, 1.0),
+    (0, 0, 0.0, 1.0),
+])
+def test_wilson_interval(correct, n, low, high):
+    lo, hi = ev.wilson_interval(correct, n)
+    assert lo == pytest.approx(low, abs=1e-4) and hi == pytest.approx(high, abs=1e-4)
+
+
+def test_parse_lists_and_settings():
+    assert ev.parse_list("steps", "1,2,4", int) == [1, 2, 4]
+    assert ev.parse_list("steps", (1, 2, 4), int) == [1, 2, 4]   # what configure makes of --steps 1,2,4
+    assert ev.parse_list("steps", 8, int) == [8]
+    assert ev.parse_list("guidance", "1,1.5", float) == [1.0, 1.5]
+    assert ev.parse_list("steps", None, int) == ev.LIST_DEFAULTS["steps"]
+    for bad in ("1.5", "a,b", ""):
+        with pytest.raises(UsageError):
+            ev.parse_list("steps", bad, int)
+    cfg = dict(ev.DEFAULTS, steps=(1, 8), guidance=(1, 2))
+    names = [ev.setting_name(s) for s in ev.make_settings(cfg, is_l2d=True)]
+    assert names == ["steps=1", "steps=8", "steps=8 w=2"]  # steps=1 is the base: no guidance rows
+    cfg = dict(ev.DEFAULTS, solver="dopri5", atol=(1e-3, 1e-4), rtol=1e-3)
+    assert [(s["atol"], s["rtol"], s["steps"]) for s in ev.make_settings(cfg, True)] == [(1e-3, 1e-3, None), (1e-4, 1e-3, None)]
+    assert len(ev.make_settings(cfg, is_l2d=False)) == 1
+    with pytest.raises(UsageError):
+        ev.make_settings(dict(ev.DEFAULTS, steps=0), True)
+    with pytest.raises(UsageError):
+        ev.make_settings(dict(ev.DEFAULTS, solver="heun"), True)
+
+
+# --- teacher-forced metrics ------------------------------------------------------------------------
+def tiny_base(family="llama", seed=0, vocab=VOCAB, block_size=32):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(family=family, block_size=block_size, vocab_size=vocab, n_layer=2, n_head=4,
+                         n_kv_head=2 if family == "llama" else 0, n_embd=32)).eval()
+
+
+def tiny_l2d(randomize, family="llama"):
+    l2d = L2D(tiny_base(family), L2DConfig(variant="full", flow_dim=16, cond_dim=24, num_classes=2))
+    if randomize:  # every path parameter random, the zero-initialised merge gate included
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in l2d.trainable_parameters():
+                p.copy_(torch.randn_like(p) * 0.1)
+    return l2d.eval()
+
+
+# two examples of different lengths, right-padded with 0; answer targets in columns 2-7 and 1-4
+X = torch.tensor([[5, 9, 2, 7, 7, 1, 30, 4], [11, 3, 8, 20, 6, 0, 0, 0]])
+Y = torch.tensor([[-1, -1, 7, 7, 1, 30, 4, 0], [-1, 8, 20, 6, 0, -1, -1, -1]])
+POS = torch.tensor([[2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 0, 5]])  # answer positions, then ignored ones as padding
+
+
+def at_answers(logits):
+    return torch.stack([logits[b, POS[b]] for b in range(len(POS))])
+
+
+def by_hand(logits, y):
+    correct, nll, count = 0, 0.0, 0
+    for b in range(y.size(0)):
+        for i in range(y.size(1)):
+            if y[b, i] != -1:
+                log_p = torch.log_softmax(logits[b, i].double(), -1)
+                nll -= log_p[y[b, i]].item()
+                correct += int(logits[b, i].argmax() == y[b, i])
+                count += 1
+    return correct, nll, count
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_teacher_forced_gpt_matches_hand_computation(family):
+    model = tiny_base(family)
+    with torch.no_grad():
+        full, _ = model(X)
+    correct, nll, count = by_hand(full, Y)
+    logits, targets, nfe = ev.teacher_forced(model, X, Y, steps=1)
+    assert torch.equal(targets, torch.stack([Y[b, POS[b]] for b in range(2)]))
+    assert torch.allclose(logits, at_answers(full), atol=1e-6)
+    stats = ev.answer_stats(logits, targets, nfe)
+    assert (stats["correct"], stats["count"], stats["nfe"]) == (correct, count, 0) and count == 10
+    assert stats["nll"] == pytest.approx(nll, rel=1e-5)
+    assert stats["nll"] / count == pytest.approx(F.cross_entropy(full.flatten(0, 1), Y.flatten(), ignore_index=-1).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("solver,steps", [("midpoint", 4), ("euler", 3), ("dopri5", None)])
+def test_teacher_forced_fresh_l2d_is_the_base_at_any_step_count(solver, steps):
+    l2d = tiny_l2d(randomize=False)  # merge gate zero: the path cannot change the logits
+    labels = torch.tensor([0, 1])
+    with torch.no_grad():
+        base_logits, _ = l2d.base(X)
+    one, targets, nfe1 = ev.teacher_forced(l2d, X, Y, steps=1, labels=labels)
+    many, targets_many, nfe = ev.teacher_forced(l2d, X, Y, steps=steps, solver=solver, atol=1e-3, rtol=1e-3,
+                                                labels=labels, seeds=[0, 1])
+    assert torch.equal(many, one) and torch.equal(targets, targets_many)
+    assert torch.allclose(one, at_answers(base_logits), atol=1e-5)
+    assert (nfe1 == 0).all()
+    if solver != "dopri5":
+        assert (nfe == (steps - 1) * {"midpoint": 2, "euler": 1}[solver] + 1).all()
+    assert ev.answer_stats(many, targets)["correct"] == by_hand(base_logits, Y)[0]
+
+
+@pytest.mark.parametrize("solver,steps,guidance", [("midpoint", 4, 1.0), ("rk4", 3, 2.0), ("dopri5", None, 1.0)])
+def test_flow_with_one_position_is_next_token(solver, steps, guidance):
+    """L2D.flow (used by teacher-forced eval for many positions) with one position gives next_token's token and nfe."""
+    l2d = tiny_l2d(randomize=True)
+    idx, labels = X[:, :5], torch.tensor([0, 1])
+    with torch.no_grad():
+        h, cache = l2d.base.trunk(idx)
+        torch.manual_seed(7)
+        token, nfe = l2d.next_token(h[:, -1:], cache, steps=steps, solver=solver, atol=1e-3, rtol=1e-3,
+                                    guidance=guidance, labels=labels)
+        torch.manual_seed(7)
+        x_0 = l2d.config.sigma * torch.randn(2, 1, l2d.config.flow_dim)
+        logits, nfe2 = l2d.flow(h[:, -1:], cache, x_0, steps, solver, 1e-3, 1e-3, "argmax", guidance, labels)
+    assert torch.equal(logits[:, 0].argmax(-1), token) and torch.equal(nfe2[:, 0], nfe)
+
+
+@pytest.mark.parametrize("solver,steps", [("midpoint", 4), ("dopri5", None)])
+def test_teacher_forced_all_positions_equal_one_at_a_time(solver, steps):
+    """The ODE for every answer position at once gives what each position gives alone, decoding from its
+    own prefix as generation does (same logits; for dopri5 the same per-position step count)."""
+    l2d = tiny_l2d(randomize=True)
+    labels, seeds, tol = torch.tensor([1, 0]), [3, 4], dict(atol=1e-2, rtol=1e-2)
+    logits, targets, nfe = ev.teacher_forced(l2d, X, Y, steps, solver, **tol, labels=labels, seeds=seeds)
+    with torch.no_grad():
+        base_logits, _ = l2d.base(X)
+        for b in range(2):
+            noise = l2d.config.sigma * torch.randn(X.size(1), 16, dtype=torch.float64,
+                                                   generator=torch.Generator().manual_seed(seeds[b]))
+            for p, j in enumerate(POS[b].tolist()):
+                if targets[b, p] == -1:
+                    continue
+                h, cache = l2d.base.trunk(X[b:b + 1, :j + 1])
+                alone, alone_nfe = l2d.flow(h[:, -1:], cache, noise[j:j + 1][None], steps, solver, **tol,
+                                            labels=labels[b:b + 1])
+                assert torch.allclose(logits[b, p], alone[0, 0], atol=1e-4)
+                assert nfe[b, p] == alone_nfe[0, 0]
+    assert not torch.allclose(logits, at_answers(base_logits), atol=1e-3)  # the trained path moves the logits
+    if solver == "midpoint":
+        assert (nfe == 7).all()
+
+
+# --- end to end ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A prepared char arithmetic split, a tiny ar base checkpoint and an L2D checkpoint around it,
+    both in train.py's checkpoint layout."""
+    spec = importlib.util.spec_from_file_location("prepare_arithmetic", os.path.join(REPO, "data", "arithmetic", "prepare.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tmp = tmp_path_factory.mktemp("eval")
+    data = module.prepare("char", out=str(tmp / "arith"), n_train=20, n_test=5, digits=1)
+    with open(os.path.join(data, "meta.json")) as f:
+        meta = json.load(f)
+    base = tiny_base("llama", vocab=meta["vocab_size"], block_size=48)
+    common = dict(init_from="scratch", model_config=asdict(base.config), lora_rank=2, lora_alpha=2.0,
+                  tokenizer=os.path.join(data, "vocab.json"), classes=["math"], optimizer={}, sampler={},
+                  iter_num=0, config={}, rng=torch.get_rng_state())
+    base_path = str(tmp / "base.pt")
+    save_checkpoint(base_path, dict(common, method="ar", l2d_config=None, state_dict=base.state_dict()))
+    l2d_config = L2DConfig(variant="lora", flow_dim=8, cond_dim=16, lora_rank=2, lora_alpha=2.0, num_classes=1)
+    l2d = L2D(base, l2d_config)
+    with torch.no_grad():
+        for p in l2d.trainable_parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    state = {k: v for k, v in l2d.named_parameters() if v.requires_grad}
+    os.makedirs(tmp / "l2d")
+    l2d_path = str(tmp / "l2d" / "ckpt.pt")
+    save_checkpoint(l2d_path, dict(common, method="l2d", init_from=base_path, l2d_config=asdict(l2d_config),
+                                   state_dict={k: v.detach().clone() for k, v in state.items()}))
+    return dict(data=data, base=base_path, l2d=l2d_path, tmp=tmp)
+
+
+def run_main(run, *args):
+    out = str(run["tmp"] / "results.json")
+    result = ev.main(["--data", run["data"], "--limit", "3", "--max_new_tokens", "3", "--batch_size", "2",
+                      "--out", out, *args])
+    with open(out) as f:
+        assert json.load(f)["rows"] == json.loads(json.dumps(result["rows"]))
+    return result["rows"]
+
+
+def test_end_to_end_l2d(tiny_run):
+    rows = run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--steps", "1,2", "--solver=euler")
+    assert [r["setting"] for r in rows] == ["steps=1", "steps=2"]
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and r["n"] == 3 and r["ci_low"] <= r["accuracy"] <= r["ci_high"]
+        assert 0 <= r["tf_accuracy"] <= 1 and r["tf_nll"] > 0 and r["tokens"] > 0
+    assert rows[0]["nfe_per_token"] == 0 and rows[0]["tf_nfe_per_token"] == 0
+    assert rows[1]["nfe_per_token"] == 2 and rows[1]["tf_nfe_per_token"] == 2  # euler, 2 points: 1 + read-out
+    again = run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--steps", "2", "--solver=euler")
+    keep = ("accuracy", "tf_accuracy", "tf_nll", "samples")
+    assert {k: again[0][k] for k in keep} == {k: rows[1][k] for k in keep}  # seeded: reproducible rows
+
+
+def test_end_to_end_guidance_dopri5_and_gpt(tiny_run):
+    rows = run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--limit", "2", "--solver", "dopri5", "--atol", "1e-2", "--rtol", "1e-2",
+                    "--guidance", "1,2", "--label", "math")
+    assert [r["setting"] for r in rows] == ["atol=0.01 rtol=0.01", "atol=0.01 rtol=0.01 w=2"]
+    assert all(0 <= r["accuracy"] <= 1 for r in rows) and rows[1]["nfe_per_token"] >= 2 * 6 + 1
+    rows = run_main(tiny_run, "--ckpt", tiny_run["base"], "--steps", "1,2,4")  # a GPT: one row
+    assert len(rows) == 1 and rows[0]["steps"] == 1 and 0 <= rows[0]["accuracy"] <= 1
+    with pytest.raises(UsageError):
+        run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--label", "poetry")
+
+
+def test_cli_errors_are_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "eval.py", "--bogus", "1"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown option --bogus")
+    assert len(proc.stderr.strip().splitlines()) == 1
