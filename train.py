@@ -137,11 +137,11 @@ def main(argv=None):
                            label_dropout=cfg["label_dropout"], t_schedule=cfg["t_schedule"])
     if resume and ckpt.get("l2d_config"):
         l2d_config = L2DConfig(**ckpt["l2d_config"])
+    n_base = base.num_params()  # before LoRA wraps the base in place
     model = build_model(cfg["method"], base, l2d_config, cfg["lora_rank"], cfg["lora_alpha"]).to(device)
     if resume:
         model.load_state_dict(ckpt["state_dict"], strict=False)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_base = base.num_params()
     log(f"{cfg['method']}: {n_train / 1e6:.2f}M trainable parameters ({100 * n_train / n_base:.1f}% of the "
         f"{n_base / 1e6:.1f}M-parameter base), {world_size} process(es) on {device}, {dtype}")
 

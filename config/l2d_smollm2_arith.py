@@ -1,4 +1,4 @@
-# L2D on the embedded default, SmolLM2-135M-Instruct, on synthetic arithmetic (CPU-sized budget).
+# L2D on the embedded default, SmolLM2-135M-Instruct, on synthetic arithmetic (CPU-sized budget: 150 steps x 16 examples, ~2.4k problems).
 #   python data/arithmetic/prepare.py --tokenizer smollm2-135m --digits 3
 #   python train.py config/l2d_smollm2_arith.py
 #   python eval.py --ckpt out-l2d-smollm2-arith/ckpt.pt --task arithmetic --steps 1,2,4,8,16,32
@@ -9,12 +9,12 @@ method = "l2d"
 variant = "lora"                  # the paper's headline variant
 datasets = ["data/arithmetic/smollm2-135m"]
 block_size = 512
-batch_size = 32
+batch_size = 16
 micro_batch = 16
-max_iters = 300
+max_iters = 150
 learning_rate = 5e-4
 min_lr = 5e-5
-warmup_iters = 30
-eval_interval = 100
-eval_examples = 128
-log_interval = 10
+warmup_iters = 15
+eval_interval = 50
+eval_examples = 64
+log_interval = 5
