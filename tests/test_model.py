@@ -200,3 +200,21 @@ def test_too_long_sequence_is_a_clear_error():
     model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=1, n_embd=8))
     with pytest.raises(ValueError, match="exceeds block_size"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_gpt2_offline_download_names_the_file(tmp_path, monkeypatch):
+    """No network: a one-line error that says which file to put where, and no half-written file."""
+    import urllib.request
+    import model as model_module
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(model_module, "CACHE_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as info:
+        GPT.from_pretrained("gpt2")
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path / "gpt2" / "model.safetensors") in message
+    assert "huggingface.co" in message
+    assert not (tmp_path / "gpt2" / "model.safetensors").exists()
