@@ -1,0 +1,109 @@
+"""bench.py: runs end to end on a tiny random GPT and reports every row and key; the FLOP counter
+agrees with the analytic count of a training step; bad flags are one-line usage errors.
+Nothing here checks a timing (the machine is shared)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+from configurator import UsageError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--init_from=scratch", "--n_layer=2", "--n_embd=32", "--n_head=2", "--vocab_size=64", "--block_size=64",
+        "--flow_dim=16", "--lora_rank=4", "--prompt_len=8", "--new_tokens=2", "--eval_reps=1",
+        "--batch=2", "--seq=8", "--train_reps=1", "--mem_steps=1", "--matmul_n=64"]
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One thread here and in the memory workers: fastest for tiny models on a shared machine."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_end_to_end_on_a_tiny_model(tmp_path, capsys, one_thread):
+    out = tmp_path / "bench.json"
+    returned = bench.main(TINY + ["--steps=1,2,4", "--batch_sizes=1,3", f"--out={out}"])
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert results["training"] == json.loads(json.dumps(returned["training"]))
+    for title in ("torch ", "One decoding step", "Generation, midpoint", "Training step", "wrote"):
+        assert title in printed
+    assert {"torch", "threads", "cpu", "load_avg", "load_avg_end", "device"} <= set(results["machine"])
+    assert results["matmul_gflops"] > 0
+
+    gen = results["generation"]
+    assert [r["batch"] for r in gen["decode_step"]] == [1, 3]
+    for row in gen["decode_step"]:
+        assert row["base_step_ms"] > 0 and row["path_eval_ms"] > 0
+        assert row["ratio"] == pytest.approx(row["path_eval_ms"] / row["base_step_ms"])
+    assert [(r["batch"], r["steps"]) for r in gen["steps"]] == [(b, s) for b in (1, 3) for s in (1, 2, 4)]
+    for row in gen["steps"]:
+        assert row["nfe_per_token"] == (0 if row["steps"] == 1 else 2 * (row["steps"] - 1) + 1)  # midpoint + read-out
+        assert row["tokens_per_s"] == pytest.approx(1e3 * row["batch"] / row["ms_per_token"])
+        assert set(row) == {"batch", "steps", "nfe_per_token", "ms_per_token", "tokens_per_s", "vs_steps1",
+                            "predicted_vs_steps1"}
+        if row["steps"] == 1:
+            assert row["vs_steps1"] == 1.0 and row["predicted_vs_steps1"] == 1.0
+
+    rows = {r["method"]: r for r in results["training"]}
+    assert list(rows) == ["l2d-lora", "l2d-full", "lora", "full"]
+    keys = {"method", "trainable_params", "step_s", "tokens_per_s", "vs_full", "flops_per_step", "gflop_per_step",
+            "gflops", "of_peak", "before_mb", "peak_mb", "increase_mb", "peak_reset"}
+    for row in rows.values():
+        assert set(row) == keys
+        assert row["step_s"] > 0 and row["flops_per_step"] > 0 and row["peak_mb"] >= row["before_mb"] > 0
+        assert row["tokens_per_s"] == pytest.approx(2 * 8 / row["step_s"])
+    assert rows["full"]["vs_full"] == 1.0
+    assert rows["lora"]["trainable_params"] < rows["full"]["trainable_params"]
+    assert rows["l2d-lora"]["trainable_params"] < rows["l2d-full"]["trainable_params"]
+    assert rows["lora"]["flops_per_step"] < rows["full"]["flops_per_step"]  # no weight gradients of the base
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_flop_count_of_a_full_training_step(family, one_thread):
+    """6 FLOPs per matmul weight per token (forward 2, backward 4) plus dense attention: q k^T and p v
+    forward (4 B T^2 d per layer) and, as torch counts it, 10 B T^2 d backward (the scores are
+    recomputed). Without bench.py's formula for the CPU attention kernel, 14 B T^2 d L would be missing."""
+    cfg = bench.check(bench.configure(bench.DEFAULTS, TINY + [f"--family={family}"]))
+    base = bench.load_model(cfg)
+    model, optimizer = bench.build_trainer("full", base, cfg)
+    B, T = 2, 64
+    x, y = torch.randint(0, 64, (2, B, T))
+    matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    d, L = base.config.n_embd, base.config.n_layer
+    expected = 6 * matmul_weights * B * T + 14 * B * T * T * d * L
+    counted = bench.count_flops(model, optimizer, x, y, bench.nullcontext())
+    assert counted == pytest.approx(expected, rel=0.02)
+
+
+@pytest.mark.parametrize("flag", ["--what=sample", "--methods=l2d,full", "--steps=0,2", "--solver=dopri5",
+                                  "--batch_sizes=one", "--eval_reps=0"])
+def test_bad_flags_are_usage_errors(flag):
+    with pytest.raises(UsageError):
+        bench.check(bench.configure(bench.DEFAULTS, [flag]))
+
+
+def test_defaults_and_exit_code():
+    cfg = bench.check(bench.configure(bench.DEFAULTS, []))
+    assert cfg["steps"] == [1, 2, 4, 8, 16, 32] and cfg["batch_sizes"] == [1, 16] and cfg["what"] == ["gen", "train"]
+    assert bench.check(bench.configure(bench.DEFAULTS, ["--steps", "8", "--what", "gen"]))["steps"] == [8]
+    run = subprocess.run([sys.executable, "bench.py", "--what=nothing"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.startswith("error: --what")
+
+
+def test_memory_workers_see_their_own_training_memory(one_thread):
+    """Full finetuning keeps gradients and two AdamW moments of every weight, LoRA of almost none: on
+    a ~8M-parameter model that is ~100 MB more. (A peak read from ru_maxrss would be the parent's.)"""
+    cfg = bench.check(bench.configure(bench.DEFAULTS, TINY + ["--n_embd=512", "--threads=1"]))
+    lora, full = bench.measure_memory(cfg, "lora"), bench.measure_memory(cfg, "full")
+    weights_mb = 4 * bench.load_model(cfg).num_params() / 2**20
+    assert full["increase_mb"] - lora["increase_mb"] > 2 * weights_mb
+    assert full["peak_mb"] < full["before_mb"] + 10 * weights_mb
