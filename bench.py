@@ -4,6 +4,7 @@ Speed and memory of L2D next to its base model and the two finetuning baselines 
     python bench.py                                         # SmolLM2-135M, generation and training
     python bench.py --what gen --batch_sizes 1 --steps 1,8 --new_tokens 8
     python bench.py --what train --batch 4 --seq 128 --train_reps 3
+    python bench.py --what train --data data/gsm8k/smollm2-135m --batch 8 --seq 512   # a real GSM8K batch
     python bench.py --init_from scratch --new_tokens 2 --eval_reps 2 --train_reps 1     # smoke test, seconds
     python bench.py --threads 1 --new_tokens 4 --eval_reps 20 --batch 4 --seq 128 --train_reps 3  # README, ~6 min
 
@@ -52,6 +53,7 @@ DEFAULTS = dict(
     steps=None, batch_sizes=None, prompt_len=64, new_tokens=32, eval_reps=30, solver="midpoint",
     # training
     methods=None, batch=8, seq=256, train_reps=5, mem_steps=2, matmul_n=2048,
+    data="",  # a prepared folder (e.g. data/gsm8k/smollm2-135m): train on its first batch, not random tokens
     lora_rank=32, lora_alpha=32.0, flow_dim=256,
     # --init_from scratch: a random GPT of this shape
     family="llama", n_layer=2, n_head=4, n_kv_head=0, n_embd=64, vocab_size=256, block_size=1024,
@@ -227,7 +229,12 @@ def train_step(model, optimizer, x, y, autocast):
 
 def training_setup(cfg, vocab_size):
     torch.manual_seed(cfg["seed"])
-    x, y = (torch.randint(0, vocab_size, (cfg["batch"], cfg["seq"]), device=cfg["device"]) for _ in range(2))
+    if cfg["data"]:  # a real batch: the first --batch examples, targets on answer tokens only
+        from dataset import TokenDataset
+        x, y, _ = TokenDataset(cfg["data"], "train").get_batch(range(cfg["batch"]), cfg["seq"])
+        x, y = x.to(cfg["device"]), y.to(cfg["device"])
+    else:  # a random batch with a target at every position: the worst case for l2d
+        x, y = (torch.randint(0, vocab_size, (cfg["batch"], cfg["seq"]), device=cfg["device"]) for _ in range(2))
     dtype = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if cfg["device"].startswith("cuda") else "float32")
     autocast = nullcontext() if dtype == "float32" else torch.autocast(cfg["device"].split(":")[0], getattr(torch, dtype))
     return x, y, autocast

@@ -16,11 +16,8 @@ and a KVCache holding every layer's keys (after RoPE) and values.
     logits, loss = model(idx, targets)                        # targets: -1 = ignored position
 """
 
-import json
 import math
-import os
-import urllib.request
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -288,31 +285,8 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path, block_size=None):
         """Load pretrained weights and their tokenizer; returns (model, tokenizer).
         `name_or_path`: "smollm2-135m" (embedded GGUF), a GPT-2 name, or a local HF folder."""
-        from tokenizer import get_tokenizer  # the tokenizer travels with the weights
-        if name_or_path == "smollm2-135m":
-            from load_gguf import load_gguf, smollm2_gguf_path
-            hf_config, state_dict = load_gguf(smollm2_gguf_path())
-        elif name_or_path in GPT2_SIZES:
-            hf_config, state_dict = GPT2_SIZES[name_or_path], load_safetensors(gpt2_file(name_or_path))
-        elif os.path.isdir(name_or_path):
-            hf_config, state_dict = read_hf_folder(name_or_path)
-        else:
-            raise ValueError(f"unknown model {name_or_path!r}: use smollm2-135m, "
-                             f"{', '.join(GPT2_SIZES)}, or a local Hugging Face folder")
-        config = config_from_hf(hf_config)
-        if block_size:
-            config.block_size = min(config.block_size, block_size)
-        model = cls(config)
-        convert = gpt2_state_dict if config.family == "gpt2" else llama_state_dict
-        ours = convert(state_dict, config)
-        if config.family == "gpt2" and block_size:
-            ours["wpe.weight"] = ours["wpe.weight"][: config.block_size]
-        missing, unexpected = model.load_state_dict(ours, strict=False)
-        missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {name_or_path} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        return model, get_tokenizer(name_or_path)
-
+        from pretrained import load_pretrained  # reading checkpoint formats is pretrained.py's job
+        return load_pretrained(name_or_path, block_size)
 
 def sample_token(logits, temperature=1.0, top_k=None):
     """Pick a token id per row of (B, vocab) logits: argmax at temperature 0, else sample."""
@@ -323,122 +297,3 @@ def sample_token(logits, temperature=1.0, top_k=None):
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, -float("inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)[:, 0]
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading Hugging Face checkpoints (safetensors only: weights are never unpickled).
-
-GPT2_SIZES = {  # config.json values of the four OpenAI GPT-2 checkpoints
-    "gpt2": dict(model_type="gpt2", n_layer=12, n_head=12, n_embd=768),
-    "gpt2-medium": dict(model_type="gpt2", n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-large": dict(model_type="gpt2", n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-xl": dict(model_type="gpt2", n_layer=48, n_head=25, n_embd=1600),
-}
-CACHE_DIR = os.environ.get("L2D_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "l2d"))
-
-
-def load_safetensors(path):
-    from safetensors.torch import load_file
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing weights file {path}")
-    return {k: v.float() for k, v in load_file(path).items()}
-
-
-def gpt2_file(name):
-    """Path of `name`'s model.safetensors in the cache folder, downloaded from the hub once."""
-    path = os.path.join(CACHE_DIR, name, "model.safetensors")
-    if os.path.isfile(path):
-        return path
-    url = f"https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        from tqdm import tqdm
-        with urllib.request.urlopen(url, timeout=30) as response, open(path + ".part", "wb") as f:
-            bar = tqdm(total=int(response.headers.get("Content-Length", 0)), unit="B", unit_scale=True, desc=name)
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-        os.replace(path + ".part", path)  # a broken download never looks complete
-    except OSError as e:
-        raise FileNotFoundError(f"could not download {url} ({e}); put that file at {path} "
-                                f"(or set L2D_CACHE to a folder holding {name}/model.safetensors)") from None
-    return path
-
-
-def read_hf_folder(folder):
-    """config.json plus model.safetensors, or the shards a model.safetensors.index.json lists."""
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"missing {config_path} (a Hugging Face model folder needs config.json)")
-    with open(config_path) as f:
-        hf_config = json.load(f)
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        shards = ["model.safetensors"]
-    state_dict = {}
-    for shard in shards:
-        state_dict.update(load_safetensors(os.path.join(folder, shard)))
-    return hf_config, state_dict
-
-
-def config_from_hf(c):
-    """GPTConfig from the keys of a Hugging Face config.json (gpt2, llama, qwen2, mistral)."""
-    if c.get("model_type") == "gpt2":
-        return GPTConfig(family="gpt2", block_size=c.get("n_positions", 1024), vocab_size=c.get("vocab_size", 50257),
-                         n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
-                         ffn_hidden=c.get("n_inner") or 0, norm_eps=c.get("layer_norm_epsilon", 1e-5))
-    if c.get("model_type") not in ("llama", "qwen2", "mistral"):
-        raise ValueError(f"unsupported model_type {c.get('model_type')!r}; use gpt2, llama, qwen2 or mistral")
-    return GPTConfig(family="llama", block_size=c.get("max_position_embeddings", 2048),
-                     vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"],
-                     n_head=c["num_attention_heads"], n_kv_head=c.get("num_key_value_heads", 0),
-                     n_embd=c["hidden_size"], ffn_hidden=c["intermediate_size"],
-                     qkv_bias=c.get("model_type") == "qwen2" or c.get("attention_bias", False),
-                     norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", 10000.0),
-                     rope_scaling=c.get("rope_scaling"), tie_embeddings=c.get("tie_word_embeddings", False))
-
-
-def gpt2_state_dict(sd, config):
-    """HF GPT-2 names (with or without the "transformer." prefix) -> ours. GPT-2 stores its
-    linear layers as Conv1D with (in, out) weights, and q, k, v fused in one c_attn."""
-    sd = {k.removeprefix("transformer."): v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    ours = {"wte.weight": sd.pop("wte.weight"), "wpe.weight": sd.pop("wpe.weight"),
-            "ln_f.weight": sd.pop("ln_f.weight"), "ln_f.bias": sd.pop("ln_f.bias")}
-    ours["lm_head.weight"] = sd.pop("lm_head.weight", ours["wte.weight"])
-    for i in range(config.n_layer):
-        p, q = f"h.{i}.", f"h.{i}."
-        for name in ("ln_1", "ln_2"):
-            for kind in ("weight", "bias"):
-                ours[q + f"{name}.{kind}"] = sd.pop(p + f"{name}.{kind}")
-        for kind in ("weight", "bias"):
-            qkv = sd.pop(p + f"attn.c_attn.{kind}")
-            for proj, part in zip(("q_proj", "k_proj", "v_proj"), qkv.split(config.n_embd, dim=-1)):
-                ours[q + f"attn.{proj}.{kind}"] = part.t() if kind == "weight" else part
-            for hf, mine in (("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"), ("mlp.c_proj", "mlp.down_proj")):
-                w = sd.pop(p + f"{hf}.{kind}")
-                ours[q + f"{mine}.{kind}"] = w.t() if kind == "weight" else w
-    if sd:
-        raise ValueError(f"unexpected GPT-2 tensors: {sorted(sd)[:3]}")
-    return {k: v.contiguous() for k, v in ours.items()}
-
-
-LLAMA_NAMES = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2", "self_attn": "attn"}
-
-
-def llama_state_dict(sd, config):
-    """HF Llama/Qwen2 names -> ours: model.layers.N.self_attn.q_proj -> h.N.attn.q_proj, ..."""
-    sd = dict(sd)
-    ours = {"wte.weight": sd.pop("model.embed_tokens.weight"), "ln_f.weight": sd.pop("model.norm.weight")}
-    ours["lm_head.weight"] = sd.pop("lm_head.weight", ours["wte.weight"])
-    for key in list(sd):
-        if key.startswith("model.layers.") and not key.endswith("rotary_emb.inv_freq"):
-            parts = key.split(".")[2:]  # [N, module, (sub,) weight]
-            ours[".".join(["h", parts[0]] + [LLAMA_NAMES.get(x, x) for x in parts[1:]])] = sd.pop(key)
-        elif key.endswith("rotary_emb.inv_freq"):
-            sd.pop(key)
-    if sd:
-        raise ValueError(f"unexpected Llama tensors: {sorted(sd)[:3]}")
-    return ours

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from model import GPT, GPTConfig, KVCache, config_from_hf, gpt2_state_dict, llama_state_dict
+from model import GPT, GPTConfig, KVCache
+from pretrained import config_from_hf, gpt2_state_dict, llama_state_dict, read_hf_folder
 
 torch.manual_seed(0)
 
@@ -107,7 +108,6 @@ def write_folder(tmp_path, hf_config, sd):
 
 def load_folder(folder):
     # from_pretrained also loads a tokenizer; these tests are about the weights only.
-    from model import read_hf_folder
     hf_config, sd = read_hf_folder(folder)
     config = config_from_hf(hf_config)
     model = GPT(config)
@@ -205,13 +205,13 @@ def test_too_long_sequence_is_a_clear_error():
 def test_gpt2_offline_download_names_the_file(tmp_path, monkeypatch):
     """No network: a one-line error that says which file to put where, and no half-written file."""
     import urllib.request
-    import model as model_module
+    import pretrained as pretrained_module
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    monkeypatch.setattr(model_module, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(pretrained_module, "CACHE_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError) as info:
         GPT.from_pretrained("gpt2")
     message = str(info.value)
