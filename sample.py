@@ -15,7 +15,6 @@ exactly like the base at any number of steps (the output says so).
 Per generated token, the number of path evaluations (NFE) is printed.
 """
 
-import sys
 
 import torch
 

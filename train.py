@@ -18,7 +18,6 @@ each process runs batch_size / (micro_batch * world_size) micro-steps of gradien
 
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
