@@ -88,9 +88,9 @@ def main(argv=None):
         start = chat_prompt(enc, start)
     prompt = enc.encode(start, allowed_special="all")
     context = (model.base if is_l2d else model).config.block_size
-    if len(prompt) + cfg["max_new_tokens"] > context:
-        raise UsageError(f"the prompt has {len(prompt)} tokens; with --max_new_tokens {cfg['max_new_tokens']} "
-                         f"that exceeds the model's context of {context} tokens")
+    if len(prompt) >= context:
+        raise UsageError(f"the prompt has {len(prompt)} tokens but the model's context is {context}; shorten --start")
+    max_new_tokens = min(cfg["max_new_tokens"], context - len(prompt))  # stop where the context ends
     stop = enc.encode(END_OF_TURN, allowed_special="all")[0] if has_chat_template(enc) else enc.eot_token
     if note:
         print(note)
@@ -107,13 +107,13 @@ def main(argv=None):
         print(f"--- sample {sample + 1} ({cfg['steps']} steps, {cfg['solver'] if cfg['steps'] > 1 else 'base'})")
         print(start, end="\n" if cfg["show_steps"] else "", flush=True)
         if is_l2d:
-            tokens = model.generate(idx, cfg["max_new_tokens"], steps=cfg["steps"], solver=cfg["solver"],
+            tokens = model.generate(idx, max_new_tokens, steps=cfg["steps"], solver=cfg["solver"],
                                     atol=cfg["atol"], rtol=cfg["rtol"], x1=cfg["x1"], guidance=cfg["guidance"],
                                     labels=labels, temperature=cfg["temperature"], top_k=cfg["top_k"],
                                     callback=show if cfg["show_steps"] else None)
         else:
             tokens = ((t, torch.zeros(1, dtype=torch.long)) for t in
-                      model.generate(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"]))
+                      model.generate(idx, max_new_tokens, cfg["temperature"], cfg["top_k"]))
         out, nfes, printed = [], [], ""
         for token, nfe in tokens:
             out.append(token.item())
