@@ -27,6 +27,8 @@ def _parse(key, text, default):
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text  # a bare word is a string: --solver midpoint
+    if isinstance(default, str) and not isinstance(value, str):
+        return text  # a string option takes other literals as typed: --start 12 is the prompt "12"
     if default is None or value is None:
         return value
     if isinstance(default, bool) and not isinstance(value, bool):
