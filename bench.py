@@ -15,7 +15,8 @@ the batch; per generated token: the ODE plus one base step (steps=1: the base al
 decoding per step count, advanced one token at a time round-robin; the median over the --new_tokens
 tokens is reported (the prefill is not timed).
   decode step: one base decoding step (trunk on one token + head) and one path evaluation (predict at
-               the last position) on the same cache, interleaved; path/base is the cost of one NFE.
+               the last position, its (t, label) conditioning cached as generation does) on the same
+               cache, interleaved; path/base is the cost of one NFE.
 Training: forward + backward + clip + AdamW as train.py does it, on one random batch, for the L2D path
 (variants lora and full, sharing one frozen base), LoRA on the base and the full base (own copies),
 timed round-robin. FLOPs per step come from FlopCounterMode (matmuls and attention, the latter dense,
@@ -150,11 +151,12 @@ def decode_step_costs(l2d, h, cache, token, reps, device):
     base, B = l2d.base, h.size(0)
     x_t = l2d.config.sigma * torch.randn(B, 1, l2d.config.flow_dim, device=device)
     t = torch.full((B, 1), 0.5, device=device)
+    conditioning = l2d.conditioning(t[:1])  # as in generation: computed once per grid time, reused by every token
     base_times, path_times = [], []
     for rep in range(reps + 2):  # the first two are warm-up
         step_cache = fork(cache)  # the base step appends a position; the path eval adds none
         base_s, _ = timed(lambda: base.head(base.trunk(token[:, None], step_cache)[0][:, -1]), device)
-        path_s, _ = timed(lambda: l2d.predict(h[:, -1:], cache, x_t, t), device)
+        path_s, _ = timed(lambda: l2d.predict(h[:, -1:], cache, x_t, t, conditioning=conditioning), device)
         if rep >= 2:
             base_times.append(base_s)
             path_times.append(path_s)

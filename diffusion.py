@@ -104,9 +104,9 @@ class PathLayer(nn.Module):
         # (norm-weight delta, shift, gate) for the attention branch, then for the MLP branch.
         self.modulation = mlp2(config.cond_dim, config.cond_dim, 6 * d, zero_last=True)
 
-    def forward(self, h, c, block, k, v, rope, pos):
+    def forward(self, h, modulation, block, k, v, rope, pos):
         B, T, _ = h.shape
-        dw_attn, shift_attn, gate_attn, dw_mlp, shift_mlp, gate_mlp = self.modulation(c).chunk(6, dim=-1)
+        dw_attn, shift_attn, gate_attn, dw_mlp, shift_mlp, gate_mlp = modulation.chunk(6, dim=-1)
         u = block.ln_1.modulated(h, dw_attn, shift_attn)
         q = self.q_proj(u).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if rope is not None:
@@ -154,24 +154,30 @@ class L2D(nn.Module):
         return c
 
     # --- one evaluation of the path ------------------------------------------------------------
-    def predict(self, h_main, cache, x_t, t, labels=None, pos=None):
+    def conditioning(self, t, labels=None):
+        """Everything that depends only on (t, label): each path layer's adaLN modulation and the
+        merge gate w(c_t) - w(c_0). Same shapes for c_t and c_0, so the gate is exactly 0 wherever
+        t == 0 and the logits there are the base's bit for bit, whatever the path has learned."""
+        c = self.condition(t, labels)
+        gate = self.merge_gate(c) - self.merge_gate(self.condition(torch.zeros_like(t), labels))
+        return [layer.modulation(c) for layer in self.layers], gate
+
+    def predict(self, h_main, cache, x_t, t, labels=None, pos=None, conditioning=None):
         """Logits (B, P, vocab) for diffusion tokens x_t (B, P, d_f) at times t (B, P), at positions
         `pos` (B, P) of the cached sequence (default: its last P positions), where the base's hidden
-        states before the final norm are h_main (B, P, d)."""
+        states before the final norm are h_main (B, P, d). `conditioning`: self.conditioning(t, labels)
+        when the caller already has it (the ODE solvers revisit the same t's for every token)."""
         sigma = self.config.sigma
         c_in = 1 / torch.sqrt((1 - t) ** 2 * sigma**2 + t**2)  # analytic std of x_t, per coordinate
         h = self.input_mlp(x_t * c_in[..., None])
-        c = self.condition(t, labels)
+        modulations, gate = conditioning or self.conditioning(t, labels)
         rope = None
         if pos is None:
             rope = self.base.rope(torch.arange(len(cache) - x_t.size(1), len(cache), device=x_t.device))
         elif self.base.wpe is None:
             rope = tuple(r[:, None] for r in self.base.rope(pos))  # (B, 1, P, hd): per row, all heads
         for layer, (path_layer, block) in enumerate(zip(self.layers, self.base.h)):
-            h = path_layer(h, c, block, cache.keys[layer], cache.values[layer], rope, pos)
-        # Same shapes for c_t and c_0, so w(c_t) - w(c_0) is exactly 0 wherever t == 0 and the
-        # logits there are the base's bit for bit, whatever the path has learned.
-        gate = self.merge_gate(c) - self.merge_gate(self.condition(torch.zeros_like(t), labels))
+            h = path_layer(h, modulations[layer], block, cache.keys[layer], cache.values[layer], rope, pos)
         return self.base.head(h_main + gate * h)
 
     # --- training (sec. 3) ---------------------------------------------------------------------
@@ -215,18 +221,30 @@ class L2D(nn.Module):
     # --- generation (sec. 5) -------------------------------------------------------------------
     @torch.no_grad()
     def flow(self, h_main, cache, x_0, steps=8, solver="midpoint", atol=1e-5, rtol=1e-5, x1="argmax",
-             guidance=1.0, labels=None, pos=None, callback=None):
+             guidance=1.0, labels=None, pos=None, callback=None, memo=None):
         """Integrate dx/dt = (x_hat_1 - x_t) / (1 - t) from noise x_0 (B, P, d_f) at t=0 to t=1 for
         diffusion tokens at positions `pos` (B, P) of the cache (default: its last P positions), whose
         base hidden states are h_main (B, P, d). Every position is its own ODE row (so dopri5 adapts
         per token); only the path runs. Returns the logits read at t=1 (B, P, vocab) and the path
-        evaluations each position took (B, P)."""
+        evaluations each position took (B, P). `memo` keeps the (t, label) conditioning across calls
+        (generate passes one per sequence: fixed-step solvers visit the same t's for every token)."""
         B, P, d_f = x_0.shape
         table = self.flow_embed(torch.arange(self.base.config.vocab_size, device=x_0.device)) if x1 == "mean" else None
         seen = {}
 
+        memo = None if solver == "dopri5" else {} if memo is None else memo  # adaptive t's rarely repeat
+
+        def shared_conditioning(t, labels):  # one row's conditioning, broadcast, when all rows share it
+            if memo is None or (t != t[0]).any() or (labels is not None and (labels != labels[0]).any()):
+                return None
+            key = (t[0].item(), None if labels is None else labels[0].item())
+            if key not in memo:
+                memo[key] = self.conditioning(t[:1].view(1, 1).float(), None if labels is None else labels[:1])
+            return memo[key]
+
         def evaluate(x, t, labels):  # rows (B*P, d_f), (B*P,) -> logits (B*P, vocab)
-            return self.predict(h_main, cache, x.view(B, P, d_f).float(), t.view(B, P).float(), labels, pos).flatten(0, 1)
+            return self.predict(h_main, cache, x.view(B, P, d_f).float(), t.view(B, P).float(), labels, pos,
+                                shared_conditioning(t, labels)).flatten(0, 1)
 
         def estimate_x1(logits, t):
             if x1 == "argmax":
@@ -270,9 +288,9 @@ class L2D(nn.Module):
     def generate(self, idx, max_new_tokens, **ode):
         """Yield (token (B,), nfe (B,)) per step. The base runs once per new token with its KV
         cache; the ODE of `next_token` reuses that token's hidden state and K/V."""
-        cache = KVCache()
+        cache, memo = KVCache(), {}  # memo: the (t, label) conditioning, the same for every token
         h, _ = self.base.trunk(idx, cache)
         for _ in range(max_new_tokens):
-            token, nfe = self.next_token(h[:, -1:], cache, **ode)
+            token, nfe = self.next_token(h[:, -1:], cache, memo=memo, **ode)
             yield token, nfe
             h, _ = self.base.trunk(token[:, None], cache)

@@ -148,3 +148,26 @@ def test_show_steps_callback_sees_logits_each_step():
     seen = []
     l2d.next_token(h[:, -1:], cache, steps=5, solver="euler", callback=lambda info: seen.append(info))
     assert len(seen) == 4 and all(info["logits"].shape == (1, VOCAB) for info in seen)
+
+
+def test_shared_conditioning_equals_per_row_conditioning():
+    """The ODE computes the (t, label) conditioning once for all rows and reuses it across tokens;
+    that must give what computing it for every row gives."""
+    l2d = tiny_l2d("llama", "lora")
+    idx, labels = torch.randint(0, VOCAB, (3, 9)), torch.tensor([1, 1, 1])
+    h, cache = l2d.base.trunk(idx)
+    x_t, t = torch.randn(3, 1, 16) * 30, torch.full((3, 1), 0.37)
+    with torch.no_grad():
+        per_row = l2d.predict(h[:, -1:], cache, x_t, t, labels)
+        shared = l2d.predict(h[:, -1:], cache, x_t, t, labels, conditioning=l2d.conditioning(t[:1], labels[:1]))
+    torch.testing.assert_close(shared, per_row, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(5)
+    remembered = [tok for tok, _ in l2d.generate(idx, 4, steps=5, labels=labels)]
+    torch.manual_seed(5)
+    cache, fresh = KVCache(), []
+    h, _ = l2d.base.trunk(idx, cache)
+    for _ in range(4):  # a new memo for every token: nothing carried over
+        tok, _ = l2d.next_token(h[:, -1:], cache, steps=5, labels=labels, memo={})
+        fresh.append(tok)
+        h, _ = l2d.base.trunk(tok[:, None], cache)
+    assert all(torch.equal(a, b) for a, b in zip(remembered, fresh))
