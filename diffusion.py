@@ -226,17 +226,18 @@ class L2D(nn.Module):
         diffusion tokens at positions `pos` (B, P) of the cache (default: its last P positions), whose
         base hidden states are h_main (B, P, d). Every position is its own ODE row (so dopri5 adapts
         per token); only the path runs. Returns the logits read at t=1 (B, P, vocab) and the path
-        evaluations each position took (B, P). `memo` keeps the (t, label) conditioning across calls
-        (generate passes one per sequence: fixed-step solvers visit the same t's for every token)."""
+        evaluations each position took (B, P). `memo` keeps what does not depend on the token across
+        calls (generate passes one per sequence): the (t, label) conditioning, since fixed-step solvers
+        visit the same t's for every token, and the vocabulary's flow embeddings for x1="mean"."""
         B, P, d_f = x_0.shape
-        table = self.flow_embed(torch.arange(self.base.config.vocab_size, device=x_0.device)) if x1 == "mean" else None
+        memo = {} if memo is None else memo
+        if x1 == "mean" and "flow_table" not in memo:  # V for the whole vocabulary, once per sequence
+            memo["flow_table"] = self.flow_embed(torch.arange(self.base.config.vocab_size, device=x_0.device))
         seen = {}
 
-        memo = None if solver == "dopri5" else {} if memo is None else memo  # adaptive t's rarely repeat
-
         def shared_conditioning(t, labels):  # one row's conditioning, broadcast, when all rows share it
-            if memo is None or (t != t[0]).any() or (labels is not None and (labels != labels[0]).any()):
-                return None
+            if solver == "dopri5" or (t != t[0]).any() or (labels is not None and (labels != labels[0]).any()):
+                return None  # adaptive t's rarely repeat: remembering them would only grow the memo
             key = (t[0].item(), None if labels is None else labels[0].item())
             if key not in memo:
                 memo[key] = self.conditioning(t[:1].view(1, 1).float(), None if labels is None else labels[:1])
@@ -252,7 +253,7 @@ class L2D(nn.Module):
             if x1 == "sample":  # temperature tau(t) = 1 - t: explore early, commit late
                 tau = (1 - t).clamp(min=1e-3)[:, None]
                 return self.flow_embed(torch.multinomial(F.softmax(logits.float() / tau, -1), 1)[:, 0])
-            return F.softmax(logits.float(), -1) @ table  # "mean": E[x_1] under the prediction
+            return F.softmax(logits.float(), -1) @ memo["flow_table"]  # "mean": E[x_1] under the prediction
 
         def velocity(x, t):
             logits = seen["logits"] = evaluate(x, t, labels)
@@ -288,7 +289,7 @@ class L2D(nn.Module):
     def generate(self, idx, max_new_tokens, **ode):
         """Yield (token (B,), nfe (B,)) per step. The base runs once per new token with its KV
         cache; the ODE of `next_token` reuses that token's hidden state and K/V."""
-        cache, memo = KVCache(), {}  # memo: the (t, label) conditioning, the same for every token
+        cache, memo = KVCache(), {}  # memo: what flow() can reuse for every token of this sequence
         h, _ = self.base.trunk(idx, cache)
         for _ in range(max_new_tokens):
             token, nfe = self.next_token(h[:, -1:], cache, memo=memo, **ode)
