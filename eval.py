@@ -7,6 +7,7 @@ an L2D checkpoint all go through the same command, so their rows are comparable.
     python eval.py --ckpt smollm2-135m --task gsm8k --limit 100          # a base model by name or HF folder
     python eval.py --ckpt out/ckpt.pt --task gsm8k --solver dopri5 --atol 1e-3,1e-4 --rtol 1e-3,1e-4
     python eval.py --ckpt out/ckpt.pt --task gsm8k --steps 8 --guidance 1,1.5,2 --label math
+    python eval.py --ckpt out/ckpt.pt --task arithmetic --probe_t 0,0.5,0.9,0.99,1 --generate False --teacher_forced False
 
 One row per setting: each step count (fixed-step solvers) or each (atol, rtol) pair (dopri5), times
 each guidance weight. A model that is not an L2D gets a single row, steps=1 (the model itself).
@@ -23,7 +24,12 @@ each guidance weight. A model that is not an L2D gets a single row, steps=1 (the
                 (diffusion tokens never attend to each other) and the logits are read at t = 1.
                 The read-out has seen the path's own x_hat_1, so a wrong token is read confidently:
                 tf_nll can rise with steps even where tf_acc rises too.
+  tf 95% CI     over examples, not tokens (the tokens of one answer are not independent): ratio_interval.
   tf_nfe        path evaluations per answer token in the teacher-forced pass.
+
+--probe_t 0,0.5,0.9,1 (L2D only) first prints, for each t, the teacher-forced accuracy and NLL when the
+path is given the *gold* next token noised to level t, as in training: how much of x_t the path has
+learned to read. A path that reads it goes to NLL ~0 at t=1; one that does not stays flat in t.
 
 --steps, --atol, --rtol and --guidance take one value or a comma-separated list ("1,2,4" or 1,2,4).
 --label: "" (default) conditions each example on its own class from the data (null if the model
@@ -63,9 +69,9 @@ DEFAULTS = dict(
     ckpt="", task="arithmetic", data="", limit=0, max_new_tokens=256,
     steps=None, solver="midpoint", atol=None, rtol=None, guidance=None, label="",  # None: LIST_DEFAULTS
     generate=True, teacher_forced=True, batch_size=8,  # batch_size: examples per teacher-forced batch
-    out="", seed=1337, device="auto",
+    probe_t=None, out="", seed=1337, device="auto",
 )
-LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], atol=[1e-5], rtol=[1e-5], guidance=[1.0])
+LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], atol=[1e-5], rtol=[1e-5], guidance=[1.0], probe_t=[])
 
 
 # --- answers ----------------------------------------------------------------------------------------
@@ -105,6 +111,19 @@ def wilson_interval(correct, n, z=1.96):
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def ratio_interval(correct, count, z=1.96):
+    """95% interval for a token accuracy sum(correct) / sum(count) pooled over examples (per-example
+    lists). The tokens of one example are not independent draws, so the standard error is the ratio
+    estimator's, over examples: var = m / (m - 1) * sum_i (c_i - p n_i)^2 / N^2 (m examples, N tokens)."""
+    c, k = np.asarray(correct, dtype=np.float64), np.asarray(count, dtype=np.float64)
+    m, total = len(c), k.sum()
+    if m < 2 or total == 0:
+        return 0.0, 1.0
+    p = c.sum() / total
+    half = z * math.sqrt(m / (m - 1) * ((c - p * k) ** 2).sum()) / total
+    return max(0.0, p - half), min(1.0, p + half)
+
+
 # --- the ODE for many positions at once --------------------------------------------------------------
 @torch.no_grad()
 def teacher_forced(model, x, y, steps=1, solver="midpoint", atol=1e-5, rtol=1e-5, guidance=1.0, labels=None,
@@ -134,13 +153,25 @@ def teacher_forced(model, x, y, steps=1, solver="midpoint", atol=1e-5, rtol=1e-5
     return logits, targets, nfe.cpu()
 
 
+@torch.no_grad()
+def gold_x_t(model, x, y, t, labels=None):
+    """What the path reads from x_t: an L2D's logits at the answer positions when each diffusion token
+    is the *gold* next token noised to level t, as in training but at one fixed t. A path that has
+    learned to read x_t drives the loss toward 0 as t -> 1; at t=0 it is the base's.
+    Returns (logits (B, P, V), targets (B, P))."""
+    logits, _ = model(x, y, labels, t=torch.full(x.shape, float(t), device=x.device))
+    return logits, y.gather(1, L2D.answer_positions(y))
+
+
 def answer_stats(logits, targets, nfe=None):
-    """Sums over the answer positions (targets != -1): correct argmaxes, NLL, positions, path evaluations."""
+    """Sums over the answer positions (targets != -1): correct argmaxes, NLL, positions, path evaluations,
+    and per row (example) the correct argmaxes and positions, for ratio_interval."""
     mask = targets != -1
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="sum")
-    correct = ((logits.argmax(-1) == targets) & mask).sum()
+    row_correct = ((logits.argmax(-1) == targets) & mask).sum(1)
     nfe_sum = int(nfe.to(mask.device)[mask].sum()) if nfe is not None else 0
-    return dict(correct=int(correct), nll=float(nll), count=int(mask.sum()), nfe=nfe_sum)
+    return dict(correct=int(row_correct.sum()), nll=float(nll), count=int(mask.sum()), nfe=nfe_sum,
+                row_correct=row_correct.tolist(), row_count=mask.sum(1).tolist())
 
 
 # --- generation -----------------------------------------------------------------------------------
@@ -300,7 +331,10 @@ def main(argv=None):
         raise UsageError("--limit must be >= 0 (0: all), --max_new_tokens and --batch_size >= 1")
     model, tokenizer, tokenizer_name, model_classes, ckpt_path = load(cfg["ckpt"])
     is_l2d = isinstance(model, L2D)
-    settings = make_settings(cfg, is_l2d)
+    settings = make_settings(cfg, is_l2d) if cfg["generate"] or cfg["teacher_forced"] else []
+    probe_t = parse_list("probe_t", cfg["probe_t"], float)
+    if probe_t and (not is_l2d or min(probe_t) < 0 or max(probe_t) > 1):
+        raise UsageError("--probe_t takes times in [0, 1] and needs an L2D model")
     if not is_l2d and (cfg["steps"] is not None or cfg["guidance"] is not None):
         print(f"note: {cfg['ckpt']} is not an L2D model: one row, steps=1 (the model itself)")
     device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -328,8 +362,36 @@ def main(argv=None):
     kind = f"L2D ({model.config.variant})" if is_l2d else "GPT"
     print(f"{kind} from {cfg['ckpt']} on {data_dir}: {n} examples, {len(settings)} row(s), device {device}")
     result = dict(ckpt=cfg["ckpt"], model=kind, task=cfg["task"], data=data_dir, n=n, config=cfg, rows=[])
-    print(f"{'setting':<24} {'acc':>6} {'95% CI':>15} {'n':>5} {'nfe/tok':>8} {'tok/s':>8} "
-          f"{'tf_acc':>7} {'tf_nll':>7} {'tf_nfe':>7}")
+
+    def over_batches(batch_logits, desc):
+        """Teacher-forced stats of batch_logits(ix, labels, x, y) -> (logits, targets, nfe) over the n examples."""
+        sums = dict(correct=0, nll=0.0, count=0, nfe=0, row_correct=[], row_count=[])
+        for b0 in tqdm(range(0, n, cfg["batch_size"]), desc=desc, leave=False, file=sys.stderr):
+            ix = np.arange(b0, min(b0 + cfg["batch_size"], n))
+            x, y, _ = ds.get_batch(ix, block_size)
+            lab = None if labels is None else torch.as_tensor(labels[ix], device=device)
+            for key, value in answer_stats(*batch_logits(ix, lab, x.to(device), y.to(device))).items():
+                sums[key] += value
+        count = max(sums["count"], 1)
+        low, high = ratio_interval(sums["row_correct"], sums["row_count"])
+        return dict(tf_accuracy=sums["correct"] / count, tf_ci_low=low, tf_ci_high=high, tf_nll=sums["nll"] / count,
+                    tf_tokens=sums["count"], tf_nfe_per_token=sums["nfe"] / count)
+
+    if probe_t:
+        result["probe"] = []
+        print(f"{'gold x_t at t':<14} {'acc':>6} {'95% CI':>15} {'nll':>7} {'tokens':>7}")
+        for t in probe_t:
+            def probe_batch(ix, lab, x, y):
+                torch.manual_seed(cfg["seed"] + int(ix[0]))
+                return (*gold_x_t(model, x, y, t, lab), None)
+            stats = dict(t=t, **over_batches(probe_batch, f"gold x_t, t={t:g}"))
+            result["probe"].append(stats)
+            print(f"t={t:<12g} {stats['tf_accuracy']:6.3f} [{stats['tf_ci_low']:.3f}, {stats['tf_ci_high']:.3f}] "
+                  f"{stats['tf_nll']:7.3f} {stats['tf_tokens']:7d}")
+        write_json(out, result)
+    if settings:
+        print(f"{'setting':<24} {'acc':>6} {'95% CI':>15} {'n':>5} {'nfe/tok':>8} {'tok/s':>8} "
+              f"{'tf_acc':>7} {'tf 95% CI':>15} {'tf_nll':>7} {'tf_nfe':>7}")
     for setting in settings:
         row = dict(setting=setting_name(setting), **setting)
         if cfg["generate"]:
@@ -354,25 +416,18 @@ def main(argv=None):
                        nfe_per_token=nfe / max(tokens, 1), tokens=tokens, tokens_per_s=tokens / max(seconds, 1e-9),
                        seconds=seconds, samples=samples)
         if cfg["teacher_forced"]:
-            sums = dict(correct=0, nll=0.0, count=0, nfe=0)
-            for b0 in tqdm(range(0, n, cfg["batch_size"]), desc=row["setting"] + " (tf)", leave=False, file=sys.stderr):
-                ix = np.arange(b0, min(b0 + cfg["batch_size"], n))
-                x, y, _ = ds.get_batch(ix, block_size)
-                lab = None if labels is None else torch.as_tensor(labels[ix], device=device)
-                logits, targets, spent = teacher_forced(
-                    model, x.to(device), y.to(device), setting["steps"], setting["solver"], setting["atol"],
-                    setting["rtol"], setting["guidance"], lab, seeds=[cfg["seed"] + int(i) for i in ix])
-                for key, value in answer_stats(logits, targets, spent).items():
-                    sums[key] += value
-            row.update(tf_accuracy=sums["correct"] / max(sums["count"], 1), tf_nll=sums["nll"] / max(sums["count"], 1),
-                       tf_tokens=sums["count"], tf_nfe_per_token=sums["nfe"] / max(sums["count"], 1))
+            def tf_batch(ix, lab, x, y):
+                return teacher_forced(model, x, y, setting["steps"], setting["solver"], setting["atol"], setting["rtol"],
+                                      setting["guidance"], lab, seeds=[cfg["seed"] + int(i) for i in ix])
+            row.update(over_batches(tf_batch, row["setting"] + " (tf)"))
         if not cfg["generate"]:  # the plot's x axis for dopri5
             row["nfe_per_token"] = row.get("tf_nfe_per_token", 0.0)
         result["rows"].append(row)
         print(format_row(row))
         write_json(out, result)
     print(f"wrote {out}")
-    plot(os.path.splitext(out)[0] + ".png", result["rows"], f"{kind}: {cfg['ckpt']} on {cfg['task']} (n={n})")
+    if result["rows"]:
+        plot(os.path.splitext(out)[0] + ".png", result["rows"], f"{kind}: {cfg['ckpt']} on {cfg['task']} (n={n})")
     return result
 
 
@@ -381,8 +436,8 @@ def format_row(row):
     gen = (f"{row['accuracy']:6.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] {row['n']:5d} "
            f"{row['nfe_per_token']:8.1f} {row['tokens_per_s']:8.1f}") if "accuracy" in row else \
         f"{dash:>6} {dash:>15} {dash:>5} {dash:>8} {dash:>8}"
-    tf = (f"{row['tf_accuracy']:7.3f} {row['tf_nll']:7.3f} {row['tf_nfe_per_token']:7.1f}") if "tf_accuracy" in row \
-        else f"{dash:>7} {dash:>7} {dash:>7}"
+    tf = (f"{row['tf_accuracy']:7.3f} [{row['tf_ci_low']:.3f}, {row['tf_ci_high']:.3f}] {row['tf_nll']:7.3f} "
+          f"{row['tf_nfe_per_token']:7.1f}") if "tf_accuracy" in row else f"{dash:>7} {dash:>15} {dash:>7} {dash:>7}"
     return f"{row['setting']:<24} {gen} {tf}"
 
 

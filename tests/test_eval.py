@@ -60,6 +60,20 @@ def test_wilson_interval(correct, n, low, high):
     assert lo == pytest.approx(low, abs=1e-4) and hi == pytest.approx(high, abs=1e-4)
 
 
+def test_ratio_interval_known_cases():
+    # one token per example: the ratio estimator's interval is Wald's with m - 1, p +- z sqrt(p(1-p)/(m-1))
+    correct, count = [1] * 30 + [0] * 70, [1] * 100
+    half = 1.96 * (0.3 * 0.7 / 99) ** 0.5
+    assert ev.ratio_interval(correct, count) == pytest.approx((0.3 - half, 0.3 + half), abs=1e-12)
+    # 5 tokens per example, each example all right or all wrong: exactly as wide as counting examples,
+    # wider than pretending the 500 tokens were independent
+    assert ev.ratio_interval([5] * 30 + [0] * 70, [5] * 100) == pytest.approx((0.3 - half, 0.3 + half), abs=1e-12)
+    assert ev.ratio_interval([5] * 30 + [0] * 70, [5] * 100)[0] < ev.wilson_interval(150, 500)[0]
+    # every example at the same rate: no spread between examples, zero width
+    assert ev.ratio_interval([1, 2, 3], [2, 4, 6]) == pytest.approx((0.5, 0.5))
+    assert ev.ratio_interval([1], [3]) == (0.0, 1.0)  # one example: no estimate of the spread
+
+
 def test_parse_lists_and_settings():
     assert ev.parse_list("steps", "1,2,4", int) == [1, 2, 4]
     assert ev.parse_list("steps", (1, 2, 4), int) == [1, 2, 4]   # what configure makes of --steps 1,2,4
@@ -193,6 +207,22 @@ def test_teacher_forced_all_positions_equal_one_at_a_time(solver, steps):
         assert (nfe == 7).all()
 
 
+def test_gold_x_t_reads_the_noised_gold_token():
+    """At t=1 the diffusion token is exactly V[gold next token]: the probe equals logits_at with x_t built
+    by hand; at t=0 it is the base's logits."""
+    l2d = tiny_l2d(randomize=True).eval()
+    labels = torch.tensor([0, 1])
+    logits, targets = ev.gold_x_t(l2d, X, Y, 1.0, labels)
+    with torch.no_grad():
+        by_hand_all = l2d.logits_at(X, l2d.flow_embed(Y.clamp(min=0)), torch.ones(X.shape), labels)
+        base_logits, _ = l2d.base(X)
+    assert torch.equal(targets, torch.stack([Y[b, POS[b]] for b in range(2)]))
+    mask = targets != -1
+    assert torch.allclose(logits[mask], at_answers(by_hand_all)[mask], atol=1e-5)
+    at_zero, _ = ev.gold_x_t(l2d, X, Y, 0.0, labels)
+    assert torch.equal(at_zero[mask], at_answers(base_logits)[mask])
+
+
 # --- end to end ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -244,6 +274,20 @@ def test_end_to_end_l2d(tiny_run):
     again = run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--steps", "2", "--solver=euler")
     keep = ("accuracy", "tf_accuracy", "tf_nll", "samples")
     assert {k: again[0][k] for k in keep} == {k: rows[1][k] for k in keep}  # seeded: reproducible rows
+
+
+def test_end_to_end_probe_and_tf_interval(tiny_run):
+    out = str(tiny_run["tmp"] / "probe.json")
+    result = ev.main(["--data", tiny_run["data"], "--limit", "4", "--batch_size", "3", "--out", out, "--ckpt",
+                      tiny_run["l2d"], "--probe_t", "0,1", "--generate", "False", "--steps", "2"])
+    assert [p["t"] for p in result["probe"]] == [0.0, 1.0]
+    for stats in result["probe"] + result["rows"]:
+        assert stats["tf_ci_low"] <= stats["tf_accuracy"] <= stats["tf_ci_high"] and stats["tf_tokens"] > 0
+    base_row = ev.main(["--data", tiny_run["data"], "--limit", "4", "--out", out, "--ckpt", tiny_run["l2d"],
+                        "--generate", "False", "--steps", "1"])["rows"][0]
+    assert result["probe"][0]["tf_nll"] == pytest.approx(base_row["tf_nll"], rel=1e-6)  # t=0: the base
+    with pytest.raises(UsageError):
+        ev.main(["--data", tiny_run["data"], "--ckpt", tiny_run["base"], "--probe_t", "0.5"])  # a GPT has no x_t
 
 
 def test_end_to_end_guidance_dopri5_and_gpt(tiny_run):
