@@ -26,6 +26,8 @@ each guidance weight. A model that is not an L2D gets a single row, steps=1 (the
                 tf_nll can rise with steps even where tf_acc rises too.
   tf 95% CI     over examples, not tokens (the tokens of one answer are not independent): ratio_interval.
   tf_nfe        path evaluations per answer token in the teacher-forced pass.
+--x1 argmax (default) or mean: the ODE's estimate x_hat_1 of the clean token, V[argmax] or the expected
+embedding softmax(logits) @ V (less committed while the prediction is unsure).
 
 --probe_t 0,0.5,0.9,1 (L2D only) first prints, for each t, the teacher-forced accuracy and NLL when the
 path is given the *gold* next token noised to level t, as in training: how much of x_t the path has
@@ -41,7 +43,8 @@ to the JSON as they finish, so a killed run keeps what it had.
 
 Reproducible: generation reseeds with seed + i before example i, the teacher-forced noise of example
 i comes from a generator seeded with seed + i, so a row does not depend on --limit, on --batch_size
-or on the other rows. Teacher-forced decoding is greedy only (x_hat_1 = V[argmax]).
+or on the other rows. Teacher-forced decoding is greedy only (x_hat_1 = V[argmax], or with --x1 mean the
+expectation).
 """
 
 import json
@@ -69,7 +72,7 @@ DEFAULTS = dict(
     ckpt="", task="arithmetic", data="", limit=0, max_new_tokens=256,
     steps=None, solver="midpoint", atol=None, rtol=None, guidance=None, label="",  # None: LIST_DEFAULTS
     generate=True, teacher_forced=True, batch_size=8,  # batch_size: examples per teacher-forced batch
-    probe_t=None, out="", seed=1337, device="auto",
+    x1="argmax", probe_t=None, out="", seed=1337, device="auto",
 )
 LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], atol=[1e-5], rtol=[1e-5], guidance=[1.0], probe_t=[])
 
@@ -127,7 +130,7 @@ def ratio_interval(correct, count, z=1.96):
 # --- the ODE for many positions at once --------------------------------------------------------------
 @torch.no_grad()
 def teacher_forced(model, x, y, steps=1, solver="midpoint", atol=1e-5, rtol=1e-5, guidance=1.0, labels=None,
-                   seeds=None):
+                   seeds=None, x1="argmax"):
     """Next-token logits with the gold prefix at the answer positions, as training sees them: x, y (B, T)
     from TokenDataset.get_batch (y = -1 off the answer), positions pos = L2D.answer_positions(y) (B, P),
     rows padded with ignored positions. An L2D model runs its base once, then the ODE for all those
@@ -149,7 +152,7 @@ def teacher_forced(model, x, y, steps=1, solver="midpoint", atol=1e-5, rtol=1e-5
         noise = torch.stack([sigma * torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
                              for s in seeds])
     x_0 = noise.gather(1, pos.cpu()[..., None].expand(-1, -1, shape[1])).to(x.device)
-    logits, nfe = model.flow(h_main, cache, x_0, steps, solver, atol, rtol, "argmax", guidance, labels, pos)
+    logits, nfe = model.flow(h_main, cache, x_0, steps, solver, atol, rtol, x1, guidance, labels, pos)
     return logits, targets, nfe.cpu()
 
 
@@ -182,7 +185,8 @@ def generate_answer(model, prompt_ids, max_new_tokens, stop, setting, labels=Non
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)
     if isinstance(model, L2D):
         stream = model.generate(idx, max_new_tokens, steps=setting["steps"], solver=setting["solver"],
-                                atol=setting["atol"], rtol=setting["rtol"], guidance=setting["guidance"], labels=labels)
+                                atol=setting["atol"], rtol=setting["rtol"], guidance=setting["guidance"], labels=labels,
+                                x1=setting["x1"])
     else:
         stream = ((token, torch.zeros(1, dtype=torch.long)) for token in model.generate(idx, max_new_tokens, temperature=0))
     out, generated, nfe = [], 0, 0
@@ -217,11 +221,13 @@ def parse_list(key, value, kind):
 def make_settings(cfg, is_l2d):
     """The rows to evaluate: dicts of steps, solver, atol, rtol, guidance."""
     if not is_l2d:
-        return [dict(steps=1, solver=None, atol=None, rtol=None, guidance=1.0)]
+        return [dict(steps=1, solver=None, atol=None, rtol=None, guidance=1.0, x1=None)]
     steps, guidance = parse_list("steps", cfg["steps"], int), parse_list("guidance", cfg["guidance"], float)
     atol, rtol = parse_list("atol", cfg["atol"], float), parse_list("rtol", cfg["rtol"], float)
     if cfg["solver"] not in SOLVERS:
         raise UsageError(f"unknown solver {cfg['solver']!r}; use one of {', '.join(SOLVERS)}")
+    if cfg["x1"] not in ("argmax", "mean"):
+        raise UsageError(f"unknown --x1 {cfg['x1']!r}; use argmax or mean (greedy evaluation)")
     if min(steps) < 1 or min(atol + rtol) <= 0:
         raise UsageError("--steps must be >= 1 and --atol/--rtol > 0")
     if len(atol) != len(rtol) and 1 not in (len(atol), len(rtol)):
@@ -234,13 +240,13 @@ def make_settings(cfg, is_l2d):
     settings = []
     for g in grid_:
         for w in ([1.0] if g["steps"] == 1 else guidance):  # steps=1 is the base: guidance changes nothing
-            settings.append(dict(g, solver=cfg["solver"], guidance=w))
+            settings.append(dict(g, solver=cfg["solver"], guidance=w, x1=cfg["x1"]))
     return settings
 
 
 def setting_name(s):
     name = f"steps={s['steps']}" if s["steps"] is not None else f"atol={s['atol']:g} rtol={s['rtol']:g}"
-    return name + (f" w={s['guidance']:g}" if s["guidance"] != 1.0 else "")
+    return name + (f" w={s['guidance']:g}" if s["guidance"] != 1.0 else "") + (" x1=mean" if s["x1"] == "mean" else "")
 
 
 def load(ckpt_arg):
@@ -418,7 +424,7 @@ def main(argv=None):
         if cfg["teacher_forced"]:
             def tf_batch(ix, lab, x, y):
                 return teacher_forced(model, x, y, setting["steps"], setting["solver"], setting["atol"], setting["rtol"],
-                                      setting["guidance"], lab, seeds=[cfg["seed"] + int(i) for i in ix])
+                                      setting["guidance"], lab, [cfg["seed"] + int(i) for i in ix], setting["x1"])
             row.update(over_batches(tf_batch, row["setting"] + " (tf)"))
         if not cfg["generate"]:  # the plot's x axis for dopri5
             row["nfe_per_token"] = row.get("tf_nfe_per_token", 0.0)

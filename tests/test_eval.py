@@ -93,6 +93,8 @@ def test_parse_lists_and_settings():
         ev.make_settings(dict(ev.DEFAULTS, steps=0), True)
     with pytest.raises(UsageError):
         ev.make_settings(dict(ev.DEFAULTS, solver="heun"), True)
+    with pytest.raises(UsageError):
+        ev.make_settings(dict(ev.DEFAULTS, x1="sample"), True)  # evaluation is greedy
 
 
 # --- teacher-forced metrics ------------------------------------------------------------------------
@@ -182,13 +184,13 @@ def test_flow_with_one_position_is_next_token(solver, steps, guidance):
     assert torch.equal(logits[:, 0].argmax(-1), token) and torch.equal(nfe2[:, 0], nfe)
 
 
-@pytest.mark.parametrize("solver,steps", [("midpoint", 4), ("dopri5", None)])
-def test_teacher_forced_all_positions_equal_one_at_a_time(solver, steps):
+@pytest.mark.parametrize("solver,steps,x1", [("midpoint", 4, "argmax"), ("dopri5", None, "argmax"), ("midpoint", 3, "mean")])
+def test_teacher_forced_all_positions_equal_one_at_a_time(solver, steps, x1):
     """The ODE for every answer position at once gives what each position gives alone, decoding from its
     own prefix as generation does (same logits; for dopri5 the same per-position step count)."""
     l2d = tiny_l2d(randomize=True)
     labels, seeds, tol = torch.tensor([1, 0]), [3, 4], dict(atol=1e-2, rtol=1e-2)
-    logits, targets, nfe = ev.teacher_forced(l2d, X, Y, steps, solver, **tol, labels=labels, seeds=seeds)
+    logits, targets, nfe = ev.teacher_forced(l2d, X, Y, steps, solver, **tol, labels=labels, seeds=seeds, x1=x1)
     with torch.no_grad():
         base_logits, _ = l2d.base(X)
         for b in range(2):
@@ -199,12 +201,14 @@ def test_teacher_forced_all_positions_equal_one_at_a_time(solver, steps):
                     continue
                 h, cache = l2d.base.trunk(X[b:b + 1, :j + 1])
                 alone, alone_nfe = l2d.flow(h[:, -1:], cache, noise[j:j + 1][None], steps, solver, **tol,
-                                            labels=labels[b:b + 1])
+                                            x1=x1, labels=labels[b:b + 1])
                 assert torch.allclose(logits[b, p], alone[0, 0], atol=1e-4)
                 assert nfe[b, p] == alone_nfe[0, 0]
     assert not torch.allclose(logits, at_answers(base_logits), atol=1e-3)  # the trained path moves the logits
     if solver == "midpoint":
-        assert (nfe == 7).all()
+        assert (nfe == 2 * (steps - 1) + 1).all()
+    if x1 == "mean":  # the estimate matters: argmax gives other logits
+        assert not torch.allclose(logits, ev.teacher_forced(l2d, X, Y, steps, solver, **tol, labels=labels, seeds=seeds)[0])
 
 
 def test_gold_x_t_reads_the_noised_gold_token():
@@ -266,6 +270,7 @@ def run_main(run, *args):
 def test_end_to_end_l2d(tiny_run):
     rows = run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--steps", "1,2", "--solver=euler")
     assert [r["setting"] for r in rows] == ["steps=1", "steps=2"]
+    assert run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--steps", "2", "--x1", "mean")[0]["setting"] == "steps=2 x1=mean"
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and r["n"] == 3 and r["ci_low"] <= r["accuracy"] <= r["ci_high"]
         assert 0 <= r["tf_accuracy"] <= 1 and r["tf_nll"] > 0 and r["tokens"] > 0
