@@ -64,6 +64,7 @@ from checkpoint import load_base, load_model
 from configurator import UsageError, configure, fail
 from dataset import TokenDataset, tokenizer_tag
 from diffusion import L2D
+from plot import plot
 from solvers import SOLVERS
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -294,41 +295,6 @@ def write_json(path, result):
     os.replace(tmp, path)
 
 
-def plot(path, rows, title):
-    """Accuracy (generation, with its Wilson interval, and teacher-forced) against steps (or NFE for
-    dopri5), one line per guidance weight. Skipped without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
-    adaptive = any(r["steps"] is None for r in rows)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for w in sorted({r["guidance"] for r in rows}):
-        sel = [r for r in rows if r["guidance"] == w or r["steps"] == 1]  # steps=1 (the base) starts every line
-        xs = [r["nfe_per_token"] if adaptive else r["steps"] for r in sel]
-        tag = f" w={w:g}" if len({r['guidance'] for r in rows}) > 1 else ""
-        if sel[0].get("accuracy") is not None:
-            acc = np.array([r["accuracy"] for r in sel])
-            err = np.array([[r["accuracy"] - r["ci_low"], r["ci_high"] - r["accuracy"]] for r in sel]).T
-            ax.errorbar(xs, acc, yerr=err, marker="o", capsize=3, label="generation" + tag)
-        if sel[0].get("tf_accuracy") is not None:
-            ax.plot(xs, [r["tf_accuracy"] for r in sel], marker="s", linestyle="--", label="teacher-forced" + tag)
-    if not adaptive:
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel("mean path evaluations per token" if adaptive else "steps")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
-
-
 def main(argv=None):
     cfg = configure(DEFAULTS, argv)
     if cfg["task"] not in TASKS:
@@ -433,7 +399,7 @@ def main(argv=None):
         write_json(out, result)
     print(f"wrote {out}")
     if result["rows"]:
-        plot(os.path.splitext(out)[0] + ".png", result["rows"], f"{kind}: {cfg['ckpt']} on {cfg['task']} (n={n})")
+        plot(os.path.splitext(out)[0] + ".png", [("", result["rows"])], f"{kind}: {cfg['ckpt']} on {cfg['task']} (n={n})")
     return result
 
 

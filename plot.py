@@ -1,0 +1,93 @@
+"""
+Plot eval.py's results: accuracy against steps (against path evaluations per token for dopri5), with
+95% intervals. eval.py draws each run's own plot; this compares several runs in one figure.
+
+    python plot.py --runs out-l2d-smollm2-arith/eval_tf.json,out-lora-smollm2-arith/eval_tf.json \
+                   --labels "L2D,LoRA" --out assets/compare.png --title "SmolLM2-135M, arithmetic"
+
+A run with a single row (a GPT, LoRA or full finetune: the model itself, steps=1) is drawn as a
+horizontal line with its interval as a band, so L2D's curves can be read against it.
+Needs matplotlib (an optional dependency).
+"""
+
+import itertools
+import json
+
+import numpy as np
+
+from configurator import UsageError, configure, fail
+
+DEFAULTS = dict(runs="", labels="", out="compare.png", title="")
+
+
+def draw_run(ax, rows, label, colors):
+    """One run's lines on ax: generation and teacher-forced accuracy, one line per guidance weight.
+    The steps=1 row (the base) starts every guidance weight's line."""
+    adaptive = any(r["steps"] is None for r in rows)
+    weights = sorted({r["guidance"] for r in rows})
+    for w in weights:
+        sel = [r for r in rows if r["guidance"] == w or r["steps"] == 1]
+        xs = [r["nfe_per_token"] if adaptive else r["steps"] for r in sel]
+        tag = label + (f" w={w:g}" if len(weights) > 1 else "")
+        for key, ci, style, kind in (("accuracy", "ci", "-", "generation"), ("tf_accuracy", "tf_ci", "--", "teacher-forced")):
+            if sel[0].get(key) is None:
+                continue
+            acc = np.array([r[key] for r in sel])
+            err = np.array([[r[key] - r[ci + "_low"], r[ci + "_high"] - r[key]] for r in sel]).T
+            name, color = f"{tag}, {kind}".lstrip(", "), next(colors)
+            if len(sel) == 1:  # a single model: a level to compare against
+                ax.axhline(acc[0], linestyle=":", color=color, label=name)
+                ax.axhspan(acc[0] - err[0, 0], acc[0] + err[1, 0], color=color, alpha=0.12)
+            else:
+                ax.errorbar(xs, acc, yerr=err, marker="o" if kind == "generation" else "s", linestyle=style,
+                            color=color, capsize=3, label=name)
+    return adaptive
+
+
+def plot(path, runs, title):
+    """Write a PNG of runs [(label, rows)] to path; a note instead when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    adaptive, colors = False, itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for label, rows in runs:
+        adaptive |= draw_run(ax, rows, label, colors)
+    if not adaptive:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("mean path evaluations per token" if adaptive else "steps")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    cfg = configure(DEFAULTS, argv)
+    paths = [p for p in cfg["runs"].split(",") if p]
+    labels = cfg["labels"].split(",") if cfg["labels"] else [""] * len(paths)
+    if not paths or len(labels) != len(paths):
+        raise UsageError("--runs takes eval.py JSON files (comma-separated) and --labels, if given, one label per file")
+    runs = []
+    for path, label in zip(paths, labels):
+        try:
+            with open(path) as f:
+                runs.append((label, json.load(f)["rows"]))
+        except (OSError, ValueError, KeyError) as e:
+            raise UsageError(f"cannot read eval results from {path}: {e}") from None
+    plot(cfg["out"], runs, cfg["title"])
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as e:
+        fail(e)
