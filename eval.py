@@ -32,6 +32,7 @@ embedding softmax(logits) @ V (less committed while the prediction is unsure).
 --probe_t 0,0.5,0.9,1 (L2D only) first prints, for each t, the teacher-forced accuracy and NLL when the
 path is given the *gold* next token noised to level t, as in training: how much of x_t the path has
 learned to read. A path that reads it goes to NLL ~0 at t=1; one that does not stays flat in t.
+(Its noise is seeded per batch, so these rows depend on --batch_size, unlike the others.)
 
 --steps, --atol, --rtol and --guidance take one value or a comma-separated list ("1,2,4" or 1,2,4).
 --label: "" (default) conditions each example on its own class from the data (null if the model
