@@ -25,6 +25,8 @@ each guidance weight. A model that is not an L2D gets a single row, steps=1 (the
                 The read-out has seen the path's own x_hat_1, so a wrong token is read confidently:
                 tf_nll can rise with steps even where tf_acc rises too.
   tf 95% CI     over examples, not tokens (the tokens of one answer are not independent): ratio_interval.
+  vs steps=1    (printed under a row, stored as gain / tf_gain) its accuracy minus the steps=1 row's, the
+                base's, on the same examples: [difference, 95% low, high], paired over examples.
   tf_nfe        path evaluations per answer token in the teacher-forced pass.
 --x1 argmax (default) or mean: the ODE's estimate x_hat_1 of the clean token, V[argmax] or the expected
 embedding softmax(logits) @ V (less committed while the prediction is unsure).
@@ -120,13 +122,22 @@ def ratio_interval(correct, count, z=1.96):
     """95% interval for a token accuracy sum(correct) / sum(count) pooled over examples (per-example
     lists). The tokens of one example are not independent draws, so the standard error is the ratio
     estimator's, over examples: var = m / (m - 1) * sum_i (c_i - p n_i)^2 / N^2 (m examples, N tokens)."""
-    c, k = np.asarray(correct, dtype=np.float64), np.asarray(count, dtype=np.float64)
-    m, total = len(c), k.sum()
+    p, low, high = paired_difference(correct, np.zeros(len(count)), count, z)
+    return max(0.0, low), min(1.0, high)
+
+
+def paired_difference(correct_a, correct_b, count, z=1.96):
+    """(difference, 95% low, high) of two accuracies measured on the same examples and tokens, a minus b
+    (per-example correct counts, and the positions each example has). Pairing removes what the two rows
+    share (an example that is easy for both), so the interval is narrower than the two rows' own ones
+    suggest: the ratio estimator's variance of the per-example differences, as in ratio_interval."""
+    a, b, k = (np.asarray(v, dtype=np.float64) for v in (correct_a, correct_b, count))
+    m, total = len(k), k.sum()
     if m < 2 or total == 0:
-        return 0.0, 1.0
-    p = c.sum() / total
-    half = z * math.sqrt(m / (m - 1) * ((c - p * k) ** 2).sum()) / total
-    return max(0.0, p - half), min(1.0, p + half)
+        return 0.0, -1.0, 1.0
+    diff = (a.sum() - b.sum()) / total
+    half = z * math.sqrt(m / (m - 1) * (((a - b) - diff * k) ** 2).sum()) / total
+    return diff, diff - half, diff + half
 
 
 # --- the ODE for many positions at once --------------------------------------------------------------
@@ -348,7 +359,8 @@ def main(argv=None):
         count = max(sums["count"], 1)
         low, high = ratio_interval(sums["row_correct"], sums["row_count"])
         return dict(tf_accuracy=sums["correct"] / count, tf_ci_low=low, tf_ci_high=high, tf_nll=sums["nll"] / count,
-                    tf_tokens=sums["count"], tf_nfe_per_token=sums["nfe"] / count)
+                    tf_tokens=sums["count"], tf_nfe_per_token=sums["nfe"] / count,
+                    tf_example_correct=sums["row_correct"], tf_example_count=sums["row_count"])
 
     if probe_t:
         result["probe"] = []
@@ -368,8 +380,8 @@ def main(argv=None):
     for setting in settings:
         row = dict(setting=setting_name(setting), **setting)
         if cfg["generate"]:
-            correct = tokens = nfe = 0
-            seconds, samples = 0.0, []
+            tokens = nfe = 0
+            seconds, samples, example_correct = 0.0, [], []
             for i in tqdm(range(n), desc=row["setting"], leave=False, file=sys.stderr):
                 torch.manual_seed(cfg["seed"] + i)
                 lab = None if labels is None else torch.tensor([labels[i]], device=device)
@@ -380,14 +392,15 @@ def main(argv=None):
                 seconds += time.perf_counter() - t0
                 text = ds.tokenizer.decode(answer)
                 pred = final_number(text)
-                correct += pred is not None and pred == golds[i]
+                example_correct.append(int(pred is not None and pred == golds[i]))
                 tokens, nfe = tokens + generated, nfe + spent
                 if i < 3:
                     samples.append(dict(prompt=rows[i]["prompt"], output=text, pred=pred, gold=golds[i]))
+            correct = sum(example_correct)
             low, high = wilson_interval(correct, n)
-            row.update(accuracy=correct / max(n, 1), correct=int(correct), n=n, ci_low=low, ci_high=high,
+            row.update(accuracy=correct / max(n, 1), correct=correct, n=n, ci_low=low, ci_high=high,
                        nfe_per_token=nfe / max(tokens, 1), tokens=tokens, tokens_per_s=tokens / max(seconds, 1e-9),
-                       seconds=seconds, samples=samples)
+                       seconds=seconds, samples=samples, example_correct=example_correct)
         if cfg["teacher_forced"]:
             def tf_batch(ix, lab, x, y):
                 return teacher_forced(model, x, y, setting["steps"], setting["solver"], setting["atol"], setting["rtol"],
@@ -395,6 +408,9 @@ def main(argv=None):
             row.update(over_batches(tf_batch, row["setting"] + " (tf)"))
         if not cfg["generate"]:  # the plot's x axis for dopri5
             row["nfe_per_token"] = row.get("tf_nfe_per_token", 0.0)
+        base_row = next((r for r in result["rows"] if r["steps"] == 1), None)
+        if base_row is not None:
+            row.update(versus_base(row, base_row))
         result["rows"].append(row)
         print(format_row(row))
         write_json(out, result)
@@ -404,6 +420,17 @@ def main(argv=None):
     return result
 
 
+def versus_base(row, base_row):
+    """The row's gain over the steps=1 row (the base) on the same examples, with a paired 95% interval."""
+    gains = {}
+    if "example_correct" in row:
+        gains["gain"] = paired_difference(row["example_correct"], base_row["example_correct"], [1] * row["n"])
+    if "tf_example_correct" in row:
+        gains["tf_gain"] = paired_difference(row["tf_example_correct"], base_row["tf_example_correct"],
+                                             row["tf_example_count"])
+    return gains
+
+
 def format_row(row):
     dash = "-"
     gen = (f"{row['accuracy']:6.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] {row['n']:5d} "
@@ -411,7 +438,9 @@ def format_row(row):
         f"{dash:>6} {dash:>15} {dash:>5} {dash:>8} {dash:>8}"
     tf = (f"{row['tf_accuracy']:7.3f} [{row['tf_ci_low']:.3f}, {row['tf_ci_high']:.3f}] {row['tf_nll']:7.3f} "
           f"{row['tf_nfe_per_token']:7.1f}") if "tf_accuracy" in row else f"{dash:>7} {dash:>15} {dash:>7} {dash:>7}"
-    return f"{row['setting']:<24} {gen} {tf}"
+    gains = "".join(f"  {key} vs steps=1: {d:+.3f} [{low:+.3f}, {high:+.3f}]" for key, (d, low, high) in
+                    ((key, row[key]) for key in ("gain", "tf_gain") if key in row))
+    return f"{row['setting']:<24} {gen} {tf}" + (f"\n{gains}" if gains else "")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,24 @@ def test_ratio_interval_known_cases():
     assert ev.ratio_interval([1, 2, 3], [2, 4, 6]) == pytest.approx((0.5, 0.5))
     assert ev.ratio_interval([1], [3]) == (0.0, 1.0)  # one example: no estimate of the spread
 
+
+
+def test_paired_difference_known_cases():
+    # one token per example: the paired t-interval's ingredients, mean and sample std (ddof=1) of a_i - b_i
+    a, b = np.array([1, 1, 0, 0, 1, 1, 0, 1]), np.array([0, 1, 0, 0, 0, 1, 1, 1])
+    d = a - b
+    half = 1.96 * d.std(ddof=1) / len(d) ** 0.5
+    assert ev.paired_difference(a, b, [1] * 8) == pytest.approx((d.mean(), d.mean() - half, d.mean() + half))
+    # two rows that agree on every example except a few: the paired interval is much narrower than the
+    # unpaired one built from the two rows' own intervals (which ignores that they share the hard examples)
+    a = [1] * 40 + [0] * 60
+    b = [1] * 35 + [0] * 65
+    diff, low, high = ev.paired_difference(a, b, [1] * 100)
+    se_a, se_b = (ev.ratio_interval(r, [1] * 100)[1] - p for r, p in ((a, 0.4), (b, 0.35)))
+    assert diff == pytest.approx(0.05) and high - low < 0.6 * 2 * (se_a ** 2 + se_b ** 2) ** 0.5
+    # against nothing, it is ratio_interval; identical rows: zero difference, zero width
+    assert ev.paired_difference([2, 0, 3], [0, 0, 0], [3, 2, 4])[1:] == pytest.approx(ev.ratio_interval([2, 0, 3], [3, 2, 4]))
+    assert ev.paired_difference([2, 0, 3], [2, 0, 3], [3, 2, 4]) == pytest.approx((0.0, 0.0, 0.0))
 
 def test_parse_lists_and_settings():
     assert ev.parse_list("steps", "1,2,4", int) == [1, 2, 4]
@@ -276,6 +295,11 @@ def test_end_to_end_l2d(tiny_run):
         assert 0 <= r["tf_accuracy"] <= 1 and r["tf_nll"] > 0 and r["tokens"] > 0
     assert rows[0]["nfe_per_token"] == 0 and rows[0]["tf_nfe_per_token"] == 0
     assert rows[1]["nfe_per_token"] == 2 and rows[1]["tf_nfe_per_token"] == 2  # euler, 2 points: 1 + read-out
+    for key, gen, tf in (("gain", "accuracy", None), ("tf_gain", "tf_accuracy", "tf_example_count")):
+        assert key not in rows[0]  # the base row is the reference
+        assert rows[1][key][0] == pytest.approx(rows[1][gen] - rows[0][gen])  # paired: same examples, same tokens
+        assert rows[1][key][1] <= rows[1][key][0] <= rows[1][key][2]
+    assert sum(rows[1]["tf_example_count"]) == rows[1]["tf_tokens"] and len(rows[1]["example_correct"]) == 3
     again = run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--steps", "2", "--solver=euler")
     keep = ("accuracy", "tf_accuracy", "tf_nll", "samples")
     assert {k: again[0][k] for k in keep} == {k: rows[1][k] for k in keep}  # seeded: reproducible rows
