@@ -1,0 +1,49 @@
+"""The intervals eval.py reports, against closed forms and known values."""
+import numpy as np
+import pytest
+
+import intervals
+
+
+@pytest.mark.parametrize("correct,n,low,high", [
+    (50, 100, 0.4038, 0.5962),
+    (0, 10, 0.0, 0.2775),   # upper = z^2 / (n + z^2)
+    (10, 10, 0.7225, 1.0),
+    (0, 0, 0.0, 1.0),
+])
+def test_wilson_interval(correct, n, low, high):
+    lo, hi = intervals.wilson_interval(correct, n)
+    assert lo == pytest.approx(low, abs=1e-4) and hi == pytest.approx(high, abs=1e-4)
+
+
+def test_ratio_interval_known_cases():
+    # one token per example: the ratio estimator's interval is Wald's with m - 1, p +- z sqrt(p(1-p)/(m-1))
+    correct, count = [1] * 30 + [0] * 70, [1] * 100
+    half = 1.96 * (0.3 * 0.7 / 99) ** 0.5
+    assert intervals.ratio_interval(correct, count) == pytest.approx((0.3 - half, 0.3 + half), abs=1e-12)
+    # 5 tokens per example, each example all right or all wrong: exactly as wide as counting examples,
+    # wider than pretending the 500 tokens were independent
+    assert intervals.ratio_interval([5] * 30 + [0] * 70, [5] * 100) == pytest.approx((0.3 - half, 0.3 + half), abs=1e-12)
+    assert intervals.ratio_interval([5] * 30 + [0] * 70, [5] * 100)[0] < intervals.wilson_interval(150, 500)[0]
+    # every example at the same rate: no spread between examples, zero width
+    assert intervals.ratio_interval([1, 2, 3], [2, 4, 6]) == pytest.approx((0.5, 0.5))
+    assert intervals.ratio_interval([1], [3]) == (0.0, 1.0)  # one example: no estimate of the spread
+
+
+
+def test_paired_difference_known_cases():
+    # one token per example: the paired t-interval's ingredients, mean and sample std (ddof=1) of a_i - b_i
+    a, b = np.array([1, 1, 0, 0, 1, 1, 0, 1]), np.array([0, 1, 0, 0, 0, 1, 1, 1])
+    d = a - b
+    half = 1.96 * d.std(ddof=1) / len(d) ** 0.5
+    assert intervals.paired_difference(a, b, [1] * 8) == pytest.approx((d.mean(), d.mean() - half, d.mean() + half))
+    # two rows that agree on every example except a few: the paired interval is much narrower than the
+    # unpaired one built from the two rows' own intervals (which ignores that they share the hard examples)
+    a = [1] * 40 + [0] * 60
+    b = [1] * 35 + [0] * 65
+    diff, low, high = intervals.paired_difference(a, b, [1] * 100)
+    se_a, se_b = (intervals.ratio_interval(r, [1] * 100)[1] - p for r, p in ((a, 0.4), (b, 0.35)))
+    assert diff == pytest.approx(0.05) and high - low < 0.6 * 2 * (se_a ** 2 + se_b ** 2) ** 0.5
+    # against nothing, it is ratio_interval; identical rows: zero difference, zero width
+    assert intervals.paired_difference([2, 0, 3], [0, 0, 0], [3, 2, 4])[1:] == pytest.approx(intervals.ratio_interval([2, 0, 3], [3, 2, 4]))
+    assert intervals.paired_difference([2, 0, 3], [2, 0, 3], [3, 2, 4]) == pytest.approx((0.0, 0.0, 0.0))
