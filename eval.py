@@ -25,9 +25,9 @@ each guidance weight. A model that is not an L2D gets a single row, steps=1 (the
                 The read-out has seen the path's own x_hat_1, so a wrong token is read confidently:
                 tf_nll can rise with steps even where tf_acc rises too.
   tf 95% CI     over examples, not tokens (the tokens of one answer are not independent): ratio_interval.
+  tf_nfe        path evaluations per answer token in the teacher-forced pass.
   vs steps=1    (printed under a row, stored as gain / tf_gain) its accuracy minus the steps=1 row's, the
                 base's, on the same examples: [difference, 95% low, high], paired over examples.
-  tf_nfe        path evaluations per answer token in the teacher-forced pass.
 --x1 argmax (default) or mean: the ODE's estimate x_hat_1 of the clean token, V[argmax] or the expected
 embedding softmax(logits) @ V (less committed while the prediction is unsure).
 
