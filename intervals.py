@@ -2,11 +2,19 @@
 95% confidence intervals for the accuracies eval.py reports: over n independent answers (Wilson),
 over the tokens of m examples (the ratio estimator, since one answer's tokens are not independent),
 and for the difference of two rows measured on the same examples (paired).
+
+Run on an eval.py JSON, it tests whether each step count beats the one before it, on the same examples:
+
+    python intervals.py out-l2d-smollm2-arith-sigma8/eval_tf_paired.json
 """
 
+import json
 import math
+import sys
 
 import numpy as np
+
+from configurator import fail
 
 
 def wilson_interval(correct, n, z=1.96):
@@ -39,3 +47,30 @@ def paired_difference(correct_a, correct_b, count, z=1.96):
     diff = (a.sum() - b.sum()) / total
     half = z * math.sqrt(m / (m - 1) * (((a - b) - diff * k) ** 2).sum()) / total
     return diff, diff - half, diff + half
+
+
+def step_to_step(rows):
+    """Lines comparing each row of one eval.py run with the row before it (rows need the per-example
+    results eval.py stores: example_correct and/or tf_example_correct)."""
+    lines = []
+    for before, row in zip(rows, rows[1:]):
+        parts = []
+        if "example_correct" in row and "example_correct" in before:
+            parts.append(("acc", paired_difference(row["example_correct"], before["example_correct"], [1] * row["n"])))
+        if "tf_example_correct" in row and "tf_example_correct" in before:
+            parts.append(("tf_acc", paired_difference(row["tf_example_correct"], before["tf_example_correct"],
+                                                      row["tf_example_count"])))
+        lines.append(f"{row['setting']} vs {before['setting']}: " + (", ".join(
+            f"{name} {100 * d:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] points" for name, (d, low, high) in parts)
+            or "no per-example results (re-run eval.py)"))
+    return lines
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        fail("usage: python intervals.py EVAL_JSON (an eval.py results file)")
+    try:
+        with open(sys.argv[1]) as f:
+            print("\n".join(step_to_step(json.load(f)["rows"])))
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"cannot read eval results from {sys.argv[1]}: {e}")

@@ -1,8 +1,14 @@
 """The intervals eval.py reports, against closed forms and known values."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import intervals
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("correct,n,low,high", [
@@ -47,3 +53,21 @@ def test_paired_difference_known_cases():
     # against nothing, it is ratio_interval; identical rows: zero difference, zero width
     assert intervals.paired_difference([2, 0, 3], [0, 0, 0], [3, 2, 4])[1:] == pytest.approx(intervals.ratio_interval([2, 0, 3], [3, 2, 4]))
     assert intervals.paired_difference([2, 0, 3], [2, 0, 3], [3, 2, 4]) == pytest.approx((0.0, 0.0, 0.0))
+
+
+def test_step_to_step_compares_each_row_with_the_one_before():
+    rows = [dict(setting=f"steps={s}", n=4, example_correct=c, tf_example_correct=tc, tf_example_count=[2, 2, 3, 1])
+            for s, c, tc in ((1, [0, 0, 1, 0], [0, 1, 1, 0]), (2, [1, 0, 1, 0], [2, 1, 2, 0]), (4, [1, 1, 1, 0], [2, 2, 3, 1]))]
+    lines = intervals.step_to_step(rows)
+    assert [line.split(":")[0] for line in lines] == ["steps=2 vs steps=1", "steps=4 vs steps=2"]
+    # steps=4 vs 2 on tf: (8 - 5) / 8 correct tokens more; the numbers printed are paired_difference's
+    d, low, high = intervals.paired_difference([2, 2, 3, 1], [2, 1, 2, 0], [2, 2, 3, 1])
+    assert d == pytest.approx(3 / 8) and f"tf_acc {100 * d:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]" in lines[1]
+    assert "acc +25.0" in lines[0]
+    assert "no per-example results" in intervals.step_to_step([dict(setting="a"), dict(setting="b")])[0]
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "intervals.py"), str(tmp_path / "missing.json")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "missing.json" in proc.stderr
