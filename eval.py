@@ -66,7 +66,7 @@ from checkpoint import load_base, load_model
 from configurator import UsageError, configure, fail
 from dataset import TokenDataset, tokenizer_tag
 from diffusion import L2D
-from intervals import paired_difference, ratio_interval, wilson_interval
+from intervals import ratio_interval, row_gains, wilson_interval
 from plot import plot
 from solvers import SOLVERS
 
@@ -378,7 +378,7 @@ def main(argv=None):
             row["nfe_per_token"] = row.get("tf_nfe_per_token", 0.0)
         base_row = next((r for r in result["rows"] if r["steps"] == 1), None)
         if base_row is not None:
-            row.update(versus_base(row, base_row))
+            row.update(row_gains(row, base_row))  # paired: gain and tf_gain over the base
         result["rows"].append(row)
         print(format_row(row))
         write_json(out, result)
@@ -386,17 +386,6 @@ def main(argv=None):
     if result["rows"]:
         plot(os.path.splitext(out)[0] + ".png", [("", result["rows"])], f"{kind}: {cfg['ckpt']} on {cfg['task']} (n={n})")
     return result
-
-
-def versus_base(row, base_row):
-    """The row's gain over the steps=1 row (the base) on the same examples, with a paired 95% interval."""
-    gains = {}
-    if "example_correct" in row:
-        gains["gain"] = paired_difference(row["example_correct"], base_row["example_correct"], [1] * row["n"])
-    if "tf_example_correct" in row:
-        gains["tf_gain"] = paired_difference(row["tf_example_correct"], base_row["tf_example_correct"],
-                                             row["tf_example_count"])
-    return gains
 
 
 def format_row(row):

@@ -49,19 +49,25 @@ def paired_difference(correct_a, correct_b, count, z=1.96):
     return diff, diff - half, diff + half
 
 
+def row_gains(row, reference):
+    """Paired gains of one eval.py row over another on the same examples, from the per-example results
+    eval.py stores: {"gain": exact match, "tf_gain": teacher-forced}, each (difference, low, high)."""
+    gains = {}
+    if "example_correct" in row and "example_correct" in reference:
+        gains["gain"] = paired_difference(row["example_correct"], reference["example_correct"], [1] * row["n"])
+    if "tf_example_correct" in row and "tf_example_correct" in reference:
+        gains["tf_gain"] = paired_difference(row["tf_example_correct"], reference["tf_example_correct"],
+                                             row["tf_example_count"])
+    return gains
+
+
 def step_to_step(rows):
-    """Lines comparing each row of one eval.py run with the row before it (rows need the per-example
-    results eval.py stores: example_correct and/or tf_example_correct)."""
+    """Lines comparing each row of one eval.py run with the row before it."""
     lines = []
     for before, row in zip(rows, rows[1:]):
-        parts = []
-        if "example_correct" in row and "example_correct" in before:
-            parts.append(("acc", paired_difference(row["example_correct"], before["example_correct"], [1] * row["n"])))
-        if "tf_example_correct" in row and "tf_example_correct" in before:
-            parts.append(("tf_acc", paired_difference(row["tf_example_correct"], before["tf_example_correct"],
-                                                      row["tf_example_count"])))
+        gains = row_gains(row, before)
         lines.append(f"{row['setting']} vs {before['setting']}: " + (", ".join(
-            f"{name} {100 * d:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] points" for name, (d, low, high) in parts)
+            f"{name} {100 * d:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] points" for name, (d, low, high) in gains.items())
             or "no per-example results (re-run eval.py)"))
     return lines
 

@@ -62,8 +62,8 @@ def test_step_to_step_compares_each_row_with_the_one_before():
     assert [line.split(":")[0] for line in lines] == ["steps=2 vs steps=1", "steps=4 vs steps=2"]
     # steps=4 vs 2 on tf: (8 - 5) / 8 correct tokens more; the numbers printed are paired_difference's
     d, low, high = intervals.paired_difference([2, 2, 3, 1], [2, 1, 2, 0], [2, 2, 3, 1])
-    assert d == pytest.approx(3 / 8) and f"tf_acc {100 * d:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]" in lines[1]
-    assert "acc +25.0" in lines[0]
+    assert d == pytest.approx(3 / 8) and f"tf_gain {100 * d:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]" in lines[1]
+    assert "gain +25.0" in lines[0]
     assert "no per-example results" in intervals.step_to_step([dict(setting="a"), dict(setting="b")])[0]
 
 
