@@ -149,13 +149,13 @@ def gold_x_t(model, x, y, t, labels=None):
 
 def answer_stats(logits, targets, nfe=None):
     """Sums over the answer positions (targets != -1): correct argmaxes, NLL, positions, path evaluations,
-    and per row (example) the correct argmaxes and positions, for ratio_interval."""
+    and per example (batch row) the correct argmaxes and positions, for the intervals."""
     mask = targets != -1
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="sum")
-    row_correct = ((logits.argmax(-1) == targets) & mask).sum(1)
+    example_correct = ((logits.argmax(-1) == targets) & mask).sum(1)
     nfe_sum = int(nfe.to(mask.device)[mask].sum()) if nfe is not None else 0
-    return dict(correct=int(row_correct.sum()), nll=float(nll), count=int(mask.sum()), nfe=nfe_sum,
-                row_correct=row_correct.tolist(), row_count=mask.sum(1).tolist())
+    return dict(correct=int(example_correct.sum()), nll=float(nll), count=int(mask.sum()), nfe=nfe_sum,
+                example_correct=example_correct.tolist(), example_count=mask.sum(1).tolist())
 
 
 # --- generation -----------------------------------------------------------------------------------
@@ -317,7 +317,7 @@ def main(argv=None):
 
     def over_batches(batch_logits, desc):
         """Teacher-forced stats of batch_logits(ix, labels, x, y) -> (logits, targets, nfe) over the n examples."""
-        sums = dict(correct=0, nll=0.0, count=0, nfe=0, row_correct=[], row_count=[])
+        sums = dict(correct=0, nll=0.0, count=0, nfe=0, example_correct=[], example_count=[])
         for b0 in tqdm(range(0, n, cfg["batch_size"]), desc=desc, leave=False, file=sys.stderr):
             ix = np.arange(b0, min(b0 + cfg["batch_size"], n))
             x, y, _ = ds.get_batch(ix, block_size)
@@ -325,10 +325,10 @@ def main(argv=None):
             for key, value in answer_stats(*batch_logits(ix, lab, x.to(device), y.to(device))).items():
                 sums[key] += value
         count = max(sums["count"], 1)
-        low, high = ratio_interval(sums["row_correct"], sums["row_count"])
+        low, high = ratio_interval(sums["example_correct"], sums["example_count"])
         return dict(tf_accuracy=sums["correct"] / count, tf_ci_low=low, tf_ci_high=high, tf_nll=sums["nll"] / count,
                     tf_tokens=sums["count"], tf_nfe_per_token=sums["nfe"] / count,
-                    tf_example_correct=sums["row_correct"], tf_example_count=sums["row_count"])
+                    tf_example_correct=sums["example_correct"], tf_example_count=sums["example_count"])
 
     if probe_t:
         result["probe"] = []
@@ -395,8 +395,8 @@ def format_row(row):
         f"{dash:>6} {dash:>15} {dash:>5} {dash:>8} {dash:>8}"
     tf = (f"{row['tf_accuracy']:7.3f} [{row['tf_ci_low']:.3f}, {row['tf_ci_high']:.3f}] {row['tf_nll']:7.3f} "
           f"{row['tf_nfe_per_token']:7.1f}") if "tf_accuracy" in row else f"{dash:>7} {dash:>15} {dash:>7} {dash:>7}"
-    gains = "".join(f"  {key} vs steps=1: {d:+.3f} [{low:+.3f}, {high:+.3f}]" for key, (d, low, high) in
-                    ((key, row[key]) for key in ("gain", "tf_gain") if key in row))
+    gains = "".join(f"  {key} vs steps=1: {row[key][0]:+.3f} [{row[key][1]:+.3f}, {row[key][2]:+.3f}]"
+                    for key in ("gain", "tf_gain") if key in row)
     return f"{row['setting']:<24} {gen} {tf}" + (f"\n{gains}" if gains else "")
 
 
