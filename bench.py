@@ -140,7 +140,7 @@ def l2d_config(cfg, variant):
 # --- generation --------------------------------------------------------------------------------------
 def fork(cache):
     """A cache that starts where `cache` is; they share tensors safely (KVCache.update never writes in place)."""
-    new = KVCache()
+    new = KVCache(cache.pad)
     new.keys, new.values = list(cache.keys), list(cache.values)
     return new
 

@@ -104,14 +104,14 @@ class PathLayer(nn.Module):
         # (norm-weight delta, shift, gate) for the attention branch, then for the MLP branch.
         self.modulation = mlp2(config.cond_dim, config.cond_dim, 6 * d, zero_last=True)
 
-    def forward(self, h, modulation, block, k, v, rope, pos):
+    def forward(self, h, modulation, block, k, v, rope, pos, pad):
         B, T, _ = h.shape
         dw_attn, shift_attn, gate_attn, dw_mlp, shift_mlp, gate_mlp = modulation.chunk(6, dim=-1)
         u = block.ln_1.modulated(h, dw_attn, shift_attn)
         q = self.q_proj(u).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q = apply_rope(q, *rope)
-        y = causal_attention(q, k, v, pos)  # base K/V of positions <= i; no diffusion token is a key
+        y = causal_attention(q, k, v, pos, pad)  # base K/V of positions <= i; no diffusion token is a key
         h = h + gate_attn * self.o_proj(y.transpose(1, 2).flatten(2))
         return h + gate_mlp * self.mlp(block.ln_2.modulated(h, dw_mlp, shift_mlp))
 
@@ -171,13 +171,10 @@ class L2D(nn.Module):
         c_in = 1 / torch.sqrt((1 - t) ** 2 * sigma**2 + t**2)  # analytic std of x_t, per coordinate
         h = self.input_mlp(x_t * c_in[..., None])
         modulations, gate = conditioning or self.conditioning(t, labels)
-        rope = None
-        if pos is None:
-            rope = self.base.rope(torch.arange(len(cache) - x_t.size(1), len(cache), device=x_t.device))
-        elif self.base.wpe is None:
-            rope = tuple(r[:, None] for r in self.base.rope(pos))  # (B, 1, P, hd): per row, all heads
+        slots = torch.arange(len(cache) - x_t.size(1), len(cache), device=x_t.device) if pos is None else pos
+        rope = self.base.rope(cache.positions(slots))
         for layer, (path_layer, block) in enumerate(zip(self.layers, self.base.h)):
-            h = path_layer(h, modulations[layer], block, cache.keys[layer], cache.values[layer], rope, pos)
+            h = path_layer(h, modulations[layer], block, cache.keys[layer], cache.values[layer], rope, pos, cache.pad)
         return self.base.head(h_main + gate * h)
 
     # --- training (sec. 3) ---------------------------------------------------------------------
@@ -286,10 +283,11 @@ class L2D(nn.Module):
         return sample_token(logits[:, 0], temperature, top_k), nfe[:, 0].cpu()
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, **ode):
+    def generate(self, idx, max_new_tokens, pad=None, **ode):
         """Yield (token (B,), nfe (B,)) per step. The base runs once per new token with its KV
-        cache; the ODE of `next_token` reuses that token's hidden state and K/V."""
-        cache, memo = KVCache(), {}  # memo: what flow() can reuse for every token of this sequence
+        cache; the ODE of `next_token` reuses that token's hidden state and K/V. `pad` (B,): rows
+        of idx left-padded to one length (model.KVCache)."""
+        cache, memo = KVCache(pad), {}  # memo: what flow() can reuse for every token of this sequence
         h, _ = self.base.trunk(idx, cache)
         for _ in range(max_new_tokens):
             token, nfe = self.next_token(h[:, -1:], cache, memo=memo, **ode)

@@ -5,6 +5,7 @@ an L2D checkpoint all go through the same command, so their rows are comparable.
     python eval.py --ckpt out-quick-l2d/ckpt.pt --task arithmetic --steps 1,2,4,8,16 --limit 200
     python eval.py --ckpt out-quick/ckpt.pt --task arithmetic            # a GPT (ar/full/lora): one row
     python eval.py --ckpt smollm2-135m --task gsm8k --limit 100          # a base model by name or HF folder
+    python eval.py --ckpt out/ckpt.pt --task gsm8k --teacher_forced False --steps 1,8 --gen_batch_size 16
     python eval.py --ckpt out/ckpt.pt --task gsm8k --solver dopri5 --atol 1e-3,1e-4 --rtol 1e-3,1e-4
     python eval.py --ckpt out/ckpt.pt --task gsm8k --steps 8 --guidance 1,1.5,2 --label math
     python eval.py --ckpt out/ckpt.pt --task arithmetic --probe_t 0,0.5,0.9,0.99,1 --generate False --teacher_forced False
@@ -17,7 +18,7 @@ each guidance weight. A model that is not an L2D gets a single row, steps=1 (the
                 the base alone (steps=1, or a GPT), 15 for midpoint with 8 steps (7 x 2 + 1), 29 with
                 guidance (each velocity costs two, the read-out one). The base's own forward (once per
                 token) is not counted.
-  tok/s         generated tokens per second, one prompt at a time (prefill included).
+  tok/s         generated tokens per second (prefill included), --gen_batch_size prompts at a time.
   tf_acc tf_nll teacher-forced next-token accuracy and mean NLL (nats) over the answer tokens and the
                 end token (the positions train.py's loss uses), with the gold prefix: the base runs
                 once on prompt + answer, then the ODE is integrated for all answer positions at once
@@ -44,9 +45,13 @@ does not know it), "null" on the null class, a class name (e.g. math) on that cl
 with matplotlib installed, a PNG of accuracy against steps is written beside it. Rows are appended
 to the JSON as they finish, so a killed run keeps what it had.
 
-Reproducible: generation reseeds with seed + i before example i, the teacher-forced noise of example
-i comes from a generator seeded with seed + i, so a row does not depend on --limit, on --batch_size
-or on the other rows. Teacher-forced decoding is greedy only (x_hat_1 = V[argmax], or with --x1 mean the
+--gen_batch_size B generates B prompts together, left-padded to the longest (model.KVCache), until all of
+them stop: each row decodes as it would alone, several times faster per token on CPU and GPU.
+
+Reproducible: generation reseeds with seed + i before the batch starting at example i, the teacher-forced
+noise of example i comes from a generator seeded with seed + i, so a row does not depend on --limit, on
+--batch_size or on the other rows; with --gen_batch_size > 1 the ODE's noise for an example depends on
+its batch (the base rows do not: they use no noise). Teacher-forced decoding is greedy only (x_hat_1 = V[argmax], or with --x1 mean the
 expectation).
 """
 
@@ -76,6 +81,7 @@ DEFAULTS = dict(
     ckpt="", task="arithmetic", data="", limit=0, max_new_tokens=256,
     steps=None, solver="midpoint", atol=None, rtol=None, guidance=None, label="",  # None: LIST_DEFAULTS
     generate=True, teacher_forced=True, batch_size=8,  # batch_size: examples per teacher-forced batch
+    gen_batch_size=1,  # prompts generated together, left-padded (faster; see the docstring)
     x1="argmax", probe_t=None, out="", seed=1337, device="auto",
 )
 LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], atol=[1e-5], rtol=[1e-5], guidance=[1.0], probe_t=[])
@@ -160,23 +166,34 @@ def answer_stats(logits, targets, nfe=None):
 
 # --- generation -----------------------------------------------------------------------------------
 @torch.no_grad()
-def generate_answer(model, prompt_ids, max_new_tokens, stop, setting, labels=None):
-    """Greedy continuation of one prompt until a token in `stop` (not returned) or max_new_tokens.
-    Returns (answer token ids, tokens generated including the stop token, path evaluations)."""
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)
+def generate_answers(model, prompts, max_new_tokens, stop, setting, labels=None):
+    """Greedy continuations of a batch of prompts (lists of ids), left-padded to one length, each until
+    a token in `stop` (not returned) or max_new_tokens; the batch runs until every row has stopped.
+    Returns per prompt (answer token ids, tokens generated including the stop token, path evaluations)."""
+    device = next(model.parameters()).device
+    length = max(len(p) for p in prompts)
+    idx = torch.tensor([[0] * (length - len(p)) + p for p in prompts], dtype=torch.long, device=device)
+    pad = torch.tensor([length - len(p) for p in prompts], device=device) if len(set(map(len, prompts))) > 1 else None
     if isinstance(model, L2D):
-        stream = model.generate(idx, max_new_tokens, steps=setting["steps"], solver=setting["solver"],
+        stream = model.generate(idx, max_new_tokens, pad=pad, steps=setting["steps"], solver=setting["solver"],
                                 atol=setting["atol"], rtol=setting["rtol"], guidance=setting["guidance"], labels=labels,
                                 x1=setting["x1"])
     else:
-        stream = ((token, torch.zeros(1, dtype=torch.long)) for token in model.generate(idx, max_new_tokens, temperature=0))
-    out, generated, nfe = [], 0, 0
-    for token, n in stream:
-        token, generated, nfe = int(token[0]), generated + 1, nfe + int(n[0])
-        if token in stop:
+        stream = ((token, torch.zeros(len(prompts), dtype=torch.long))
+                  for token in model.generate(idx, max_new_tokens, temperature=0, pad=pad))
+    answers = [([], 0, 0) for _ in prompts]
+    running = set(range(len(prompts)))
+    for tokens, nfe in stream:
+        for row in list(running):
+            out, generated, spent = answers[row]
+            answers[row] = (out, generated + 1, spent + int(nfe[row]))
+            if int(tokens[row]) in stop:
+                running.discard(row)
+            else:
+                out.append(int(tokens[row]))
+        if not running:
             break
-        out.append(token)
-    return out, generated, nfe
+    return answers
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -279,8 +296,8 @@ def main(argv=None):
     cfg = configure(DEFAULTS, argv)
     if cfg["task"] not in TASKS:
         raise UsageError(f"unknown task {cfg['task']!r}; use one of {', '.join(TASKS)}")
-    if cfg["limit"] < 0 or cfg["max_new_tokens"] < 1 or cfg["batch_size"] < 1:
-        raise UsageError("--limit must be >= 0 (0: all), --max_new_tokens and --batch_size >= 1")
+    if cfg["limit"] < 0 or min(cfg["max_new_tokens"], cfg["batch_size"], cfg["gen_batch_size"]) < 1:
+        raise UsageError("--limit must be >= 0 (0: all), --max_new_tokens, --batch_size and --gen_batch_size >= 1")
     model, tokenizer, tokenizer_name, model_classes, ckpt_path = load(cfg["ckpt"])
     is_l2d = isinstance(model, L2D)
     settings = make_settings(cfg, is_l2d) if cfg["generate"] or cfg["teacher_forced"] else []
@@ -350,20 +367,25 @@ def main(argv=None):
         if cfg["generate"]:
             tokens = nfe = 0
             seconds, samples, example_correct = 0.0, [], []
-            for i in tqdm(range(n), desc=row["setting"], leave=False, file=sys.stderr):
-                torch.manual_seed(cfg["seed"] + i)
-                lab = None if labels is None else torch.tensor([labels[i]], device=device)
-                budget = min(cfg["max_new_tokens"], block_size - len(prompts[i]))
+            progress = tqdm(total=n, desc=row["setting"], leave=False, file=sys.stderr)
+            for b0 in range(0, n, cfg["gen_batch_size"]):
+                ix = range(b0, min(b0 + cfg["gen_batch_size"], n))
+                torch.manual_seed(cfg["seed"] + b0)
+                lab = None if labels is None else torch.as_tensor(labels[list(ix)], device=device)
+                budget = min(cfg["max_new_tokens"], block_size - max(len(prompts[i]) for i in ix))
                 t0 = time.perf_counter()
-                answer, generated, spent = generate_answer(model, prompts[i], budget, stop, setting, lab) \
-                    if budget > 0 else ([], 0, 0)
+                answers = generate_answers(model, [prompts[i] for i in ix], budget, stop, setting, lab) \
+                    if budget > 0 else [([], 0, 0)] * len(ix)
                 seconds += time.perf_counter() - t0
-                text = ds.tokenizer.decode(answer)
-                pred = final_number(text)
-                example_correct.append(int(pred is not None and pred == golds[i]))
-                tokens, nfe = tokens + generated, nfe + spent
-                if i < 3:
-                    samples.append(dict(prompt=rows[i]["prompt"], output=text, pred=pred, gold=golds[i]))
+                for i, (answer, generated, spent) in zip(ix, answers):
+                    text = ds.tokenizer.decode(answer)
+                    pred = final_number(text)
+                    example_correct.append(int(pred is not None and pred == golds[i]))
+                    tokens, nfe = tokens + generated, nfe + spent
+                    if i < 3:
+                        samples.append(dict(prompt=rows[i]["prompt"], output=text, pred=pred, gold=golds[i]))
+                progress.update(len(ix))
+            progress.close()
             correct = sum(example_correct)
             low, high = wilson_interval(correct, n)
             row.update(accuracy=correct / max(n, 1), correct=correct, n=n, ci_low=low, ci_high=high,

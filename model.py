@@ -107,29 +107,44 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def causal_attention(q, k, v, q_pos=None):
-    """Query i sees keys at positions <= its own. By default the T queries are the last T of the
-    S key positions; `q_pos` (B, T) places them anywhere (the diffusion path's answer positions).
+def causal_attention(q, k, v, q_pos=None, pad=None):
+    """Query i sees keys at cache slots <= its own. By default the T queries are the last T of the
+    S key slots; `q_pos` (B, T) places them anywhere (the diffusion path's answer positions).
+    `pad` (B,): each row's left-padding slots (KVCache.pad), which no real query sees (a padding
+    query sees the padding before it, only so that its row of the softmax is not empty).
     Used by the base and by the diffusion path (whose queries attend to the base's K/V)."""
     T, S = q.size(-2), k.size(-2)
     gqa = q.size(1) != k.size(1)
-    if q_pos is not None:
-        mask = torch.arange(S, device=q.device) <= q_pos[:, None, :, None]  # (B, 1, T, S)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    if T == S:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if T == 1:  # one new position sees everything cached
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if q_pos is None and pad is None:  # the common cases, without building a mask
+        if T == S:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if T == 1:  # one new position sees everything cached
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    slots = torch.arange(S, device=q.device)
+    q_pos = slots[S - T:] if q_pos is None else q_pos  # (T,) or (B, T)
+    mask = slots <= q_pos[..., None]  # (T, S) or (B, T, S)
+    if pad is not None:
+        real_key = slots >= pad[:, None, None]  # (B, 1, S)
+        padding_query = q_pos[..., None] < pad[:, None, None]  # (B, T, 1)
+        mask = mask & (real_key | padding_query)
+    if mask.dim() == 3:
+        mask = mask[:, None]  # the same for every head
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class KVCache:
     """Each layer's keys (after RoPE) and values for all positions seen so far, (B, H_kv, S, hd).
-    Filled by one forward over a whole sequence (training) or token by token (decoding)."""
+    Filled by one forward over a whole sequence (training) or token by token (decoding).
+    `pad` (B,) or None: how many slots each row begins with that are left padding, so that prompts
+    of different lengths decode as one batch. A row's token positions count from its first real
+    token, and no real token attends to its padding: each row decodes as it would alone."""
 
-    def __init__(self):
-        self.keys, self.values = [], []
+    def __init__(self, pad=None):
+        self.keys, self.values, self.pad = [], [], pad
+
+    def positions(self, slots):
+        """Token positions (for RoPE / learned positions) of cache slots (T,) or (B, T)."""
+        return slots if self.pad is None else (slots - self.pad[:, None]).clamp(min=0)
 
     def __len__(self):
         return self.keys[0].size(2) if self.keys else 0
@@ -166,7 +181,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = cache.update(layer, k, v)
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, pad=cache.pad)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
 
@@ -235,10 +250,12 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def rope(self, pos):
-        """(cos, sin) for positions `pos`, broadcastable over (B, H, T, hd); None for gpt2."""
+        """(cos, sin) for positions `pos` (T,) or per row (B, T), broadcastable over (B, H, T, hd);
+        None for gpt2."""
         if self.wpe is not None:
             return None
-        return self.rope_cos[pos], self.rope_sin[pos]
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        return (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])
 
     def trunk(self, idx, cache=None):
         """Run the blocks on tokens `idx` (B, T) that follow the cached positions.
@@ -247,7 +264,7 @@ class GPT(nn.Module):
         start, T = len(cache), idx.size(1)
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
+        pos = cache.positions(torch.arange(start, start + T, device=idx.device))  # (T,) or (B, T)
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(pos)
@@ -271,10 +288,11 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, pad=None):
         """Yield the next token (B,) at each step, decoding with the KV cache: the prompt is
-        run once, then each step runs the model on one new token only."""
-        cache = KVCache()
+        run once, then each step runs the model on one new token only. `pad` (B,): rows of idx
+        left-padded to one length (KVCache)."""
+        cache = KVCache(pad)
         h, _ = self.trunk(idx, cache)
         for _ in range(max_new_tokens):
             token = sample_token(self.head(h[:, -1]), temperature, top_k)

@@ -171,3 +171,23 @@ def test_shared_conditioning_equals_per_row_conditioning():
         fresh.append(tok)
         h, _ = l2d.base.trunk(tok[:, None], cache)
     assert all(torch.equal(a, b) for a, b in zip(remembered, fresh))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_left_padded_batch_integrates_each_row_as_alone(family):
+    """The ODE for the next token of prompts of different lengths, left-padded into one batch (model.KVCache),
+    gives each row's logits as an unpadded batch of one does, from the same noise x_0."""
+    l2d = tiny_l2d(family, "lora")
+    prompts = [torch.randint(0, VOCAB, (n,)) for n in (6, 2, 4)]
+    T = max(len(p) for p in prompts)
+    idx = torch.stack([torch.cat([torch.randint(0, VOCAB, (T - len(p),)), p]) for p in prompts])
+    pad, labels = torch.tensor([T - len(p) for p in prompts]), torch.tensor([0, 1, 2])
+    x_0 = torch.randn(3, 1, 16) * 64
+    with torch.no_grad():
+        h, cache = l2d.base.trunk(idx, KVCache(pad))
+        together, nfe = l2d.flow(h[:, -1:], cache, x_0, steps=4, labels=labels)
+        for row, prompt in enumerate(prompts):
+            h, cache = l2d.base.trunk(prompt[None])
+            alone, _ = l2d.flow(h[:, -1:], cache, x_0[row:row + 1], steps=4, labels=labels[row:row + 1])
+            torch.testing.assert_close(together[row], alone[0], atol=1e-4, rtol=1e-4)
+    assert nfe.tolist() == [[7], [7], [7]]

@@ -202,6 +202,25 @@ def test_gold_x_t_reads_the_noised_gold_token():
     assert torch.equal(at_zero[mask], at_answers(base_logits)[mask])
 
 
+# --- batched generation -----------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_batched_generation_equals_one_prompt_at_a_time(family):
+    """Prompts of different lengths generated together (left-padded) give each prompt's answer, token count
+    and path evaluations as generating it alone does, also when rows stop at different tokens."""
+    l2d = tiny_l2d(randomize=True, family=family)
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 9, 3, 7)]
+    greedy = dict(steps=1, solver="midpoint", atol=None, rtol=None, guidance=1.0, x1="argmax")
+    free = [ev.generate_answers(l2d, [p], 8, set(), greedy)[0][0] for p in prompts]
+    stop = {free[0][2], free[2][5]}  # row 0 stops at its 3rd token at the latest, row 2 at its 6th
+    for model in (l2d, l2d.base):
+        alone = [ev.generate_answers(model, [p], 8, stop, greedy)[0] for p in prompts]
+        assert ev.generate_answers(model, prompts, 8, stop, greedy) == alone
+        assert len(alone[0][0]) <= 2 and alone[0][1] == len(alone[0][0]) + 1  # the stop token is counted, not returned
+    euler = dict(greedy, steps=3, solver="euler")
+    together = ev.generate_answers(l2d, prompts, 4, set(), euler)
+    assert [(generated, nfe) for _, generated, nfe in together] == [(4, 4 * 3)] * 4  # 2 evaluations + read-out
+
+
 # --- end to end ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -256,6 +275,9 @@ def test_end_to_end_l2d(tiny_run):
         assert rows[1][key][0] == pytest.approx(rows[1][gen] - rows[0][gen])  # paired: same examples, same tokens
         assert rows[1][key][1] <= rows[1][key][0] <= rows[1][key][2]
     assert sum(rows[1]["tf_example_count"]) == rows[1]["tf_tokens"] and len(rows[1]["example_correct"]) == 3
+    batched = run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--steps", "1", "--gen_batch_size", "2")
+    assert {k: batched[0][k] for k in ("example_correct", "tokens", "samples")} == \
+        {k: rows[0][k] for k in ("example_correct", "tokens", "samples")}
     again = run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--steps", "2", "--solver=euler")
     keep = ("accuracy", "tf_accuracy", "tf_nll", "samples")
     assert {k: again[0][k] for k in keep} == {k: rows[1][k] for k in keep}  # seeded: reproducible rows

@@ -176,6 +176,36 @@ def test_kv_cache_matches_full_sequence(family):
     assert len(cache) == 17
 
 
+def left_pad(prompts, filler):
+    """Rows of different lengths -> (B, T) left-padded with `filler` tokens, and the pad counts (B,)."""
+    T = max(len(p) for p in prompts)
+    idx = torch.stack([torch.cat([filler[:T - len(p)], p]) for p in prompts])
+    return idx, torch.tensor([T - len(p) for p in prompts])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_left_padded_batch_decodes_each_row_as_alone(family):
+    """Prompts of different lengths decoded together give what each gives alone (the reference: an
+    unpadded batch of one, no mask), whatever tokens the padding holds."""
+    config = GPTConfig(family=family, block_size=32, vocab_size=61, n_layer=2, n_head=4,
+                       n_kv_head=2 if family == "llama" else 0, n_embd=32)
+    model = GPT(config).eval()
+    prompts = [torch.randint(0, 61, (n,)) for n in (3, 7, 5)]
+    idx, pad = left_pad(prompts, torch.randint(0, 61, (7,)))
+    with torch.no_grad():
+        h, _ = model.trunk(idx, KVCache(pad))
+        unmasked, _ = model.trunk(idx)  # the same batch read as if the filler were text
+        for row, prompt in enumerate(prompts):
+            alone, _ = model.trunk(prompt[None])
+            torch.testing.assert_close(h[row, pad[row]:], alone[0], atol=1e-5, rtol=1e-5)
+            if pad[row] > 0:
+                assert not torch.allclose(unmasked[row, pad[row]:], alone[0], atol=1e-3)
+    together = torch.stack(list(model.generate(idx, 6, temperature=0, pad=pad)), 1)
+    for row, prompt in enumerate(prompts):
+        alone = torch.stack(list(model.generate(prompt[None], 6, temperature=0)), 1)
+        assert torch.equal(together[row], alone[0])
+
+
 def test_loss_ignores_minus_one():
     model = GPT(GPTConfig(block_size=16, vocab_size=31, n_layer=1, n_head=2, n_embd=16))
     idx = torch.randint(0, 31, (2, 8))
