@@ -173,7 +173,7 @@ def generate_answers(model, prompts, max_new_tokens, stop, setting, labels=None)
     device = next(model.parameters()).device
     length = max(len(p) for p in prompts)
     idx = torch.tensor([[0] * (length - len(p)) + p for p in prompts], dtype=torch.long, device=device)
-    pad = torch.tensor([length - len(p) for p in prompts], device=device) if len(set(map(len, prompts))) > 1 else None
+    pad = torch.tensor([length - len(p) for p in prompts], device=device)
     if isinstance(model, L2D):
         stream = model.generate(idx, max_new_tokens, pad=pad, steps=setting["steps"], solver=setting["solver"],
                                 atol=setting["atol"], rtol=setting["rtol"], guidance=setting["guidance"], labels=labels,

@@ -140,7 +140,8 @@ class KVCache:
     token, and no real token attends to its padding: each row decodes as it would alone."""
 
     def __init__(self, pad=None):
-        self.keys, self.values, self.pad = [], [], pad
+        self.keys, self.values = [], []
+        self.pad = pad if pad is not None and bool(pad.any()) else None  # none: attention needs no mask
 
     def positions(self, slots):
         """Token positions (for RoPE / learned positions) of cache slots (T,) or (B, T)."""
