@@ -172,7 +172,7 @@ def generate_answers(model, prompts, max_new_tokens, stop, setting, labels=None)
     Returns per prompt (answer token ids, tokens generated including the stop token, path evaluations)."""
     device = next(model.parameters()).device
     length = max(len(p) for p in prompts)
-    idx = torch.tensor([[0] * (length - len(p)) + p for p in prompts], dtype=torch.long, device=device)
+    idx = torch.tensor([[0] * (length - len(p)) + p for p in prompts], dtype=torch.long, device=device)  # 0: any id, masked
     pad = torch.tensor([length - len(p) for p in prompts], device=device)
     if isinstance(model, L2D):
         stream = model.generate(idx, max_new_tokens, pad=pad, steps=setting["steps"], solver=setting["solver"],
