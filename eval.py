@@ -181,19 +181,19 @@ def generate_answers(model, prompts, max_new_tokens, stop, setting, labels=None)
     else:
         stream = ((token, torch.zeros(len(prompts), dtype=torch.long))
                   for token in model.generate(idx, max_new_tokens, temperature=0, pad=pad))
-    answers = [([], 0, 0) for _ in prompts]
+    outs, generated, spent = [[] for _ in prompts], [0] * len(prompts), [0] * len(prompts)
     running = set(range(len(prompts)))
     for tokens, nfe in stream:
+        tokens, nfe = tokens.tolist(), nfe.tolist()
         for row in list(running):
-            out, generated, spent = answers[row]
-            answers[row] = (out, generated + 1, spent + int(nfe[row]))
-            if int(tokens[row]) in stop:
+            generated[row], spent[row] = generated[row] + 1, spent[row] + nfe[row]
+            if tokens[row] in stop:
                 running.discard(row)
             else:
-                out.append(int(tokens[row]))
+                outs[row].append(tokens[row])
         if not running:
             break
-    return answers
+    return list(zip(outs, generated, spent))
 
 
 # --- command line -----------------------------------------------------------------------------------
