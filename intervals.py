@@ -3,9 +3,13 @@
 over the tokens of m examples (the ratio estimator, since one answer's tokens are not independent),
 and for the difference of two rows measured on the same examples (paired).
 
-Run on an eval.py JSON, it tests whether each step count beats the one before it, on the same examples:
+Run on an eval.py JSON, it tests whether each step count beats the one before it, on the same examples;
+on two, every row of the second against every row of the first, on the examples both runs have (the
+first min(n) of the test split: eval.py always starts at example 0, so a run with --limit 20 shares its
+examples with one with --limit 100):
 
     python intervals.py out-l2d-smollm2-arith-sigma8/eval_tf_paired.json
+    python intervals.py out-l2d-smollm2-gsm8k/eval_tf_paired.json out-l2d-smollm2-gsm8k/eval_dopri5.json
 """
 
 import json
@@ -61,22 +65,50 @@ def row_gains(row, reference):
     return gains
 
 
+def comparison(row, reference):
+    """One line: row minus reference, paired, in points."""
+    gains = row_gains(row, reference)
+    return f"{row['setting']} vs {reference['setting']}: " + (", ".join(
+        f"{name} {100 * d:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] points" for name, (d, low, high) in gains.items())
+        or "no per-example results (re-run eval.py)")
+
+
 def step_to_step(rows):
     """Lines comparing each row of one eval.py run with the row before it."""
-    lines = []
-    for before, row in zip(rows, rows[1:]):
-        gains = row_gains(row, before)
-        lines.append(f"{row['setting']} vs {before['setting']}: " + (", ".join(
-            f"{name} {100 * d:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] points" for name, (d, low, high) in gains.items())
-            or "no per-example results (re-run eval.py)"))
-    return lines
+    return [comparison(row, before) for before, row in zip(rows, rows[1:])]
+
+
+def first_examples(row, m):
+    """A row cut to its first m examples."""
+    cut = {key: value[:m] if key.endswith(("example_correct", "example_count")) else value for key, value in row.items()}
+    return dict(cut, n=min(row.get("n", m), m))
+
+
+def across_runs(run_a, run_b):
+    """Lines comparing every row of run_b with every row of run_a (two eval.py results) on their shared
+    examples. Raises ValueError if the runs are on different data, or their token counts disagree."""
+    if (run_a["task"], run_a["data"]) != (run_b["task"], run_b["data"]):
+        raise ValueError(f"the runs are on different data: {run_a['data']} and {run_b['data']}")
+    m = min(run_a["n"], run_b["n"])
+    rows_a = [first_examples(row, m) for row in run_a["rows"]]
+    rows_b = [first_examples(row, m) for row in run_b["rows"]]
+    counts = {tuple(row["tf_example_count"]) for row in rows_a + rows_b if "tf_example_count" in row}
+    if len(counts) > 1:
+        raise ValueError("the runs' answer lengths differ on the shared examples: not the same examples")
+    return [f"on the first {m} examples:"] + [comparison(row, reference) for row in rows_b for reference in rows_a]
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        fail("usage: python intervals.py EVAL_JSON (an eval.py results file)")
+    if len(sys.argv) not in (2, 3):
+        fail("usage: python intervals.py EVAL_JSON [EVAL_JSON_2] (eval.py results files)")
+    runs = []
+    for path in sys.argv[1:]:
+        try:
+            with open(path) as f:
+                runs.append(json.load(f))
+        except (OSError, ValueError) as e:
+            fail(f"cannot read eval results from {path}: {e}")
     try:
-        with open(sys.argv[1]) as f:
-            print("\n".join(step_to_step(json.load(f)["rows"])))
-    except (OSError, ValueError, KeyError) as e:
-        fail(f"cannot read eval results from {sys.argv[1]}: {e}")
+        print("\n".join(step_to_step(runs[0]["rows"]) if len(runs) == 1 else across_runs(*runs)))
+    except (KeyError, ValueError) as e:
+        fail(f"cannot compare {' and '.join(sys.argv[1:])}: {e}")

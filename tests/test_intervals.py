@@ -62,9 +62,24 @@ def test_step_to_step_compares_each_row_with_the_one_before():
     assert [line.split(":")[0] for line in lines] == ["steps=2 vs steps=1", "steps=4 vs steps=2"]
     # steps=4 vs 2 on tf: (8 - 5) / 8 correct tokens more; the numbers printed are paired_difference's
     d, low, high = intervals.paired_difference([2, 2, 3, 1], [2, 1, 2, 0], [2, 2, 3, 1])
-    assert d == pytest.approx(3 / 8) and f"tf_gain {100 * d:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]" in lines[1]
-    assert "gain +25.0" in lines[0]
+    assert d == pytest.approx(3 / 8) and f"tf_gain {100 * d:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]" in lines[1]
+    assert "gain +25.00" in lines[0]
     assert "no per-example results" in intervals.step_to_step([dict(setting="a"), dict(setting="b")])[0]
+
+
+def test_across_runs_pairs_the_shared_first_examples():
+    count = [2, 2, 3, 1, 4]
+    run_a = dict(task="gsm8k", data="d", n=5, rows=[dict(setting="steps=8", tf_example_correct=[2, 1, 2, 0, 4], tf_example_count=count)])
+    run_b = dict(task="gsm8k", data="d", n=3, rows=[dict(setting="atol=0.01", tf_example_correct=[2, 2, 3], tf_example_count=count[:3])])
+    lines = intervals.across_runs(run_a, run_b)
+    # b has the first 3 examples: (7 - 5) / 7 more correct tokens there, with paired_difference's interval
+    d, low, high = intervals.paired_difference([2, 2, 3], [2, 1, 2], [2, 2, 3])
+    assert d == pytest.approx(2 / 7)
+    assert lines == ["on the first 3 examples:", f"atol=0.01 vs steps=8: tf_gain {100 * d:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] points"]
+    with pytest.raises(ValueError, match="answer lengths"):  # different examples behind the same indices
+        intervals.across_runs(run_a, dict(run_b, rows=[dict(run_b["rows"][0], tf_example_count=[2, 2, 4])]))
+    with pytest.raises(ValueError, match="different data"):
+        intervals.across_runs(run_a, dict(run_b, task="arithmetic"))
 
 
 def test_cli_error_is_one_line_exit_2(tmp_path):
