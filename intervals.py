@@ -14,6 +14,7 @@ examples with one with --limit 100):
 
 import json
 import math
+import os
 import sys
 
 import numpy as np
@@ -84,10 +85,15 @@ def first_examples(row, m):
     return dict(cut, n=min(row.get("n", m), m))
 
 
+def dataset_name(run):
+    """(task, data folder name) of an eval.py run: the same for runs from different clones."""
+    return run["task"], os.path.basename(os.path.normpath(run["data"]))
+
+
 def across_runs(run_a, run_b):
     """Lines comparing every row of run_b with every row of run_a (two eval.py results) on their shared
     examples. Raises ValueError if the runs are on different data, or their token counts disagree."""
-    if (run_a["task"], run_a["data"]) != (run_b["task"], run_b["data"]):
+    if dataset_name(run_a) != dataset_name(run_b):
         raise ValueError(f"the runs are on different data: {run_a['data']} and {run_b['data']}")
     m = min(run_a["n"], run_b["n"])
     rows_a = [first_examples(row, m) for row in run_a["rows"]]
