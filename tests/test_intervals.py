@@ -76,6 +76,7 @@ def test_across_runs_pairs_the_shared_first_examples():
     d, low, high = intervals.paired_difference([2, 2, 3], [2, 1, 2], [2, 2, 3])
     assert d == pytest.approx(2 / 7)
     assert lines == ["on the first 3 examples:", f"atol=0.01 vs steps=8: tf_gain {100 * d:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] points"]
+    assert intervals.across_runs(run_a, dict(run_b, data="/another/clone/d")) == lines  # same folder, other clone
     with pytest.raises(ValueError, match="answer lengths"):  # different examples behind the same indices
         intervals.across_runs(run_a, dict(run_b, rows=[dict(run_b["rows"][0], tf_example_count=[2, 2, 4])]))
     with pytest.raises(ValueError, match="different data"):
