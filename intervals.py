@@ -59,7 +59,8 @@ def row_gains(row, reference):
     eval.py stores: {"gain": exact match, "tf_gain": teacher-forced}, each (difference, low, high)."""
     gains = {}
     if "example_correct" in row and "example_correct" in reference:
-        gains["gain"] = paired_difference(row["example_correct"], reference["example_correct"], [1] * row["n"])
+        gains["gain"] = paired_difference(row["example_correct"], reference["example_correct"],
+                                          [1] * len(row["example_correct"]))
     if "tf_example_correct" in row and "tf_example_correct" in reference:
         gains["tf_gain"] = paired_difference(row["tf_example_correct"], reference["tf_example_correct"],
                                              row["tf_example_count"])
@@ -80,9 +81,8 @@ def step_to_step(rows):
 
 
 def first_examples(row, m):
-    """A row cut to its first m examples."""
-    cut = {key: value[:m] if key.endswith(("example_correct", "example_count")) else value for key, value in row.items()}
-    return dict(cut, n=min(row.get("n", m), m))
+    """A row's per-example results cut to its first m examples."""
+    return {key: value[:m] if key.endswith(("example_correct", "example_count")) else value for key, value in row.items()}
 
 
 def dataset_name(run):

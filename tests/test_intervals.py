@@ -81,6 +81,12 @@ def test_across_runs_pairs_the_shared_first_examples():
         intervals.across_runs(run_a, dict(run_b, rows=[dict(run_b["rows"][0], tf_example_count=[2, 2, 4])]))
     with pytest.raises(ValueError, match="different data"):
         intervals.across_runs(run_a, dict(run_b, task="arithmetic"))
+    # exact match: one answer per example, so the first 3 answers of a 5-example run against a 3-example one
+    em_a = dict(run_a, rows=[dict(setting="steps=8", n=5, example_correct=[1, 0, 0, 1, 1])])
+    em_b = dict(run_b, rows=[dict(setting="steps=16", n=3, example_correct=[1, 1, 0])])
+    d, low, high = intervals.paired_difference([1, 1, 0], [1, 0, 0], [1, 1, 1])
+    assert d == pytest.approx(1 / 3)
+    assert intervals.across_runs(em_a, em_b)[1] == f"steps=16 vs steps=8: gain {100 * d:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] points"
 
 
 def test_cli_error_is_one_line_exit_2(tmp_path):
