@@ -150,6 +150,12 @@ class KVCache:
     def __len__(self):
         return self.keys[0].size(2) if self.keys else 0
 
+    def select(self, rows):
+        """A cache of only the batch rows `rows` (B',): a copy of their keys, values and padding."""
+        sub = KVCache(None if self.pad is None else self.pad[rows])
+        sub.keys, sub.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
+        return sub
+
     def update(self, layer, k, v):
         if layer == len(self.keys):
             self.keys.append(k)
