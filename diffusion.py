@@ -116,6 +116,20 @@ class PathLayer(nn.Module):
         return h + gate_mlp * self.mlp(block.ln_2.modulated(h, dw_mlp, shift_mlp))
 
 
+def pack_positions(rows, P):
+    """Lay out a sorted subset `rows` (n,) of the B*P flattened positions (B, P) as a smaller batch:
+    returns the batch rows they occupy `batch` (B',), `packed` (B', P'), each slot's index into `rows`
+    (P' = the most positions any one batch row keeps; spare slots repeat that row's last position),
+    and where each of the n positions sits in `packed`: (batch slot (n,), position slot (n,))."""
+    batch, row_of = torch.unique_consecutive(rows // P, return_inverse=True)
+    counts = torch.bincount(row_of)
+    first = counts.cumsum(0) - counts  # index in `rows` of each batch row's first position
+    slot_of = torch.arange(len(rows), device=rows.device) - first[row_of]
+    slots = torch.arange(int(counts.max()), device=rows.device)
+    packed = first[:, None] + torch.minimum(slots, counts[:, None] - 1)
+    return batch, packed, (row_of, slot_of)
+
+
 class L2D(nn.Module):
     def __init__(self, base, config):
         super().__init__()
@@ -177,6 +191,23 @@ class L2D(nn.Module):
             h = path_layer(h, modulations[layer], block, cache.keys[layer], cache.values[layer], rope, pos, cache.pad)
         return self.base.head(h_main + gate * h)
 
+    def predict_some(self, rows, h_main, cache, x_t, t, labels=None, pos=None, selected=None):
+        """predict() for only some of the B*P diffusion tokens: `rows` (n,), sorted indices into the
+        flattened (B, P), with their x_t (n, d_f) and t (n,); h_main, labels, pos as for predict(), for
+        all B*P. Returns logits (n, vocab). dopri5 uses it once some tokens have finished. They are
+        packed into the batch rows they belong to, since each reads its own row's K/V and padding.
+        `selected`: a dict in which to keep the copy of those rows' K/V while the set of rows stays."""
+        B, P = h_main.shape[:2]
+        batch, packed, (row_of, slot_of) = pack_positions(rows, P)
+        selected = {} if selected is None else selected
+        if selected.get("batch") != batch.tolist():
+            selected["batch"], selected["cache"] = batch.tolist(), cache.select(batch)
+        if pos is None:  # the last P slots of the cache, as in predict()
+            pos = torch.arange(len(cache) - P, len(cache), device=rows.device).expand(B, P)
+        logits = self.predict(h_main.flatten(0, 1)[rows][packed], selected["cache"], x_t[packed], t[packed],
+                              None if labels is None else labels[batch], pos.flatten()[rows][packed])
+        return logits[row_of, slot_of]
+
     # --- training (sec. 3) ---------------------------------------------------------------------
     def noisy_targets(self, targets, t):
         """x_t for the next tokens `targets` (B, P); ignored targets get an arbitrary x_1."""
@@ -230,7 +261,7 @@ class L2D(nn.Module):
         memo = {} if memo is None else memo
         if x1 == "mean" and "flow_table" not in memo:  # V for the whole vocabulary, once per sequence
             memo["flow_table"] = self.flow_embed(torch.arange(self.base.config.vocab_size, device=x_0.device))
-        seen = {}
+        seen, selected = {}, {}  # the latest logits (for the callback); dopri5's copied K/V (predict_some)
 
         def shared_conditioning(t, labels):  # one row's conditioning, broadcast, when all rows share it
             if solver == "dopri5" or (t != t[0]).any() or (labels is not None and (labels != labels[0]).any()):
@@ -240,9 +271,11 @@ class L2D(nn.Module):
                 memo[key] = self.conditioning(t[:1].view(1, 1).float(), None if labels is None else labels[:1])
             return memo[key]
 
-        def evaluate(x, t, labels):  # rows (B*P, d_f), (B*P,) -> logits (B*P, vocab)
-            return self.predict(h_main, cache, x.view(B, P, d_f).float(), t.view(B, P).float(), labels, pos,
-                                shared_conditioning(t, labels)).flatten(0, 1)
+        def evaluate(x, t, labels, rows=None):  # x (n, d_f), t (n,) of positions `rows` of B*P -> logits (n, vocab)
+            if rows is None or len(rows) == B * P:
+                return self.predict(h_main, cache, x.view(B, P, d_f).float(), t.view(B, P).float(), labels, pos,
+                                    shared_conditioning(t, labels)).flatten(0, 1)
+            return self.predict_some(rows, h_main, cache, x.float(), t.float(), labels, pos, selected)
 
         def estimate_x1(logits, t):
             if x1 == "argmax":
@@ -252,11 +285,14 @@ class L2D(nn.Module):
                 return self.flow_embed(torch.multinomial(F.softmax(logits.float() / tau, -1), 1)[:, 0])
             return F.softmax(logits.float(), -1) @ memo["flow_table"]  # "mean": E[x_1] under the prediction
 
-        def velocity(x, t):
-            logits = seen["logits"] = evaluate(x, t, labels)
+        def velocity(x, t, rows=None):
+            logits = evaluate(x, t, labels, rows)
+            if callback is not None:  # every position's latest logits, for the callback
+                some = rows is not None and len(rows) < B * P
+                seen["logits"] = seen["logits"].index_copy(0, rows, logits) if some else logits
             x_hat = estimate_x1(logits, t).double()
             if guidance != 1.0:  # v = w v(class) + (1 - w) v(null): a second, unconditional evaluation
-                x_hat = guidance * x_hat + (1 - guidance) * estimate_x1(evaluate(x, t, None), t).double()
+                x_hat = guidance * x_hat + (1 - guidance) * estimate_x1(evaluate(x, t, None, rows), t).double()
             v = (x_hat - x) / (1 - t[:, None]).clamp(min=1e-12)
             return torch.where(t[:, None] >= 1, torch.zeros_like(v), v)  # singular at t=1: defined 0
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion import L2D, L2DConfig
+from diffusion import L2D, L2DConfig, pack_positions
 from model import GPT, GPTConfig, KVCache
 
 VOCAB = 53
@@ -173,10 +173,12 @@ def test_shared_conditioning_equals_per_row_conditioning():
     assert all(torch.equal(a, b) for a, b in zip(remembered, fresh))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_left_padded_batch_integrates_each_row_as_alone(family):
+@pytest.mark.parametrize("family,ode", [("gpt2", {}), ("llama", {}), ("llama", dict(solver="dopri5", x1="mean", atol=1e-4, rtol=1e-4))])
+def test_left_padded_batch_integrates_each_row_as_alone(family, ode):
     """The ODE for the next token of prompts of different lengths, left-padded into one batch (model.KVCache),
-    gives each row's logits as an unpadded batch of one does, from the same noise x_0."""
+    gives each row's logits as an unpadded batch of one does, from the same noise x_0. With dopri5 (and the
+    smooth x1="mean" estimate) rows take different step counts, so the batch goes on without the rows
+    that are done: what is left must still read its own row's keys and padding."""
     l2d = tiny_l2d(family, "lora")
     prompts = [torch.randint(0, VOCAB, (n,)) for n in (6, 2, 4)]
     T = max(len(p) for p in prompts)
@@ -185,9 +187,45 @@ def test_left_padded_batch_integrates_each_row_as_alone(family):
     x_0 = torch.randn(3, 1, 16) * 64
     with torch.no_grad():
         h, cache = l2d.base.trunk(idx, KVCache(pad))
-        together, nfe = l2d.flow(h[:, -1:], cache, x_0, steps=4, labels=labels)
+        shapes = []  # the callback sees every row's latest logits, also once some rows are done
+        together, nfe = l2d.flow(h[:, -1:], cache, x_0, steps=4, labels=labels, **ode,
+                                 callback=lambda info: shapes.append(info["logits"].shape))
+        assert shapes and set(shapes) == {(3, VOCAB)}
         for row, prompt in enumerate(prompts):
             h, cache = l2d.base.trunk(prompt[None])
-            alone, _ = l2d.flow(h[:, -1:], cache, x_0[row:row + 1], steps=4, labels=labels[row:row + 1])
+            alone, alone_nfe = l2d.flow(h[:, -1:], cache, x_0[row:row + 1], steps=4, labels=labels[row:row + 1], **ode)
             torch.testing.assert_close(together[row], alone[0], atol=1e-4, rtol=1e-4)
-    assert nfe.tolist() == [[7], [7], [7]]
+            assert nfe[row] == alone_nfe[0]
+    if ode:
+        assert nfe[2] > nfe[0] == nfe[1], nfe  # the left-padded row 2 goes on alone
+    else:
+        assert nfe.tolist() == [[7], [7], [7]]
+
+
+def test_pack_positions_by_hand():
+    # B=3 rows of P=4 positions; left: row 0's positions 1, 3 and row 2's 0, 1, 2 (row 1 is done)
+    rows = torch.tensor([1, 3, 8, 9, 10])
+    batch, packed, (row_of, slot_of) = pack_positions(rows, 4)
+    assert batch.tolist() == [0, 2]
+    assert packed.tolist() == [[0, 1, 1], [2, 3, 4]]  # row 0 has two positions: its last one fills the spare slot
+    assert row_of.tolist() == [0, 0, 1, 1, 1] and slot_of.tolist() == [0, 1, 0, 1, 2]
+    assert torch.equal(rows[packed][row_of, slot_of], rows)
+
+
+@pytest.mark.parametrize("family,explicit_pos", [("gpt2", False), ("llama", False), ("llama", True)])
+def test_predict_some_equals_predict_at_those_positions(family, explicit_pos):
+    """The path for a subset of the diffusion tokens (what dopri5 evaluates once some have finished) gives
+    the logits predict() gives them among all tokens: each reads its own batch row's K/V and padding."""
+    l2d = tiny_l2d(family, "lora")
+    B, T, P = 3, 7, 3
+    idx, pad, labels = torch.randint(0, VOCAB, (B, T)), torch.tensor([0, 4, 2]), torch.tensor([1, 0, 2])
+    pos = torch.tensor([[1, 4, 6], [4, 5, 6], [6, 3, 2]]) if explicit_pos else None
+    x_t, t = 64 * torch.randn(B, P, 16), torch.rand(B, P)
+    with torch.no_grad():
+        h, cache = l2d.base.trunk(idx, KVCache(pad))
+        h_main = h[:, -P:] if pos is None else h.gather(1, pos[..., None].expand(-1, -1, h.size(-1)))
+        every = l2d.predict(h_main, cache, x_t, t, labels, pos).flatten(0, 1)
+        for rows in ([1, 2, 6, 8], [3, 4, 5], [5], list(range(B * P))):
+            rows = torch.tensor(rows)
+            some = l2d.predict_some(rows, h_main, cache, x_t.flatten(0, 1)[rows], t.flatten()[rows], labels, pos)
+            torch.testing.assert_close(some, every[rows], atol=1e-5, rtol=1e-5)
