@@ -199,13 +199,14 @@ class L2D(nn.Module):
         `selected`: a dict in which to keep the copy of those rows' K/V while the set of rows stays."""
         B, P = h_main.shape[:2]
         batch, packed, (row_of, slot_of) = pack_positions(rows, P)
+        flat = rows[packed]  # (B', P') indices into the flattened (B, P)
         selected = {} if selected is None else selected
-        if selected.get("batch") != batch.tolist():
-            selected["batch"], selected["cache"] = batch.tolist(), cache.select(batch)
+        if selected.get("batch") != batch.tolist():  # every batch row still there: no copy needed
+            selected["batch"], selected["cache"] = batch.tolist(), cache if len(batch) == B else cache.select(batch)
         if pos is None:  # the last P slots of the cache, as in predict()
             pos = torch.arange(len(cache) - P, len(cache), device=rows.device).expand(B, P)
-        logits = self.predict(h_main.flatten(0, 1)[rows][packed], selected["cache"], x_t[packed], t[packed],
-                              None if labels is None else labels[batch], pos.flatten()[rows][packed])
+        logits = self.predict(h_main.flatten(0, 1)[flat], selected["cache"], x_t[packed], t[packed],
+                              None if labels is None else labels[batch], pos.flatten()[flat])
         return logits[row_of, slot_of]
 
     # --- training (sec. 3) ---------------------------------------------------------------------
