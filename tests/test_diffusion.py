@@ -173,7 +173,8 @@ def test_shared_conditioning_equals_per_row_conditioning():
     assert all(torch.equal(a, b) for a, b in zip(remembered, fresh))
 
 
-@pytest.mark.parametrize("family,ode", [("gpt2", {}), ("llama", {}), ("llama", dict(solver="dopri5", x1="mean", atol=1e-4, rtol=1e-4))])
+@pytest.mark.parametrize("family,ode", [("gpt2", {}), ("llama", {}),
+                                        ("llama", dict(solver="dopri5", x1="mean", atol=1e-4, rtol=1e-4))])
 def test_left_padded_batch_integrates_each_row_as_alone(family, ode):
     """The ODE for the next token of prompts of different lengths, left-padded into one batch (model.KVCache),
     gives each row's logits as an unpadded batch of one does, from the same noise x_0. With dopri5 (and the
