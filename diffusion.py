@@ -273,7 +273,7 @@ class L2D(nn.Module):
             return memo[key]
 
         def evaluate(x, t, labels, rows=None):  # x (n, d_f), t (n,) of positions `rows` of B*P -> logits (n, vocab)
-            if rows is None or len(rows) == B * P:
+            if rows is None:
                 return self.predict(h_main, cache, x.view(B, P, d_f).float(), t.view(B, P).float(), labels, pos,
                                     shared_conditioning(t, labels)).flatten(0, 1)
             return self.predict_some(rows, h_main, cache, x.float(), t.float(), labels, pos, selected)
@@ -286,11 +286,11 @@ class L2D(nn.Module):
                 return self.flow_embed(torch.multinomial(F.softmax(logits.float() / tau, -1), 1)[:, 0])
             return F.softmax(logits.float(), -1) @ memo["flow_table"]  # "mean": E[x_1] under the prediction
 
-        def velocity(x, t, rows=None):
+        def velocity(x, t, rows=None):  # rows: the positions dopri5 still integrates (None: all)
+            rows = None if rows is not None and len(rows) == B * P else rows
             logits = evaluate(x, t, labels, rows)
             if callback is not None:  # every position's latest logits, for the callback
-                some = rows is not None and len(rows) < B * P
-                seen["logits"] = seen["logits"].index_copy(0, rows, logits) if some else logits
+                seen["logits"] = logits if rows is None else seen["logits"].index_copy(0, rows, logits)
             x_hat = estimate_x1(logits, t).double()
             if guidance != 1.0:  # v = w v(class) + (1 - w) v(null): a second, unconditional evaluation
                 x_hat = guidance * x_hat + (1 - guidance) * estimate_x1(evaluate(x, t, None, rows), t).double()
