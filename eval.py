@@ -42,8 +42,11 @@ learned to read. A path that reads it goes to NLL ~0 at t=1; one that does not s
 does not know it), "null" on the null class, a class name (e.g. math) on that class.
 --data defaults to data/<task>/<tokenizer tag> (e.g. data/gsm8k/smollm2-135m, data/arithmetic/char).
 --out defaults to eval_results.json next to the checkpoint (the current folder for a base model);
-with matplotlib installed, a PNG of accuracy against steps is written beside it. Rows are appended
-to the JSON as they finish, so a killed run keeps what it had.
+with matplotlib installed, a PNG of accuracy against steps is written beside it. The JSON is rewritten
+(atomically) after every batch, with the row in progress under "partial"; a killed run goes on from
+its last batch when its command is repeated with --resume True (the rows come out as one whole run's):
+
+    python eval.py --ckpt out/ckpt.pt --task gsm8k --steps 32 --out out/eval_s32.json --resume True
 
 --gen_batch_size B generates B prompts together, left-padded to the longest (model.KVCache), until all of
 them stop: each row decodes as it would alone, at several times the tokens/s (3.4x at B=8 on one core).
@@ -82,7 +85,7 @@ DEFAULTS = dict(
     steps=None, solver="midpoint", atol=None, rtol=None, guidance=None, label="",  # None: LIST_DEFAULTS
     generate=True, teacher_forced=True, batch_size=8,  # batch_size: examples per teacher-forced batch
     gen_batch_size=1,  # prompts generated together, left-padded (faster; see the docstring)
-    x1="argmax", probe_t=None, out="", seed=1337, device="auto",
+    x1="argmax", probe_t=None, out="", resume=False, seed=1337, device="auto",
 )
 LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], atol=[1e-5], rtol=[1e-5], guidance=[1.0], probe_t=[])
 
@@ -154,14 +157,32 @@ def gold_x_t(model, x, y, t, labels=None):
 
 
 def answer_stats(logits, targets, nfe=None):
-    """Sums over the answer positions (targets != -1): correct argmaxes, NLL, positions, path evaluations,
-    and per example (batch row) the correct argmaxes and positions, for the intervals."""
+    """Per example (batch row), over its answer positions (targets != -1): correct argmaxes, positions, summed
+    NLL and path evaluations. Lists, so that rows can be pooled, paired and resumed example by example."""
     mask = targets != -1
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="sum")
-    example_correct = ((logits.argmax(-1) == targets) & mask).sum(1)
-    nfe_sum = int(nfe.to(mask.device)[mask].sum()) if nfe is not None else 0
-    return dict(correct=int(example_correct.sum()), nll=float(nll), count=int(mask.sum()), nfe=nfe_sum,
-                example_correct=example_correct.tolist(), example_count=mask.sum(1).tolist())
+    nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=-1, reduction="none")  # 0 off the answer
+    nfe = (nfe.to(mask.device) * mask).sum(1) if nfe is not None else torch.zeros(len(mask), dtype=torch.long)
+    return dict(correct=((logits.argmax(-1) == targets) & mask).sum(1).tolist(), count=mask.sum(1).tolist(),
+                nll=nll.sum(1).tolist(), nfe=nfe.tolist())
+
+
+def tf_summary(ex):
+    """A row's teacher-forced columns from its per-example lists (answer_stats, concatenated)."""
+    count = max(sum(ex["count"]), 1)
+    low, high = ratio_interval(ex["correct"], ex["count"])
+    return dict(tf_accuracy=sum(ex["correct"]) / count, tf_ci_low=low, tf_ci_high=high, tf_nll=sum(ex["nll"]) / count,
+                tf_tokens=sum(ex["count"]), tf_nfe_per_token=sum(ex["nfe"]) / count,
+                **{f"tf_example_{key}": values for key, values in ex.items()})
+
+
+def generation_summary(ex):
+    """A row's generation columns from its per-example lists (correct, tokens, nfe) and seconds, samples."""
+    n, correct, tokens = len(ex["correct"]), sum(ex["correct"]), sum(ex["tokens"])
+    low, high = wilson_interval(correct, n)
+    return dict(accuracy=correct / max(n, 1), correct=correct, n=n, ci_low=low, ci_high=high,
+                nfe_per_token=sum(ex["nfe"]) / max(tokens, 1), tokens=tokens,
+                tokens_per_s=tokens / max(ex["seconds"], 1e-9), seconds=ex["seconds"], samples=ex["samples"],
+                example_correct=ex["correct"], example_tokens=ex["tokens"], example_nfe=ex["nfe"])
 
 
 # --- generation -----------------------------------------------------------------------------------
@@ -292,6 +313,25 @@ def write_json(path, result):
     os.replace(tmp, path)
 
 
+def resumable(out, result):
+    """--resume: the JSON a killed run of the same command left at `out`, to go on from (`result` if none)."""
+    if not os.path.isfile(out):
+        print(f"note: nothing to resume at {out}; starting from the first example")
+        return result
+    try:
+        with open(out) as f:
+            old = json.load(f)
+        old_config = {k: v for k, v in old["config"].items() if k != "resume"}
+    except (ValueError, KeyError, AttributeError) as e:
+        raise UsageError(f"cannot resume from {out}: not an eval.py JSON ({e}); pass another --out") from None
+    config = {k: v for k, v in json.loads(json.dumps(result["config"])).items() if k != "resume"}
+    differ = sorted(k for k in config.keys() | old_config.keys() if config.get(k) != old_config.get(k))
+    if differ:
+        raise UsageError(f"cannot resume from {out}: it was run with other options ({', '.join(differ)}); "
+                         "repeat its command with --resume True, or pass another --out")
+    return old
+
+
 def main(argv=None):
     cfg = configure(DEFAULTS, argv)
     if cfg["task"] not in TASKS:
@@ -331,44 +371,62 @@ def main(argv=None):
     kind = f"L2D ({model.config.variant})" if is_l2d else "GPT"
     print(f"{kind} from {cfg['ckpt']} on {data_dir}: {n} examples, {len(settings)} row(s), device {device}")
     result = dict(ckpt=cfg["ckpt"], model=kind, task=cfg["task"], data=data_dir, n=n, config=cfg, rows=[])
+    if cfg["resume"]:
+        result = resumable(out, result)
 
-    def over_batches(batch_logits, desc):
+    # After every batch the JSON is rewritten with the phase in progress (a probe time, a row's generation or
+    # its teacher-forced pass) under "partial": its per-example lists so far and the row it belongs to.
+    def resumed(phase, fresh):
+        """The per-example lists of `phase` that a killed run saved, else `fresh`."""
+        partial = result.get("partial")
+        return partial["examples"] if partial and partial["phase"] == phase else fresh
+
+    def save(phase, examples, row=None):
+        result["partial"] = dict(phase=phase, examples=examples, row=row)
+        write_json(out, result)
+
+    def over_batches(batch_logits, phase, row=None):
         """Teacher-forced stats of batch_logits(ix, labels, x, y) -> (logits, targets, nfe) over the n examples."""
-        sums = dict(correct=0, nll=0.0, count=0, nfe=0, example_correct=[], example_count=[])
-        for b0 in tqdm(range(0, n, cfg["batch_size"]), desc=desc, leave=False, file=sys.stderr):
+        ex = resumed(phase, dict(correct=[], count=[], nll=[], nfe=[]))
+        start = len(ex["correct"])  # a multiple of batch_size: the batches (and their seeds) are those of a whole run
+        for b0 in tqdm(range(start, n, cfg["batch_size"]), desc=phase, leave=False, file=sys.stderr):
             ix = np.arange(b0, min(b0 + cfg["batch_size"], n))
             x, y, _ = ds.get_batch(ix, block_size)
             lab = None if labels is None else torch.as_tensor(labels[ix], device=device)
-            for key, value in answer_stats(*batch_logits(ix, lab, x.to(device), y.to(device))).items():
-                sums[key] += value
-        count = max(sums["count"], 1)
-        low, high = ratio_interval(sums["example_correct"], sums["example_count"])
-        return dict(tf_accuracy=sums["correct"] / count, tf_ci_low=low, tf_ci_high=high, tf_nll=sums["nll"] / count,
-                    tf_tokens=sums["count"], tf_nfe_per_token=sums["nfe"] / count,
-                    tf_example_correct=sums["example_correct"], tf_example_count=sums["example_count"])
+            for key, values in answer_stats(*batch_logits(ix, lab, x.to(device), y.to(device))).items():
+                ex[key] += values
+            save(phase, ex, row)
+        return tf_summary(ex)
 
     if probe_t:
-        result["probe"] = []
+        result.setdefault("probe", [])
         print(f"{'gold x_t at t':<14} {'acc':>6} {'95% CI':>15} {'nll':>7} {'tokens':>7}")
-        for t in probe_t:
+        for i, t in enumerate(probe_t):
             def probe_batch(ix, lab, x, y):
                 torch.manual_seed(cfg["seed"] + int(ix[0]))
                 return (*gold_x_t(model, x, y, t, lab), None)
-            stats = dict(t=t, **over_batches(probe_batch, f"gold x_t, t={t:g}"))
-            result["probe"].append(stats)
+            if i == len(result["probe"]):  # not kept from a resumed run
+                result["probe"].append(dict(t=t, **over_batches(probe_batch, f"gold x_t, t={t:g}")))
+                result.pop("partial", None)
+            stats = result["probe"][i]
             print(f"t={t:<12g} {stats['tf_accuracy']:6.3f} [{stats['tf_ci_low']:.3f}, {stats['tf_ci_high']:.3f}] "
                   f"{stats['tf_nll']:7.3f} {stats['tf_tokens']:7d}")
         write_json(out, result)
     if settings:
         print(f"{'setting':<24} {'acc':>6} {'95% CI':>15} {'n':>5} {'nfe/tok':>8} {'tok/s':>8} "
               f"{'tf_acc':>7} {'tf 95% CI':>15} {'tf_nll':>7} {'tf_nfe':>7}")
-    for setting in settings:
+    for row in result["rows"]:  # kept from a resumed run
+        print(format_row(row))
+    for setting in settings[len(result["rows"]):]:
         row = dict(setting=setting_name(setting), **setting)
-        if cfg["generate"]:
-            tokens = nfe = 0
-            seconds, samples, example_correct = 0.0, [], []
-            progress = tqdm(total=n, desc=row["setting"], leave=False, file=sys.stderr)
-            for b0 in range(0, n, cfg["gen_batch_size"]):
+        partial = result.get("partial")
+        if partial and partial["row"]["setting"] == row["setting"]:
+            row = partial["row"]
+        if cfg["generate"] and "accuracy" not in row:
+            phase = row["setting"]
+            ex = resumed(phase, dict(correct=[], tokens=[], nfe=[], seconds=0.0, samples=[]))
+            progress = tqdm(total=n, initial=len(ex["correct"]), desc=phase, leave=False, file=sys.stderr)
+            for b0 in range(len(ex["correct"]), n, cfg["gen_batch_size"]):
                 ix = range(b0, min(b0 + cfg["gen_batch_size"], n))
                 torch.manual_seed(cfg["seed"] + b0)
                 lab = None if labels is None else torch.as_tensor(labels[list(ix)], device=device)
@@ -376,31 +434,30 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 answers = generate_answers(model, [prompts[i] for i in ix], budget, stop, setting, lab) \
                     if budget > 0 else [([], 0, 0)] * len(ix)
-                seconds += time.perf_counter() - t0
+                ex["seconds"] += time.perf_counter() - t0
                 for i, (answer, generated, spent) in zip(ix, answers):
                     text = ds.tokenizer.decode(answer)
                     pred = final_number(text)
-                    example_correct.append(int(pred is not None and pred == golds[i]))
-                    tokens, nfe = tokens + generated, nfe + spent
+                    ex["correct"].append(int(pred is not None and pred == golds[i]))
+                    ex["tokens"].append(generated)
+                    ex["nfe"].append(spent)
                     if i < 3:
-                        samples.append(dict(prompt=rows[i]["prompt"], output=text, pred=pred, gold=golds[i]))
+                        ex["samples"].append(dict(prompt=rows[i]["prompt"], output=text, pred=pred, gold=golds[i]))
+                save(phase, ex, row)
                 progress.update(len(ix))
             progress.close()
-            correct = sum(example_correct)
-            low, high = wilson_interval(correct, n)
-            row.update(accuracy=correct / max(n, 1), correct=correct, n=n, ci_low=low, ci_high=high,
-                       nfe_per_token=nfe / max(tokens, 1), tokens=tokens, tokens_per_s=tokens / max(seconds, 1e-9),
-                       seconds=seconds, samples=samples, example_correct=example_correct)
+            row.update(generation_summary(ex))
         if cfg["teacher_forced"]:
             def tf_batch(ix, lab, x, y):
                 return teacher_forced(model, x, y, setting["steps"], setting["solver"], setting["atol"], setting["rtol"],
                                       setting["guidance"], lab, [cfg["seed"] + int(i) for i in ix], setting["x1"])
-            row.update(over_batches(tf_batch, row["setting"] + " (tf)"))
+            row.update(over_batches(tf_batch, row["setting"] + " (tf)", row))
         if not cfg["generate"]:  # the plot's x axis for dopri5
             row["nfe_per_token"] = row.get("tf_nfe_per_token", 0.0)
         base_row = next((r for r in result["rows"] if r["steps"] == 1), None)
         if base_row is not None:
             row.update(row_gains(row, base_row))  # paired: gain and tf_gain over the base
+        result.pop("partial", None)
         result["rows"].append(row)
         print(format_row(row))
         write_json(out, result)

@@ -82,7 +82,7 @@ def step_to_step(rows):
 
 def first_examples(row, m):
     """A row's per-example results cut to its first m examples."""
-    return {key: value[:m] if key.endswith(("example_correct", "example_count")) else value for key, value in row.items()}
+    return {key: value[:m] if key.startswith(("example_", "tf_example_")) else value for key, value in row.items()}
 
 
 def dataset_name(run):

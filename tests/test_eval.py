@@ -100,14 +100,15 @@ def at_answers(logits):
 
 
 def by_hand(logits, y):
-    correct, nll, count = 0, 0.0, 0
+    """Per row of y: correct argmaxes, NLL (float64) and count over its positions != -1."""
+    correct, nll, count = [0] * len(y), [0.0] * len(y), [0] * len(y)
     for b in range(y.size(0)):
         for i in range(y.size(1)):
             if y[b, i] != -1:
                 log_p = torch.log_softmax(logits[b, i].double(), -1)
-                nll -= log_p[y[b, i]].item()
-                correct += int(logits[b, i].argmax() == y[b, i])
-                count += 1
+                nll[b] -= log_p[y[b, i]].item()
+                correct[b] += int(logits[b, i].argmax() == y[b, i])
+                count[b] += 1
     return correct, nll, count
 
 
@@ -121,9 +122,13 @@ def test_teacher_forced_gpt_matches_hand_computation(family):
     assert torch.equal(targets, torch.stack([Y[b, POS[b]] for b in range(2)]))
     assert torch.allclose(logits, at_answers(full), atol=1e-6)
     stats = ev.answer_stats(logits, targets, nfe)
-    assert (stats["correct"], stats["count"], stats["nfe"]) == (correct, count, 0) and count == 10
+    assert (stats["correct"], stats["count"], stats["nfe"]) == (correct, count, [0, 0]) and count == [6, 4]
     assert stats["nll"] == pytest.approx(nll, rel=1e-5)
-    assert stats["nll"] / count == pytest.approx(F.cross_entropy(full.flatten(0, 1), Y.flatten(), ignore_index=-1).item(), rel=1e-5)
+    summary = ev.tf_summary(stats)
+    assert (summary["tf_accuracy"], summary["tf_tokens"]) == (sum(correct) / 10, 10)
+    assert summary["tf_nll"] == pytest.approx(F.cross_entropy(full.flatten(0, 1), Y.flatten(), ignore_index=-1).item(), rel=1e-5)
+    nfe = torch.tensor([[3, 3, 3, 3, 3, 3], [5, 5, 5, 5, 9, 5]])  # position 4 of row 1 is padding: not counted
+    assert ev.answer_stats(logits, targets, nfe)["nfe"] == [18, 20]
 
 
 @pytest.mark.parametrize("solver,steps", [("midpoint", 4), ("euler", 3), ("dopri5", None)])
@@ -309,6 +314,66 @@ def test_end_to_end_guidance_dopri5_and_gpt(tiny_run):
     assert len(rows) == 1 and rows[0]["steps"] == 1 and 0 <= rows[0]["accuracy"] <= 1
     with pytest.raises(UsageError):
         run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--label", "poetry")
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_run_killed_at_any_write_and_resumed_is_the_whole_run(tiny_run, monkeypatch):
+    """Kill a run at its k-th JSON write (before writing), resume it with --resume True: for every k the
+    probe, rows and per-example lists are those of one uninterrupted run (timings aside), the "partial"
+    entry is gone, and at most one batch (the one the kill lost) is computed twice."""
+    out = str(tiny_run["tmp"] / "resume.json")
+    args = ["--data", tiny_run["data"], "--ckpt", tiny_run["l2d"], "--limit", "3", "--max_new_tokens", "3",
+            "--batch_size", "2", "--gen_batch_size", "2", "--steps", "1,2", "--solver", "euler", "--probe_t", "0.5",
+            "--out", out]
+    batches, kill_at, real_write = [], [None], ev.write_json  # batches: computed, as the function called
+
+    def counted(name):
+        real = getattr(ev, name)
+        return lambda *a, **k: (batches.append(name), real(*a, **k))[1]
+    monkeypatch.setattr(ev, "answer_stats", counted("answer_stats"))  # one per probe / teacher-forced batch
+    monkeypatch.setattr(ev, "generate_answers", counted("generate_answers"))
+    writes = []
+
+    def write_or_die(path, result):
+        if len(writes) == kill_at[0]:
+            raise Killed
+        writes.append(path)
+        real_write(path, result)
+    monkeypatch.setattr(ev, "write_json", write_or_die)
+
+    def timeless(result):
+        return json.loads(json.dumps(dict(probe=result["probe"], rows=[
+            {k: v for k, v in row.items() if k not in ("seconds", "tokens_per_s")} for row in result["rows"]])))
+    whole, whole_batches, whole_writes = timeless(ev.main(args)), len(batches), len(writes)
+    assert whole_batches == 2 + 2 * (2 + 2) and whole_writes > whole_batches  # probe; per row: generation, tf
+    for k in range(whole_writes):
+        os.remove(out)
+        batches.clear(), writes.clear()
+        kill_at[0] = k
+        with pytest.raises(Killed):
+            ev.main(args)
+        kill_at[0] = None
+        resumed = ev.main(args + ["--resume", "True"])
+        with open(out) as f:
+            saved = json.load(f)
+        assert timeless(resumed) == whole and timeless(saved) == whole and "partial" not in saved, k
+        assert len(batches) - whole_batches in (0, 1), k
+
+
+def test_resume_errors_name_the_file(tiny_run, capsys):
+    out = tiny_run["tmp"] / "other.json"
+    args = ["--data", tiny_run["data"], "--ckpt", tiny_run["l2d"], "--limit", "2", "--max_new_tokens", "2",
+            "--steps", "2", "--out", str(out), "--resume", "True"]
+    fresh = ev.main(args)  # nothing to resume: a whole run
+    assert "nothing to resume" in capsys.readouterr().out and fresh["rows"][0]["n"] == 2
+    with pytest.raises(UsageError, match="other options \\(limit, steps\\)"):
+        ev.main(args + ["--steps", "1,2", "--limit", "3"])
+    out.write_text("{not json")
+    with pytest.raises(UsageError, match="cannot resume from .*other.json: not an eval.py JSON"):
+        ev.main(args)
 
 
 def test_cli_errors_are_one_line_exit_2():
