@@ -332,7 +332,11 @@ def test_a_run_killed_at_any_write_and_resumed_is_the_whole_run(tiny_run, monkey
 
     def counted(name):
         real = getattr(ev, name)
-        return lambda *a, **k: (batches.append(name), real(*a, **k))[1]
+
+        def call(*args, **kwargs):
+            batches.append(name)
+            return real(*args, **kwargs)
+        return call
     monkeypatch.setattr(ev, "answer_stats", counted("answer_stats"))  # one per probe / teacher-forced batch
     monkeypatch.setattr(ev, "generate_answers", counted("generate_answers"))
     writes = []
@@ -351,7 +355,8 @@ def test_a_run_killed_at_any_write_and_resumed_is_the_whole_run(tiny_run, monkey
     assert whole_batches == 2 + 2 * (2 + 2) and whole_writes > whole_batches  # probe; per row: generation, tf
     for k in range(whole_writes):
         os.remove(out)
-        batches.clear(), writes.clear()
+        batches.clear()
+        writes.clear()
         kill_at[0] = k
         with pytest.raises(Killed):
             ev.main(args)
