@@ -29,6 +29,8 @@ each guidance weight. A model that is not an L2D gets a single row, steps=1 (the
   tf_nfe        path evaluations per answer token in the teacher-forced pass.
   vs steps=1    (printed under a row, stored as gain / tf_gain) its accuracy minus the steps=1 row's, the
                 base's, on the same examples: [difference, 95% low, high], paired over examples.
+The JSON keeps each row's per-example lists too (example_correct / _tokens / _nfe, tf_example_correct /
+_count / _nll / _nfe), which intervals.py pairs across runs.
 --x1 argmax (default) or mean: the ODE's estimate x_hat_1 of the clean token, V[argmax] or the expected
 embedding softmax(logits) @ V (less committed while the prediction is unsure).
 
