@@ -201,7 +201,7 @@ class L2D(nn.Module):
         batch, packed, (row_of, slot_of) = pack_positions(rows, P)
         flat = rows[packed]  # (B', P') indices into the flattened (B, P)
         selected = {} if selected is None else selected
-        if selected.get("batch") != batch.tolist():  # every batch row still there: no copy needed
+        if selected.get("batch") != batch.tolist():  # copy the K/V of those batch rows (none while all B remain)
             selected["batch"], selected["cache"] = batch.tolist(), cache if len(batch) == B else cache.select(batch)
         if pos is None:  # the last P slots of the cache, as in predict()
             pos = torch.arange(len(cache) - P, len(cache), device=rows.device).expand(B, P)
@@ -297,12 +297,12 @@ class L2D(nn.Module):
             v = (x_hat - x) / (1 - t[:, None]).clamp(min=1e-12)
             return torch.where(t[:, None] >= 1, torch.zeros_like(v), v)  # singular at t=1: defined 0
 
-        rows = x_0.flatten(0, 1).double()
+        x_0 = x_0.flatten(0, 1).double()  # one ODE row per position
         step_callback = callback and (lambda info: callback({**info, "logits": seen["logits"]}))
         if solver == "dopri5":
-            x, nfe = SOLVERS[solver](velocity, rows, t1=ADAPTIVE_T_END, atol=atol, rtol=rtol, callback=step_callback)
+            x, nfe = SOLVERS[solver](velocity, x_0, t1=ADAPTIVE_T_END, atol=atol, rtol=rtol, callback=step_callback)
         else:
-            x, nfe = SOLVERS[solver](velocity, rows, grid(steps).to(x_0.device), callback=step_callback)
+            x, nfe = SOLVERS[solver](velocity, x_0, grid(steps).to(x_0.device), callback=step_callback)
         t_end = torch.ones(B * P, device=x_0.device)  # read the token at t = 1, class-conditional
         logits = evaluate(x, t_end, labels).view(B, P, -1)
         evaluations_per_call = 1 if guidance == 1.0 else 2
