@@ -388,7 +388,8 @@ def main(argv=None):
         write_json(out, result)
 
     def over_batches(batch_logits, phase, row=None):
-        """Teacher-forced stats of batch_logits(ix, labels, x, y) -> (logits, targets, nfe) over the n examples."""
+        """Teacher-forced stats of batch_logits(ix, labels, x, y) -> (logits, targets, nfe) over the n examples,
+        saved after each batch as `phase` (of `row`), and taken up where a killed run of it stopped."""
         ex = resumed(phase, dict(correct=[], count=[], nll=[], nfe=[]))
         start = len(ex["correct"])  # a multiple of batch_size: the batches (and their seeds) are those of a whole run
         for b0 in tqdm(range(start, n, cfg["batch_size"]), desc=phase, leave=False, file=sys.stderr):
@@ -421,9 +422,9 @@ def main(argv=None):
         print(format_row(row))
     for setting in settings[len(result["rows"]):]:
         row = dict(setting=setting_name(setting), **setting)
-        partial = result.get("partial")
-        if partial and partial["row"]["setting"] == row["setting"]:
-            row = partial["row"]
+        kept = (result.get("partial") or {}).get("row")  # the row a killed run was in
+        if kept is not None and kept["setting"] == row["setting"]:
+            row = kept
         if cfg["generate"] and "accuracy" not in row:
             phase = row["setting"]
             ex = resumed(phase, dict(correct=[], tokens=[], nfe=[], seconds=0.0, samples=[]))
