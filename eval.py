@@ -401,6 +401,34 @@ def main(argv=None):
             save(phase, ex, row)
         return tf_summary(ex)
 
+    def over_prompts(setting, row):
+        """Generation columns of `setting` over the n prompts, gen_batch_size at a time, saved after each batch
+        as the phase row["setting"], and taken up where a killed run of it stopped."""
+        phase = row["setting"]
+        ex = resumed(phase, dict(correct=[], tokens=[], nfe=[], seconds=0.0, samples=[]))
+        progress = tqdm(total=n, initial=len(ex["correct"]), desc=phase, leave=False, file=sys.stderr)
+        for b0 in range(len(ex["correct"]), n, cfg["gen_batch_size"]):
+            ix = range(b0, min(b0 + cfg["gen_batch_size"], n))
+            torch.manual_seed(cfg["seed"] + b0)
+            lab = None if labels is None else torch.as_tensor(labels[list(ix)], device=device)
+            budget = min(cfg["max_new_tokens"], block_size - max(len(prompts[i]) for i in ix))
+            t0 = time.perf_counter()
+            answers = generate_answers(model, [prompts[i] for i in ix], budget, stop, setting, lab) \
+                if budget > 0 else [([], 0, 0)] * len(ix)
+            ex["seconds"] += time.perf_counter() - t0
+            for i, (answer, generated, spent) in zip(ix, answers):
+                text = ds.tokenizer.decode(answer)
+                pred = final_number(text)
+                ex["correct"].append(int(pred is not None and pred == golds[i]))
+                ex["tokens"].append(generated)
+                ex["nfe"].append(spent)
+                if i < 3:
+                    ex["samples"].append(dict(prompt=rows[i]["prompt"], output=text, pred=pred, gold=golds[i]))
+            save(phase, ex, row)
+            progress.update(len(ix))
+        progress.close()
+        return generation_summary(ex)
+
     if probe_t:
         result.setdefault("probe", [])
         print(f"{'gold x_t at t':<14} {'acc':>6} {'95% CI':>15} {'nll':>7} {'tokens':>7}")
@@ -426,30 +454,7 @@ def main(argv=None):
         if kept is not None and kept["setting"] == row["setting"]:
             row = kept
         if cfg["generate"] and "accuracy" not in row:
-            phase = row["setting"]
-            ex = resumed(phase, dict(correct=[], tokens=[], nfe=[], seconds=0.0, samples=[]))
-            progress = tqdm(total=n, initial=len(ex["correct"]), desc=phase, leave=False, file=sys.stderr)
-            for b0 in range(len(ex["correct"]), n, cfg["gen_batch_size"]):
-                ix = range(b0, min(b0 + cfg["gen_batch_size"], n))
-                torch.manual_seed(cfg["seed"] + b0)
-                lab = None if labels is None else torch.as_tensor(labels[list(ix)], device=device)
-                budget = min(cfg["max_new_tokens"], block_size - max(len(prompts[i]) for i in ix))
-                t0 = time.perf_counter()
-                answers = generate_answers(model, [prompts[i] for i in ix], budget, stop, setting, lab) \
-                    if budget > 0 else [([], 0, 0)] * len(ix)
-                ex["seconds"] += time.perf_counter() - t0
-                for i, (answer, generated, spent) in zip(ix, answers):
-                    text = ds.tokenizer.decode(answer)
-                    pred = final_number(text)
-                    ex["correct"].append(int(pred is not None and pred == golds[i]))
-                    ex["tokens"].append(generated)
-                    ex["nfe"].append(spent)
-                    if i < 3:
-                        ex["samples"].append(dict(prompt=rows[i]["prompt"], output=text, pred=pred, gold=golds[i]))
-                save(phase, ex, row)
-                progress.update(len(ix))
-            progress.close()
-            row.update(generation_summary(ex))
+            row.update(over_prompts(setting, row))
         if cfg["teacher_forced"]:
             def tf_batch(ix, lab, x, y):
                 return teacher_forced(model, x, y, setting["steps"], setting["solver"], setting["atol"], setting["rtol"],
