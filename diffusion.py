@@ -50,8 +50,8 @@ class L2DConfig:
     sigma: float = 64.0         # std of the noise x_0
     lora_rank: int = 32
     lora_alpha: float = 32.0
-    num_classes: int = 0        # J guidance classes (0: no class conditioning); index J is null
-    label_dropout: float = 0.2  # training: probability of replacing a label by null
+    num_classes: int = 0        # J guidance classes (0, the official default: no class conditioning); J is null
+    label_dropout: float = 0.2  # training: probability of replacing a token's label by null
     t_schedule: str = "uniform"  # "uniform" or "cosmap" (sec. 3)
 
     def __post_init__(self):
@@ -61,14 +61,20 @@ class L2DConfig:
             raise ValueError(f"unknown t_schedule {self.t_schedule!r}; use 'uniform' or 'cosmap'")
 
 
-def mlp2(d_in, d_hidden, d_out, zero_last=False, last_bias=True):
-    """Linear - SiLU - Linear; adaLN-Zero heads start at exactly zero output."""
+def mlp2(d_in, d_hidden, d_out, init=nn.init.xavier_uniform_, zero_last=False, last_bias=True):
+    """Linear - SiLU - Linear with the official code's init: weights by `init` (xavier-uniform, or the
+    time MLP's N(0, 0.02)), zero biases; adaLN-Zero heads (zero_last) start at exactly zero output."""
     net = nn.Sequential(nn.Linear(d_in, d_hidden), nn.SiLU(), nn.Linear(d_hidden, d_out, bias=last_bias))
-    if zero_last:
-        nn.init.zeros_(net[2].weight)
-        if last_bias:
-            nn.init.zeros_(net[2].bias)
+    init(net[0].weight)
+    nn.init.zeros_(net[2].weight) if zero_last else init(net[2].weight)
+    for layer in (net[0], net[2]):
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
     return net
+
+
+def normal_002(weight):
+    return nn.init.normal_(weight, std=0.02)
 
 
 def time_embedding(t, dim=256, max_period=1e4):
@@ -136,10 +142,17 @@ class L2D(nn.Module):
         self.config = config
         self.base = base.requires_grad_(False).eval()  # frozen: never trained, never changed
         d, d_f, c = base.config.n_embd, config.flow_dim, config.cond_dim
-        self.flow_proj = nn.Linear(d, d_f)                    # W_v (sec. 2)
+        # W_v (sec. 2): xavier-uniform, zero bias, as the official code. nn.Linear's default bias would
+        # add one shared offset to every token's V and make the tokens nearly alike in x_t.
+        self.flow_proj = nn.Linear(d, d_f)
+        nn.init.xavier_uniform_(self.flow_proj.weight)
+        nn.init.zeros_(self.flow_proj.bias)
         self.input_mlp = mlp2(d_f, 256, d)                    # x_t -> h^0
-        self.time_mlp = mlp2(256, c, c)                       # sinusoidal(t) -> c
-        self.class_embed = nn.Embedding(config.num_classes + 1, c) if config.num_classes else None
+        self.time_mlp = mlp2(256, c, c, init=normal_002)      # sinusoidal(t) -> c
+        self.class_embed = None  # guidance classes only when asked for (the official default: none)
+        if config.num_classes:
+            self.class_embed = nn.Embedding(config.num_classes + 1, c)
+            normal_002(self.class_embed.weight)
         self.layers = nn.ModuleList(PathLayer(block, config) for block in base.h)
         # w(c) in the merge (sec. 4); no last bias: it would cancel in w(c_t) - w(c_0).
         self.merge_gate = mlp2(c, c, d, zero_last=True, last_bias=False)
@@ -159,13 +172,24 @@ class L2D(nn.Module):
         return math.sqrt(self.config.flow_dim) * F.normalize(e, dim=-1)
 
     def condition(self, t, labels):
-        """c = time_mlp(sinusoidal(t)) + class_embed(label); labels None means the null class."""
+        """c = time_mlp(sinusoidal(t)) + class_embed(label). labels: one per row (B,), one per position
+        (the shape of t), or None for the null class."""
         c = self.time_mlp(time_embedding(t))
         if self.class_embed is not None:
             if labels is None:
                 labels = torch.full(t.shape[:1], self.config.num_classes, device=t.device)
-            c = c + self.class_embed(labels).view(-1, *[1] * (t.dim() - 1), c.size(-1))
+            if labels.dim() < t.dim():  # one label per row: the same for each of its positions
+                labels = labels.view(-1, *[1] * (t.dim() - 1))
+            c = c + self.class_embed(labels)
         return c
+
+    def drop_labels(self, labels, shape):
+        """Training's labels for classifier-free guidance: each row's label for each of its positions
+        (B, P), replaced by null with probability label_dropout independently for every token, as the
+        official code does (it expands the label to [B, T] before dropping)."""
+        labels = labels[:, None].expand(shape)
+        drop = torch.rand(shape, device=labels.device) < self.config.label_dropout
+        return labels.masked_fill(drop, self.config.num_classes)
 
     # --- one evaluation of the path ------------------------------------------------------------
     def conditioning(self, t, labels=None):
@@ -235,9 +259,10 @@ class L2D(nn.Module):
         targets = targets.gather(1, pos)
         h_main = h_main.gather(1, pos[..., None].expand(-1, -1, h_main.size(-1)))
         t = sample_t(pos.shape, self.config.t_schedule, idx.device) if t is None else t.gather(1, pos)
-        if labels is not None and self.training and self.config.label_dropout > 0:
-            drop = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
-            labels = labels.masked_fill(drop, self.config.num_classes)
+        if self.class_embed is None:
+            labels = None  # an unconditional path: the data's classes are not used
+        elif labels is not None and self.training:
+            labels = self.drop_labels(labels, pos.shape)
         logits = self.predict(h_main, cache, self.noisy_targets(targets, t), t, labels, pos)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss

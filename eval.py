@@ -364,7 +364,7 @@ def main(argv=None):
     check_tokenizer(tokenizer, ds.tokenizer, rows[0]["prompt"] + rows[0]["answer"], data_dir)
     labels = example_labels(model, model_classes, ds, cfg["label"])
     if labels is None and any(s["guidance"] != 1.0 for s in settings):
-        raise UsageError("--guidance other than 1 needs an L2D model trained with classes")
+        raise UsageError("--guidance other than 1 needs an L2D model trained with --guidance_classes=True")
     stop = {ds.eot} | ({tokenizer.eot_token} if getattr(tokenizer, "eot_token", None) is not None else set())
     golds = [final_number(r["final"] if r.get("final") is not None else r["answer"]) for r in rows[:n]]
     prompts = [ds.tokenizer.encode(r["prompt"], allowed_special="all") for r in rows[:n]]

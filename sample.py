@@ -13,6 +13,9 @@ exactly like the base at any number of steps (the output says so).
 --steps 1 is the base model itself; N > 1 integrates the ODE on linspace(0, 1, N) with --solver
 (midpoint: 2 evaluations per interval), or adaptively with --solver dopri5 (--atol/--rtol).
 Per generated token, the number of path evaluations (NFE) is printed.
+The token is drawn from the logits read at t = 1 with --temperature / --top_k (0: argmax, what the
+paper's math rows use); the official code samples it at temperature 1.0 by default.
+--guidance W (with --label NAME) needs a model trained with --guidance_classes=True.
 """
 
 
@@ -68,7 +71,8 @@ def main(argv=None):
     labels = None
     if cfg["label"]:
         if not classes:
-            raise UsageError(f"{cfg['init_from']} was trained without class labels; drop --label/--guidance")
+            raise UsageError(f"{cfg['init_from']} was trained without guidance classes; drop --label/--guidance, "
+                             "or train with --guidance_classes=True")
         if cfg["label"] not in classes:
             raise UsageError(f"unknown --label {cfg['label']!r}; this model knows {', '.join(classes)}")
         labels = torch.full((1,), classes.index(cfg["label"]), device=cfg["device"])

@@ -38,12 +38,14 @@ DEFAULTS = dict(
     datasets=["data/gsm8k/smollm2-135m"],   # prepared folders (data/*/prepare.py); several mix
     # model from scratch (init_from=scratch)
     family="llama", n_layer=4, n_head=4, n_kv_head=0, n_embd=128, block_size=512,
-    # the diffusion path (method=l2d) and LoRA (method=lora, and the l2d "lora" variant)
-    variant="lora", flow_dim=256, sigma=64.0, t_schedule="uniform", label_dropout=0.2,
+    # the diffusion path (method=l2d) and LoRA (method=lora, and the l2d "lora" variant).
+    # guidance_classes: condition the path on the data's classes (for --guidance); off, as officially
+    variant="lora", flow_dim=256, sigma=64.0, t_schedule="uniform", guidance_classes=False, label_dropout=0.2,
     lora_rank=32, lora_alpha=32.0,
-    # optimisation (the paper: AdamW, peak lr 1e-4, 100 warmup steps, weight decay 0.01, clip 1.0)
-    batch_size=32, micro_batch=8, max_iters=1000, lr_decay_iters=0, learning_rate=1e-4, min_lr=1e-5,
-    warmup_iters=100, weight_decay=0.01, beta1=0.9, beta2=0.999, grad_clip=1.0,
+    # optimisation (the paper: AdamW, peak lr 1e-4, 100 warmup steps, weight decay 0.01, clip 1.0);
+    # the lr warms up from min_lr and decays back to it at lr_decay_iters (default: max_iters)
+    batch_size=32, micro_batch=8, max_iters=1000, lr_decay_iters=0, learning_rate=1e-4, min_lr=1e-6,
+    warmup_iters=100, weight_decay=0.01, grad_clip=1.0,
     # bookkeeping
     eval_interval=200, eval_examples=64, log_interval=10, device="auto", dtype="auto", compile=False,
 )
@@ -63,22 +65,24 @@ def setup_distributed(device):
 
 
 def lr_at(it, cfg):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (default: max_iters)."""
-    decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
-    if it < cfg["warmup_iters"]:
-        return cfg["learning_rate"] * (it + 1) / cfg["warmup_iters"]
-    if it >= decay_iters:
-        return cfg["min_lr"]
-    progress = (it - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])
-    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["learning_rate"] - cfg["min_lr"])
+    """The lr of step `it` (from 0), as DeepSpeed's WarmupDecayLR in the official code: warmup from min_lr
+    to the peak over warmup_iters steps spaced logarithmically, min + (peak - min) log(it + 1) / log(warmup)
+    (52% of the peak at step 10 of 100, 85% at 50), then linear decay, reaching min_lr at lr_decay_iters
+    (default max_iters, one past the last step)."""
+    peak, low, warmup = cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"]
+    total = cfg["lr_decay_iters"] or cfg["max_iters"]
+    if it < warmup:
+        return low + (peak - low) * math.log(it + 1) / math.log(max(warmup, 2))  # step 0: low, whatever warmup
+    return low + (peak - low) * max(0.0, (total - it) / max(1, total - warmup))
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW on the trainable parameters only; weight decay on matrices, not on biases and norms."""
+    """AdamW on the trainable parameters only, as the official code: betas (0.9, 0.95), eps 1e-8, weight
+    decay on matrices, not on biases and norms (the only vectors a model here trains)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(0.9, 0.95), eps=1e-8,
                              fused=device.startswith("cuda"))
 
 
@@ -113,7 +117,12 @@ def main(argv=None):
     resume = cfg["init_from"] == "resume"
     ckpt = read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt")) if resume else None
     if resume:  # what the model is comes from the checkpoint; how to train it from the command line
-        for key in ("method", "init_from", "datasets", "seed", "variant", "block_size", "lora_rank", "lora_alpha"):
+        if "guidance_classes" not in ckpt["config"]:  # saved before training followed the official code
+            raise UsageError(f"{cfg['out_dir']}/ckpt.pt was trained with the earlier defaults (AdamW beta2 0.999, "
+                             "cosine lr, per-sequence label dropout); resuming would mix two recipes: train afresh "
+                             "(sample.py and eval.py still load it)")
+        for key in ("method", "init_from", "datasets", "seed", "variant", "block_size", "lora_rank", "lora_alpha",
+                    "guidance_classes"):
             cfg[key] = ckpt["config"][key]
     train_data = TokenDataset(cfg["datasets"], "train")
     val_data = TokenDataset(cfg["datasets"], "test")
@@ -131,8 +140,9 @@ def main(argv=None):
     if base_config.vocab_size < train_data.vocab_size:
         raise UsageError(f"{cfg['datasets']} uses a vocabulary of {train_data.vocab_size} tokens but the model has "
                          f"{base_config.vocab_size}; prepare the data with this model's tokenizer")
+    classes = train_data.classes if cfg["guidance_classes"] else []  # the class embedding's, if any
     l2d_config = L2DConfig(variant=cfg["variant"], flow_dim=cfg["flow_dim"], sigma=cfg["sigma"],
-                           lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], num_classes=len(train_data.classes),
+                           lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], num_classes=len(classes),
                            label_dropout=cfg["label_dropout"], t_schedule=cfg["t_schedule"])
     if resume and ckpt.get("l2d_config"):
         l2d_config = L2DConfig(**ckpt["l2d_config"])
@@ -206,7 +216,7 @@ def main(argv=None):
         state = dict(method=cfg["method"], init_from=local(cfg["init_from"]),
                      model_config=asdict(base_config), l2d_config=asdict(l2d_config) if cfg["method"] == "l2d" else None,
                      lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"],
-                     tokenizer=local(train_data.tokenizer_path), classes=train_data.classes,
+                     tokenizer=local(train_data.tokenizer_path), classes=classes,
                      state_dict=trainable_state_dict(raw_model) if cfg["method"] in ("l2d", "lora") else raw_model.state_dict(),
                      optimizer=optimizer.state_dict(), sampler=sampler.state_dict(), scaler=scaler.state_dict(),
                      iter_num=it, config=cfg,

@@ -6,4 +6,3 @@ exec(open("config/l2d_smollm2_gsm8k.py").read())
 out_dir = "out-full-smollm2-gsm8k"
 method = "full"
 learning_rate = learning_rate / 10
-min_lr = min_lr / 10

@@ -13,7 +13,6 @@ batch_size = 16
 micro_batch = 16
 max_iters = 150
 learning_rate = 5e-4
-min_lr = 5e-5
 warmup_iters = 15
 eval_interval = 50
 eval_examples = 64

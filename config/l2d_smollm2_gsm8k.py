@@ -15,7 +15,6 @@ batch_size = 16
 micro_batch = 4
 max_iters = 50
 learning_rate = 5e-4
-min_lr = 5e-5
 warmup_iters = 5
 eval_interval = 25
 eval_examples = 32

@@ -16,7 +16,6 @@ batch_size = 64
 micro_batch = 32
 max_iters = 1500
 learning_rate = 2e-3
-min_lr = 2e-4
 warmup_iters = 100
 weight_decay = 0.1
 eval_interval = 250

@@ -12,7 +12,6 @@ batch_size = 64
 micro_batch = 32
 max_iters = 1000
 learning_rate = 1e-3
-min_lr = 1e-4
 warmup_iters = 100
 eval_interval = 250
 eval_examples = 256

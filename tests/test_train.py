@@ -135,7 +135,7 @@ def test_resume_is_bit_exact(method, data, base_ckpt, tmp_path):
     split_steps = {**logged(first)[0], **logged(second)[0]}
     assert logged(second)[0].keys() == {3, 4}
     assert split_steps == straight_steps  # losses and lr, as printed
-    assert float(straight_steps[4][1]) < float(straight_steps[3][1])  # cosine decay, to lr_decay_iters=4
+    assert float(straight_steps[4][1]) < float(straight_steps[3][1])  # linear decay, to lr_decay_iters=4
     assert logged(second)[1] == straight_val
     a = read_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
     b = read_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
@@ -145,17 +145,6 @@ def test_resume_is_bit_exact(method, data, base_ckpt, tmp_path):
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
-
-
-def test_lr_schedule():
-    cfg = dict(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110, max_iters=500)
-    assert train.lr_at(0, cfg) == pytest.approx(0.1) and train.lr_at(9, cfg) == pytest.approx(1.0)
-    assert train.lr_at(10, cfg) == pytest.approx(1.0)
-    assert train.lr_at(60, cfg) == pytest.approx(0.55)  # halfway down the cosine
-    assert train.lr_at(110, cfg) == train.lr_at(400, cfg) == 0.1
-    lrs = [train.lr_at(i, cfg) for i in range(10, 111)]
-    assert all(x >= y for x, y in zip(lrs, lrs[1:]))
-    assert train.lr_at(60, {**cfg, "lr_decay_iters": 0, "max_iters": 110}) == pytest.approx(0.55)  # default
 
 
 # --- what a checkpoint holds ------------------------------------------------------------------------
@@ -195,6 +184,36 @@ def test_checkpoint_contents_and_load_model(method, data, base_ckpt, tmp_path):
             want, got = model(x)[0], loaded(x)[0]
     assert torch.equal(want, got)
     assert tokenizer.encode("What is 1 + 2?") == TokenDataset([data], "test").tokenizer.encode("What is 1 + 2?")
+
+
+@pytest.mark.parametrize("guidance_classes", [False, True])
+def test_class_embedding_only_with_guidance_classes(guidance_classes, data, base_ckpt, tmp_path):
+    """A single-class dataset (every prepare.py writes a class) trains no class embedding unless asked."""
+    model, _ = run_train(*method_args("l2d", data, base_ckpt), "--max_iters=1", f"--out_dir={tmp_path}",
+                         f"--guidance_classes={guidance_classes}")
+    ckpt = read_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert (model.class_embed is not None) == guidance_classes
+    assert ckpt["l2d_config"]["num_classes"] == len(ckpt["classes"]) == int(guidance_classes)
+    assert any(k.startswith("class_embed") for k in ckpt["state_dict"]) == guidance_classes
+    assert (load_model(str(tmp_path / "ckpt.pt"))[0].class_embed is not None) == guidance_classes
+
+
+def test_checkpoint_from_before_the_official_defaults(data, base_ckpt, tmp_path):
+    """Checkpoints written before training followed the official code (their config has no
+    guidance_classes; a class embedding for the data's one class) still load for sampling and eval,
+    with their class embedding, but do not resume: that would mix two recipes."""
+    run_train(*method_args("l2d", data, base_ckpt), "--max_iters=1", f"--out_dir={tmp_path}", "--guidance_classes=True")
+    path = str(tmp_path / "ckpt.pt")
+    ckpt = read_checkpoint(path)
+    del ckpt["config"]["guidance_classes"]
+    for key in ("beta1", "beta2"):
+        ckpt["config"][key] = 0.9 if key == "beta1" else 0.999
+    save_checkpoint(path, ckpt)
+    model, _, _ = load_model(path)
+    assert model.class_embed is not None
+    assert torch.equal(model.class_embed.weight, ckpt["state_dict"]["class_embed.weight"])
+    assert_one_line_error(run_script("--init_from=resume", f"--out_dir={tmp_path}", "--device=cpu"),
+                          "earlier defaults", "train afresh")
 
 
 # --- bad checkpoints, bad command lines -------------------------------------------------------------
