@@ -43,7 +43,8 @@ learned to read. A path that reads it goes to NLL ~0 at t=1; one that does not s
 --label: "" (default) conditions each example on its own class from the data (null if the model
 does not know it), "null" on the null class, a class name (e.g. math) on that class.
 --data defaults to data/<task>/<tokenizer tag> (e.g. data/gsm8k/smollm2-135m, data/arithmetic/char).
---out defaults to eval_results.json next to the checkpoint (the current folder for a base model);
+--out defaults to eval_results.json next to the checkpoint (the current folder for a base model), or
+eval_results-2.json, -3, ... if that exists: an earlier result is never replaced unless --overwrite True;
 with matplotlib installed, a PNG of accuracy against steps is written beside it. The JSON is rewritten
 (atomically) after every batch, with the row in progress under "partial"; a killed run goes on from
 its last batch when its command is repeated with --resume True (the rows come out as one whole run's):
@@ -87,7 +88,7 @@ DEFAULTS = dict(
     steps=None, solver="midpoint", atol=None, rtol=None, guidance=None, label="",  # None: LIST_DEFAULTS
     generate=True, teacher_forced=True, batch_size=8,  # batch_size: examples per teacher-forced batch
     gen_batch_size=1,  # prompts generated together, left-padded (faster; see the docstring)
-    x1="argmax", probe_t=None, out="", resume=False, seed=1337, device="auto",
+    x1="argmax", probe_t=None, out="", resume=False, overwrite=False, seed=1337, device="auto",
 )
 LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], atol=[1e-5], rtol=[1e-5], guidance=[1.0], probe_t=[])
 
@@ -315,6 +316,16 @@ def write_json(path, result):
     os.replace(tmp, path)
 
 
+def free_name(path):
+    """path, or path-2, path-3, ... (before the extension): the first that does not exist yet."""
+    stem, ext = os.path.splitext(path)
+    i = 1
+    while os.path.exists(path):
+        i += 1
+        path = f"{stem}-{i}{ext}"
+    return path
+
+
 def resumable(out, result):
     """--resume: the JSON a killed run of the same command left at `out`, to go on from (`result` if none)."""
     if not os.path.isfile(out):
@@ -369,7 +380,14 @@ def main(argv=None):
     golds = [final_number(r["final"] if r.get("final") is not None else r["answer"]) for r in rows[:n]]
     prompts = [ds.tokenizer.encode(r["prompt"], allowed_special="all") for r in rows[:n]]
 
-    out = cfg["out"] or os.path.join(os.path.dirname(ckpt_path) if ckpt_path else ".", "eval_results.json")
+    if cfg["resume"] and not cfg["out"]:
+        raise UsageError("--resume True needs --out, the JSON of the run to go on from")
+    out = cfg["out"] or free_name(os.path.join(os.path.dirname(ckpt_path) if ckpt_path else ".", "eval_results.json"))
+    if not out.endswith(".json"):
+        raise UsageError(f"--out {out} must end in .json (eval.py writes a JSON there)")
+    if os.path.exists(out) and not (cfg["resume"] or cfg["overwrite"]):
+        raise UsageError(f"{out} already exists; go on from it with --resume True, replace it with --overwrite True, "
+                         "or pass another --out")
     kind = f"L2D ({model.config.variant})" if is_l2d else "GPT"
     print(f"{kind} from {cfg['ckpt']} on {data_dir}: {n} examples, {len(settings)} row(s), device {device}")
     result = dict(ckpt=cfg["ckpt"], model=kind, task=cfg["task"], data=data_dir, n=n, config=cfg, rows=[])

@@ -46,8 +46,9 @@ DEFAULTS = dict(
     # the lr warms up from min_lr and decays back to it at lr_decay_iters (default: max_iters)
     batch_size=32, micro_batch=8, max_iters=1000, lr_decay_iters=0, learning_rate=1e-4, min_lr=1e-6,
     warmup_iters=100, weight_decay=0.01, grad_clip=1.0,
-    # bookkeeping
+    # bookkeeping; overwrite: replace a checkpoint already in out_dir (else refused, unless resuming)
     eval_interval=200, eval_examples=64, log_interval=10, device="auto", dtype="auto", compile=False,
+    overwrite=False,
 )
 METHODS = ("l2d", "lora", "full", "ar")
 
@@ -115,7 +116,13 @@ def main(argv=None):
 
     # --- the model ---------------------------------------------------------------------------
     resume = cfg["init_from"] == "resume"
-    ckpt = read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt")) if resume else None
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if os.path.exists(cfg["out_dir"]) and not os.path.isdir(cfg["out_dir"]):
+        raise UsageError(f"out_dir {cfg['out_dir']} is a file; pass a folder as --out_dir")
+    if not resume and os.path.exists(ckpt_path) and not cfg["overwrite"]:
+        raise UsageError(f"{ckpt_path} already exists; continue it with --init_from=resume, replace it with "
+                         "--overwrite=True, or pass another --out_dir")
+    ckpt = read_checkpoint(ckpt_path) if resume else None
     if resume:  # what the model is comes from the checkpoint; how to train it from the command line
         if "guidance_classes" not in ckpt["config"]:  # saved before training followed the official code
             raise UsageError(f"{cfg['out_dir']}/ckpt.pt was trained with the earlier defaults (AdamW beta2 0.999, "
@@ -242,6 +249,12 @@ def main(argv=None):
             scaler.scale(loss / grad_accum).backward()
             loss_sum += loss.detach()
             tokens_seen += x.numel()
+        finite = torch.isfinite(loss_sum).float()
+        if world_size > 1:  # every rank stops together
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():  # before the update: the weights, and the checkpoint, stay as they were
+            raise UsageError(f"the loss became {loss_sum.item()} at iter {it + 1} (lr {lr:.2e}); stopped before the "
+                             f"update, so {ckpt_path} is the last good checkpoint, if any: lower --learning_rate")
         if cfg["grad_clip"]:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])

@@ -263,7 +263,7 @@ def tiny_run(tmp_path_factory):
 def run_main(run, *args):
     out = str(run["tmp"] / "results.json")
     result = ev.main(["--data", run["data"], "--limit", "3", "--max_new_tokens", "3", "--batch_size", "2",
-                      "--out", out, *args])
+                      "--out", out, "--overwrite", "True", *args])
     with open(out) as f:
         assert json.load(f)["rows"] == json.loads(json.dumps(result["rows"]))
     return result["rows"]
@@ -298,7 +298,7 @@ def test_end_to_end_probe_and_tf_interval(tiny_run):
     assert [p["t"] for p in result["probe"]] == [0.0, 1.0]
     for stats in result["probe"] + result["rows"]:
         assert stats["tf_ci_low"] <= stats["tf_accuracy"] <= stats["tf_ci_high"] and stats["tf_tokens"] > 0
-    base_row = ev.main(["--data", tiny_run["data"], "--limit", "4", "--out", out, "--ckpt", tiny_run["l2d"],
+    base_row = ev.main(["--data", tiny_run["data"], "--limit", "4", "--out", out, "--overwrite", "True", "--ckpt", tiny_run["l2d"],
                         "--generate", "False", "--steps", "1"])["rows"][0]
     assert result["probe"][0]["tf_nll"] == pytest.approx(base_row["tf_nll"], rel=1e-6)  # t=0: the base
     with pytest.raises(UsageError):
@@ -318,6 +318,32 @@ def test_end_to_end_guidance_dopri5_and_gpt(tiny_run):
 
 class Killed(Exception):
     pass
+
+
+def test_an_earlier_result_is_never_replaced_unasked(tiny_run, tmp_path):
+    args = ["--data", tiny_run["data"], "--ckpt", tiny_run["l2d"], "--limit", "2", "--max_new_tokens", "2",
+            "--steps", "1", "--teacher_forced", "False"]
+    default = os.path.join(os.path.dirname(tiny_run["l2d"]), "eval_results")
+    assert not os.path.exists(default + ".json")
+    ev.main(args)
+    first = open(default + ".json").read()
+    ev.main(args)  # the default out: a new file beside the first
+    assert open(default + ".json").read() == first and os.path.isfile(default + "-2.json")
+    out = str(tmp_path / "mine.json")
+    ev.main(args + ["--out", out])
+    mine = open(out).read()
+    with pytest.raises(UsageError, match="already exists.*--resume True.*--overwrite True"):
+        ev.main(args + ["--out", out, "--steps", "2"])
+    assert open(out).read() == mine
+    ev.main(args + ["--out", out, "--steps", "2", "--overwrite", "True"])
+    assert open(out).read() != mine
+    with pytest.raises(UsageError, match="must end in .json"):  # e.g. a checkpoint
+        ev.main(args + ["--out", tiny_run["l2d"]])
+    with pytest.raises(UsageError, match="--resume True needs --out"):
+        ev.main(args + ["--resume", "True"])
+    for name in os.listdir(os.path.dirname(tiny_run["l2d"])):  # leave the shared fixture as it was
+        if name.startswith("eval_results"):
+            os.remove(os.path.join(os.path.dirname(tiny_run["l2d"]), name))
 
 
 def test_a_run_killed_at_any_write_and_resumed_is_the_whole_run(tiny_run, monkeypatch):

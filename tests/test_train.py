@@ -289,3 +289,32 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
     assert open(path, "rb").read() == before
     assert torch.equal(read_checkpoint(path)["state_dict"]["w"], old["state_dict"]["w"])
+
+
+# --- a user's files -------------------------------------------------------------------------------
+
+def test_existing_checkpoint_is_not_overwritten(data, base_ckpt, tmp_path):
+    args = method_args("l2d", data, base_ckpt) + [f"--out_dir={tmp_path}"]
+    run_train(*args, "--max_iters=2")
+    before = open(tmp_path / "ckpt.pt", "rb").read()
+    with pytest.raises(train.UsageError, match="already exists.*--init_from=resume.*--overwrite=True"):
+        run_train(*args, "--max_iters=1")
+    assert open(tmp_path / "ckpt.pt", "rb").read() == before
+    run_train(*args, "--max_iters=1", "--overwrite=True")
+    assert read_checkpoint(str(tmp_path / "ckpt.pt"))["iter_num"] == 1
+    (tmp_path / "file").write_text("")
+    with pytest.raises(train.UsageError, match="is a file"):  # refused before any training
+        run_train(*args, f"--out_dir={tmp_path / 'file'}", "--max_iters=1")
+
+
+def test_non_finite_loss_stops_before_the_update(data, base_ckpt, tmp_path):
+    """An absurd lr blows the weights up; training stops at the first non-finite loss, before that
+    step's update and before any save, so the checkpoint from the last good evaluation stays."""
+    args = method_args("ar", data, base_ckpt) + [f"--out_dir={tmp_path}", "--eval_interval=1", "--warmup_iters=0"]
+    run_train(*args, "--max_iters=1")
+    good = read_checkpoint(str(tmp_path / "ckpt.pt"))
+    with pytest.raises(train.UsageError, match=r"loss became (nan|inf) at iter \d+ .*last good checkpoint"):
+        run_train(*args, "--init_from=resume", "--max_iters=50", "--learning_rate=1e12")
+    after = read_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert all(torch.isfinite(v).all() for v in after["state_dict"].values())
+    assert after["iter_num"] >= good["iter_num"]
