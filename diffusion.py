@@ -279,7 +279,9 @@ class L2D(nn.Module):
         """Integrate dx/dt = (x_hat_1 - x_t) / (1 - t) from noise x_0 (B, P, d_f) at t=0 to t=1 for
         diffusion tokens at positions `pos` (B, P) of the cache (default: its last P positions), whose
         base hidden states are h_main (B, P, d). Every position is its own ODE row (so dopri5 adapts
-        per token); only the path runs. Returns the logits read at t=1 (B, P, vocab) and the path
+        per token); only the path runs. callback(info) after each solver step: the solver's info (t, x
+        after the step, of the B*P rows) plus "logits", every row's latest logits, and "logits_t", the t
+        they were evaluated at (midpoint: the interval's middle). Returns the logits read at t=1 (B, P, vocab) and the path
         evaluations each position took (B, P). `memo` keeps what does not depend on the token across
         calls (generate passes one per sequence): the (t, label) conditioning, since fixed-step solvers
         visit the same t's for every token, and the vocabulary's flow embeddings for x1="mean"."""
@@ -287,7 +289,7 @@ class L2D(nn.Module):
         memo = {} if memo is None else memo
         if x1 == "mean" and "flow_table" not in memo:  # V for the whole vocabulary, once per sequence
             memo["flow_table"] = self.flow_embed(torch.arange(self.base.config.vocab_size, device=x_0.device))
-        seen, selected = {}, {}  # the latest logits (for the callback); dopri5's copied K/V (predict_some)
+        seen, selected = {}, {}  # the latest logits and their t (for the callback); dopri5's copied K/V
 
         def shared_conditioning(t, labels):  # one row's conditioning, broadcast, when all rows share it
             if solver == "dopri5" or (t != t[0]).any() or (labels is not None and (labels != labels[0]).any()):
@@ -314,8 +316,9 @@ class L2D(nn.Module):
         def velocity(x, t, rows=None):  # rows: the positions dopri5 still integrates (None: all)
             rows = None if rows is not None and len(rows) == B * P else rows
             logits = evaluate(x, t, labels, rows)
-            if callback is not None:  # every position's latest logits, for the callback
+            if callback is not None:  # every position's latest logits and the t they were evaluated at
                 seen["logits"] = logits if rows is None else seen["logits"].index_copy(0, rows, logits)
+                seen["logits_t"] = t if rows is None else seen["logits_t"].index_copy(0, rows, t)
             x_hat = estimate_x1(logits, t).double()
             if guidance != 1.0:  # v = w v(class) + (1 - w) v(null): a second, unconditional evaluation
                 x_hat = guidance * x_hat + (1 - guidance) * estimate_x1(evaluate(x, t, None, rows), t).double()
@@ -323,7 +326,7 @@ class L2D(nn.Module):
             return torch.where(t[:, None] >= 1, torch.zeros_like(v), v)  # singular at t=1: defined 0
 
         x_0 = x_0.flatten(0, 1).double()  # one ODE row per position
-        step_callback = callback and (lambda info: callback({**info, "logits": seen["logits"]}))
+        step_callback = callback and (lambda info: callback({**info, "logits": seen["logits"], "logits_t": seen["logits_t"]}))
         if solver == "dopri5":
             x, nfe = SOLVERS[solver](velocity, x_0, t1=ADAPTIVE_T_END, atol=atol, rtol=rtol, callback=step_callback)
         else:

@@ -29,6 +29,11 @@ each guidance weight. A model that is not an L2D gets a single row, steps=1 (the
   tf_nfe        path evaluations per answer token in the teacher-forced pass.
   vs steps=1    (printed under a row, stored as gain / tf_gain) its accuracy minus the steps=1 row's, the
                 base's, on the same examples: [difference, 95% low, high], paired over examples.
+  tf changed    (under a row: why it differs from the base) the fraction of answer tokens whose t = 1
+                read-out differs from the base's argmax, and the corrections (base wrong, now right) and
+                spoils (base right, now wrong) among them: corrected - spoiled is the tf gain.
+  tf x_hat_1    (fixed-step solvers) the accuracy of the path's own guess argmax at each solver step,
+                at the t it was evaluated (midpoint: the middle of each interval): how the ODE gets there.
 The JSON keeps each row's per-example lists too (example_correct / _tokens / _nfe, tf_example_correct /
 _count / _nll / _nfe), which intervals.py pairs across runs.
 --x1 argmax (default) or mean: the ODE's estimate x_hat_1 of the clean token, V[argmax] or the expected
@@ -129,7 +134,9 @@ def teacher_forced(model, x, y, steps=1, solver="midpoint", atol=1e-5, rtol=1e-5
     rows padded with ignored positions. An L2D model runs its base once, then the ODE for all those
     positions in parallel (steps=1: the base's logits); any other model gives its own logits.
     seeds: one per row, for the noise of that row's positions (None: the global generator).
-    Returns (logits (B, P, V), targets (B, P), nfe (B, P))."""
+    Returns answer_stats' arguments: logits (B, P, V), targets (B, P), nfe (B, P), and for an L2D's ODE
+    base_tokens (B, P), the base's argmax (the t = 0 read-out), and trajectory, per fixed solver step
+    (t of its logits, their argmax (B, P)): the path's own guesses x_hat_1 along its ODE."""
     pos = L2D.answer_positions(y)
     targets = y.gather(1, pos)
     base = model.base if isinstance(model, L2D) else model
@@ -137,7 +144,7 @@ def teacher_forced(model, x, y, steps=1, solver="midpoint", atol=1e-5, rtol=1e-5
     h_main = h_main.gather(1, pos[..., None].expand(-1, -1, h_main.size(-1)))
     no_nfe = torch.zeros(pos.shape, dtype=torch.long)
     if not isinstance(model, L2D) or (steps == 1 and solver != "dopri5"):  # the t=0 logits: the base's
-        return base.head(h_main), targets, no_nfe
+        return dict(logits=base.head(h_main), targets=targets, nfe=no_nfe)
     shape, sigma = (x.size(1), model.config.flow_dim), model.config.sigma
     if seeds is None:
         noise = sigma * torch.randn(x.size(0), *shape, dtype=torch.float64)
@@ -145,8 +152,12 @@ def teacher_forced(model, x, y, steps=1, solver="midpoint", atol=1e-5, rtol=1e-5
         noise = torch.stack([sigma * torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
                              for s in seeds])
     x_0 = noise.gather(1, pos.cpu()[..., None].expand(-1, -1, shape[1])).to(x.device)
-    logits, nfe = model.flow(h_main, cache, x_0, steps, solver, atol, rtol, x1, guidance, labels, pos)
-    return logits, targets, nfe.cpu()
+    trajectory = []  # fixed-step solvers only: dopri5's rows are at different t's
+    record = None if solver == "dopri5" else \
+        (lambda info: trajectory.append((info["logits_t"][0].item(), info["logits"].argmax(-1).view(pos.shape))))
+    logits, nfe = model.flow(h_main, cache, x_0, steps, solver, atol, rtol, x1, guidance, labels, pos, callback=record)
+    return dict(logits=logits, targets=targets, nfe=nfe.cpu(), base_tokens=base.head(h_main).argmax(-1),
+                trajectory=trajectory or None)
 
 
 @torch.no_grad()
@@ -154,27 +165,43 @@ def gold_x_t(model, x, y, t, labels=None):
     """What the path reads from x_t: an L2D's logits at the answer positions when each diffusion token
     is the *gold* next token noised to level t, as in training but at one fixed t. A path that has
     learned to read x_t drives the loss toward 0 as t -> 1; at t=0 it is the base's.
-    Returns (logits (B, P, V), targets (B, P))."""
+    Returns answer_stats' arguments: logits (B, P, V), targets (B, P)."""
     logits, _ = model(x, y, labels, t=torch.full(x.shape, float(t), device=x.device))
-    return logits, y.gather(1, L2D.answer_positions(y))
+    return dict(logits=logits, targets=y.gather(1, L2D.answer_positions(y)))
 
 
-def answer_stats(logits, targets, nfe=None):
+def answer_stats(logits, targets, nfe=None, base_tokens=None, trajectory=None):
     """Per example (batch row), over its answer positions (targets != -1): correct argmaxes, positions, summed
-    NLL and path evaluations. Lists, so that rows can be pooled, paired and resumed example by example."""
+    NLL and path evaluations. Lists, so that rows can be pooled, paired and resumed example by example.
+    With base_tokens (the base's argmax), why the ODE's read-out differs from the base: positions whose
+    token it changed, and of those the corrections (base wrong, now right) and spoils (base right, now
+    wrong), so that corrected - spoiled is the gain in correct tokens. With a trajectory, the correct
+    guesses at each solver step (a list per example)."""
     mask = targets != -1
     nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=-1, reduction="none")  # 0 off the answer
     nfe = (nfe.to(mask.device) * mask).sum(1) if nfe is not None else torch.zeros(len(mask), dtype=torch.long)
-    return dict(correct=((logits.argmax(-1) == targets) & mask).sum(1).tolist(), count=mask.sum(1).tolist(),
-                nll=nll.sum(1).tolist(), nfe=nfe.tolist())
+    tokens = logits.argmax(-1)
+    stats = dict(correct=((tokens == targets) & mask).sum(1).tolist(), count=mask.sum(1).tolist(),
+                 nll=nll.sum(1).tolist(), nfe=nfe.tolist())
+    if base_tokens is not None:
+        changed = (tokens != base_tokens) & mask
+        stats.update(changed=changed.sum(1).tolist(), corrected=(changed & (tokens == targets)).sum(1).tolist(),
+                     spoiled=(changed & (base_tokens == targets)).sum(1).tolist())
+    if trajectory is not None:
+        per_step = [((guess == targets) & mask).sum(1).tolist() for _, guess in trajectory]
+        stats["trajectory_correct"] = [list(example) for example in zip(*per_step)]
+    return stats
 
 
 def tf_summary(ex):
     """A row's teacher-forced columns from its per-example lists (answer_stats, concatenated)."""
     count = max(sum(ex["count"]), 1)
     low, high = ratio_interval(ex["correct"], ex["count"])
+    pooled = {f"tf_{key}": sum(ex[key]) / count for key in ("changed", "corrected", "spoiled") if key in ex}
+    if "trajectory_correct" in ex:  # accuracy of x_hat_1 at each solver step
+        pooled["tf_trajectory_accuracy"] = [sum(step) / count for step in zip(*ex["trajectory_correct"])]
     return dict(tf_accuracy=sum(ex["correct"]) / count, tf_ci_low=low, tf_ci_high=high, tf_nll=sum(ex["nll"]) / count,
-                tf_tokens=sum(ex["count"]), tf_nfe_per_token=sum(ex["nfe"]) / count,
+                tf_tokens=sum(ex["count"]), tf_nfe_per_token=sum(ex["nfe"]) / count, **pooled,
                 **{f"tf_example_{key}": values for key, values in ex.items()})
 
 
@@ -414,8 +441,8 @@ def main(argv=None):
             ix = np.arange(b0, min(b0 + cfg["batch_size"], n))
             x, y, _ = ds.get_batch(ix, block_size)
             lab = None if labels is None else torch.as_tensor(labels[ix], device=device)
-            for key, values in answer_stats(*batch_logits(ix, lab, x.to(device), y.to(device))).items():
-                ex[key] += values
+            for key, values in answer_stats(**batch_logits(ix, lab, x.to(device), y.to(device))).items():
+                ex.setdefault(key, []).extend(values)
             save(phase, ex, row)
         return tf_summary(ex)
 
@@ -453,7 +480,7 @@ def main(argv=None):
         for i, t in enumerate(probe_t):
             def probe_batch(ix, lab, x, y):
                 torch.manual_seed(cfg["seed"] + int(ix[0]))
-                return (*gold_x_t(model, x, y, t, lab), None)
+                return gold_x_t(model, x, y, t, lab)
             if i == len(result["probe"]):  # not kept from a resumed run
                 result["probe"].append(dict(t=t, **over_batches(probe_batch, f"gold x_t, t={t:g}")))
                 result.pop("partial", None)
@@ -475,8 +502,11 @@ def main(argv=None):
             row.update(over_prompts(setting, row))
         if cfg["teacher_forced"]:
             def tf_batch(ix, lab, x, y):
-                return teacher_forced(model, x, y, setting["steps"], setting["solver"], setting["atol"], setting["rtol"],
-                                      setting["guidance"], lab, [cfg["seed"] + int(i) for i in ix], setting["x1"])
+                stats = teacher_forced(model, x, y, setting["steps"], setting["solver"], setting["atol"], setting["rtol"],
+                                       setting["guidance"], lab, [cfg["seed"] + int(i) for i in ix], setting["x1"])
+                if stats.get("trajectory"):  # the same t's for every batch: the row's x axis
+                    row["tf_trajectory_t"] = [t for t, _ in stats["trajectory"]]
+                return stats
             row.update(over_batches(tf_batch, row["setting"] + " (tf)", row))
         if not cfg["generate"]:  # the plot's x axis for dopri5
             row["nfe_per_token"] = row.get("tf_nfe_per_token", 0.0)
@@ -502,7 +532,14 @@ def format_row(row):
           f"{row['tf_nfe_per_token']:7.1f}") if "tf_accuracy" in row else f"{dash:>7} {dash:>15} {dash:>7} {dash:>7}"
     gains = "".join(f"  {key} vs steps=1: {row[key][0]:+.3f} [{row[key][1]:+.3f}, {row[key][2]:+.3f}]"
                     for key in ("gain", "tf_gain") if key in row)
-    return f"{row['setting']:<24} {gen} {tf}" + (f"\n{gains}" if gains else "")
+    lines = [f"{row['setting']:<24} {gen} {tf}", gains]
+    if "tf_changed" in row:  # why the row differs from the base (answer_stats)
+        lines.append(f"  tf tokens changed from the base's: {row['tf_changed']:.3f} (corrected {row['tf_corrected']:.3f}, "
+                     f"spoiled {row['tf_spoiled']:.3f})")
+    if "tf_trajectory_accuracy" in row:
+        lines.append("  tf x_hat_1 accuracy along the ODE: " + "  ".join(
+            f"t={t:.2f} {a:.3f}" for t, a in zip(row["tf_trajectory_t"], row["tf_trajectory_accuracy"])))
+    return "\n".join(line for line in lines if line)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 #   python data/gsm8k/prepare.py
 #   python train.py config/l2d_smollm2_gsm8k.py
 #   python eval.py --ckpt out-l2d-smollm2-gsm8k/ckpt.pt --task gsm8k --generate False --steps 1,2,4,8 --limit 100
-# Mix in code so guidance has two classes: datasets = ["data/gsm8k/smollm2-135m", "data/pycode/smollm2-135m"]
+# For guidance, train with classes: guidance_classes = True, and mix in code for a second class:
+#   datasets = ["data/gsm8k/smollm2-135m", "data/pycode/smollm2-135m"]
 out_dir = "out-l2d-smollm2-gsm8k"
 init_from = "smollm2-135m"
 method = "l2d"

@@ -148,6 +148,10 @@ def test_show_steps_callback_sees_logits_each_step():
     seen = []
     l2d.next_token(h[:, -1:], cache, steps=5, solver="euler", callback=lambda info: seen.append(info))
     assert len(seen) == 4 and all(info["logits"].shape == (1, VOCAB) for info in seen)
+    assert [info["logits_t"].item() for info in seen] == [0, 0.25, 0.5, 0.75]  # euler evaluates at the start
+    seen.clear()
+    l2d.next_token(h[:, -1:], cache, steps=3, callback=lambda info: seen.append(info))  # midpoint: in the middle
+    assert [info["logits_t"].item() for info in seen] == [0.25, 0.75] and [info["t"].item() for info in seen] == [0.5, 1]
 
 
 def test_shared_conditioning_equals_per_row_conditioning():

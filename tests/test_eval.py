@@ -112,13 +112,17 @@ def by_hand(logits, y):
     return correct, nll, count
 
 
+def unpack(stats):
+    return stats["logits"], stats["targets"], stats["nfe"]
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_teacher_forced_gpt_matches_hand_computation(family):
     model = tiny_base(family)
     with torch.no_grad():
         full, _ = model(X)
     correct, nll, count = by_hand(full, Y)
-    logits, targets, nfe = ev.teacher_forced(model, X, Y, steps=1)
+    logits, targets, nfe = unpack(ev.teacher_forced(model, X, Y, steps=1))
     assert torch.equal(targets, torch.stack([Y[b, POS[b]] for b in range(2)]))
     assert torch.allclose(logits, at_answers(full), atol=1e-6)
     stats = ev.answer_stats(logits, targets, nfe)
@@ -137,9 +141,9 @@ def test_teacher_forced_fresh_l2d_is_the_base_at_any_step_count(solver, steps):
     labels = torch.tensor([0, 1])
     with torch.no_grad():
         base_logits, _ = l2d.base(X)
-    one, targets, nfe1 = ev.teacher_forced(l2d, X, Y, steps=1, labels=labels)
-    many, targets_many, nfe = ev.teacher_forced(l2d, X, Y, steps=steps, solver=solver, atol=1e-3, rtol=1e-3,
-                                                labels=labels, seeds=[0, 1])
+    one, targets, nfe1 = unpack(ev.teacher_forced(l2d, X, Y, steps=1, labels=labels))
+    many, targets_many, nfe = unpack(ev.teacher_forced(l2d, X, Y, steps=steps, solver=solver, atol=1e-3, rtol=1e-3,
+                                                       labels=labels, seeds=[0, 1]))
     assert torch.equal(many, one) and torch.equal(targets, targets_many)
     assert torch.allclose(one, at_answers(base_logits), atol=1e-5)
     assert (nfe1 == 0).all()
@@ -171,7 +175,7 @@ def test_teacher_forced_all_positions_equal_one_at_a_time(solver, steps, x1):
     own prefix as generation does (same logits; for dopri5 the same per-position step count)."""
     l2d = tiny_l2d(randomize=True)
     labels, seeds, tol = torch.tensor([1, 0]), [3, 4], dict(atol=1e-2, rtol=1e-2)
-    logits, targets, nfe = ev.teacher_forced(l2d, X, Y, steps, solver, **tol, labels=labels, seeds=seeds, x1=x1)
+    logits, targets, nfe = unpack(ev.teacher_forced(l2d, X, Y, steps, solver, **tol, labels=labels, seeds=seeds, x1=x1))
     with torch.no_grad():
         base_logits, _ = l2d.base(X)
         for b in range(2):
@@ -191,7 +195,43 @@ def test_teacher_forced_all_positions_equal_one_at_a_time(solver, steps, x1):
     if solver == "dopri5" and x1 == "mean":  # positions finish at different times: the rest go on alone
         assert len(set(nfe[targets != -1].tolist())) > 2, nfe
     if x1 == "mean":  # the estimate matters: argmax gives other logits
-        assert not torch.allclose(logits, ev.teacher_forced(l2d, X, Y, steps, solver, **tol, labels=labels, seeds=seeds)[0])
+        assert not torch.allclose(logits, ev.teacher_forced(l2d, X, Y, steps, solver, **tol, labels=labels, seeds=seeds)["logits"])
+
+
+def one_hot_logits(tokens, vocab=8):
+    return F.one_hot(tokens.clamp(min=0), vocab).float()
+
+
+def test_diagnostic_counts_changes_corrections_and_spoils_by_hand():
+    targets = torch.tensor([[1, 2, 3], [4, 5, -1]])
+    base = torch.tensor([[1, 0, 3], [0, 0, 7]])
+    final = torch.tensor([[1, 2, 0], [0, 1, 6]])  # row 0: one correction, one spoil; row 1: wrong -> wrong
+    guesses = [(0.25, torch.tensor([[0, 0, 3], [4, 0, 0]])), (0.75, torch.tensor([[1, 2, 3], [4, 5, 5]]))]
+    stats = ev.answer_stats(one_hot_logits(final), targets, base_tokens=base, trajectory=guesses)
+    assert stats["correct"] == [2, 0] and stats["count"] == [3, 2]
+    assert (stats["changed"], stats["corrected"], stats["spoiled"]) == ([2, 1], [1, 0], [1, 0])
+    assert stats["trajectory_correct"] == [[1, 3], [1, 2]]  # per example, per step; padding not counted
+    summary = ev.tf_summary(stats)
+    assert (summary["tf_changed"], summary["tf_corrected"], summary["tf_spoiled"]) == (3 / 5, 1 / 5, 1 / 5)
+    assert summary["tf_trajectory_accuracy"] == [2 / 5, 5 / 5]
+
+
+def test_diagnostic_on_a_trained_path_adds_up_to_the_gain_over_the_base():
+    """The base tokens are the steps=1 row's; corrected - spoiled is each example's gain in correct tokens
+    over it; the trajectory has one entry per midpoint step, at the middle of each interval."""
+    l2d = tiny_l2d(randomize=True)
+    with torch.no_grad():
+        l2d.merge_gate[2].weight.mul_(30)  # a path strong enough to change some of the base's tokens
+    labels, seeds = torch.tensor([1, 0]), [3, 4]
+    base = ev.answer_stats(**ev.teacher_forced(l2d, X, Y, steps=1, labels=labels))
+    stats = ev.teacher_forced(l2d, X, Y, steps=3, labels=labels, seeds=seeds)
+    assert [t for t, _ in stats["trajectory"]] == [0.25, 0.75]
+    assert torch.equal(stats["base_tokens"], ev.teacher_forced(l2d, X, Y, steps=1, labels=labels)["logits"].argmax(-1))
+    row = ev.answer_stats(**stats)
+    assert sum(row["changed"]) > 0
+    for b in range(2):
+        assert row["corrected"][b] - row["spoiled"][b] == row["correct"][b] - base["correct"][b]
+    assert ev.teacher_forced(l2d, X, Y, None, "dopri5", 1e-2, 1e-2, labels=labels)["trajectory"] is None
 
 
 def test_gold_x_t_reads_the_noised_gold_token():
@@ -199,14 +239,14 @@ def test_gold_x_t_reads_the_noised_gold_token():
     by hand; at t=0 it is the base's logits."""
     l2d = tiny_l2d(randomize=True).eval()
     labels = torch.tensor([0, 1])
-    logits, targets = ev.gold_x_t(l2d, X, Y, 1.0, labels)
+    logits, targets = ev.gold_x_t(l2d, X, Y, 1.0, labels).values()
     with torch.no_grad():
         by_hand_all = l2d.logits_at(X, l2d.flow_embed(Y.clamp(min=0)), torch.ones(X.shape), labels)
         base_logits, _ = l2d.base(X)
     assert torch.equal(targets, torch.stack([Y[b, POS[b]] for b in range(2)]))
     mask = targets != -1
     assert torch.allclose(logits[mask], at_answers(by_hand_all)[mask], atol=1e-5)
-    at_zero, _ = ev.gold_x_t(l2d, X, Y, 0.0, labels)
+    at_zero = ev.gold_x_t(l2d, X, Y, 0.0, labels)["logits"]
     assert torch.equal(at_zero[mask], at_answers(base_logits)[mask])
 
 
