@@ -1,8 +1,13 @@
 """configurator.py: the command-line forms every script accepts."""
 
+import glob
+import os
+
 import pytest
 
 from configurator import UsageError, configure
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULTS = dict(steps=1, lr=1e-4, solver="midpoint", start="\n", chat=False, datasets=["a"], atol=None)
 
@@ -45,3 +50,20 @@ def test_config_file_with_unknown_key(tmp_path):
     path.write_text("stepz = 4\n")
     with pytest.raises(UsageError, match="unknown key 'stepz'"):
         configure(DEFAULTS, [str(path)])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "config", "*.py"))))
+def test_every_recipe_configures_train(path, monkeypatch):
+    """Each config/*.py sets only known keys of train.py with the right types; a baseline recipe that
+    reads another keeps its data, batch and steps."""
+    import train
+    monkeypatch.chdir(ROOT)  # recipes exec their sibling by a relative path, as from the repo root
+    cfg = configure(train.DEFAULTS, [os.path.relpath(path, ROOT)])
+    assert cfg["method"] in train.METHODS
+    name = os.path.basename(path)
+    if name.startswith(("lora_", "full_", "lab_lora", "lab_full")):
+        sibling = name.replace("lora", "l2d").replace("full", "l2d")
+        other = configure(train.DEFAULTS, [os.path.join("config", sibling)])
+        for key in ("datasets", "init_from", "batch_size", "max_iters", "warmup_iters"):
+            assert cfg[key] == other[key], key
+        assert cfg["method"] != other["method"] and cfg["out_dir"] != other["out_dir"]
