@@ -66,7 +66,10 @@ def mlp2(d_in, d_hidden, d_out, init=nn.init.xavier_uniform_, zero_last=False, l
     time MLP's N(0, 0.02)), zero biases; adaLN-Zero heads (zero_last) start at exactly zero output."""
     net = nn.Sequential(nn.Linear(d_in, d_hidden), nn.SiLU(), nn.Linear(d_hidden, d_out, bias=last_bias))
     init(net[0].weight)
-    nn.init.zeros_(net[2].weight) if zero_last else init(net[2].weight)
+    if zero_last:
+        nn.init.zeros_(net[2].weight)
+    else:
+        init(net[2].weight)
     for layer in (net[0], net[2]):
         if layer.bias is not None:
             nn.init.zeros_(layer.bias)
@@ -279,12 +282,13 @@ class L2D(nn.Module):
         """Integrate dx/dt = (x_hat_1 - x_t) / (1 - t) from noise x_0 (B, P, d_f) at t=0 to t=1 for
         diffusion tokens at positions `pos` (B, P) of the cache (default: its last P positions), whose
         base hidden states are h_main (B, P, d). Every position is its own ODE row (so dopri5 adapts
-        per token); only the path runs. callback(info) after each solver step: the solver's info (t, x
-        after the step, of the B*P rows) plus "logits", every row's latest logits, and "logits_t", the t
-        they were evaluated at (midpoint: the interval's middle). Returns the logits read at t=1 (B, P, vocab) and the path
-        evaluations each position took (B, P). `memo` keeps what does not depend on the token across
-        calls (generate passes one per sequence): the (t, label) conditioning, since fixed-step solvers
-        visit the same t's for every token, and the vocabulary's flow embeddings for x1="mean"."""
+        per token); only the path runs. Returns the logits read at t=1 (B, P, vocab) and the path
+        evaluations each position took (B, P). callback(info) after each solver step: the solver's info
+        (t, x after the step, of the B*P rows) plus "logits", every row's latest logits, and "logits_t",
+        the t they were evaluated at (midpoint: the middle of the interval). `memo` keeps what does not
+        depend on the token across calls (generate passes one per sequence): the (t, label) conditioning,
+        since fixed-step solvers visit the same t's for every token, and the vocabulary's flow embeddings
+        for x1="mean"."""
         B, P, d_f = x_0.shape
         memo = {} if memo is None else memo
         if x1 == "mean" and "flow_table" not in memo:  # V for the whole vocabulary, once per sequence
