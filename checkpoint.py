@@ -4,14 +4,19 @@ Checkpoints: written by train.py, read by train.py (resume), sample.py, eval.py 
 A checkpoint is one torch.save'd dict of plain data (tensors, numbers, strings, dicts), loaded with
 weights_only=True (nothing is unpickled). For `l2d` and `lora` it holds only the trainable tensors
 plus what rebuilds the rest: the base model's name or path (`init_from`) and every config. For
-`full` and `ar` it holds the whole model. Files are written atomically (temp file + rename), so a
+`full` and `ar` it holds the whole model. It also holds fingerprints of what it depends on, the base's
+weights (`base_fingerprint`) and a vocabulary file (`tokenizer_fingerprint`), and refuses to load
+against a changed one: an L2D path on another base, or ids read through another vocabulary, would
+generate garbage without a word. Files are written atomically (temp file + rename), so a
 kill at any moment leaves the previous checkpoint intact.
 
     model, tokenizer, ckpt = load_model("out-quick-l2d/ckpt.pt")   # an L2D or a GPT
     base, tokenizer = load_base("smollm2-135m")                     # a base model by name/path/ckpt
 """
 
+import hashlib
 import os
+
 import torch
 
 from diffusion import L2D, L2DConfig
@@ -48,6 +53,36 @@ def read_checkpoint(path):
     return ckpt
 
 
+def fingerprint(model):
+    """A short hash of a model's weights (names and bytes): which base an l2d or lora run trained on."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def file_fingerprint(path):
+    """A short hash of a file's bytes (a char vocabulary), or None when `path` names no file (a tokenizer
+    by name, whose vocabulary comes with the base's weights)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def check_dependencies(ckpt, path, base=None):
+    """Refuse, in one line, a checkpoint whose base weights or vocabulary file changed after it was
+    trained (checkpoints from before fingerprints existed are not checked)."""
+    if base is not None and ckpt.get("base_fingerprint") not in (None, fingerprint(base)):
+        raise ValueError(f"{path} was trained on another version of its base {ckpt['init_from']} (changed since: "
+                         "retrained or resumed?); restore that base, or retrain this model on the new one")
+    vocab = ckpt.get("tokenizer")
+    if ckpt.get("tokenizer_fingerprint") not in (None, file_fingerprint(vocab)):
+        raise ValueError(f"{path} was trained with the vocabulary {vocab}, which has changed since (a prepare.py "
+                         "re-run with other options?); restore it, or retrain on the new data")
+
+
 def load_base(init_from, block_size=None):
     """A frozen-to-be base GPT and its tokenizer: a pretrained name or HF folder, or the ckpt.pt of
     a model trained with method=ar/full (e.g. the quick recipe's tiny GPT)."""
@@ -78,11 +113,13 @@ def load_model(path):
     from tokenizer import get_tokenizer
     ckpt = read_checkpoint(path)
     method = ckpt["method"]
+    check_dependencies(ckpt, path)
     if method in ("ar", "full"):
         model = GPT(GPTConfig(**ckpt["model_config"]))
         tokenizer = get_tokenizer(ckpt["tokenizer"])
     else:
         base, tokenizer = load_base(ckpt["init_from"], ckpt["model_config"]["block_size"])
+        check_dependencies(ckpt, path, base)
         l2d_config = L2DConfig(**ckpt["l2d_config"]) if ckpt.get("l2d_config") else None
         model = build_model(method, base, l2d_config, ckpt["lora_rank"], ckpt["lora_alpha"])
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import build_model, load_base, read_checkpoint, save_checkpoint, trainable_state_dict
+from checkpoint import (build_model, check_dependencies, file_fingerprint, fingerprint, load_base, read_checkpoint,
+                        save_checkpoint, trainable_state_dict)
 from configurator import UsageError, configure, fail
 from dataset import BatchSampler, TokenDataset
 from diffusion import L2DConfig
@@ -154,6 +155,9 @@ def main(argv=None):
     if resume and ckpt.get("l2d_config"):
         l2d_config = L2DConfig(**ckpt["l2d_config"])
     n_base = base.num_params()  # before LoRA wraps the base in place
+    base_fingerprint = fingerprint(base) if cfg["method"] in ("l2d", "lora") else None  # a frozen base
+    if resume:
+        check_dependencies(ckpt, ckpt_path, base if base_fingerprint else None)
     model = build_model(cfg["method"], base, l2d_config, cfg["lora_rank"], cfg["lora_alpha"]).to(device)
     if resume:
         model.load_state_dict(ckpt["state_dict"], strict=False)
@@ -223,7 +227,8 @@ def main(argv=None):
         state = dict(method=cfg["method"], init_from=local(cfg["init_from"]),
                      model_config=asdict(base_config), l2d_config=asdict(l2d_config) if cfg["method"] == "l2d" else None,
                      lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"],
-                     tokenizer=local(train_data.tokenizer_path), classes=classes,
+                     tokenizer=local(train_data.tokenizer_path), classes=classes, base_fingerprint=base_fingerprint,
+                     tokenizer_fingerprint=file_fingerprint(train_data.tokenizer_path),
                      state_dict=trainable_state_dict(raw_model) if cfg["method"] in ("l2d", "lora") else raw_model.state_dict(),
                      optimizer=optimizer.state_dict(), sampler=sampler.state_dict(), scaler=scaler.state_dict(),
                      iter_num=it, config=cfg,

@@ -8,6 +8,7 @@ import contextlib
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -318,3 +319,31 @@ def test_non_finite_loss_stops_before_the_update(data, base_ckpt, tmp_path):
     after = read_checkpoint(str(tmp_path / "ckpt.pt"))
     assert all(torch.isfinite(v).all() for v in after["state_dict"].values())
     assert after["iter_num"] >= good["iter_num"]
+
+
+def test_a_changed_base_or_vocabulary_is_refused(data, base_ckpt, tmp_path):
+    """An l2d checkpoint records its base's weights, a checkpoint its vocabulary file: after either
+    changes (the base resumed or retrained, prepare.py re-run), loading and resuming refuse in one line."""
+    base = str(tmp_path / "base.pt")
+    save_checkpoint(base, read_checkpoint(base_ckpt))
+    args = method_args("l2d", data, base) + [f"--out_dir={tmp_path / 'l2d'}"]
+    run_train(*args, "--max_iters=1")
+    l2d = str(tmp_path / "l2d" / "ckpt.pt")
+    load_model(l2d)  # unchanged: loads
+    changed = read_checkpoint(base)
+    name = next(k for k in changed["state_dict"] if "mlp" in k)  # not the tied embedding
+    changed["state_dict"][name] = changed["state_dict"][name] + 1e-3
+    save_checkpoint(base, changed)
+    with pytest.raises(ValueError, match="another version of its base"):
+        load_model(l2d)
+    assert_one_line_error(run_script("--init_from=resume", f"--out_dir={tmp_path / 'l2d'}", "--device=cpu"),
+                          "another version of its base")
+
+    vocab_data = tmp_path / "data"
+    shutil.copytree(data, vocab_data)
+    run_train(*method_args("ar", str(vocab_data), base_ckpt), "--max_iters=1", f"--out_dir={tmp_path / 'ar'}")
+    load_model(str(tmp_path / "ar" / "ckpt.pt"))
+    vocab = vocab_data / "vocab.json"
+    vocab.write_text(vocab.read_text().replace("1", "!", 1))  # e.g. prepare.py re-run on other text
+    with pytest.raises(ValueError, match="vocabulary .* has changed"):
+        load_model(str(tmp_path / "ar" / "ckpt.pt"))
