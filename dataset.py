@@ -44,17 +44,17 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None):
     """Tokenize splits = {"train": [ex, ...], "test": [...]}, ex = dict(question, answer, label[, final]).
     tokenizer "char" builds a character vocabulary from all the text (an existing vocab .json is reused);
     either way it is saved as out_dir/vocab.json. max_len drops longer train examples (test is kept whole)."""
-    os.makedirs(out_dir, exist_ok=True)
-    vocab = os.path.join(out_dir, "vocab.json")
     if tokenizer == "char":
         text = (ex["question"] + ex["answer"] for exs in splits.values() for ex in exs)
-        CharTokenizer("".join(set("Question: \nAnswer: ").union(*text))).save(vocab)
-    elif tokenizer.endswith(".json"):  # another folder's char vocabulary, so the two can be mixed
-        get_tokenizer(tokenizer).save(vocab)
-    elif os.path.exists(tokenizer):  # a .gguf file or HF folder: absolute, so any working directory finds it
-        tokenizer = os.path.abspath(tokenizer)
-    enc = get_tokenizer(vocab if tokenizer == "char" or tokenizer.endswith(".json") else tokenizer)
-    tokenizer = "vocab.json" if isinstance(enc, CharTokenizer) else tokenizer
+        enc = CharTokenizer("".join(set("Question: \nAnswer: ").union(*text)))
+    else:  # another folder's char vocabulary (so the two can be mixed), or a model's tokenizer; an unknown
+        if os.path.exists(tokenizer):  # name fails here, before anything is written
+            tokenizer = os.path.abspath(tokenizer)  # a .gguf file or HF folder: any working directory finds it
+        enc = get_tokenizer(tokenizer)
+    os.makedirs(out_dir, exist_ok=True)
+    if isinstance(enc, CharTokenizer):  # saved beside the data, which names it relatively
+        enc.save(os.path.join(out_dir, "vocab.json"))
+        tokenizer = "vocab.json"
     chat = has_chat_template(enc)
     end = enc.encode(END_OF_TURN, allowed_special="all")[0] if chat else enc.eot_token
     for split, examples in splits.items():

@@ -7,6 +7,8 @@ import importlib.util
 import json
 import os
 import random
+import subprocess
+import sys
 import sysconfig
 
 import numpy as np
@@ -181,3 +183,18 @@ def test_gsm8k_slice(tmp_path):
     kept = read_split(out, "train")[1]
     assert 0 < len(kept) < 50 and max(len(t) for t, _ in kept) <= 150
     assert len(read_split(out, "test")[1]) == 50  # test is never dropped
+
+
+@pytest.mark.parametrize("task, args, words", [
+    ("arithmetic", ["--ops", "/"], ["--ops '/'", "+-*"]),
+    ("arithmetic", ["--digits", "1", "--n_train", "100000"], ["distinct problems", "fewer"]),
+    ("pycode", ["--tokenizer", "nonsense"], ["unknown tokenizer 'nonsense'"]),
+    ("gsm8k", ["--src", "/nonexistent"], ["/nonexistent/train.jsonl not found"]),
+])
+def test_prepare_bad_options_exit_2_with_one_line(task, args, words, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "data", task, "prepare.py"), *args,
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert all(word in lines[0] for word in words)
+    assert not (tmp_path / "out").exists()  # nothing half-written

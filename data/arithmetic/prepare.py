@@ -52,7 +52,8 @@ def make_problems(n, rng, digits, ops, exclude=frozenset()):
 
 def prepare(tokenizer="char", out=None, n_train=10000, n_test=500, digits=3, ops="+-*", seed=0):
     """Generate, tokenize and write data/arithmetic/<tag>/ (or out). Returns the output folder."""
-    assert ops and set(ops) <= set(OPS), f"--ops must use only {''.join(OPS)}"
+    if not ops or not set(ops) <= set(OPS):
+        raise ValueError(f"--ops {ops!r} must be some of {''.join(OPS)}")
     rng = random.Random(seed)
     test, test_keys = make_problems(n_test, rng, digits, ops)
     train, _ = make_problems(n_train, rng, digits, ops, exclude=test_keys)
@@ -70,4 +71,8 @@ if __name__ == "__main__":
     p.add_argument("--digits", type=int, default=3, help="max digits per operand")
     p.add_argument("--ops", default="+-*", help="operators to use, a subset of +-*")
     p.add_argument("--seed", type=int, default=0)
-    prepare(**vars(p.parse_args()))
+    try:
+        prepare(**vars(p.parse_args()))
+    except (ValueError, FileNotFoundError) as e:  # bad options or files: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -33,7 +33,7 @@ def read_split(split, src=None):
         download(split, src)
     path = os.path.join(src, f"{split}.jsonl")
     if not os.path.isfile(path):
-        raise SystemExit(f"GSM8K: {path} not found")
+        raise FileNotFoundError(f"GSM8K: {path} not found")
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -46,7 +46,7 @@ def download(split, folder):
     try:
         urllib.request.urlretrieve(URL.format(split), path + ".part")
     except OSError as e:
-        raise SystemExit(f"GSM8K {split}.jsonl is not in {os.path.abspath(SHARED)} and downloading "
+        raise FileNotFoundError(f"GSM8K {split}.jsonl is not in {os.path.abspath(SHARED)} and downloading "
                          f"{URL.format(split)} failed ({e}); pass --src DIR") from None
     os.replace(path + ".part", path)
 
@@ -73,4 +73,8 @@ if __name__ == "__main__":
     p.add_argument("--src", default=None, help="folder with train.jsonl and test.jsonl")
     p.add_argument("--max_len", type=int, default=1024, help="drop train examples longer than this (tokens); 0 keeps all")
     p.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split")
-    prepare(**vars(p.parse_args()))
+    try:
+        prepare(**vars(p.parse_args()))
+    except (ValueError, FileNotFoundError) as e:  # bad options or files: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

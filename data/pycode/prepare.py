@@ -80,4 +80,8 @@ if __name__ == "__main__":
     p.add_argument("--n_test", type=int, default=200)
     p.add_argument("--max_lines", type=int, default=40, help="skip longer functions (signature + docstring + body)")
     p.add_argument("--seed", type=int, default=0)
-    prepare(**vars(p.parse_args()))
+    try:
+        prepare(**vars(p.parse_args()))
+    except (ValueError, FileNotFoundError) as e:  # bad options or files: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
