@@ -1,12 +1,13 @@
 """Prepared token data: the on-disk format, its writer (used by data/*/prepare.py) and the batch loader.
 
 A prepared folder data/<task>/<tag>/ (tag from the tokenizer: char, gpt2, smollm2-135m, ...) holds
-  train.npz, test.npz  written with np.savez (no pickles):
+  train.npz, test.npz  written with np.savez (no pickles); optionally confirm.npz, a second held-out split:
       tokens    int32 (N,)    all examples concatenated: prompt tokens, answer tokens, end token
       loss_mask bool  (N,)    True exactly on the answer tokens and the end token that closes the answer
       offsets   int64 (E+1,)  example e is tokens[offsets[e]:offsets[e+1]]
       labels    int16 (E,)    class of each example, an index into meta["classes"]
-  test.jsonl   per test example: prompt (the formatted text to encode), answer (reference answer text,
+  test.jsonl   (and confirm.jsonl) per held-out example: prompt (the formatted text to encode), answer (reference
+               answer text,
                no end token), final (gold final answer string for math, else null), label (class name)
   meta.json    {"tokenizer", "classes", "chat", "vocab_size", "eot"}: "tokenizer" is what get_tokenizer
                takes (a relative path is resolved inside the folder: char vocabularies live there as
@@ -43,7 +44,7 @@ def tokenizer_tag(name):
 def write_dataset(out_dir, tokenizer, splits, classes, max_len=None):
     """Tokenize splits = {"train": [ex, ...], "test": [...]}, ex = dict(question, answer, label[, final]).
     tokenizer "char" builds a character vocabulary from all the text (an existing vocab .json is reused);
-    either way it is saved as out_dir/vocab.json. max_len drops longer train examples (test is kept whole)."""
+    either way it is saved as out_dir/vocab.json. max_len drops longer train examples (held-out splits are kept whole)."""
     if tokenizer == "char":
         text = (ex["question"] + ex["answer"] for exs in splits.values() for ex in exs)
         enc = CharTokenizer("".join(set("Question: \nAnswer: ").union(*text)))
@@ -72,8 +73,8 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None):
             rows.append(dict(prompt=prompt, answer=ex["answer"], final=ex.get("final"), label=ex["label"]))
         np.savez(os.path.join(out_dir, f"{split}.npz"), tokens=np.array(tokens, np.int32),
                  loss_mask=np.array(mask, bool), offsets=np.array(offsets, np.int64), labels=np.array(labels, np.int16))
-        if split == "test":
-            with open(os.path.join(out_dir, "test.jsonl"), "w") as f:
+        if split != "train":  # a held-out split: eval.py reads its prompts and answers as text
+            with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
         lens = np.diff(offsets) if rows else np.zeros(1)
         print(f"{out_dir}/{split}.npz: {len(rows)} examples ({len(examples) - len(rows)} dropped over max_len={max_len}), "

@@ -36,8 +36,9 @@ each guidance weight. A model that is not an L2D gets a single row, steps=1 (the
                 at the t it was evaluated (midpoint: the middle of each interval): how the ODE gets there.
 The JSON keeps each row's per-example lists too (example_correct / _tokens / _nfe, tf_example_correct /
 _count / _nll / _nfe), which intervals.py pairs across runs.
---x1 argmax (default) or mean: the ODE's estimate x_hat_1 of the clean token, V[argmax] or the expected
-embedding softmax(logits) @ V (less committed while the prediction is unsure).
+--x1 argmax (default), sample or mean: the ODE's estimate x_hat_1 of the clean token: V[argmax], V of a
+token drawn at temperature tau(t) = 1 - t (explore early, commit late), or the expected embedding
+softmax(logits) @ V (less committed while the prediction is unsure). The read-out at t = 1 stays greedy.
 
 --probe_t 0,0.5,0.9,1 (L2D only) first prints, for each t, the teacher-forced accuracy and NLL when the
 path is given the *gold* next token noised to level t, as in training: how much of x_t the path has
@@ -48,6 +49,8 @@ learned to read. A path that reads it goes to NLL ~0 at t=1; one that does not s
 --label: "" (default) conditions each example on its own class from the data (null if the model
 does not know it), "null" on the null class, a class name (e.g. math) on that class.
 --data defaults to data/<task>/<tokenizer tag> (e.g. data/gsm8k/smollm2-135m, data/arithmetic/char).
+--split test (default), or confirm: a second held-out split (data/arithmetic/prepare.py --n_confirm),
+kept aside to check, once, a gain chosen on test.
 --out defaults to eval_results.json next to the checkpoint (the current folder for a base model), or
 eval_results-2.json, -3, ... if that exists: an earlier result is never replaced unless --overwrite True;
 with matplotlib installed, a PNG of accuracy against steps is written beside it. The JSON is rewritten
@@ -62,8 +65,7 @@ them stop: each row decodes as it would alone, at several times the tokens/s (3.
 Reproducible: generation reseeds with seed + i before the batch starting at example i, the teacher-forced
 noise of example i comes from a generator seeded with seed + i, so a row does not depend on --limit, on
 --batch_size or on the other rows; with --gen_batch_size > 1 the ODE's noise for an example depends on
-its batch (the base rows do not: they use no noise). Teacher-forced decoding is greedy only
-(x_hat_1 = V[argmax], or with --x1 mean the expectation).
+its batch (the base rows do not: they use no noise); so do the draws of --x1 sample.
 """
 
 import json
@@ -89,7 +91,7 @@ from solvers import SOLVERS
 REPO = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("gsm8k", "arithmetic")
 DEFAULTS = dict(
-    ckpt="", task="arithmetic", data="", limit=0, max_new_tokens=256,
+    ckpt="", task="arithmetic", data="", split="test", limit=0, max_new_tokens=256,
     steps=None, solver="midpoint", atol=None, rtol=None, guidance=None, label="",  # None: LIST_DEFAULTS
     generate=True, teacher_forced=True, batch_size=8,  # batch_size: examples per teacher-forced batch
     gen_batch_size=1,  # prompts generated together, left-padded (faster; see the docstring)
@@ -275,8 +277,8 @@ def make_settings(cfg, is_l2d):
     atol, rtol = parse_list("atol", cfg["atol"], float), parse_list("rtol", cfg["rtol"], float)
     if cfg["solver"] not in SOLVERS:
         raise UsageError(f"unknown solver {cfg['solver']!r}; use one of {', '.join(SOLVERS)}")
-    if cfg["x1"] not in ("argmax", "mean"):
-        raise UsageError(f"unknown --x1 {cfg['x1']!r}; use argmax or mean (greedy evaluation)")
+    if cfg["x1"] not in ("argmax", "sample", "mean"):
+        raise UsageError(f"unknown --x1 {cfg['x1']!r}; use argmax, sample or mean")
     if min(steps) < 1 or min(atol + rtol) <= 0:
         raise UsageError("--steps must be >= 1 and --atol/--rtol > 0")
     if len(atol) != len(rtol) and 1 not in (len(atol), len(rtol)):
@@ -295,7 +297,7 @@ def make_settings(cfg, is_l2d):
 
 def setting_name(s):
     name = f"steps={s['steps']}" if s["steps"] is not None else f"atol={s['atol']:g} rtol={s['rtol']:g}"
-    return name + (f" w={s['guidance']:g}" if s["guidance"] != 1.0 else "") + (" x1=mean" if s["x1"] == "mean" else "")
+    return name + (f" w={s['guidance']:g}" if s["guidance"] != 1.0 else "") + (f" x1={s['x1']}" if s["x1"] not in (None, "argmax") else "")
 
 
 def load(ckpt_arg):
@@ -392,11 +394,15 @@ def main(argv=None):
     block_size = base.config.block_size
 
     data_dir = cfg["data"] or os.path.join(REPO, "data", cfg["task"], tokenizer_tag(tokenizer_name))
-    if not os.path.isfile(os.path.join(data_dir, "test.jsonl")):
-        raise UsageError(f"no prepared test split in {data_dir}: run data/{cfg['task']}/prepare.py "
-                         f"--tokenizer {tokenizer_name} (or pass --data)")
-    ds = TokenDataset([data_dir], "test")
-    with open(os.path.join(data_dir, "test.jsonl"), encoding="utf-8") as f:
+    split = cfg["split"]
+    if split not in ("test", "confirm"):
+        raise UsageError(f"--split {split!r}: use test, or confirm (a second held-out split, prepare.py --n_confirm)")
+    if not os.path.isfile(os.path.join(data_dir, f"{split}.jsonl")):
+        raise UsageError(f"no prepared {split} split in {data_dir}: run data/{cfg['task']}/prepare.py "
+                         f"--tokenizer {tokenizer_name}" + (" --n_confirm N" if split == "confirm" else "") +
+                         " (or pass --data)")
+    ds = TokenDataset([data_dir], split)
+    with open(os.path.join(data_dir, f"{split}.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     n = min(cfg["limit"] or len(rows), len(rows))
     check_tokenizer(tokenizer, ds.tokenizer, rows[0]["prompt"] + rows[0]["answer"], data_dir)
@@ -416,8 +422,8 @@ def main(argv=None):
         raise UsageError(f"{out} already exists; go on from it with --resume True, replace it with --overwrite True, "
                          "or pass another --out")
     kind = f"L2D ({model.config.variant})" if is_l2d else "GPT"
-    print(f"{kind} from {cfg['ckpt']} on {data_dir}: {n} examples, {len(settings)} row(s), device {device}")
-    result = dict(ckpt=cfg["ckpt"], model=kind, task=cfg["task"], data=data_dir, n=n, config=cfg, rows=[])
+    print(f"{kind} from {cfg['ckpt']} on {data_dir} ({split}): {n} examples, {len(settings)} row(s), device {device}")
+    result = dict(ckpt=cfg["ckpt"], model=kind, task=cfg["task"], data=data_dir, split=split, n=n, config=cfg, rows=[])
     if cfg["resume"]:
         result = resumable(out, result)
 
@@ -502,6 +508,7 @@ def main(argv=None):
             row.update(over_prompts(setting, row))
         if cfg["teacher_forced"]:
             def tf_batch(ix, lab, x, y):
+                torch.manual_seed(cfg["seed"] + int(ix[0]))  # x1=sample's draws
                 stats = teacher_forced(model, x, y, setting["steps"], setting["solver"], setting["atol"], setting["rtol"],
                                        setting["guidance"], lab, [cfg["seed"] + int(i) for i in ix], setting["x1"])
                 if stats.get("trajectory"):  # the same t's for every batch: the row's x axis

@@ -61,8 +61,8 @@ def test_every_recipe_configures_train(path, monkeypatch):
     cfg = configure(train.DEFAULTS, [os.path.relpath(path, ROOT)])
     assert cfg["method"] in train.METHODS
     name = os.path.basename(path)
-    if name.startswith(("lora_", "full_", "lab_lora", "lab_full")):
-        sibling = name.replace("lora", "l2d").replace("full", "l2d")
+    if name.startswith(("lora_", "full_", "lab_lora", "lab_full", "lab_ar")):
+        sibling = name.replace("lora", "l2d").replace("full", "l2d").replace("lab_ar", "lab_l2d")
         other = configure(train.DEFAULTS, [os.path.join("config", sibling)])
         for key in ("datasets", "init_from", "batch_size", "max_iters", "warmup_iters"):
             assert cfg[key] == other[key], key

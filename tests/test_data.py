@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import sysconfig
@@ -100,6 +101,32 @@ def test_arithmetic_split_is_disjoint_and_seeded(tmp_path):
         assert not np.array_equal(za["tokens"], zc["tokens"])
 
 
+def test_arithmetic_confirm_split_is_a_second_alike_held_out_set(tmp_path):
+    """--n_confirm: test and confirm are disjoint from each other and from train, and alike in kind
+    even where the draw exhausts the small problems (1-digit x 1-digit: 55 of them)."""
+    out = arithmetic.prepare("char", out=str(tmp_path), n_train=2000, n_test=400, n_confirm=400, digits=2, ops="*")
+
+    def prompts(split):
+        with open(os.path.join(out, f"{split}.jsonl")) as f:
+            return [json.loads(line)["prompt"] for line in f]
+    test, confirm = set(prompts("test")), set(prompts("confirm"))
+    enc = get_tokenizer(os.path.join(out, "vocab.json"))
+    train = {enc.decode(tokens[~mask].tolist()) for tokens, mask in read_split(out, "train")[1]}
+    assert len(test) == len(confirm) == 400 and len(train) == 2000
+    assert not test & confirm and not (test | confirm) & train
+
+    def one_digit_pairs(split):
+        return sum(bool(re.search(r"What is \d \* \d\?", p)) for p in split)
+    # all 55 are drawn among the first 800 problems; split at random, each set gets about half
+    assert one_digit_pairs(test) + one_digit_pairs(confirm) == 55 and 15 <= one_digit_pairs(confirm) <= 40
+    # without --n_confirm, the test split is the one draw of n_test problems, as before
+    plain = arithmetic.prepare("char", out=str(tmp_path / "plain"), n_train=100, n_test=400, digits=2, ops="*")
+    assert not os.path.exists(os.path.join(plain, "confirm.jsonl"))
+    with open(os.path.join(plain, "test.jsonl")) as f:
+        assert [json.loads(line)["prompt"] for line in f] == \
+            [f"Question: {e['question']}\nAnswer: " for e in arithmetic_examples(100, 400, 2, "*", seed=0)[1]]
+
+
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     """An arithmetic folder and a small "code" folder on the same char vocabulary."""
@@ -188,6 +215,7 @@ def test_gsm8k_slice(tmp_path):
 @pytest.mark.parametrize("task, args, words", [
     ("arithmetic", ["--ops", "/"], ["--ops '/'", "+-*"]),
     ("arithmetic", ["--digits", "1", "--n_train", "100000"], ["distinct problems", "fewer"]),
+    ("arithmetic", ["--n_test", "0"], ["--n_test must be >= 1"]),
     ("pycode", ["--tokenizer", "nonsense"], ["unknown tokenizer 'nonsense'"]),
     ("gsm8k", ["--src", "/nonexistent"], ["/nonexistent/train.jsonl not found"]),
 ])

@@ -69,7 +69,7 @@ def test_parse_lists_and_settings():
     with pytest.raises(UsageError):
         ev.make_settings(dict(ev.DEFAULTS, solver="heun"), True)
     with pytest.raises(UsageError):
-        ev.make_settings(dict(ev.DEFAULTS, x1="sample"), True)  # evaluation is greedy
+        ev.make_settings(dict(ev.DEFAULTS, x1="mode"), True)
 
 
 # --- teacher-forced metrics ------------------------------------------------------------------------
@@ -313,6 +313,10 @@ def test_end_to_end_l2d(tiny_run):
     rows = run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--steps", "1,2", "--solver=euler")
     assert [r["setting"] for r in rows] == ["steps=1", "steps=2"]
     assert run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--steps", "2", "--x1", "mean")[0]["setting"] == "steps=2 x1=mean"
+    sampled = [run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--steps", "4", "--x1", "sample")[0] for _ in range(2)]
+    assert sampled[0]["setting"] == "steps=4 x1=sample"
+    keep = ("example_correct", "samples", "tf_example_correct", "tf_example_nll")  # seeded: the same twice
+    assert {k: sampled[0][k] for k in keep} == {k: sampled[1][k] for k in keep}
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and r["n"] == 3 and r["ci_low"] <= r["accuracy"] <= r["ci_high"]
         assert 0 <= r["tf_accuracy"] <= 1 and r["tf_nll"] > 0 and r["tokens"] > 0

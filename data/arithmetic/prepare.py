@@ -8,8 +8,9 @@ A problem is "What is a OP b?" with OP in --ops ("+", "-", "*"); each operand fi
 digits uniformly from 1..--digits, then a value with that many digits (so short and long numbers are
 equally common). Subtraction puts the larger operand first, so every answer is a non-negative integer
 and the answer text is just that number (e.g. "579"): eval reads the final number and compares exactly.
-The test split is drawn first; train never contains a test problem, counting a+b and b+a (a*b and b*a)
-as the same problem. Everything is seeded by --seed. Defaults take about a second.
+The test split is drawn first (with --n_confirm, n_test + n_confirm problems split at random into test
+and confirm, a second held-out split); train never contains a held-out problem, counting a+b and b+a
+(a*b and b*a) as the same problem. Everything is seeded by --seed. Defaults take about a second.
 To mix with data/pycode at character level, reuse its vocabulary: --tokenizer data/pycode/char/vocab.json.
 """
 import argparse
@@ -50,15 +51,21 @@ def make_problems(n, rng, digits, ops, exclude=frozenset()):
     return examples, keys
 
 
-def prepare(tokenizer="char", out=None, n_train=10000, n_test=500, digits=3, ops="+-*", seed=0):
+def prepare(tokenizer="char", out=None, n_train=10000, n_test=500, n_confirm=0, digits=3, ops="+-*", seed=0):
     """Generate, tokenize and write data/arithmetic/<tag>/ (or out). Returns the output folder."""
+    if min(n_train, n_test) < 1 or n_confirm < 0:
+        raise ValueError("--n_train and --n_test must be >= 1, --n_confirm >= 0")
     if not ops or not set(ops) <= set(OPS):
         raise ValueError(f"--ops {ops!r} must be some of {''.join(OPS)}")
     rng = random.Random(seed)
-    test, test_keys = make_problems(n_test, rng, digits, ops)
-    train, _ = make_problems(n_train, rng, digits, ops, exclude=test_keys)
+    held_out, held_out_keys = make_problems(n_test + n_confirm, rng, digits, ops)
+    splits = {"test": held_out}
+    if n_confirm:  # one draw split at random, so test and confirm are alike even where the draw
+        rng.shuffle(held_out)  # exhausts the small problems (1-digit x 1-digit has only 55)
+        splits = {"test": held_out[:n_test], "confirm": held_out[n_test:]}
+    splits["train"], _ = make_problems(n_train, rng, digits, ops, exclude=held_out_keys)
     out = out or os.path.join(HERE, tokenizer_tag(tokenizer))
-    write_dataset(out, tokenizer, {"train": train, "test": test}, classes=["math"])
+    write_dataset(out, tokenizer, splits, classes=["math"])
     return out
 
 
@@ -68,6 +75,8 @@ if __name__ == "__main__":
     p.add_argument("--out", default=None, help="output folder (default data/arithmetic/<tokenizer tag>)")
     p.add_argument("--n_train", type=int, default=10000)
     p.add_argument("--n_test", type=int, default=500)
+    p.add_argument("--n_confirm", type=int, default=0, help="size of a second held-out split, confirm, to check "
+                   "a gain found on test (eval.py --split confirm)")
     p.add_argument("--digits", type=int, default=3, help="max digits per operand")
     p.add_argument("--ops", default="+-*", help="operators to use, a subset of +-*")
     p.add_argument("--seed", type=int, default=0)
