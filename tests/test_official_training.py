@@ -1,4 +1,4 @@
-"""Training follows the official L2D code (../shared/L2D_METHOD.md sec. 4, "Initialisation and
+"""Training follows the official L2D code (docs/method.md sec. 4, "Initialisation and
 optimiser"): one test per fact — the init of every fresh layer, LoRA's init, class conditioning off
 unless asked and label dropout per token, AdamW's settings and the warmup/decay schedule. The
 references are the formulas themselves (xavier's bound and std, 1/r, log(it + 1) / log(warmup))."""
