@@ -1,5 +1,5 @@
 """
-Speed and memory of L2D next to its base model and the two finetuning baselines (method, sec. 4-5).
+Speed and memory of L2D next to its base model and the two finetuning baselines (docs/method.md, sec. 4-5).
 
     python bench.py                                         # SmolLM2-135M, generation and training
     python bench.py --what gen --batch_sizes 1 --steps 1,8 --new_tokens 8
@@ -49,16 +49,40 @@ from model import GPT, GPTConfig, KVCache
 from solvers import SOLVERS
 
 DEFAULTS = dict(
-    init_from="smollm2-135m", what="gen,train", device="cpu", dtype="auto", threads=0, out="bench.json", seed=1337,
+    init_from="smollm2-135m",  # the base: a model name, a HF folder, an ar/full ckpt.pt, or scratch (shape below)
+    what="gen,train",          # gen, train or gen,train
+    device="cpu",              # cpu, cuda, cuda:1, ...
+    dtype="auto",              # training's autocast: auto (cuda: bfloat16, cpu: float32), float32, bfloat16 or float16
+    threads=0,                 # torch's CPU threads; 0: torch's default
+    out="bench.json",          # the results as JSON; "": none
+    seed=1337,                 # of the random weights, prompt and batch
     # generation
-    steps=None, batch_sizes=None, prompt_len=64, new_tokens=32, eval_reps=30, solver="midpoint",
+    steps=None,                # step counts to decode with, one value or a list (1,8); None: 1,2,4,8,16,32
+    batch_sizes=None,          # batch sizes to decode at; None: 1,16
+    prompt_len=64,             # tokens of the random prompt (its prefill is not timed)
+    new_tokens=32,             # tokens decoded per step count (the median time per token is reported)
+    eval_reps=30,              # timed single decoding steps, base and path interleaved (the median is reported)
+    solver="midpoint",         # a fixed-step solver: euler, midpoint or rk4
     # training
-    methods=None, batch=8, seq=256, train_reps=5, mem_steps=2, matmul_n=2048,
-    data="",  # a prepared folder (e.g. data/gsm8k/smollm2-135m): train on its first batch, not random tokens
-    lora_rank=32, lora_alpha=32.0, flow_dim=256,
+    methods=None,              # which to time, one or a list; None: l2d-lora,l2d-full,lora,full
+    batch=8,                   # examples per training step
+    seq=256,                   # tokens per example
+    train_reps=5,              # timed steps per method (the median is reported)
+    mem_steps=2,               # training steps of each method's memory measurement (in a fresh process)
+    matmul_n=2048,             # size of the square float32 matmul that measures this machine's GFLOP/s
+    data="",                   # a prepared folder (e.g. data/gsm8k/smollm2-135m): its first batch, not random tokens
+    lora_rank=32,              # rank of the LoRA adapters (lora, and the l2d-lora path)
+    lora_alpha=32.0,           # LoRA scale: the update is multiplied by lora_alpha / lora_rank
+    flow_dim=256,              # width d_f of the diffused token space
     # --init_from scratch: a random GPT of this shape
-    family="llama", n_layer=2, n_head=4, n_kv_head=0, n_embd=64, vocab_size=256, block_size=1024,
-    _memory_worker="",  # internal: measure one method's training memory and print it as JSON
+    family="llama",            # llama (RMSNorm, RoPE, SwiGLU) or gpt2 (LayerNorm, learned positions, GELU)
+    n_layer=2,                 # transformer blocks
+    n_head=4,                  # attention heads (must divide n_embd)
+    n_kv_head=0,               # key/value heads of grouped-query attention; 0: n_head
+    n_embd=64,                 # hidden width
+    vocab_size=256,            # tokens in the vocabulary
+    block_size=1024,           # positions, at least prompt_len + new_tokens and seq
+    _memory_worker="",         # internal: measure one method's training memory and print it as JSON
 )
 LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], batch_sizes=[1, 16], methods=["l2d-lora", "l2d-full", "lora", "full"])
 METHODS = LIST_DEFAULTS["methods"]
@@ -97,6 +121,8 @@ def check(cfg):
         raise UsageError("--steps, --batch_sizes, --prompt_len, --new_tokens, --batch and --seq must be >= 1")
     if min(cfg["eval_reps"], cfg["train_reps"], cfg["mem_steps"]) < 1:
         raise UsageError("--eval_reps, --train_reps and --mem_steps must be >= 1")
+    if min(cfg["matmul_n"], cfg["lora_rank"], cfg["flow_dim"]) < 1 or cfg["threads"] < 0:
+        raise UsageError("--matmul_n, --lora_rank and --flow_dim must be >= 1, --threads >= 0 (0: torch's default)")
     return cfg
 
 

@@ -44,7 +44,8 @@ def tokenizer_tag(name):
 def write_dataset(out_dir, tokenizer, splits, classes, max_len=None):
     """Tokenize splits = {"train": [ex, ...], "test": [...]}, ex = dict(question, answer, label[, final]).
     tokenizer "char" builds a character vocabulary from all the text (an existing vocab .json is reused);
-    either way it is saved as out_dir/vocab.json. max_len drops longer train examples (held-out splits are kept whole)."""
+    either way it is saved as out_dir/vocab.json. max_len drops longer train examples (held-out splits are kept whole).
+    A split left with no examples raises ValueError before anything is written."""
     if tokenizer == "char":
         text = (ex["question"] + ex["answer"] for exs in splits.values() for ex in exs)
         enc = CharTokenizer("".join(set("Question: \nAnswer: ").union(*text)))
@@ -52,12 +53,9 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None):
         if os.path.exists(tokenizer):  # name fails here, before anything is written
             tokenizer = os.path.abspath(tokenizer)  # a .gguf file or HF folder: any working directory finds it
         enc = get_tokenizer(tokenizer)
-    os.makedirs(out_dir, exist_ok=True)
-    if isinstance(enc, CharTokenizer):  # saved beside the data, which names it relatively
-        enc.save(os.path.join(out_dir, "vocab.json"))
-        tokenizer = "vocab.json"
     chat = has_chat_template(enc)
     end = enc.encode(END_OF_TURN, allowed_special="all")[0] if chat else enc.eot_token
+    encoded = {}  # every split is encoded and checked before anything is written: no half-prepared folder
     for split, examples in splits.items():
         tokens, mask, offsets, labels, rows = [], [], [0], [], []
         for ex in examples:
@@ -71,14 +69,24 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None):
             offsets.append(len(tokens))
             labels.append(classes.index(ex["label"]))
             rows.append(dict(prompt=prompt, answer=ex["answer"], final=ex.get("final"), label=ex["label"]))
+        if not rows:  # training would wait forever for a batch, evaluation would have nothing to score
+            raise ValueError(f"the {split} split of {out_dir} would have no examples: " + (
+                f"all {len(examples)} are longer than max_len={max_len} tokens, raise --max_len" if examples else
+                "the source gave none for it, check the source data and the split sizes asked for"))
+        encoded[split] = tokens, mask, offsets, labels, rows
+    os.makedirs(out_dir, exist_ok=True)
+    if isinstance(enc, CharTokenizer):  # saved beside the data, which names it relatively
+        enc.save(os.path.join(out_dir, "vocab.json"))
+        tokenizer = "vocab.json"
+    for split, (tokens, mask, offsets, labels, rows) in encoded.items():
         np.savez(os.path.join(out_dir, f"{split}.npz"), tokens=np.array(tokens, np.int32),
                  loss_mask=np.array(mask, bool), offsets=np.array(offsets, np.int64), labels=np.array(labels, np.int16))
         if split != "train":  # a held-out split: eval.py reads its prompts and answers as text
             with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
-        lens = np.diff(offsets) if rows else np.zeros(1)
-        print(f"{out_dir}/{split}.npz: {len(rows)} examples ({len(examples) - len(rows)} dropped over max_len={max_len}), "
-              f"{len(tokens)} tokens, length mean {lens.mean():.0f} max {lens.max()}")
+        lens = np.diff(offsets)
+        print(f"{out_dir}/{split}.npz: {len(rows)} examples ({len(splits[split]) - len(rows)} dropped over "
+              f"max_len={max_len}), {len(tokens)} tokens, length mean {lens.mean():.0f} max {lens.max()}")
     meta = dict(tokenizer=tokenizer, classes=classes, chat=chat, vocab_size=enc.n_vocab, eot=end)
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -105,6 +113,9 @@ class TokenDataset:
                                  f"pass the first folder's vocab.json as the --tokenizer of the others)")
             self.classes += [c for c in meta["classes"] if c not in self.classes]
             z = np.load(os.path.join(d, f"{split}.npz"))
+            if not len(z["labels"]):  # written by hand or before write_dataset refused empty splits
+                raise ValueError(f"{d}/{split}.npz has no examples: prepare {d} again with more examples "
+                                 "(or a larger --max_len)")
             remap = np.array([self.classes.index(c) for c in meta["classes"]], np.int64)
             parts.append((z["tokens"], z["loss_mask"], z["offsets"], remap[z["labels"]]))
         self.tokens = np.concatenate([p[0] for p in parts])
@@ -140,6 +151,7 @@ class BatchSampler:
 
     def __init__(self, n, batch_size, seed=0, rank=0, world_size=1):
         assert batch_size % world_size == 0, "global batch must split evenly over the ranks"
+        assert n > 0, "no examples to sample: next_batch would wait forever"
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
         self.epoch, self.pos, self._perm = 0, 0, (None, None)
 

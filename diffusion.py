@@ -1,6 +1,6 @@
 """
 L2D: a trainable diffusion path around a frozen GPT (Cetin, Zhao & Tang, ICML 2025).
-The method, with every default, is in ../shared/L2D_METHOD.md; section numbers below refer to it.
+The method, with every default, is in docs/method.md; section numbers below refer to it.
 
 The base model predicts token i+1 from the context <= i. The path adds, at every position i, a
 "diffusion token" x_t: a noisy version of the *next* token's flow embedding x_1 = V[y_{i+1}],
@@ -17,7 +17,7 @@ is exactly the base model.
     logits, loss = l2d(idx, targets, labels)                 # training forward
     for token, nfe in l2d.generate(idx, 64, steps=8): ...    # decoding with the ODE
 
-Choices where the spec is silent: the sinusoidal time embedding is 256 wide (128 frequencies, cos
+Choices made here (docs/method.md, sec. 4-5): the sinusoidal time embedding is 256 wide (128 frequencies, cos
 and sin halves, as in DiT); GPT-2's path input gets no position embedding (positions reach it
 through the base keys it attends to); with guidance the final token is read from the
 class-conditional logits.

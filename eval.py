@@ -33,7 +33,8 @@ each guidance weight. A model that is not an L2D gets a single row, steps=1 (the
                 read-out differs from the base's argmax, and the corrections (base wrong, now right) and
                 spoils (base right, now wrong) among them: corrected - spoiled is the tf gain.
   tf x_hat_1    (fixed-step solvers) the accuracy of the path's own guess argmax at each solver step,
-                at the t it was evaluated (midpoint: the middle of each interval): how the ODE gets there.
+                at the t it was evaluated (midpoint: the middle of each interval): how the ODE gets there;
+                and how often the t = 1 read-out is the first of those guesses (decided at the first step).
 The JSON keeps each row's per-example lists too (example_correct / _tokens / _nfe, tf_example_correct /
 _count / _nll / _nfe), which intervals.py pairs across runs.
 --x1 argmax (default), sample or mean: the ODE's estimate x_hat_1 of the clean token: V[argmax], V of a
@@ -91,11 +92,33 @@ from solvers import SOLVERS
 REPO = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("gsm8k", "arithmetic")
 DEFAULTS = dict(
-    ckpt="", task="arithmetic", data="", split="test", limit=0, max_new_tokens=256,
-    steps=None, solver="midpoint", atol=None, rtol=None, guidance=None, label="",  # None: LIST_DEFAULTS
-    generate=True, teacher_forced=True, batch_size=8,  # batch_size: examples per teacher-forced batch
-    gen_batch_size=1,  # prompts generated together, left-padded (faster; see the docstring)
-    x1="argmax", probe_t=None, out="", resume=False, overwrite=False, seed=1337, device="auto",
+    ckpt="",                # required: a ckpt.pt of train.py (or its folder), or a base model name or HF folder
+    task="arithmetic",      # gsm8k or arithmetic
+    data="",                # the prepared folder; "": data/<task>/<tokenizer tag>
+    split="test",           # test, or confirm (a second held-out split, to check a gain chosen on test once)
+    limit=0,                # the first N examples only; 0: all
+    max_new_tokens=256,     # generation stops there if the end token has not come
+    # the rows: each step count (or dopri5's (atol, rtol) pair) times each guidance weight;
+    # one value or a list (1,2,4); None: the list in LIST_DEFAULTS (given after each)
+    steps=None,             # ODE steps per token (fixed-step solvers); None: 1,2,4,8,16,32
+    solver="midpoint",      # euler, midpoint, rk4 (fixed steps), or dopri5 (adaptive)
+    atol=None,              # dopri5's absolute error tolerances; None: 1e-5
+    rtol=None,              # dopri5's relative error tolerances (as many as atol, or one); None: 1e-5
+    guidance=None,          # classifier-free guidance weights (a model trained with guidance_classes); None: 1
+    label="",               # the class to condition on: "" each example's own, null, or a class name (e.g. math)
+    # what to measure
+    generate=True,          # greedy generation: accuracy, NFE and tokens/s
+    teacher_forced=True,    # teacher-forced next-token accuracy and NLL of the answer tokens
+    batch_size=8,           # examples per teacher-forced batch
+    gen_batch_size=1,       # prompts generated together, left-padded (faster; see the docstring)
+    x1="argmax",            # the ODE's estimate of the clean token: argmax, sample or mean (see the docstring)
+    probe_t=None,           # t's at which to probe the path with the gold token noised to t (L2D only; see the docstring)
+    # output and bookkeeping
+    out="",                 # the JSON; "": eval_results.json next to the checkpoint, or -2, -3, ... if it exists
+    resume=False,           # go on from the batches a killed run of the same command left in --out
+    overwrite=False,        # replace --out if it exists (else refused)
+    seed=1337,              # of the draws and the noise, reseeded per example or batch (see the docstring)
+    device="auto",          # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
 )
 LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], atol=[1e-5], rtol=[1e-5], guidance=[1.0], probe_t=[])
 
@@ -192,6 +215,9 @@ def answer_stats(logits, targets, nfe=None, base_tokens=None, trajectory=None):
     if trajectory is not None:
         per_step = [((guess == targets) & mask).sum(1).tolist() for _, guess in trajectory]
         stats["trajectory_correct"] = [list(example) for example in zip(*per_step)]
+        # the t = 1 read-out that is the path's first guess (its first evaluation after t = 0): a
+        # fraction near 1 says the later steps only read that guess back from x_t
+        stats["first_guess_kept"] = ((tokens == trajectory[0][1]) & mask).sum(1).tolist()
     return stats
 
 
@@ -199,7 +225,8 @@ def tf_summary(ex):
     """A row's teacher-forced columns from its per-example lists (answer_stats, concatenated)."""
     count = max(sum(ex["count"]), 1)
     low, high = ratio_interval(ex["correct"], ex["count"])
-    pooled = {f"tf_{key}": sum(ex[key]) / count for key in ("changed", "corrected", "spoiled") if key in ex}
+    pooled = {f"tf_{key}": sum(ex[key]) / count for key in ("changed", "corrected", "spoiled", "first_guess_kept")
+              if key in ex}
     if "trajectory_correct" in ex:  # accuracy of x_hat_1 at each solver step
         pooled["tf_trajectory_accuracy"] = [sum(step) / count for step in zip(*ex["trajectory_correct"])]
     return dict(tf_accuracy=sum(ex["correct"]) / count, tf_ci_low=low, tf_ci_high=high, tf_nll=sum(ex["nll"]) / count,
@@ -546,6 +573,7 @@ def format_row(row):
     if "tf_trajectory_accuracy" in row:
         lines.append("  tf x_hat_1 accuracy along the ODE: " + "  ".join(
             f"t={t:.2f} {a:.3f}" for t, a in zip(row["tf_trajectory_t"], row["tf_trajectory_accuracy"])))
+        lines.append(f"  tf read-out = the first guess (t={row['tf_trajectory_t'][0]:.2f}): {row['tf_first_guess_kept']:.3f}")
     return "\n".join(line for line in lines if line)
 
 

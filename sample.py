@@ -12,25 +12,45 @@ gets a freshly initialised diffusion path, whose merge gate is exactly zero: it 
 exactly like the base at any number of steps (the output says so).
 --steps 1 is the base model itself; N > 1 integrates the ODE on linspace(0, 1, N) with --solver
 (midpoint: 2 evaluations per interval), or adaptively with --solver dopri5 (--atol/--rtol).
-Per generated token, the number of path evaluations (NFE) is printed.
+Per generated token, the number of path evaluations (NFE) is printed; --show_steps prints, for each
+token, the prediction at every solver step and the t = 1 read-out the token is drawn from (each
+sample's header says what --steps means for the solver). A run that takes more than a few seconds
+reports its progress and an ETA on stderr.
 The token is drawn from the logits read at t = 1 with --temperature / --top_k (0: argmax, what the
 paper's math rows use); the official code samples it at temperature 1.0 by default.
 --guidance W (with --label NAME) needs a model trained with --guidance_classes=True.
 """
 
+import sys
+import time
 
 import torch
 
 from checkpoint import load_base, load_model
 from configurator import UsageError, configure, fail
-from diffusion import L2D, L2DConfig
-from solvers import SOLVERS
+from diffusion import ADAPTIVE_T_END, L2D, L2DConfig
+from solvers import EVALUATIONS, SOLVERS
 from tokenizer import END_OF_TURN, chat_prompt, has_chat_template
 
 DEFAULTS = dict(
-    init_from="smollm2-135m", start="\n", max_new_tokens=64, temperature=0.8, top_k=50,
-    num_samples=2, seed=1337, chat=False, device="cpu",
-    steps=1, solver="midpoint", atol=1e-5, rtol=1e-5, x1="argmax", guidance=1.0, label="", show_steps=False,
+    init_from="smollm2-135m",  # an L2D ckpt.pt, another ckpt.pt (steps=1 only), or a base model name or HF folder
+    start="\n",                # the prompt; FILE:path reads it from a file; a typed \n is a newline
+    max_new_tokens=64,         # tokens per sample at most (fewer where the context ends or the end token comes)
+    temperature=0.8,           # of the draw from the logits read at t = 1; 0: argmax
+    top_k=50,                  # draw among the k likeliest tokens only; None: among all
+    num_samples=2,             # samples of the same prompt, one after the other
+    seed=1337,                 # of the token draws and the ODE's noise, set once before the first sample
+    chat=False,                # wrap --start in the tokenizer's chat template (instruct models)
+    device="cpu",              # cpu, cuda, cuda:1, ...
+    # the diffusion path (an L2D model)
+    steps=1,                   # ODE steps per token; 1: the base model alone
+    solver="midpoint",         # euler, midpoint, rk4 (fixed steps on linspace(0, 1, steps)) or dopri5 (adaptive)
+    atol=1e-5,                 # dopri5's absolute error tolerance
+    rtol=1e-5,                 # dopri5's relative error tolerance
+    x1="argmax",               # the ODE's estimate of the clean token: argmax, sample (at temperature 1 - t) or mean
+    guidance=1.0,              # classifier-free guidance weight (with --label); 1: none
+    label="",                  # the class to guide towards (a model trained with --guidance_classes=True)
+    show_steps=False,          # per token, the 5 likeliest tokens at every solver step and at the t = 1 read-out
 )
 
 
@@ -43,27 +63,162 @@ def check(cfg):
         raise UsageError("--atol and --rtol must be positive")
     if cfg["x1"] not in ("argmax", "sample", "mean"):
         raise UsageError(f"unknown --x1 {cfg['x1']!r}; use argmax, sample or mean")
-    if cfg["temperature"] < 0 or cfg["max_new_tokens"] < 1 or cfg["num_samples"] < 1:
-        raise UsageError("--temperature must be >= 0, --max_new_tokens and --num_samples >= 1")
+    if cfg["temperature"] < 0:
+        raise UsageError(f"--temperature must be >= 0 (0: argmax), got {cfg['temperature']}")
+    if cfg["top_k"] is not None and cfg["top_k"] < 1:
+        raise UsageError(f"--top_k must be at least 1 (or None: no cut), got {cfg['top_k']}")
+    for key in ("max_new_tokens", "num_samples"):
+        if cfg[key] < 1:
+            raise UsageError(f"--{key} must be at least 1, got {cfg[key]}")
     if cfg["guidance"] != 1.0 and not cfg["label"]:
         raise UsageError("--guidance needs --label NAME (the class to guide towards)")
+    if not cfg["start"]:
+        raise UsageError('--start is empty; give a prompt, e.g. --start "Once upon a time" (the default is a newline)')
+    check_device(cfg["device"])
+
+
+def check_device(name):
+    """A --device that this machine has, checked before anything is loaded onto it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type) if device.type in ("cuda", "mps", "xpu") else None
+    if backend is None:
+        raise UsageError(f"--device {name} cannot run sample.py; use cpu, cuda, cuda:N or mps")
+    if not backend.is_available():
+        raise UsageError(f"--device {name} is not available on this machine (torch finds no {device.type} device); "
+                         "use --device cpu")
+    if device.index is not None and device.index >= backend.device_count():
+        raise UsageError(f"--device {name}: this machine has {backend.device_count()} {device.type} device(s), "
+                         f"numbered from 0; use --device {device.type}:0")
 
 
 def load(cfg):
-    """(model, tokenizer, class names, note): an L2D model where there is one, else a GPT."""
+    """(model, tokenizer, class names): an L2D model where there is one, else a GPT. A base model gets a
+    freshly initialised diffusion path."""
     if cfg["init_from"].endswith(".pt"):
         model, tokenizer, ckpt = load_model(cfg["init_from"])
-        return model, tokenizer, ckpt.get("classes", []), ""
+        return model, tokenizer, ckpt.get("classes", [])
     base, tokenizer = load_base(cfg["init_from"])
-    model = L2D(base, L2DConfig())
-    return model, tokenizer, [], ("note: a freshly initialised diffusion path (merge gate exactly zero): "
-                                  "this generates exactly like the base model at any --steps")
+    return L2D(base, L2DConfig()), tokenizer, []
+
+
+def read_prompt(cfg):
+    """The text of --start; FILE:path reads it from a file (before the model is loaded, to fail early)."""
+    start = cfg["start"]
+    if not start.startswith("FILE:"):
+        return start.replace("\\n", "\n")  # a shell passes --start "Q\nA" as a backslash and an n
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        raise UsageError(f"prompt file {start[5:]} not found") from None
+    if not text:
+        raise UsageError(f"prompt file {start[5:]} is empty; write the prompt in it")
+    return text
+
+
+def untrained(model):
+    """True when the diffusion path cannot change a single logit: the last layer of the merge gate w(c)
+    is exactly zero (adaLN-Zero, as L2D initialises it), so w(c_t) - w(c_0) = 0 at every t and the merged
+    state is the base's own, h = h_main, whatever x_t is."""
+    return not model.merge_gate[-1].weight.any()
+
+
+def describe(cfg, is_l2d):
+    """The header of each sample: the solver, what --steps means for it, and the path evaluations per
+    token (NFE, as L2D.next_token counts them: every velocity evaluation, then the read-out at t = 1)."""
+    if not is_l2d:
+        return f"{cfg['init_from']} itself (a GPT: no diffusion path)"
+    solver, n = cfg["solver"], cfg["steps"]
+    per_velocity = 1 if cfg["guidance"] == 1.0 else 2  # guidance: with the label and without
+    twice = "" if per_velocity == 1 else " (x2: --guidance runs each with and without the label)"
+    if solver == "dopri5":
+        return (f"dopri5, atol {cfg['atol']:g}, rtol {cfg['rtol']:g}, ignoring --steps: adaptive steps from t = 0 to "
+                f"{ADAPTIVE_T_END:g}, 2 path evaluations to pick the first and 6 per step tried, rejected ones included "
+                f"and not shown{twice}; then the read-out at t = 1")
+    if n == 1:
+        return "the base model (--steps 1: no ODE, no path evaluation; the token is drawn from the base's logits)"
+    per_step = EVALUATIONS[solver]
+    return (f"{solver}, --steps {n}: {n - 1} step{'s' if n > 2 else ''} on linspace(0, 1, {n}), {per_step} path "
+            f"evaluation{'s' if per_step > 1 else ''} each{twice}, "
+            f"then the read-out at t = 1: {per_step * (n - 1) * per_velocity + 1} per token")
+
+
+def top_tokens(enc, logits, k=5):
+    """The k likeliest tokens of (vocab,) logits and their probabilities, on one line."""
+    top = torch.topk(torch.softmax(logits.float(), -1), min(k, logits.numel()))
+    return "  ".join(f"{enc.decode([i])!r} {p:.2f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+
+
+class StepPrinter:
+    """--show_steps: for each token, a line per solver step with the prediction that step integrated
+    towards (the logits of its last path evaluation, and the t they were evaluated at: midpoint's is the
+    middle of the step), then the t = 1 read-out the token is drawn from, then the token."""
+
+    def __init__(self, model, enc, cfg):
+        self.enc, self.steps, self.t, self.readouts = enc, 0, 0.0, []
+        self.how = f"drawn at temperature {cfg['temperature']:g}" + (f" among the top {cfg['top_k']}" if cfg["top_k"] else "")
+        if cfg["temperature"] == 0:
+            self.how = "argmax"
+        if isinstance(model, L2D):  # the read-out is no solver step, so flow's callback never sees it: keep
+            flow = model.flow       # what flow returns, the logits next_token draws the token from
+
+            def flow_keeping_readout(*args, **kwargs):
+                logits, nfe = flow(*args, **kwargs)
+                self.readouts.append(logits[0, 0])
+                return logits, nfe
+            model.flow = flow_keeping_readout
+
+    def step(self, info):  # L2D.flow's callback, after every (accepted) solver step
+        self.steps += 1
+        t_from, self.t = self.t, info["t"][0].item()
+        print(f"    {f'step {self.steps}':<9} t {t_from:.4f} -> {self.t:.4f}  "
+              f"evaluated at t={info['logits_t'][0].item():.4f}: {top_tokens(self.enc, info['logits'][0])}")
+
+    def token(self, token, nfe):
+        if self.readouts:  # none where no ODE ran (--steps 1, a GPT): the base's logits, not shown
+            print(f"    {'read-out':<9} {'t = 1':<18}  {'evaluated at t=1':<21}: {top_tokens(self.enc, self.readouts.pop())}")
+        print(f"  token: {self.enc.decode([token])!r} ({self.how}; NFE {nfe})")
+        self.steps, self.t = 0, 0.0
+
+
+def duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
+
+
+class Progress:
+    """For a long run, tokens done and an ETA on stderr: a line once `after` seconds have passed, then
+    one every `every` seconds; nothing for a short run. The ETA counts every sample to max_new_tokens, so
+    it is an upper bound where a sample stops early at the end token."""
+
+    def __init__(self, after=5.0, every=10.0, stream=None, clock=time.monotonic):
+        self.stream = sys.stderr if stream is None else stream
+        self.every, self.clock = every, clock
+        self.start = clock()
+        self.next = self.start + after
+        # on the terminal stdout streams the text to, start on a line of our own, not inside the text
+        self.shared = self.stream.isatty() and sys.stdout.isatty()
+
+    def update(self, done, left, midline=False):
+        now = self.clock()
+        if now < self.next or left == 0:
+            return
+        self.next = now + self.every
+        elapsed = now - self.start
+        self.stream.write(("\n" if self.shared and midline else "") + f"[{done} tokens in {duration(elapsed)}; "
+                          f"at most {left} to go, about {duration(elapsed / done * left)}]\n")
+        self.stream.flush()
 
 
 def main(argv=None):
     cfg = configure(DEFAULTS, argv)
     check(cfg)
-    model, enc, classes, note = load(cfg)
+    start = read_prompt(cfg)
+    model, enc, classes = load(cfg)
     model.to(cfg["device"])
     is_l2d = isinstance(model, L2D)
     if not is_l2d and (cfg["steps"] > 1 or cfg["guidance"] != 1.0):
@@ -77,15 +232,6 @@ def main(argv=None):
             raise UsageError(f"unknown --label {cfg['label']!r}; this model knows {', '.join(classes)}")
         labels = torch.full((1,), classes.index(cfg["label"]), device=cfg["device"])
 
-    start = cfg["start"]
-    if start.startswith("FILE:"):
-        try:
-            with open(start[5:], encoding="utf-8") as f:
-                start = f.read()
-        except OSError:
-            raise UsageError(f"prompt file {start[5:]} not found") from None
-    else:
-        start = start.replace("\\n", "\n")  # a shell passes --start "Q\nA" as a backslash and an n
     if cfg["chat"]:
         if not has_chat_template(enc):
             raise UsageError(f"{cfg['init_from']}'s tokenizer has no chat template; drop --chat")
@@ -96,25 +242,23 @@ def main(argv=None):
         raise UsageError(f"the prompt has {len(prompt)} tokens but the model's context is {context}; shorten --start")
     max_new_tokens = min(cfg["max_new_tokens"], context - len(prompt))  # stop where the context ends
     stop = enc.encode(END_OF_TURN, allowed_special="all")[0] if has_chat_template(enc) else enc.eot_token
-    if note:
-        print(note)
-
-    def show(info):  # --show_steps: the prediction being refined, one line per solver step
-        probs = torch.softmax(info["logits"][0].float(), -1)
-        top = torch.topk(probs, 5)
-        cands = "  ".join(f"{enc.decode([i])!r} {p:.2f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
-        print(f"    t={info['t'][0].item():.3f}  {cands}")
+    if is_l2d and untrained(model):
+        print("note: this diffusion path is untrained (its merge gate is exactly zero): every solver step and the "
+              "t = 1 read-out give the base model's own logits, so --steps, --solver and the tolerances change "
+              "nothing; it generates as the base does")
+    printer = StepPrinter(model, enc, cfg) if cfg["show_steps"] else None
 
     torch.manual_seed(cfg["seed"])
     idx = torch.tensor([prompt], device=cfg["device"])
+    progress, done = Progress(), 0
     for sample in range(cfg["num_samples"]):
-        print(f"--- sample {sample + 1} ({cfg['steps']} steps, {cfg['solver'] if cfg['steps'] > 1 else 'base'})")
-        print(start, end="\n" if cfg["show_steps"] else "", flush=True)
+        print(f"--- sample {sample + 1} of {cfg['num_samples']}: {describe(cfg, is_l2d)}")
+        print(start, end="\n" if printer else "", flush=True)
         if is_l2d:
             tokens = model.generate(idx, max_new_tokens, steps=cfg["steps"], solver=cfg["solver"],
                                     atol=cfg["atol"], rtol=cfg["rtol"], x1=cfg["x1"], guidance=cfg["guidance"],
                                     labels=labels, temperature=cfg["temperature"], top_k=cfg["top_k"],
-                                    callback=show if cfg["show_steps"] else None)
+                                    callback=printer.step if printer else None)
         else:
             tokens = ((t, torch.zeros(1, dtype=torch.long)) for t in
                       model.generate(idx, max_new_tokens, cfg["temperature"], cfg["top_k"]))
@@ -122,12 +266,15 @@ def main(argv=None):
         for token, nfe in tokens:
             out.append(token.item())
             nfes.append(nfe.item())
+            done += 1
+            left = max_new_tokens - len(out) + (cfg["num_samples"] - 1 - sample) * max_new_tokens
+            progress.update(done, left, midline=not printer and not (printed or start).endswith("\n"))
+            if printer:
+                printer.token(out[-1], nfes[-1])
             if token.item() == stop:
                 break
             text = enc.decode(out)  # decode the whole answer: a character may span several tokens
-            if cfg["show_steps"]:
-                print(f"  -> {enc.decode(out[-1:])!r} (NFE {nfe.item()})")
-            else:
+            if not printer:
                 print(text[len(printed):], end="", flush=True)
             printed = text
         print(f"\n[{len(out)} tokens; NFE per token: {nfes}; mean {sum(nfes) / max(1, len(nfes)):.1f}]")

@@ -6,13 +6,15 @@ and an optional `callback(info)` after every accepted step (to watch the predict
 
     velocity(x, t, rows=None) -> (n, D)   x: (n, D) float64, t: (n,) float64 (one time per row)
     euler / midpoint / rk4(velocity, x, ts, callback=None) -> (x, nfe)
-    dopri5(velocity, x, t0=0., t1=1., atol=1e-5, rtol=1e-5, callback=None) -> (x, nfe)
+    dopri5(velocity, x, t0=0., t1=1., atol=1e-5, rtol=1e-5, callback=None, max_steps=1000) -> (x, nfe)
 
 The fixed-step solvers evaluate all B rows at once (n = B, rows=None). dopri5 evaluates only the
 rows still integrating and says which they are: `rows` (n,) indexes them in the batch of B, so a
 velocity whose rows differ (per-token context, say) can look up what belongs to each.
 
 `nfe` is a (B,) LongTensor: the velocity evaluations each row cost. State is kept in float64.
+dopri5 raises SolverError (a RuntimeError and a ValueError) when it cannot finish: a tolerance finer
+than float64 resolves, a non-finite velocity, or max_steps attempted steps.
 
 The L2D field (x_hat_1 - x) / (1 - t) is singular at t = 1 and is *defined* as 0 there, so a
 stage that lands exactly on t = 1 (rk4's last stage, dopri5's last two) sees v = 0. Results
@@ -71,6 +73,9 @@ def _rk4_step(v, x, t, t_next):
     return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
+EVALUATIONS = {"euler": 1, "midpoint": 2, "rk4": 4}  # velocity evaluations per interval
+
+
 def _fixed(step, evals, velocity, x, ts, callback):
     """Shared loop of the fixed-step solvers: the same grid `ts` (1-D) for every row."""
     x = x.to(torch.float64)
@@ -87,17 +92,17 @@ def _fixed(step, evals, velocity, x, ts, callback):
 
 def euler(velocity, x, ts, callback=None):
     """Euler (order 1): 1 evaluation per interval."""
-    return _fixed(_euler_step, 1, velocity, x, ts, callback)
+    return _fixed(_euler_step, EVALUATIONS["euler"], velocity, x, ts, callback)
 
 
 def midpoint(velocity, x, ts, callback=None):
     """Explicit midpoint (order 2): 2 evaluations per interval. The L2D reference default."""
-    return _fixed(_midpoint_step, 2, velocity, x, ts, callback)
+    return _fixed(_midpoint_step, EVALUATIONS["midpoint"], velocity, x, ts, callback)
 
 
 def rk4(velocity, x, ts, callback=None):
     """Classic Runge-Kutta (order 4): 4 evaluations per interval."""
-    return _fixed(_rk4_step, 4, velocity, x, ts, callback)
+    return _fixed(_rk4_step, EVALUATIONS["rk4"], velocity, x, ts, callback)
 
 
 # ----------------------------------------------------------------------------- adaptive
@@ -115,6 +120,41 @@ _A = [
 _B5 = _A[6] + [0.0]  # 5th-order weights = last row of A: stage 7 is f(t + h, x_new) -> FSAL
 _B4 = [5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40]
 _E = [b5 - b4 for b5, b4 in zip(_B5, _B4)]  # err = h * sum(E_i k_i) = x5 - x4
+# dopri5 gives up on a tolerance finer than ROUNDING * |x|, 100 float64 epsilons (scipy's floor for rtol):
+# the error estimate is then mostly rounding, and only steps so short that it cancels to nothing pass
+# (~1e-13 in t each), a crawl to max_steps. And below H_MIN_SPACINGS float64 spacings of t, where t + h
+# can no longer be told from t (a NaN velocity shrinks h to there).
+ROUNDING = 100 * torch.finfo(torch.float64).eps
+H_MIN_SPACINGS = 16
+
+
+class SolverError(RuntimeError, ValueError):
+    """dopri5 cannot finish. A RuntimeError (the solver gave up) that is also a ValueError, since what
+    was asked for (atol/rtol) is what usually cannot be met: the scripts print ValueErrors as one
+    `error:` line and exit 2."""
+
+
+LOOSEN = "loosen the tolerance (--atol/--rtol, e.g. 1e-3) or use a fixed-step solver (--solver midpoint --steps N)"
+
+
+def _give_up(what, rows, t, nfe, advice=LOOSEN):
+    """The SolverError for the rows `rows` (B,) bool: what failed, at which t (the first such row's), what to do."""
+    first = int(rows.nonzero()[0, 0])
+    return SolverError(f"dopri5 {what} at t={t[first].item():.6g} ({int(rows.sum())} of {len(rows)} rows, "
+                       f"{int(nfe[first])} evaluations); {advice}")
+
+
+def _stuck(rows, h, ratio, atol, rtol, h_min, t, nfe):
+    """Rows whose next step would be below h_min: their velocity is not finite, or the tolerance is out of reach."""
+    if not (torch.isfinite(h[rows]).all() and torch.isfinite(ratio[rows]).all()):
+        return _give_up("got a non-finite velocity (NaN or inf), which no step size passes,", rows, t, nfe,
+                        "check the model's weights and inputs")
+    return _give_up(f"cannot meet atol={atol:g}, rtol={rtol:g}: the step size fell below {h_min:.1e}", rows, t, nfe)
+
+
+def _below_rounding(x, atol, rtol):
+    """(B,) bool: rows whose error test a mere rounding error of x, ROUNDING * |x|, already fails."""
+    return _rms(ROUNDING * x.abs() / (atol + rtol * x.abs())) > 1
 
 
 def dopri5(velocity, x, t0=0.0, t1=1.0, atol=1e-5, rtol=1e-5, callback=None, max_steps=1000):
@@ -131,7 +171,10 @@ def dopri5(velocity, x, t0=0.0, t1=1.0, atol=1e-5, rtol=1e-5, callback=None, max
     Finished rows are frozen and no longer evaluated: velocity gets only the rows still running
     (with their indices), so a batch costs about what its rows cost together, not B times what
     its slowest row costs. (L2D: one token may need 300 evaluations where the median needs 15.)
-    Raises RuntimeError after `max_steps` attempted steps or if a step size underflows.
+    Raises SolverError, saying what failed, at which t and what to do: at once where a row's tolerance
+    is finer than float64 resolves for its x, or its step would be shorter than H_MIN_SPACINGS float64
+    spacings of t (a non-finite velocity), rather than spin on (6 evaluations a try); and after
+    `max_steps` attempted steps.
     """
     x = x.to(torch.float64)
     B, dev = x.shape[0], x.device
@@ -143,6 +186,9 @@ def dopri5(velocity, x, t0=0.0, t1=1.0, atol=1e-5, rtol=1e-5, callback=None, max
     T1 = torch.full((B,), float(t1), dtype=torch.float64, device=dev)
     t = torch.full((B,), float(t0), dtype=torch.float64, device=dev)
     span = float(t1) - float(t0)
+    # The shortest step worth trying: a few float64 spacings of the largest |t| on the way, so that
+    # t + h > t always holds (only the last step, clipped onto t1, may be shorter).
+    h_min = H_MIN_SPACINGS * torch.finfo(torch.float64).eps * max(abs(float(t0)), abs(float(t1)), span)
 
     def f(y, tt, active):  # v at the rows still integrating; finished rows get 0, never used
         rows = active.nonzero()[:, 0]
@@ -166,16 +212,23 @@ def dopri5(velocity, x, t0=0.0, t1=1.0, atol=1e-5, rtol=1e-5, callback=None, max
     h = torch.minimum(100 * h0, h1).clamp(max=span)
 
     done = torch.zeros(B, dtype=torch.bool, device=dev)
+    ratio = torch.zeros(B, dtype=torch.float64, device=dev)  # each row's last error test (inf: not finite)
     n = 0
     while not done.all():
-        if n >= max_steps:
-            raise RuntimeError(f"dopri5: {int((~done).sum())} rows not done after {n} steps")
         active = ~done
+        if n >= max_steps:
+            raise _give_up(f"cannot meet atol={atol:g}, rtol={rtol:g} within max_steps={max_steps} steps: still",
+                           active, t, nfe)
+        unreachable = active & _below_rounding(x, atol, rtol)
+        if unreachable.any():
+            raise _give_up(f"cannot meet atol={atol:g}, rtol={rtol:g}: finer than float64 can resolve "
+                           f"(about {ROUNDING:.0e} of |x|)", unreachable, t, nfe)
         h = torch.where(active, torch.minimum(h, T1 - t), 0.0)  # finished rows: h = 0
         last = active & (h >= T1 - t)
+        stuck = active & ~last & ~(h >= h_min)  # written ~(h >= h_min) so that a NaN h is stuck too
+        if stuck.any():
+            raise _stuck(stuck, h, ratio, atol, rtol, h_min, t, nfe)
         t_new = torch.where(last, T1, t + h)  # snap onto t1 instead of trusting t + h
-        if (active & (t_new <= t)).any():
-            raise RuntimeError("dopri5: step size underflow (non-finite or too stiff velocity?)")
         hb = _bc(h, x)
         ks = [k1]
         for i in range(1, 7):

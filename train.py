@@ -35,23 +35,95 @@ from diffusion import L2DConfig
 from model import GPT, GPTConfig
 
 DEFAULTS = dict(
-    out_dir="out", init_from="smollm2-135m", method="l2d", seed=1337,
-    datasets=["data/gsm8k/smollm2-135m"],   # prepared folders (data/*/prepare.py); several mix
-    # model from scratch (init_from=scratch)
-    family="llama", n_layer=4, n_head=4, n_kv_head=0, n_embd=128, block_size=512,
-    # the diffusion path (method=l2d) and LoRA (method=lora, and the l2d "lora" variant).
-    # guidance_classes: condition the path on the data's classes (for --guidance); off, as officially
-    variant="lora", flow_dim=256, sigma=64.0, t_schedule="uniform", guidance_classes=False, label_dropout=0.2,
-    lora_rank=32, lora_alpha=32.0,
+    out_dir="out",             # folder of ckpt.pt, saved at every evaluation
+    init_from="smollm2-135m",  # scratch, smollm2-135m, gpt2..., a HF folder, an ar/full ckpt.pt, or resume (out_dir's run)
+    method="l2d",              # l2d, lora, full or ar (what each trains: see the docstring)
+    seed=1337,                 # initial weights, data order, and every micro-batch's t, noise and label dropout
+    datasets=["data/gsm8k/smollm2-135m"],  # prepared folders (data/*/prepare.py); several mix
+    # the model: its shape from scratch (init_from=scratch), and its context
+    family="llama",            # llama (RMSNorm, RoPE, SwiGLU) or gpt2 (LayerNorm, learned positions, GELU)
+    n_layer=4,                 # transformer blocks
+    n_head=4,                  # attention heads (must divide n_embd)
+    n_kv_head=0,               # key/value heads of grouped-query attention; 0: n_head
+    n_embd=128,                # hidden width
+    block_size=512,            # context in tokens: longer examples are cut, a pretrained base's cropped to it
+    # the diffusion path (method=l2d) and LoRA (method=lora, and the l2d "lora" variant)
+    variant="lora",            # path layers: lora (the frozen base's weights + LoRA) or full (trainable copies)
+    flow_dim=256,              # width d_f of the diffused token space
+    sigma=64.0,                # std of the noise x_0 the path starts from at t = 0
+    t_schedule="uniform",      # training's t per position: uniform in [0, 1], or cosmap-warped (sec. 3)
+    guidance_classes=False,    # condition the path on the data's classes (for --guidance); off, as officially
+    label_dropout=0.2,         # chance a token's class is replaced by null in training (guidance_classes)
+    lora_rank=32,              # rank of the LoRA adapters
+    lora_alpha=32.0,           # LoRA scale: the update B A x is multiplied by lora_alpha / lora_rank
     # optimisation (the paper: AdamW, peak lr 1e-4, 100 warmup steps, weight decay 0.01, clip 1.0);
     # the lr warms up from min_lr and decays back to it at lr_decay_iters (default: max_iters)
-    batch_size=32, micro_batch=8, max_iters=1000, lr_decay_iters=0, learning_rate=1e-4, min_lr=1e-6,
-    warmup_iters=100, weight_decay=0.01, grad_clip=1.0,
-    # bookkeeping; overwrite: replace a checkpoint already in out_dir (else refused, unless resuming)
-    eval_interval=200, eval_examples=64, log_interval=10, device="auto", dtype="auto", compile=False,
-    overwrite=False,
+    batch_size=32,             # examples per optimizer step, over all processes
+    micro_batch=8,             # examples per forward/backward of one process (gradient accumulation)
+    max_iters=1000,            # optimizer steps
+    lr_decay_iters=0,          # the step where the lr is back at min_lr; 0: max_iters
+    learning_rate=1e-4,        # peak lr, reached at the end of the warmup
+    min_lr=1e-6,               # lr at step 0 and at the end of the decay
+    warmup_iters=100,          # steps of (logarithmic) warmup from min_lr to learning_rate
+    weight_decay=0.01,         # AdamW weight decay of matrices (not of biases and norms)
+    grad_clip=1.0,             # largest gradient norm; 0: no clipping
+    # bookkeeping and hardware
+    eval_interval=200,         # steps between validation losses and checkpoints (and after the last)
+    eval_examples=64,          # test examples of each validation loss
+    log_interval=10,           # steps between training-loss lines
+    device="auto",             # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
+    dtype="auto",              # auto (cuda: bfloat16, else float16; cpu: float32), float32, bfloat16 or float16
+    compile=False,             # torch.compile the model: faster steps after a slow start
+    overwrite=False,           # replace a checkpoint already in out_dir (else refused, unless resuming)
 )
 METHODS = ("l2d", "lora", "full", "ar")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+POSITIVE = ("block_size", "n_layer", "n_head", "n_embd", "flow_dim", "sigma", "lora_rank", "max_iters", "learning_rate",
+            "batch_size", "micro_batch", "eval_interval", "log_interval", "eval_examples")
+NON_NEGATIVE = dict(n_kv_head=" (0: n_head)", warmup_iters="", lr_decay_iters=" (0: max_iters)", min_lr="",
+                    grad_clip=" (0: no clipping)")
+
+
+def check_config(cfg, world_size):
+    """Refuse settings that make no sense before any data, model or checkpoint is loaded, in one line
+    naming the option (a bad value found later would cost a base download or a run's first save)."""
+    if cfg["method"] not in METHODS:
+        raise UsageError(f"unknown method {cfg['method']!r}; use one of {', '.join(METHODS)}")
+    if cfg["method"] in ("l2d", "lora") and cfg["init_from"] == "scratch":  # their checkpoints omit the base
+        raise UsageError(f"method={cfg['method']} finetunes a frozen base, not a random one: train a base with "
+                         "method=ar first and pass its ckpt.pt as --init_from")
+    for key in POSITIVE:
+        if cfg[key] <= 0:
+            raise UsageError(f"--{key} must be > 0, got {cfg[key]}")
+    for key, zero in NON_NEGATIVE.items():
+        if cfg[key] < 0:
+            raise UsageError(f"--{key} must be >= 0{zero}, got {cfg[key]}")
+    if cfg["min_lr"] > cfg["learning_rate"]:
+        raise UsageError(f"--min_lr {cfg['min_lr']:g} is above --learning_rate {cfg['learning_rate']:g}: the lr warms "
+                         "up from min_lr to learning_rate; lower --min_lr")
+    if not 0 <= cfg["label_dropout"] <= 1:
+        raise UsageError(f"--label_dropout is a probability, in [0, 1]; got {cfg['label_dropout']}")
+    if cfg["dtype"] not in DTYPES:
+        raise UsageError(f"unknown --dtype {cfg['dtype']!r}; use one of {', '.join(DTYPES)}")
+    per_step = cfg["micro_batch"] * world_size
+    if cfg["batch_size"] % per_step:
+        raise UsageError(f"batch_size {cfg['batch_size']} must be a multiple of micro_batch x processes = {per_step}")
+    # The names (variant, t_schedule, family) and n_head dividing n_embd are checked by the configs that
+    # use them; built here from the command line, they refuse a bad value before anything is loaded.
+    L2DConfig(variant=cfg["variant"], t_schedule=cfg["t_schedule"])
+    GPTConfig(family=cfg["family"], n_head=cfg["n_head"], n_kv_head=cfg["n_kv_head"], n_embd=cfg["n_embd"])
+    existing = cfg["out_dir"]  # a file at out_dir, or above it, would only fail the first save, after training
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing and not os.path.isdir(existing):
+        raise UsageError(f"out_dir {cfg['out_dir']}: {existing} is a file; pass a folder as --out_dir")
+
+
+def duration(seconds):
+    """A short human duration: 45s, 12m05s, 3h07m."""
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def setup_distributed(device):
@@ -96,16 +168,10 @@ def step_seed(cfg, it, micro):
 
 def main(argv=None):
     cfg = configure(DEFAULTS, argv)
-    if cfg["method"] not in METHODS:
-        raise UsageError(f"unknown method {cfg['method']!r}; use one of {', '.join(METHODS)}")
-    if cfg["method"] in ("l2d", "lora") and cfg["init_from"] == "scratch":  # their checkpoints omit the base
-        raise UsageError(f"method={cfg['method']} finetunes a frozen base, not a random one: train a base with "
-                         "method=ar first and pass its ckpt.pt as --init_from")
     device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world_size, device = setup_distributed(device)
+    check_config(cfg, world_size)
     per_step = cfg["micro_batch"] * world_size
-    if cfg["batch_size"] % per_step:
-        raise UsageError(f"batch_size {cfg['batch_size']} must be a multiple of micro_batch x processes = {per_step}")
     grad_accum = cfg["batch_size"] // per_step
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
@@ -118,8 +184,6 @@ def main(argv=None):
     # --- the model ---------------------------------------------------------------------------
     resume = cfg["init_from"] == "resume"
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    if os.path.exists(cfg["out_dir"]) and not os.path.isdir(cfg["out_dir"]):
-        raise UsageError(f"out_dir {cfg['out_dir']} is a file; pass a folder as --out_dir")
     if not resume and os.path.exists(ckpt_path) and not cfg["overwrite"]:
         raise UsageError(f"{ckpt_path} already exists; continue it with --init_from=resume, replace it with "
                          "--overwrite=True, or pass another --out_dir")
@@ -167,6 +231,11 @@ def main(argv=None):
 
     # --- optimiser, data order, and the state a resume restores ------------------------------
     optimizer = make_optimizer(model, cfg, device)
+    # Fewer train examples than one global batch is allowed, not refused: the sampler runs on into the next
+    # epoch, so a batch repeats examples, as a tiny check that a model can overfit wants. Only an empty split
+    # is an error (TokenDataset refuses it): the sampler could never fill a batch.
+    if len(train_data) < cfg["batch_size"]:
+        log(f"note: {len(train_data)} train examples, fewer than --batch_size {cfg['batch_size']}: batches repeat some")
     sampler = BatchSampler(len(train_data), cfg["batch_size"], cfg["seed"], rank, world_size)
     it = 0
     if resume:
@@ -176,6 +245,8 @@ def main(argv=None):
             scaler.load_state_dict(ckpt["scaler"])
         it = ckpt["iter_num"]
         torch.set_rng_state(ckpt["rng"])
+        log(f"resuming {ckpt_path} from iter {it} of {cfg['max_iters']}" +
+            ("" if it < cfg["max_iters"] else ": nothing left to train, raise --max_iters to go on"))
     raw_model = model
     if cfg["compile"]:
         model = torch.compile(model)
@@ -238,7 +309,7 @@ def main(argv=None):
 
     # --- the training loop -----------------------------------------------------------------------
     model.train()
-    tokens_seen, t0 = 0, time.time()
+    tokens_seen, t0, first_it = 0, time.time(), it  # this process's rate, for tok/s and the time left
     while it < cfg["max_iters"]:
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
@@ -271,8 +342,9 @@ def main(argv=None):
             if world_size > 1:  # the mean over the global batch, so logs do not depend on the process count
                 dist.all_reduce(loss_sum)
             elapsed = time.time() - t0
+            left = elapsed / (it - first_it) * (cfg["max_iters"] - it)  # evaluations included: they recur
             log(f"iter {it}: loss {loss_sum.item() / (grad_accum * world_size):.4f}, lr {lr:.2e}, "
-                f"{tokens_seen * world_size / elapsed:.0f} tok/s")
+                f"{tokens_seen * world_size / elapsed:.0f} tok/s" + (f", {duration(left)} left" if left else ""))
         if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
             val, buckets = evaluate()
             by_t = "" if cfg["method"] != "l2d" else ", by t: " + " ".join(f"{b:.3f}" for b in buckets)

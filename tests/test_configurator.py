@@ -1,7 +1,12 @@
-"""configurator.py: the command-line forms every script accepts."""
+"""configurator.py: the command-line forms every script accepts, --help, and bad config files."""
 
 import glob
+import importlib
 import os
+import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -36,7 +41,8 @@ def test_config_file_then_override(tmp_path):
 
 
 @pytest.mark.parametrize("argv,match", [(["--nonsense=1"], "unknown option --nonsense"),
-                                        (["--steps=two"], "--steps must be a int"),
+                                        (["--steps=two"], "--steps must be of type int"),
+                                        (["--steps=True"], "--steps must be of type int"),
                                         (["--chat=3"], "True or False"),
                                         (["--steps"], "needs a value"),
                                         (["missing_config.py"], "not found")])
@@ -67,3 +73,120 @@ def test_every_recipe_configures_train(path, monkeypatch):
         for key in ("datasets", "init_from", "batch_size", "max_iters", "warmup_iters"):
             assert cfg[key] == other[key], key
         assert cfg["method"] != other["method"] and cfg["out_dir"] != other["out_dir"]
+
+
+SCRIPTS = ["train.py", "sample.py", "eval.py", "bench.py"]
+
+
+def run_script(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def option_meaning(help_text, key, default):
+    """The meaning --help gives `--key` after its default's repr (on the same line, or the next one
+    when the default is too long for its column); None if the option is not listed so."""
+    match = re.search(rf"^  --{key} +{re.escape(repr(default))}(?: +|\n +)(?!--)(\S.*)$", help_text, re.M)
+    return match and match.group(1)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_option_with_default_and_meaning(script):
+    module = importlib.import_module(script[:-3])  # importing a script only defines things: no run
+    result = run_script(script, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: python {script} ")
+    assert module.__doc__.strip().splitlines()[0] in result.stdout  # the docstring's summary
+    for key, default in module.DEFAULTS.items():
+        if key.startswith("_"):  # internal: not for users
+            assert f"--{key}" not in result.stdout
+        else:
+            assert option_meaning(result.stdout, key, default), f"--{key} lacks its default or a comment in {script}"
+    options = result.stdout.split("options (default, meaning):\n")[1]
+    assert max(len(line) for line in options.splitlines()) <= 100
+
+
+def test_help_wins_over_other_arguments_and_needs_no_data(tmp_path):
+    """-h anywhere prints help and runs nothing: not the config file, not the unknown option."""
+    result = run_script("train.py", "config/quick.py", "--nonsense=1", "--datasets=['/nowhere']", "-h")
+    assert result.returncode == 0 and result.stderr == ""
+    assert option_meaning(result.stdout, "max_iters", 1000) == "optimizer steps"
+
+
+def test_help_reads_the_comments_of_the_defaults_block(tmp_path):
+    """Trailing comments are the meaning of the keys on their line, whole-line comments headings;
+    a "#" inside a string is no comment; keys starting with "_" are internal."""
+    (tmp_path / "tool.py").write_text(textwrap.dedent('''\
+        """
+        Do a thing.
+            python tool.py --n 3
+
+        Details nobody needs in --help.
+        """
+        import sys
+        sys.path.insert(0, sys.argv.pop(1))
+        from configurator import configure
+
+        DEFAULTS = dict(
+            n=1,  # how many times
+            # the look of it
+            color="#fff", width=2.5,  # colour and width of the line
+            _secret=0,  # internal
+        )
+        configure(DEFAULTS)
+    '''))
+    result = run_script("tool.py", ROOT, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Do a thing.\n    python tool.py --n 3" in out and "Details" not in out
+    assert option_meaning(out, "n", 1) == "how many times"
+    assert option_meaning(out, "color", "#fff") == option_meaning(out, "width", 2.5) == "colour and width of the line"
+    assert out.index("  the look of it\n") < out.index("--color")
+    assert "_secret" not in out and "internal" not in out
+
+
+# --- bad config files ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,match", [
+    ("steps = 4\nsolver = 'rk4'\nstart = 12\n", "start in .* must be of type str, got 12"),
+    ("steps = 2.5\n", "steps in .* must be of type int, got 2.5"),
+    ("chat = 1\n", "chat in .* must be True or False, got 1"),
+    ("datasets = 'x'\n", "datasets in .* must be of type list"),
+    ("steps = 4\nlr = (\n", r"c.py, line 2: .*\(it must be Python"),
+    ("steps = 4\nlr = 1 / 0\n", "c.py, line 2: ZeroDivisionError: division by zero"),
+    ("exec(open('missing_sibling.py').read())\n", "c.py, line 1: FileNotFoundError: .*missing_sibling.py"),
+])
+def test_bad_config_file(tmp_path, text, match):
+    path = tmp_path / "c.py"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=match):
+        configure(DEFAULTS, [str(path)])
+
+
+def test_config_file_types_follow_the_command_line_rules(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("lr = 1\natol = [1e-3, 1e-4]\nchat = True\nsteps = None\n")
+    cfg = configure(DEFAULTS, [str(path)])
+    assert cfg == dict(DEFAULTS, lr=1.0, atol=[1e-3, 1e-4], chat=True, steps=None)
+    assert type(cfg["lr"]) is float  # an int widens to the float default
+
+
+def test_config_file_that_is_a_folder(tmp_path):
+    with pytest.raises(UsageError, match=f"config file {tmp_path} is a folder"):
+        configure(DEFAULTS, [str(tmp_path)])
+
+
+@pytest.mark.parametrize("text,expect", [("max_iters = 10\nlearning_rate = 1e-3 +\n", ", line 2: "),
+                                         ("max_iters = 10\nlearning_rate = lr\n", ", line 2: NameError"),
+                                         ("max_iters = '10'\n", "max_iters in "),
+                                         (None, "is a folder")])
+def test_train_reports_a_bad_config_file_in_one_line(tmp_path, text, expect):
+    path = tmp_path / "bad.py"
+    if text is None:
+        path.mkdir()
+    else:
+        path.write_text(text)
+    result = run_script("train.py", str(path), "--max_iters=1")
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert str(path) in lines[0] and expect in lines[0]

@@ -206,14 +206,15 @@ def test_diagnostic_counts_changes_corrections_and_spoils_by_hand():
     targets = torch.tensor([[1, 2, 3], [4, 5, -1]])
     base = torch.tensor([[1, 0, 3], [0, 0, 7]])
     final = torch.tensor([[1, 2, 0], [0, 1, 6]])  # row 0: one correction, one spoil; row 1: wrong -> wrong
-    guesses = [(0.25, torch.tensor([[0, 0, 3], [4, 0, 0]])), (0.75, torch.tensor([[1, 2, 3], [4, 5, 5]]))]
+    guesses = [(0.25, torch.tensor([[1, 0, 0], [0, 0, 6]])), (0.75, torch.tensor([[1, 2, 3], [4, 5, 5]]))]
     stats = ev.answer_stats(one_hot_logits(final), targets, base_tokens=base, trajectory=guesses)
     assert stats["correct"] == [2, 0] and stats["count"] == [3, 2]
     assert (stats["changed"], stats["corrected"], stats["spoiled"]) == ([2, 1], [1, 0], [1, 0])
-    assert stats["trajectory_correct"] == [[1, 3], [1, 2]]  # per example, per step; padding not counted
+    assert stats["trajectory_correct"] == [[1, 3], [0, 2]]  # per example, per step; padding not counted
+    assert stats["first_guess_kept"] == [2, 1]  # read-out = step 1's guess at (0,0), (0,2), (1,0); not padding
     summary = ev.tf_summary(stats)
     assert (summary["tf_changed"], summary["tf_corrected"], summary["tf_spoiled"]) == (3 / 5, 1 / 5, 1 / 5)
-    assert summary["tf_trajectory_accuracy"] == [2 / 5, 5 / 5]
+    assert summary["tf_trajectory_accuracy"] == [1 / 5, 5 / 5] and summary["tf_first_guess_kept"] == 3 / 5
 
 
 def test_diagnostic_on_a_trained_path_adds_up_to_the_gain_over_the_base():

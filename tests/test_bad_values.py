@@ -1,0 +1,173 @@
+"""Settings that make no sense are refused before anything is built: exit 2, one line naming the
+option, nothing written. Empty splits are refused when prepared and when trained on (an empty train
+split used to hang the sampler). A resumed run says where it goes on from; the log says the time left.
+
+train.py, eval.py and bench.py run as subprocesses from the repo root on one thread, on tiny
+char-level arithmetic data and a from-scratch model of one layer."""
+import contextlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dataset import write_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "data", "arithmetic"))
+from prepare import prepare  # noqa: E402
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+TINY = ["--init_from=scratch", "--method=ar", "--device=cpu", "--n_layer=1", "--n_embd=16", "--n_head=2",
+        "--block_size=64", "--flow_dim=8", "--lora_rank=2", "--batch_size=4", "--micro_batch=2", "--warmup_iters=1",
+        "--learning_rate=1e-3", "--eval_examples=4", "--eval_interval=1000", "--log_interval=1"]
+
+
+def run(script, *args, timeout=120):
+    """script's (returncode, stdout, stderr); a run past the timeout (a hang) fails the test."""
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_refused(result, *words):
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return prepare("char", out=str(tmp_path_factory.mktemp("data")), n_train=32, n_test=8)
+
+
+# --- train.py ---------------------------------------------------------------------------------------
+
+TRAIN_BAD = [("sigma", 0.0), ("sigma", -1.0), ("flow_dim", 0), ("block_size", 0), ("n_layer", 0), ("n_head", 0),
+             ("n_head", 3),  # does not divide n_embd=16
+             ("n_kv_head", -1), ("n_embd", 0), ("max_iters", 0), ("warmup_iters", -1), ("lr_decay_iters", -1),
+             ("learning_rate", 0.0), ("min_lr", -1e-6), ("min_lr", 1.0),  # above learning_rate
+             ("batch_size", 0), ("micro_batch", 0), ("batch_size", 5),  # not a multiple of micro_batch=2
+             ("eval_interval", 0), ("log_interval", 0), ("eval_examples", 0), ("lora_rank", 0),
+             ("label_dropout", -0.1), ("label_dropout", 1.5), ("grad_clip", -1.0),
+             ("dtype", "float8"), ("t_schedule", "linear"), ("variant", "nonsense"), ("family", "gpt3")]
+
+
+@pytest.mark.parametrize("key, value", TRAIN_BAD, ids=[f"{k}={v}" for k, v in TRAIN_BAD])
+def test_train_refuses_bad_values(key, value, data, tmp_path):
+    out = tmp_path / "out"
+    assert_refused(run("train.py", *TINY, f"--datasets={[data]}", "--max_iters=1", f"--out_dir={out}",
+                       f"--{key}={value}"), key)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_train_refuses_an_out_dir_in_a_file(under, data, tmp_path):
+    """out_dir a file, or a folder under a file: refused before training, not at the first save."""
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / under if under else tmp_path / "file"
+    assert_refused(run("train.py", *TINY, f"--datasets={[data]}", "--max_iters=1", f"--out_dir={out}"),
+                   "is a file", "--out_dir")
+    assert (tmp_path / "file").read_text() == ""
+
+
+# --- empty and tiny splits ------------------------------------------------------------------------
+
+EXAMPLE = dict(question="What is 1 + 2?", answer="3", final="3", label="math")
+
+
+@pytest.mark.parametrize("test, max_len, words", [
+    ([], None, ["test split", "none"]),
+    ([EXAMPLE], 5, ["train split", "all 3", "max_len=5", "raise --max_len"]),  # every train example dropped
+])
+def test_write_dataset_refuses_an_empty_split(test, max_len, words, tmp_path):
+    out = tmp_path / "data"
+    with pytest.raises(ValueError) as e:
+        write_dataset(str(out), "char", {"train": [EXAMPLE] * 3, "test": test}, ["math"], max_len=max_len)
+    for word in words:
+        assert word in str(e.value)
+    assert "\n" not in str(e.value)
+    assert not out.exists()  # nothing written, not even the vocabulary
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_train_refuses_an_empty_split(split, data, tmp_path):
+    """A hand-made split with no examples: refused in one line naming the folder, not a hang."""
+    empty = tmp_path / "empty"
+    shutil.copytree(data, empty)
+    np.savez(empty / f"{split}.npz", tokens=np.zeros(0, np.int32), loss_mask=np.zeros(0, bool),
+             offsets=np.zeros(1, np.int64), labels=np.zeros(0, np.int16))
+    out = tmp_path / "out"
+    assert_refused(run("train.py", *TINY, f"--datasets={[str(empty)]}", "--max_iters=1", f"--out_dir={out}",
+                       timeout=60), f"{empty}/{split}.npz", "no examples")
+    assert not out.exists()
+
+
+def test_train_split_smaller_than_a_batch_trains(tmp_path):
+    """Fewer examples than one global batch only repeats examples within a batch: a note, not an error."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        small = prepare("char", out=str(tmp_path / "small"), n_train=3, n_test=4)
+    result = run("train.py", *TINY, f"--datasets={[small]}", "--max_iters=1", f"--out_dir={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "note: 3 train examples, fewer than --batch_size 4" in result.stdout
+    assert (tmp_path / "out" / "ckpt.pt").exists()
+
+
+# --- resume and the time left ---------------------------------------------------------------------
+
+def test_resume_says_where_it_goes_on_and_the_log_says_the_time_left(data, tmp_path):
+    args = [*TINY, f"--datasets={[data]}", f"--out_dir={tmp_path}"]
+    first = run("train.py", *args, "--max_iters=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert re.search(r"^iter 1: loss [\d.]+, lr \S+, \d+ tok/s, (\d+m)?\d+s left$", first.stdout, re.M), first.stdout
+    assert re.search(r"^iter 2: loss [\d.]+, lr \S+, \d+ tok/s$", first.stdout, re.M), first.stdout  # none left
+    resumed = run("train.py", *args, "--init_from=resume", "--max_iters=4")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {tmp_path}/ckpt.pt from iter 2 of 4\n" in resumed.stdout
+    assert re.findall(r"^iter (\d+): loss", resumed.stdout, re.M) == ["3", "4"]
+    done = run("train.py", *args, "--init_from=resume", "--max_iters=4")  # nothing left: said, not silent
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "from iter 4 of 4: nothing left to train, raise --max_iters" in done.stdout
+
+
+# --- eval.py and bench.py -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def l2d_ckpt(data, tmp_path_factory):
+    """An L2D checkpoint (1 step on a 1-step base): eval.py reads --steps only for an L2D."""
+    base, l2d = tmp_path_factory.mktemp("base"), tmp_path_factory.mktemp("l2d")
+    for out, args in ((base, []), (l2d, ["--method=l2d", f"--init_from={base / 'ckpt.pt'}"])):
+        result = run("train.py", *TINY, f"--datasets={[data]}", "--max_iters=1", f"--out_dir={out}", *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return str(l2d / "ckpt.pt")
+
+
+EVAL_BAD = [("limit", -1), ("max_new_tokens", 0), ("batch_size", 0), ("gen_batch_size", 0), ("steps", 0),
+            ("atol", 0.0)]
+
+
+@pytest.mark.parametrize("key, value", EVAL_BAD, ids=[f"{k}={v}" for k, v in EVAL_BAD])
+def test_eval_refuses_bad_values(key, value, data, l2d_ckpt, tmp_path):
+    out = tmp_path / "eval.json"
+    assert_refused(run("eval.py", f"--ckpt={l2d_ckpt}", f"--data={data}", "--device=cpu", f"--out={out}",
+                       "--solver=dopri5" if key == "atol" else "--steps=1", f"--{key}={value}"), key)
+    assert not out.exists()
+
+
+BENCH_BAD = [("steps", 0), ("batch_sizes", 0), ("prompt_len", 0), ("new_tokens", 0), ("batch", 0), ("seq", 0),
+             ("eval_reps", 0), ("train_reps", 0), ("mem_steps", 0), ("matmul_n", 0), ("lora_rank", 0),
+             ("flow_dim", 0), ("threads", -1)]
+
+
+@pytest.mark.parametrize("key, value", BENCH_BAD, ids=[f"{k}={v}" for k, v in BENCH_BAD])
+def test_bench_refuses_bad_values(key, value, tmp_path):
+    out = tmp_path / "bench.json"
+    assert_refused(run("bench.py", "--init_from=scratch", f"--out={out}", f"--{key}={value}"), key)
+    assert not out.exists()

@@ -1,0 +1,194 @@
+"""sample.py from the command line, on tiny checkpoints (test_eval's tiny_run: a random char-level GPT and
+a random L2D path around it, plus a fresh path with its zero merge gate): bad input is one `error:` line
+and exit 2; a dopri5 tolerance it cannot meet stops at once with a message that says what to do;
+--show_steps prints every solver step and the t = 1 read-out; long runs show progress and an ETA."""
+
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import sample
+from checkpoint import load_model, read_checkpoint, save_checkpoint, trainable_state_dict
+from diffusion import L2D, L2DConfig
+from solvers import SolverError, dopri5
+from test_eval import tiny_run  # noqa: F401  (a fixture: the tiny checkpoints)
+from test_train import assert_one_line_error
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+PROMPT = "What is 3 + 4?"  # in the char vocabulary of tiny_run's data
+
+
+@pytest.fixture(scope="module")
+def ckpts(tiny_run):  # noqa: F811
+    """tiny_run's L2D checkpoint (every path weight random: a trained path) and the same run with a fresh,
+    untrained path (as L2D initialises it: a merge gate of exactly zero)."""
+    ckpt = read_checkpoint(tiny_run["l2d"])
+    fresh = L2D(load_model(tiny_run["base"])[0], L2DConfig(**ckpt["l2d_config"]))
+    fresh_path = str(tiny_run["tmp"] / "fresh.pt")
+    save_checkpoint(fresh_path, dict(ckpt, state_dict=trainable_state_dict(fresh)))
+    return dict(tiny_run, trained=tiny_run["l2d"], fresh=fresh_path)
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+
+
+def run_sample(init_from, *args):
+    return run("sample.py", "--init_from", init_from, "--start", PROMPT, "--num_samples", 1, *args)
+
+
+# --- bad input: one line, exit 2 ------------------------------------------------------------------
+BAD = [
+    (["--start", ""], "--start"),
+    (["--top_k", "0"], "--top_k"),
+    (["--top_k", "-3"], "--top_k"),
+    (["--steps", "0"], "--steps"),
+    (["--steps", "-2"], "--steps"),
+    (["--max_new_tokens", "0"], "--max_new_tokens"),
+    (["--temperature", "-0.5"], "--temperature"),
+    (["--device", "gpu"], "--device"),
+    (["--device", "cuda:99"], "--device cuda:99"),  # no such CUDA device here, with or without CUDA
+    (["--device", "meta"], "--device"),
+    (["--solver", "dopri5", "--atol", "1e-30", "--rtol", "1e-30"], "--atol/--rtol"),
+]
+if not torch.cuda.is_available():
+    BAD.append((["--device", "cuda"], "--device cuda"))
+
+
+@pytest.mark.parametrize("args,option", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_and_exit_2(args, option, ckpts):
+    assert_one_line_error(run_sample(ckpts["trained"], *args), option)
+
+
+def test_settings_are_checked_before_loading_anything():
+    # a checkpoint that does not exist: the mistake in the settings is what gets reported
+    assert_one_line_error(run_sample("missing/ckpt.pt", "--device", "gpu"), "--device")
+    assert_one_line_error(run_sample("missing/ckpt.pt", "--top_k", "0"), "--top_k")
+
+
+# --- dopri5 that cannot meet its tolerance ----------------------------------------------------------
+def test_impossible_tolerance_stops_at_once_with_what_to_do():
+    x0 = 64 * torch.randn(3, 16, dtype=torch.float64)
+    began = time.monotonic()
+    with pytest.raises(SolverError) as raised:
+        dopri5(lambda x, t, rows: -x, x0, atol=1e-30, rtol=1e-30)
+    assert time.monotonic() - began < 5
+    message = str(raised.value)
+    for words in ("atol=1e-30", "rtol=1e-30", "at t=0", "--atol/--rtol", "fixed-step solver"):
+        assert words in message, message
+    assert isinstance(raised.value, ValueError) and isinstance(raised.value, RuntimeError)  # caught by the scripts
+    with pytest.raises(SolverError, match=r"within max_steps=3 steps: still at t=0\.\d+ .*--atol/--rtol"):
+        dopri5(lambda x, t, rows: -x, x0, atol=1e-12, rtol=1e-12, max_steps=3)
+    with pytest.raises(SolverError, match="non-finite velocity .* at t=0.5"):  # NaN from t = 0.5 on
+        dopri5(lambda x, t, rows: torch.where(t[:, None] < 0.5, -x, x * float("nan")), x0)
+
+
+def test_impossible_tolerance_in_l2d_and_eval(ckpts):
+    model = load_model(ckpts["trained"])[0]
+    began = time.monotonic()
+    with pytest.raises(SolverError, match="atol=1e-30"):
+        next(model.generate(torch.tensor([[1, 2, 3]]), 1, solver="dopri5", atol=1e-30, rtol=1e-30))
+    assert time.monotonic() - began < 5
+    result = run("eval.py", "--ckpt", ckpts["trained"], "--data", ckpts["data"], "--limit", 1, "--solver", "dopri5",
+                 "--atol", "1e-30", "--rtol", "1e-30", "--out", ckpts["tmp"] / "impossible.json")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    # one error line; eval.py's progress bar shares stderr and is not closed first, so the line follows the bar
+    errors = re.findall(r"error: .*", result.stderr)
+    assert len(errors) == 1 and errors[0].startswith("error: dopri5 cannot meet atol=1e-30"), result.stderr
+
+
+# --- --show_steps -------------------------------------------------------------------------------------
+def blocks(stdout):
+    """Per generated token: (its step lines, its read-out lines, its token line), in order."""
+    found, steps, readouts = [], [], []
+    for line in stdout.splitlines():
+        if line.startswith("    step "):
+            steps.append(line)
+        elif line.startswith("    read-out "):
+            readouts.append(line)
+        elif line.startswith("  token: "):
+            found.append((steps, readouts, line))
+            steps, readouts = [], []
+    assert not steps and not readouts  # nothing after the last token
+    return found
+
+
+def summary_nfe(stdout):
+    return [int(n) for n in re.search(r"NFE per token: \[([\d, ]*)\]", stdout)[1].split(",")]
+
+
+@pytest.mark.parametrize("path", ["trained", "fresh"])
+def test_show_steps_fixed_step_solver(path, ckpts):
+    result = run_sample(ckpts[path], "--steps", 4, "--solver", "midpoint", "--max_new_tokens", 3, "--temperature", 0,
+                        "--show_steps")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    out = result.stdout
+    assert "midpoint, --steps 4: 3 steps on linspace(0, 1, 4), 2 path evaluations each" in out
+    assert "7 per token" in out and summary_nfe(out) == [7] * len(blocks(out))  # 3 x 2 + the read-out
+    assert ("untrained" in out) == (path == "fresh")
+    if path == "fresh":  # said up front, before the first sample
+        assert out.index("note: this diffusion path is untrained") < out.index("--- sample 1")
+    tokens = blocks(out)
+    assert 1 <= len(tokens) <= 3
+    for steps, readouts, token in tokens:
+        assert len(steps) == 3 and len(readouts) == 1 and "(argmax; NFE 7)" in token
+        # each step: its interval, and the t its prediction was evaluated at (midpoint: the middle)
+        for step, (a, b, mid) in zip(steps, [("0.0000", "0.3333", "0.1667"), ("0.3333", "0.6667", "0.5000"),
+                                             ("0.6667", "1.0000", "0.8333")]):
+            assert f"t {a} -> {b}  evaluated at t={mid}:" in step
+        assert "t = 1" in readouts[0]
+        top = re.search(r"evaluated at t=1 *: ('.*?') ", readouts[0])[1]  # the read-out picks the token (argmax)
+        assert token.startswith(f"  token: {top} ")
+
+
+def test_show_steps_dopri5_and_the_base(ckpts):
+    result = run_sample(ckpts["trained"], "--solver", "dopri5", "--atol", "1e-3", "--rtol", "1e-3", "--max_new_tokens", 2,
+                        "--show_steps")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "dopri5, atol 0.001, rtol 0.001, ignoring --steps" in out and "untrained" not in out
+    tokens = blocks(out)
+    for (steps, readouts, token), nfe in zip(tokens, summary_nfe(out)):
+        assert steps and len(readouts) == 1 and f"NFE {nfe})" in token
+        assert "-> 0.9999 " in steps[-1]  # dopri5 stops just short of t = 1; the read-out is at t = 1
+        assert nfe >= 2 + 6 * len(steps) + 1  # the first step's choice, 6 per step tried, the read-out
+    # --steps 1: the base itself, no ODE: no step and no read-out to show, only the tokens
+    result = run_sample(ckpts["trained"], "--steps", 1, "--max_new_tokens", 2, "--show_steps")
+    assert "the base model (--steps 1: no ODE" in result.stdout
+    assert all(not steps and not readouts for steps, readouts, _ in blocks(result.stdout))
+
+
+# --- progress and ETA -----------------------------------------------------------------------------------
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_only_for_long_runs():
+    clock, stream = Clock(), io.StringIO()
+    progress = sample.Progress(after=5, every=10, stream=stream, clock=clock)
+    clock.now += 4
+    progress.update(done=8, left=100)  # a short run so far: nothing
+    assert stream.getvalue() == ""
+    clock.now += 2  # 6 s for 12 tokens: 0.5 s a token
+    progress.update(done=12, left=60)
+    assert stream.getvalue() == "[12 tokens in 6 s; at most 60 to go, about 30 s]\n"
+    clock.now += 5
+    progress.update(done=20, left=52)  # within `every` of the last line: nothing new
+    clock.now += 109  # 120 s for 200 tokens
+    progress.update(done=200, left=150)
+    assert stream.getvalue().splitlines()[-1] == "[200 tokens in 2 min 00 s; at most 150 to go, about 1 min 30 s]"
+    clock.now += 60
+    progress.update(done=350, left=0)  # finished: no ETA to give
+    assert len(stream.getvalue().splitlines()) == 2
