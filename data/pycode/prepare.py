@@ -34,7 +34,7 @@ def functions(path, max_lines):
         with tokenize.open(path) as f:  # honours the file's coding declaration
             lines = f.read().splitlines()
         tree = ast.parse("\n".join(lines))
-    except (SyntaxError, UnicodeDecodeError, ValueError):
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):  # unreadable (e.g. a dangling link) or not Python 3
         return
     nodes = []
     for node in tree.body:
