@@ -24,6 +24,8 @@ Loading (python -m pytest tests/test_data.py tests it):
 """
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +43,13 @@ def tokenizer_tag(name):
     return "char" if name == "char" or name.endswith(".json") else os.path.basename(os.path.normpath(name)).removesuffix(".gguf")
 
 
-def write_dataset(out_dir, tokenizer, splits, classes, max_len=None):
+def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=False):
     """Tokenize splits = {"train": [ex, ...], "test": [...]}, ex = dict(question, answer, label[, final]).
     tokenizer "char" builds a character vocabulary from all the text (an existing vocab .json is reused);
     either way it is saved as out_dir/vocab.json. max_len drops longer train examples (held-out splits are kept whole).
-    A split left with no examples raises ValueError before anything is written."""
+    A split left with no examples raises ValueError before anything is written. A folder that already holds
+    a prepared dataset is left as it is when the new one is the same, and refused (ValueError) when it would
+    change, unless overwrite: a checkpoint trained on it reads its vocabulary."""
     if tokenizer == "char":
         text = (ex["question"] + ex["answer"] for exs in splits.values() for ex in exs)
         enc = CharTokenizer("".join(set("Question: \nAnswer: ").union(*text)))
@@ -74,22 +78,57 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None):
                 f"all {len(examples)} are longer than max_len={max_len} tokens, raise --max_len" if examples else
                 "the source gave none for it, check the source data and the split sizes asked for"))
         encoded[split] = tokens, mask, offsets, labels, rows
-    os.makedirs(out_dir, exist_ok=True)
-    if isinstance(enc, CharTokenizer):  # saved beside the data, which names it relatively
-        enc.save(os.path.join(out_dir, "vocab.json"))
-        tokenizer = "vocab.json"
-    for split, (tokens, mask, offsets, labels, rows) in encoded.items():
-        np.savez(os.path.join(out_dir, f"{split}.npz"), tokens=np.array(tokens, np.int32),
-                 loss_mask=np.array(mask, bool), offsets=np.array(offsets, np.int64), labels=np.array(labels, np.int16))
-        if split != "train":  # a held-out split: eval.py reads its prompts and answers as text
-            with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".prepare-", dir=parent)  # written whole, then compared and moved in
+    try:
+        if isinstance(enc, CharTokenizer):  # saved beside the data, which names it relatively
+            enc.save(os.path.join(staging, "vocab.json"))
+            tokenizer = "vocab.json"
+        for split, (tokens, mask, offsets, labels, rows) in encoded.items():
+            np.savez(os.path.join(staging, f"{split}.npz"), tokens=np.array(tokens, np.int32), loss_mask=np.array(mask, bool),
+                     offsets=np.array(offsets, np.int64), labels=np.array(labels, np.int16))
+            if split != "train":  # a held-out split: eval.py reads its prompts and answers as text
+                with open(os.path.join(staging, f"{split}.jsonl"), "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+        meta = dict(tokenizer=tokenizer, classes=classes, chat=chat, vocab_size=enc.n_vocab, eot=end)
+        with open(os.path.join(staging, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        if os.path.isfile(os.path.join(out_dir, "meta.json")):
+            if same_dataset(out_dir, staging):
+                print(f"{out_dir}: already prepared with these settings, left as it is")
+                return
+            if not overwrite:
+                raise ValueError(f"{out_dir} already holds a prepared dataset that these settings would change (a checkpoint "
+                                 "trained on it reads its vocabulary); pass --overwrite to replace it, or --out another folder")
+            for name in os.listdir(out_dir):  # the old dataset's files, so that no stale split stays behind
+                if name == "meta.json" or name == "vocab.json" or name.endswith((".npz", ".jsonl")):
+                    os.remove(os.path.join(out_dir, name))
+        os.makedirs(out_dir, exist_ok=True)
+        for name in sorted(os.listdir(staging), key=lambda n: n == "meta.json"):  # meta.json last: it marks a whole folder
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for split, (tokens, _, offsets, _, rows) in encoded.items():
         lens = np.diff(offsets)
         print(f"{out_dir}/{split}.npz: {len(rows)} examples ({len(splits[split]) - len(rows)} dropped over "
               f"max_len={max_len}), {len(tokens)} tokens, length mean {lens.mean():.0f} max {lens.max()}")
-    meta = dict(tokenizer=tokenizer, classes=classes, chat=chat, vocab_size=enc.n_vocab, eot=end)
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+
+
+def same_dataset(old_dir, new_dir):
+    """Whether the prepared folder old_dir holds exactly the files of new_dir (npz compared by their arrays:
+    the zip's own bytes carry timestamps)."""
+    for name in os.listdir(new_dir):
+        old, new = os.path.join(old_dir, name), os.path.join(new_dir, name)
+        if not os.path.isfile(old):
+            return False
+        if name.endswith(".npz"):
+            with np.load(old) as a, np.load(new) as b:
+                if sorted(a.files) != sorted(b.files) or not all(np.array_equal(a[k], b[k]) for k in b.files):
+                    return False
+        elif Path(old).read_bytes() != Path(new).read_bytes():
+            return False
+    return True
 
 
 class TokenDataset:

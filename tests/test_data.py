@@ -101,6 +101,26 @@ def test_arithmetic_split_is_disjoint_and_seeded(tmp_path):
         assert not np.array_equal(za["tokens"], zc["tokens"])
 
 
+def test_prepare_never_changes_a_prepared_folder_unasked(tmp_path):
+    """The same command again leaves the folder as it is; other settings are refused, files untouched
+    (a checkpoint trained on it reads its vocab.json), unless --overwrite, which leaves no stale split."""
+    out = str(tmp_path / "data")
+    run = [sys.executable, os.path.join(REPO, "data", "arithmetic", "prepare.py"), "--out", out, "--n_train", "50",
+           "--n_test", "10", "--digits", "2", "--ops", "+"]
+    assert subprocess.run(run + ["--n_confirm", "5"], capture_output=True).returncode == 0
+    before = {name: open(os.path.join(out, name), "rb").read() for name in sorted(os.listdir(out))}
+    again = subprocess.run(run + ["--n_confirm", "5"], capture_output=True, text=True)
+    assert again.returncode == 0 and "left as it is" in again.stdout
+    changed = subprocess.run(run + ["--ops", "+*"], capture_output=True, text=True)  # a bigger vocabulary
+    assert changed.returncode == 2 and changed.stderr.count("\n") == 1 and "--overwrite" in changed.stderr
+    assert {name: open(os.path.join(out, name), "rb").read() for name in sorted(os.listdir(out))} == before
+    assert sorted(os.listdir(tmp_path)) == ["data"]  # no staging folder left behind
+    replaced = subprocess.run(run + ["--ops", "+*", "--overwrite"], capture_output=True, text=True)
+    assert replaced.returncode == 0, replaced.stderr
+    assert sorted(os.listdir(out)) == ["meta.json", "test.jsonl", "test.npz", "train.npz", "vocab.json"]
+    assert open(os.path.join(out, "vocab.json"), "rb").read() != before["vocab.json"]
+
+
 def test_arithmetic_confirm_split_is_a_second_alike_held_out_set(tmp_path):
     """--n_confirm: test and confirm are disjoint from each other and from train, and alike in kind
     even where the draw exhausts the small problems (1-digit x 1-digit: 55 of them)."""

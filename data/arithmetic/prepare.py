@@ -51,7 +51,8 @@ def make_problems(n, rng, digits, ops, exclude=frozenset()):
     return examples, keys
 
 
-def prepare(tokenizer="char", out=None, n_train=10000, n_test=500, n_confirm=0, digits=3, ops="+-*", seed=0):
+def prepare(tokenizer="char", out=None, n_train=10000, n_test=500, n_confirm=0, digits=3, ops="+-*", seed=0,
+            overwrite=False):
     """Generate, tokenize and write data/arithmetic/<tag>/ (or out). Returns the output folder."""
     if min(n_train, n_test) < 1 or n_confirm < 0:
         raise ValueError("--n_train and --n_test must be >= 1, --n_confirm >= 0")
@@ -65,7 +66,7 @@ def prepare(tokenizer="char", out=None, n_train=10000, n_test=500, n_confirm=0, 
         splits = {"test": held_out[:n_test], "confirm": held_out[n_test:]}
     splits["train"], _ = make_problems(n_train, rng, digits, ops, exclude=held_out_keys)
     out = out or os.path.join(HERE, tokenizer_tag(tokenizer))
-    write_dataset(out, tokenizer, splits, classes=["math"])
+    write_dataset(out, tokenizer, splits, classes=["math"], overwrite=overwrite)
     return out
 
 
@@ -80,6 +81,7 @@ if __name__ == "__main__":
     p.add_argument("--digits", type=int, default=3, help="max digits per operand")
     p.add_argument("--ops", default="+-*", help="operators to use, a subset of +-*")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already prepared in the output folder")
     try:
         prepare(**vars(p.parse_args()))
     except (ValueError, FileNotFoundError) as e:  # bad options or files: one line, exit 2

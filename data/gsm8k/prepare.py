@@ -75,11 +75,11 @@ def to_example(row):
     return dict(question=row["question"], answer=f"{solution}\n#### {final}", final=final, label="math")
 
 
-def prepare(tokenizer="smollm2-135m", out=None, src=None, max_len=1024, limit=None):
+def prepare(tokenizer="smollm2-135m", out=None, src=None, max_len=1024, limit=None, overwrite=False):
     """Tokenize GSM8K into data/gsm8k/<tag>/ (or out). Returns the output folder."""
     splits = {s: [to_example(r) for r in read_split(s, src)[:limit]] for s in ("train", "test")}
     out = out or os.path.join(HERE, tokenizer_tag(tokenizer))
-    write_dataset(out, tokenizer, splits, classes=["math"], max_len=max_len)
+    write_dataset(out, tokenizer, splits, classes=["math"], max_len=max_len, overwrite=overwrite)
     return out
 
 
@@ -90,6 +90,7 @@ if __name__ == "__main__":
     p.add_argument("--src", default=None, help="folder with train.jsonl and test.jsonl")
     p.add_argument("--max_len", type=int, default=1024, help="drop train examples longer than this (tokens); 0 keeps all")
     p.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split")
+    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already prepared in the output folder")
     try:
         prepare(**vars(p.parse_args()))
     except (ValueError, FileNotFoundError) as e:  # bad options or files: one line, exit 2

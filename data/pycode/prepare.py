@@ -56,7 +56,7 @@ def functions(path, max_lines):
             yield head, body
 
 
-def prepare(tokenizer="char", out=None, n_test=200, max_lines=40, seed=0):
+def prepare(tokenizer="char", out=None, n_test=200, max_lines=40, seed=0, overwrite=False):
     """Extract, split, tokenize and write data/pycode/<tag>/ (or out). Returns the output folder."""
     root, pairs = sysconfig.get_paths()["stdlib"], set()
     for folder, dirs, files in os.walk(root):
@@ -69,7 +69,8 @@ def prepare(tokenizer="char", out=None, n_test=200, max_lines=40, seed=0):
     examples = [dict(question=f"Write the body of this Python function.\n\n{head}", answer=body, label="code")
                 for head, body in pairs]
     out = out or os.path.join(HERE, tokenizer_tag(tokenizer))
-    write_dataset(out, tokenizer, {"train": examples[n_test:], "test": examples[:n_test]}, classes=["code"])
+    write_dataset(out, tokenizer, {"train": examples[n_test:], "test": examples[:n_test]}, classes=["code"],
+                  overwrite=overwrite)
     return out
 
 
@@ -80,6 +81,7 @@ if __name__ == "__main__":
     p.add_argument("--n_test", type=int, default=200)
     p.add_argument("--max_lines", type=int, default=40, help="skip longer functions (signature + docstring + body)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already prepared in the output folder")
     try:
         prepare(**vars(p.parse_args()))
     except (ValueError, FileNotFoundError) as e:  # bad options or files: one line, exit 2
