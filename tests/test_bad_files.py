@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 import tokenizer
 from load_gguf import SMOLLM2_FILE
 from tokenizer import EOT, byte_decoder
+from test_train import assert_one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, E, F = 257, 8, 16  # the 256 bytes + <|endoftext|>; width; MLP width
@@ -32,15 +33,6 @@ def run(*args, pythonpath=None):
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath)] + env.get("PYTHONPATH", "").split(os.pathsep))
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
-
-
-def assert_one_line_error(result, *words):
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def assert_ok(result):

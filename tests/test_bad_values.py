@@ -20,6 +20,7 @@ from dataset import write_dataset
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "data", "arithmetic"))
 from prepare import prepare  # noqa: E402
+from test_train import assert_one_line_error  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 TINY = ["--init_from=scratch", "--method=ar", "--device=cpu", "--n_layer=1", "--n_embd=16", "--n_head=2",
@@ -31,15 +32,6 @@ def run(script, *args, timeout=120):
     """script's (returncode, stdout, stderr); a run past the timeout (a hang) fails the test."""
     return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def assert_refused(result, *words):
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +55,7 @@ TRAIN_BAD = [("sigma", 0.0), ("sigma", -1.0), ("flow_dim", 0), ("block_size", 0)
 @pytest.mark.parametrize("key, value", TRAIN_BAD, ids=[f"{k}={v}" for k, v in TRAIN_BAD])
 def test_train_refuses_bad_values(key, value, data, tmp_path):
     out = tmp_path / "out"
-    assert_refused(run("train.py", *TINY, f"--datasets={[data]}", "--max_iters=1", f"--out_dir={out}",
+    assert_one_line_error(run("train.py", *TINY, f"--datasets={[data]}", "--max_iters=1", f"--out_dir={out}",
                        f"--{key}={value}"), key)
     assert not out.exists()
 
@@ -73,7 +65,7 @@ def test_train_refuses_an_out_dir_in_a_file(under, data, tmp_path):
     """out_dir a file, or a folder under a file: refused before training, not at the first save."""
     (tmp_path / "file").write_text("")
     out = tmp_path / "file" / under if under else tmp_path / "file"
-    assert_refused(run("train.py", *TINY, f"--datasets={[data]}", "--max_iters=1", f"--out_dir={out}"),
+    assert_one_line_error(run("train.py", *TINY, f"--datasets={[data]}", "--max_iters=1", f"--out_dir={out}"),
                    "is a file", "--out_dir")
     assert (tmp_path / "file").read_text() == ""
 
@@ -105,7 +97,7 @@ def test_train_refuses_an_empty_split(split, data, tmp_path):
     np.savez(empty / f"{split}.npz", tokens=np.zeros(0, np.int32), loss_mask=np.zeros(0, bool),
              offsets=np.zeros(1, np.int64), labels=np.zeros(0, np.int16))
     out = tmp_path / "out"
-    assert_refused(run("train.py", *TINY, f"--datasets={[str(empty)]}", "--max_iters=1", f"--out_dir={out}",
+    assert_one_line_error(run("train.py", *TINY, f"--datasets={[str(empty)]}", "--max_iters=1", f"--out_dir={out}",
                        timeout=60), f"{empty}/{split}.npz", "no examples")
     assert not out.exists()
 
@@ -156,7 +148,7 @@ EVAL_BAD = [("limit", -1), ("max_new_tokens", 0), ("batch_size", 0), ("gen_batch
 @pytest.mark.parametrize("key, value", EVAL_BAD, ids=[f"{k}={v}" for k, v in EVAL_BAD])
 def test_eval_refuses_bad_values(key, value, data, l2d_ckpt, tmp_path):
     out = tmp_path / "eval.json"
-    assert_refused(run("eval.py", f"--ckpt={l2d_ckpt}", f"--data={data}", "--device=cpu", f"--out={out}",
+    assert_one_line_error(run("eval.py", f"--ckpt={l2d_ckpt}", f"--data={data}", "--device=cpu", f"--out={out}",
                        "--solver=dopri5" if key == "atol" else "--steps=1", f"--{key}={value}"), key)
     assert not out.exists()
 
@@ -169,5 +161,5 @@ BENCH_BAD = [("steps", 0), ("batch_sizes", 0), ("prompt_len", 0), ("new_tokens",
 @pytest.mark.parametrize("key, value", BENCH_BAD, ids=[f"{k}={v}" for k, v in BENCH_BAD])
 def test_bench_refuses_bad_values(key, value, tmp_path):
     out = tmp_path / "bench.json"
-    assert_refused(run("bench.py", "--init_from=scratch", f"--out={out}", f"--{key}={value}"), key)
+    assert_one_line_error(run("bench.py", "--init_from=scratch", f"--out={out}", f"--{key}={value}"), key)
     assert not out.exists()
