@@ -42,7 +42,7 @@ from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
 import train
 from checkpoint import load_base
-from configurator import UsageError, configure, fail
+from configurator import UsageError, configure, fail, resolve_device
 from diffusion import L2D, L2DConfig
 from lora import add_lora
 from model import GPT, GPTConfig, KVCache
@@ -353,8 +353,7 @@ def table(title, rows, columns):
 
 def main(argv=None):
     cfg = check(configure(DEFAULTS, argv))
-    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda but CUDA is not available")
+    cfg["device"] = resolve_device(cfg["device"])
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     if cfg["_memory_worker"]:

@@ -35,6 +35,30 @@ def fail(message):
     sys.exit(2)
 
 
+def resolve_device(name):
+    """The torch device --device names ("auto": cuda where there is one, else cpu), checked before anything
+    is loaded onto it: a device this machine lacks is a UsageError, not a traceback from deep inside torch."""
+    import torch  # here, not at the top: --help and config errors need no torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return name
+    backend = getattr(torch, device.type) if device.type in ("cuda", "mps", "xpu") else None
+    if backend is None:
+        raise UsageError(f"--device {name} is not supported here; use auto, cpu, cuda, cuda:N or mps")
+    if not backend.is_available():
+        raise UsageError(f"--device {name} is not available on this machine (torch finds no {device.type} device); "
+                         "use --device cpu")
+    if device.index is not None and device.index >= backend.device_count():
+        raise UsageError(f"--device {name}: this machine has {backend.device_count()} {device.type} device(s), "
+                         f"numbered from 0; use --device {device.type}:0")
+    return name
+
+
 def _typed(what, value, default):
     """`value` as the setting whose default is `default`, an int widened to a float; a value of
     another type than the default's is a UsageError starting with `what`. None, as the default or

@@ -82,7 +82,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import load_base, load_model
-from configurator import UsageError, configure, fail
+from configurator import UsageError, configure, fail, resolve_device
 from dataset import TokenDataset, tokenizer_tag
 from diffusion import L2D
 from intervals import ratio_interval, row_gains, wilson_interval
@@ -415,7 +415,7 @@ def main(argv=None):
         raise UsageError("--probe_t takes times in [0, 1] and needs an L2D model")
     if not is_l2d and (cfg["steps"] is not None or cfg["guidance"] is not None):
         print(f"note: {cfg['ckpt']} is not an L2D model: one row, steps=1 (the model itself)")
-    device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg["device"])
     model.to(device)
     base = model.base if is_l2d else model
     block_size = base.config.block_size

@@ -27,7 +27,7 @@ import time
 import torch
 
 from checkpoint import load_base, load_model
-from configurator import UsageError, configure, fail
+from configurator import UsageError, configure, fail, resolve_device
 from diffusion import ADAPTIVE_T_END, L2D, L2DConfig
 from solvers import EVALUATIONS, SOLVERS
 from tokenizer import END_OF_TURN, chat_prompt, has_chat_template
@@ -74,26 +74,7 @@ def check(cfg):
         raise UsageError("--guidance needs --label NAME (the class to guide towards)")
     if not cfg["start"]:
         raise UsageError('--start is empty; give a prompt, e.g. --start "Once upon a time" (the default is a newline)')
-    check_device(cfg["device"])
-
-
-def check_device(name):
-    """A --device that this machine has, checked before anything is loaded onto it."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cpu":
-        return
-    backend = getattr(torch, device.type) if device.type in ("cuda", "mps", "xpu") else None
-    if backend is None:
-        raise UsageError(f"--device {name} cannot run sample.py; use cpu, cuda, cuda:N or mps")
-    if not backend.is_available():
-        raise UsageError(f"--device {name} is not available on this machine (torch finds no {device.type} device); "
-                         "use --device cpu")
-    if device.index is not None and device.index >= backend.device_count():
-        raise UsageError(f"--device {name}: this machine has {backend.device_count()} {device.type} device(s), "
-                         f"numbered from 0; use --device {device.type}:0")
+    resolve_device(cfg["device"])
 
 
 def load(cfg):

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (build_model, check_dependencies, file_fingerprint, fingerprint, load_base, read_checkpoint,
                         save_checkpoint, trainable_state_dict)
-from configurator import UsageError, configure, fail
+from configurator import UsageError, configure, fail, resolve_device
 from dataset import BatchSampler, TokenDataset
 from diffusion import L2DConfig
 from model import GPT, GPTConfig
@@ -168,7 +168,7 @@ def step_seed(cfg, it, micro):
 
 def main(argv=None):
     cfg = configure(DEFAULTS, argv)
-    device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg["device"])
     rank, world_size, device = setup_distributed(device)
     check_config(cfg, world_size)
     per_step = cfg["micro_batch"] * world_size

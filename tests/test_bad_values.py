@@ -163,3 +163,15 @@ def test_bench_refuses_bad_values(key, value, tmp_path):
     out = tmp_path / "bench.json"
     assert_one_line_error(run("bench.py", "--init_from=scratch", f"--out={out}", f"--{key}={value}"), key)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("device, words", [("nonsense", "unknown --device 'nonsense'"), ("meta", "not supported"),
+                                           ("cuda:99", "cuda:99")])
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "bench.py"])
+def test_an_unavailable_device_is_one_line(script, device, words, data, l2d_ckpt, tmp_path):
+    """cuda:99 exists on no machine this runs on (no GPU: not available; one GPU: no such index)."""
+    args = {"train.py": [*TINY, f"--datasets={[data]}", "--max_iters=1", f"--out_dir={tmp_path / 'o'}"],
+            "eval.py": [f"--ckpt={l2d_ckpt}", f"--data={data}", f"--out={tmp_path / 'e.json'}"],
+            "bench.py": ["--init_from=scratch", f"--out={tmp_path / 'b.json'}"]}[script]
+    assert_one_line_error(run(script, *args, f"--device={device}"), words)
+    assert os.listdir(tmp_path) == []
