@@ -34,7 +34,8 @@ each guidance weight. A model that is not an L2D gets a single row, steps=1 (the
                 spoils (base right, now wrong) among them: corrected - spoiled is the tf gain.
   tf x_hat_1    (fixed-step solvers) the accuracy of the path's own guess argmax at each solver step,
                 at the t it was evaluated (midpoint: the middle of each interval): how the ODE gets there;
-                and how often the t = 1 read-out is the first of those guesses (decided at the first step).
+                and, as against the base, the tokens the read-out changed from the first of those guesses,
+                corrected and spoiled: what the later steps did.
 The JSON keeps each row's per-example lists too (example_correct / _tokens / _nfe, tf_example_correct /
 _count / _nll / _nfe), which intervals.py pairs across runs.
 --x1 argmax (default), sample or mean: the ODE's estimate x_hat_1 of the clean token: V[argmax], V of a
@@ -208,16 +209,19 @@ def answer_stats(logits, targets, nfe=None, base_tokens=None, trajectory=None):
     tokens = logits.argmax(-1)
     stats = dict(correct=((tokens == targets) & mask).sum(1).tolist(), count=mask.sum(1).tolist(),
                  nll=nll.sum(1).tolist(), nfe=nfe.tolist())
+
+    def changes(reference, prefix=""):  # tokens that differ from `reference`, and how they turned out
+        changed = (tokens != reference) & mask
+        stats.update({f"{prefix}changed": changed.sum(1).tolist(),
+                      f"{prefix}corrected": (changed & (tokens == targets)).sum(1).tolist(),
+                      f"{prefix}spoiled": (changed & (reference == targets)).sum(1).tolist()})
     if base_tokens is not None:
-        changed = (tokens != base_tokens) & mask
-        stats.update(changed=changed.sum(1).tolist(), corrected=(changed & (tokens == targets)).sum(1).tolist(),
-                     spoiled=(changed & (base_tokens == targets)).sum(1).tolist())
+        changes(base_tokens)
     if trajectory is not None:
         per_step = [((guess == targets) & mask).sum(1).tolist() for _, guess in trajectory]
         stats["trajectory_correct"] = [list(example) for example in zip(*per_step)]
-        # the t = 1 read-out that is the path's first guess (its first evaluation after t = 0): a
-        # fraction near 1 says the later steps only read that guess back from x_t
-        stats["first_guess_kept"] = ((tokens == trajectory[0][1]) & mask).sum(1).tolist()
+        # against the path's first guess (its first evaluation after t = 0): what the later steps change
+        changes(trajectory[0][1], "first_")
     return stats
 
 
@@ -225,8 +229,8 @@ def tf_summary(ex):
     """A row's teacher-forced columns from its per-example lists (answer_stats, concatenated)."""
     count = max(sum(ex["count"]), 1)
     low, high = ratio_interval(ex["correct"], ex["count"])
-    pooled = {f"tf_{key}": sum(ex[key]) / count for key in ("changed", "corrected", "spoiled", "first_guess_kept")
-              if key in ex}
+    pooled = {f"tf_{prefix}{key}": sum(ex[prefix + key]) / count for prefix in ("", "first_")
+              for key in ("changed", "corrected", "spoiled") if prefix + key in ex}
     if "trajectory_correct" in ex:  # accuracy of x_hat_1 at each solver step
         pooled["tf_trajectory_accuracy"] = [sum(step) / count for step in zip(*ex["trajectory_correct"])]
     return dict(tf_accuracy=sum(ex["correct"]) / count, tf_ci_low=low, tf_ci_high=high, tf_nll=sum(ex["nll"]) / count,
@@ -573,7 +577,8 @@ def format_row(row):
     if "tf_trajectory_accuracy" in row:
         lines.append("  tf x_hat_1 accuracy along the ODE: " + "  ".join(
             f"t={t:.2f} {a:.3f}" for t, a in zip(row["tf_trajectory_t"], row["tf_trajectory_accuracy"])))
-        lines.append(f"  tf read-out = the first guess (t={row['tf_trajectory_t'][0]:.2f}): {row['tf_first_guess_kept']:.3f}")
+        lines.append(f"  tf tokens changed from the first guess (t={row['tf_trajectory_t'][0]:.2f}): {row['tf_first_changed']:.3f} "
+                     f"(corrected {row['tf_first_corrected']:.3f}, spoiled {row['tf_first_spoiled']:.3f})")
     return "\n".join(line for line in lines if line)
 
 

@@ -211,15 +211,16 @@ def test_diagnostic_counts_changes_corrections_and_spoils_by_hand():
     assert stats["correct"] == [2, 0] and stats["count"] == [3, 2]
     assert (stats["changed"], stats["corrected"], stats["spoiled"]) == ([2, 1], [1, 0], [1, 0])
     assert stats["trajectory_correct"] == [[1, 3], [0, 2]]  # per example, per step; padding not counted
-    assert stats["first_guess_kept"] == [2, 1]  # read-out = step 1's guess at (0,0), (0,2), (1,0); not padding
+    # against step 1's guess: the read-out differs at (0,1) (a correction) and (1,1); padding not counted
+    assert (stats["first_changed"], stats["first_corrected"], stats["first_spoiled"]) == ([1, 1], [1, 0], [0, 0])
     summary = ev.tf_summary(stats)
     assert (summary["tf_changed"], summary["tf_corrected"], summary["tf_spoiled"]) == (3 / 5, 1 / 5, 1 / 5)
-    assert summary["tf_trajectory_accuracy"] == [1 / 5, 5 / 5] and summary["tf_first_guess_kept"] == 3 / 5
+    assert summary["tf_trajectory_accuracy"] == [1 / 5, 5 / 5] and summary["tf_first_changed"] == 2 / 5
 
 
 def test_diagnostic_on_a_trained_path_adds_up_to_the_gain_over_the_base():
     """The base tokens are the steps=1 row's; corrected - spoiled is each example's gain in correct tokens
-    over it; the trajectory has one entry per midpoint step, at the middle of each interval."""
+    over it (and over the first guess, with first_corrected - first_spoiled); the trajectory has one entry per midpoint step, at the middle of each interval."""
     l2d = tiny_l2d(randomize=True)
     with torch.no_grad():
         l2d.merge_gate[2].weight.mul_(30)  # a path strong enough to change some of the base's tokens
@@ -232,6 +233,9 @@ def test_diagnostic_on_a_trained_path_adds_up_to_the_gain_over_the_base():
     assert sum(row["changed"]) > 0
     for b in range(2):
         assert row["corrected"][b] - row["spoiled"][b] == row["correct"][b] - base["correct"][b]
+        # and against the first guess: its correct tokens plus what the later steps corrected, less spoiled
+        first = row["trajectory_correct"][b][0]
+        assert first + row["first_corrected"][b] - row["first_spoiled"][b] == row["correct"][b]
     assert ev.teacher_forced(l2d, X, Y, None, "dopri5", 1e-2, 1e-2, labels=labels)["trajectory"] is None
 
 
