@@ -198,6 +198,10 @@ def main(argv=None):
             cfg[key] = ckpt["config"][key]
     train_data = TokenDataset(cfg["datasets"], "train")
     val_data = TokenDataset(cfg["datasets"], "test")
+    if len(train_data) < cfg["batch_size"]:  # (an empty split TokenDataset refuses itself)
+        raise UsageError(f"{len(train_data)} train examples in {', '.join(cfg['datasets'])}, fewer than one batch "
+                         f"(--batch_size {cfg['batch_size']}): each step would repeat examples; prepare more, or "
+                         "lower --batch_size")
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank
     if resume and ckpt["method"] in ("ar", "full"):  # the whole model is in the checkpoint
         base_config = GPTConfig(**ckpt["model_config"])
@@ -231,11 +235,6 @@ def main(argv=None):
 
     # --- optimiser, data order, and the state a resume restores ------------------------------
     optimizer = make_optimizer(model, cfg, device)
-    # Fewer train examples than one global batch is allowed, not refused: the sampler runs on into the next
-    # epoch, so a batch repeats examples, as a tiny check that a model can overfit wants. Only an empty split
-    # is an error (TokenDataset refuses it): the sampler could never fill a batch.
-    if len(train_data) < cfg["batch_size"]:
-        log(f"note: {len(train_data)} train examples, fewer than --batch_size {cfg['batch_size']}: batches repeat some")
     sampler = BatchSampler(len(train_data), cfg["batch_size"], cfg["seed"], rank, world_size)
     it = 0
     if resume:

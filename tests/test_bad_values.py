@@ -102,14 +102,13 @@ def test_train_refuses_an_empty_split(split, data, tmp_path):
     assert not out.exists()
 
 
-def test_train_split_smaller_than_a_batch_trains(tmp_path):
-    """Fewer examples than one global batch only repeats examples within a batch: a note, not an error."""
+def test_train_refuses_a_split_smaller_than_a_batch(tmp_path):
+    """A tiny split is refused like an empty one: every step would repeat its examples."""
     with contextlib.redirect_stdout(io.StringIO()):
         small = prepare("char", out=str(tmp_path / "small"), n_train=3, n_test=4)
     result = run("train.py", *TINY, f"--datasets={[small]}", "--max_iters=1", f"--out_dir={tmp_path / 'out'}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "note: 3 train examples, fewer than --batch_size 4" in result.stdout
-    assert (tmp_path / "out" / "ckpt.pt").exists()
+    assert_one_line_error(result, "3 train examples", "--batch_size 4")
+    assert not (tmp_path / "out").exists()
 
 
 # --- resume and the time left ---------------------------------------------------------------------
