@@ -226,7 +226,7 @@ def test_gsm8k_slice(tmp_path):
         assert row["prompt"] == f"Question: {r['question']}\nAnswer: " and row["label"] == "math"
     meta, examples, _ = read_split(out, "test")
     check_mask(get_tokenizer("gpt2"), meta, examples, [r["prompt"] for r in rows], [r["answer"] for r in rows])
-    gsm8k.prepare("gpt2", out=str(tmp_path), limit=50, max_len=150)
+    gsm8k.prepare("gpt2", out=str(tmp_path), limit=50, max_len=150, overwrite=True)  # other settings: asked
     kept = read_split(out, "train")[1]
     assert 0 < len(kept) < 50 and max(len(t) for t, _ in kept) <= 150
     assert len(read_split(out, "test")[1]) == 50  # test is never dropped
