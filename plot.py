@@ -17,7 +17,12 @@ import numpy as np
 
 from configurator import UsageError, configure, fail
 
-DEFAULTS = dict(runs="", labels="", out="compare.png", title="")
+DEFAULTS = dict(
+    runs="",            # eval.py result files, comma-separated
+    labels="",          # one legend label per run, comma-separated ("": lines named by kind only)
+    out="compare.png",  # the figure to write
+    title="",           # the figure's title
+)
 
 
 def draw_run(ax, rows, label, colors):
