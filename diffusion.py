@@ -40,6 +40,9 @@ from solvers import SOLVERS, grid
 # (its true limit is x_hat_1 - x_0), fails its error test and the step size collapses. What is
 # left, 1e-4 of the noise, is below what the t=1 read-out can notice.
 ADAPTIVE_T_END = 1 - 1e-4
+# L2DConfig.self_guess: the t of the path's "first guess", x_t still nearly pure noise (the first
+# midpoint of a 16-step solve is at 1/30).
+GUESS_T = 1 / 30
 
 
 @dataclass
@@ -53,6 +56,11 @@ class L2DConfig:
     num_classes: int = 0        # J guidance classes (0, the official default: no class conditioning); J is null
     label_dropout: float = 0.2  # training: probability of replacing a token's label by null
     t_schedule: str = "uniform"  # "uniform" or "cosmap" (sec. 3)
+    # A deviation from the paper, off by default: the share of training positions whose x_t is built
+    # from the path's own first guess (its argmax at t = GUESS_T) instead of the gold token, the target
+    # staying gold. Along a sampling ODE the path reads its own guess back as if it were gold; this
+    # shows it, in training, x_t's that point at a wrong guess (RESULTS.md, "The CPU lab").
+    self_guess: float = 0.0
 
     def __post_init__(self):
         if self.variant not in ("lora", "full"):
@@ -243,6 +251,15 @@ class L2D(nn.Module):
         x_0 = self.config.sigma * torch.randn_like(x_1)
         return (1 - t[..., None]) * x_0 + t[..., None] * x_1
 
+    @torch.no_grad()
+    def own_guesses(self, h_main, cache, targets, labels, pos):
+        """targets (B, P) with a self_guess share of the answer positions replaced by the path's own
+        first guess, its argmax at t = GUESS_T: the token a sampling trajectory then builds x_t from."""
+        t = torch.full(targets.shape, GUESS_T, device=targets.device)
+        guess = self.predict(h_main, cache, self.noisy_targets(targets, t), t, labels, pos).argmax(-1)
+        swap = (torch.rand(targets.shape, device=targets.device) < self.config.self_guess) & (targets != IGNORE_INDEX)
+        return torch.where(swap, guess, targets)
+
     @staticmethod
     def answer_positions(targets):
         """(B, P) positions whose target is not ignored, in order, padded (with ignored positions)
@@ -266,7 +283,9 @@ class L2D(nn.Module):
             labels = None  # an unconditional path: the data's classes are not used
         elif labels is not None and self.training:
             labels = self.drop_labels(labels, pos.shape)
-        logits = self.predict(h_main, cache, self.noisy_targets(targets, t), t, labels, pos)
+        tokens = targets if not (self.training and self.config.self_guess > 0) else \
+            self.own_guesses(h_main, cache, targets, labels, pos)
+        logits = self.predict(h_main, cache, self.noisy_targets(tokens, t), t, labels, pos)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
 

@@ -54,6 +54,7 @@ DEFAULTS = dict(
     t_schedule="uniform",      # training's t per position: uniform in [0, 1], or cosmap-warped (sec. 3)
     guidance_classes=False,    # condition the path on the data's classes (for --guidance); off, as officially
     label_dropout=0.2,         # chance a token's class is replaced by null in training (guidance_classes)
+    self_guess=0.0,            # not the paper's: share of positions whose x_t carries the path's own first guess
     lora_rank=32,              # rank of the LoRA adapters
     lora_alpha=32.0,           # LoRA scale: the update B A x is multiplied by lora_alpha / lora_rank
     # optimisation (the paper: AdamW, peak lr 1e-4, 100 warmup steps, weight decay 0.01, clip 1.0);
@@ -101,8 +102,9 @@ def check_config(cfg, world_size):
     if cfg["min_lr"] > cfg["learning_rate"]:
         raise UsageError(f"--min_lr {cfg['min_lr']:g} is above --learning_rate {cfg['learning_rate']:g}: the lr warms "
                          "up from min_lr to learning_rate; lower --min_lr")
-    if not 0 <= cfg["label_dropout"] <= 1:
-        raise UsageError(f"--label_dropout is a probability, in [0, 1]; got {cfg['label_dropout']}")
+    for key in ("label_dropout", "self_guess"):
+        if not 0 <= cfg[key] <= 1:
+            raise UsageError(f"--{key} is a probability, in [0, 1]; got {cfg[key]}")
     if cfg["dtype"] not in DTYPES:
         raise UsageError(f"unknown --dtype {cfg['dtype']!r}; use one of {', '.join(DTYPES)}")
     per_step = cfg["micro_batch"] * world_size
@@ -219,7 +221,8 @@ def main(argv=None):
     classes = train_data.classes if cfg["guidance_classes"] else []  # the class embedding's, if any
     l2d_config = L2DConfig(variant=cfg["variant"], flow_dim=cfg["flow_dim"], sigma=cfg["sigma"],
                            lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], num_classes=len(classes),
-                           label_dropout=cfg["label_dropout"], t_schedule=cfg["t_schedule"])
+                           label_dropout=cfg["label_dropout"], t_schedule=cfg["t_schedule"],
+                           self_guess=cfg["self_guess"])
     if resume and ckpt.get("l2d_config"):
         l2d_config = L2DConfig(**ckpt["l2d_config"])
     n_base = base.num_params()  # before LoRA wraps the base in place

@@ -48,7 +48,7 @@ TRAIN_BAD = [("sigma", 0.0), ("sigma", -1.0), ("flow_dim", 0), ("block_size", 0)
              ("learning_rate", 0.0), ("min_lr", -1e-6), ("min_lr", 1.0),  # above learning_rate
              ("batch_size", 0), ("micro_batch", 0), ("batch_size", 5),  # not a multiple of micro_batch=2
              ("eval_interval", 0), ("log_interval", 0), ("eval_examples", 0), ("lora_rank", 0),
-             ("label_dropout", -0.1), ("label_dropout", 1.5), ("grad_clip", -1.0),
+             ("label_dropout", -0.1), ("label_dropout", 1.5), ("self_guess", 1.5), ("grad_clip", -1.0),
              ("dtype", "float8"), ("t_schedule", "linear"), ("variant", "nonsense"), ("family", "gpt3")]
 
 

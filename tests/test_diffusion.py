@@ -107,6 +107,44 @@ def test_training_forward_equals_explicit_x_t_forward(family):
     torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
 
 
+def test_self_guess_builds_x_t_from_the_paths_own_first_guess():
+    """The opt-in deviation, self_guess = 1: in training, x_t is built by hand from the path's argmax at
+    t = GUESS_T (its first guess) instead of the gold token, and the loss still targets the gold token;
+    in eval mode, and with self_guess = 0, the forward is the method's."""
+    from diffusion import GUESS_T
+    l2d = tiny_l2d("llama", "full", num_classes=0)
+    l2d.config.self_guess = 1.0
+    idx, targets = torch.randint(0, VOCAB, (2, 10)), torch.randint(0, VOCAB, (2, 10))
+    targets[:, :3] = -1
+    t = torch.rand(2, 10)
+
+    def x_t_of(tokens, t, eps):  # the method's x_t at the 7 answer positions, by hand
+        with torch.no_grad():
+            x_1 = math.sqrt(16) * F.normalize(l2d.base.wte.weight[tokens] @ l2d.flow_proj.weight.t()
+                                              + l2d.flow_proj.bias, dim=-1)
+        return (1 - t[..., None]) * 64.0 * eps + t[..., None] * x_1
+    torch.manual_seed(7)
+    logits, loss = l2d.train()(idx, targets, t=t)
+    torch.manual_seed(7)
+    eps_guess, _, eps = torch.randn(2, 7, 16), torch.rand(2, 7), torch.randn(2, 7, 16)
+    answer = targets[:, 3:]
+    with torch.no_grad():
+        full = torch.zeros(2, 10, 16)
+        t_guess = torch.full((2, 10), GUESS_T)
+        full[:, 3:] = x_t_of(answer, t_guess[:, 3:], eps_guess)
+        guess = l2d.logits_at(idx, full, t_guess)[:, 3:].argmax(-1)
+        assert (guess != answer).any()  # a random path guesses wrong: the test can tell the two apart
+        full[:, 3:] = x_t_of(guess, t[:, 3:], eps)
+        explicit = l2d.logits_at(idx, full, t)[:, 3:]
+    torch.testing.assert_close(logits, explicit, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, F.cross_entropy(explicit.flatten(0, 1), answer.flatten()), atol=1e-5, rtol=1e-5)
+    torch.manual_seed(7)  # eval mode: the gold token, as with self_guess = 0
+    eval_logits, _ = l2d.eval()(idx, targets, t=t)
+    l2d.config.self_guess = 0.0
+    torch.manual_seed(7)
+    torch.testing.assert_close(eval_logits, l2d.train()(idx, targets, t=t)[0])
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_cached_single_position_equals_full_sequence(family):
     l2d = tiny_l2d(family, "lora")
