@@ -59,6 +59,13 @@ def resolve_device(name):
     return name
 
 
+def duration(seconds):
+    """A short human duration for the scripts' progress lines: 45s, 12m05s, 3h07m."""
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 def _typed(what, value, default):
     """`value` as the setting whose default is `default`, an int widened to a float; a value of
     another type than the default's is a UsageError starting with `what`. None, as the default or

@@ -304,7 +304,8 @@ class L2D(nn.Module):
         per token); only the path runs. Returns the logits read at t=1 (B, P, vocab) and the path
         evaluations each position took (B, P). callback(info) after each solver step: the solver's info
         (t, x after the step, of the B*P rows) plus "logits", every row's latest logits, and "logits_t",
-        the t they were evaluated at (midpoint: the middle of the interval). `memo` keeps what does not
+        the t they were evaluated at (midpoint: the middle of the interval); then once more for the t = 1
+        read-out, the logits the token is read from, with "readout": True. `memo` keeps what does not
         depend on the token across calls (generate passes one per sequence): the (t, label) conditioning,
         since fixed-step solvers visit the same t's for every token, and the vocabulary's flow embeddings
         for x1="mean"."""
@@ -355,7 +356,10 @@ class L2D(nn.Module):
         else:
             x, nfe = SOLVERS[solver](velocity, x_0, grid(steps).to(x_0.device), callback=step_callback)
         t_end = torch.ones(B * P, device=x_0.device)  # read the token at t = 1, class-conditional
-        logits = evaluate(x, t_end, labels).view(B, P, -1)
+        logits = evaluate(x, t_end, labels)
+        if callback is not None:  # the read-out is no solver step: its own call, flagged
+            callback({"t": t_end, "x": x, "logits": logits, "logits_t": t_end, "readout": True})
+        logits = logits.view(B, P, -1)
         evaluations_per_call = 1 if guidance == 1.0 else 2
         return logits, (nfe * evaluations_per_call + 1).view(B, P)
 

@@ -179,8 +179,8 @@ def teacher_forced(model, x, y, steps=1, solver="midpoint", atol=1e-5, rtol=1e-5
                              for s in seeds])
     x_0 = noise.gather(1, pos.cpu()[..., None].expand(-1, -1, shape[1])).to(x.device)
     trajectory = []  # fixed-step solvers only: dopri5's rows are at different t's
-    record = None if solver == "dopri5" else \
-        (lambda info: trajectory.append((info["logits_t"][0].item(), info["logits"].argmax(-1).view(pos.shape))))
+    record = None if solver == "dopri5" else (lambda info: info.get("readout") or trajectory.append(
+        (info["logits_t"][0].item(), info["logits"].argmax(-1).view(pos.shape))))
     logits, nfe = model.flow(h_main, cache, x_0, steps, solver, atol, rtol, x1, guidance, labels, pos, callback=record)
     return dict(logits=logits, targets=targets, nfe=nfe.cpu(), base_tokens=base.head(h_main).argmax(-1),
                 trajectory=trajectory or None)
@@ -328,7 +328,8 @@ def make_settings(cfg, is_l2d):
 
 def setting_name(s):
     name = f"steps={s['steps']}" if s["steps"] is not None else f"atol={s['atol']:g} rtol={s['rtol']:g}"
-    return name + (f" w={s['guidance']:g}" if s["guidance"] != 1.0 else "") + (f" x1={s['x1']}" if s["x1"] not in (None, "argmax") else "")
+    name += f" w={s['guidance']:g}" if s["guidance"] != 1.0 else ""
+    return name + (f" x1={s['x1']}" if s["x1"] not in (None, "argmax") else "")
 
 
 def load(ckpt_arg):

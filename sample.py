@@ -27,7 +27,7 @@ import time
 import torch
 
 from checkpoint import load_base, load_model
-from configurator import UsageError, configure, fail, resolve_device
+from configurator import UsageError, configure, duration, fail, resolve_device
 from diffusion import ADAPTIVE_T_END, L2D, L2DConfig
 from solvers import EVALUATIONS, SOLVERS
 from tokenizer import END_OF_TURN, chat_prompt, has_chat_template
@@ -136,39 +136,29 @@ def top_tokens(enc, logits, k=5):
 
 
 class StepPrinter:
-    """--show_steps: for each token, a line per solver step with the prediction that step integrated
-    towards (the logits of its last path evaluation, and the t they were evaluated at: midpoint's is the
-    middle of the step), then the t = 1 read-out the token is drawn from, then the token."""
+    """--show_steps, as L2D.flow's callback: for each token, a line per solver step with the prediction
+    that step integrated towards (the logits of its last path evaluation, and the t they were evaluated
+    at: midpoint's is the middle of the step), then the t = 1 read-out the token is drawn from; then
+    (token()) the token."""
 
-    def __init__(self, model, enc, cfg):
-        self.enc, self.steps, self.t, self.readouts = enc, 0, 0.0, []
+    def __init__(self, enc, cfg):
+        self.enc, self.steps, self.t = enc, 0, 0.0
         self.how = f"drawn at temperature {cfg['temperature']:g}" + (f" among the top {cfg['top_k']}" if cfg["top_k"] else "")
         if cfg["temperature"] == 0:
             self.how = "argmax"
-        if isinstance(model, L2D):  # the read-out is no solver step, so flow's callback never sees it: keep
-            flow = model.flow       # what flow returns, the logits next_token draws the token from
 
-            def flow_keeping_readout(*args, **kwargs):
-                logits, nfe = flow(*args, **kwargs)
-                self.readouts.append(logits[0, 0])
-                return logits, nfe
-            model.flow = flow_keeping_readout
-
-    def step(self, info):  # L2D.flow's callback, after every (accepted) solver step
+    def step(self, info):
+        if info.get("readout"):
+            print(f"    {'read-out':<9} {'t = 1':<18}  {'evaluated at t=1':<21}: {top_tokens(self.enc, info['logits'][0])}")
+            return
         self.steps += 1
         t_from, self.t = self.t, info["t"][0].item()
         print(f"    {f'step {self.steps}':<9} t {t_from:.4f} -> {self.t:.4f}  "
               f"evaluated at t={info['logits_t'][0].item():.4f}: {top_tokens(self.enc, info['logits'][0])}")
 
-    def token(self, token, nfe):
-        if self.readouts:  # none where no ODE ran (--steps 1, a GPT): the base's logits, not shown
-            print(f"    {'read-out':<9} {'t = 1':<18}  {'evaluated at t=1':<21}: {top_tokens(self.enc, self.readouts.pop())}")
+    def token(self, token, nfe):  # no read-out line where no ODE ran (--steps 1, a GPT): the base's logits
         print(f"  token: {self.enc.decode([token])!r} ({self.how}; NFE {nfe})")
         self.steps, self.t = 0, 0.0
-
-
-def duration(seconds):
-    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
 
 
 class Progress:
@@ -227,7 +217,7 @@ def main(argv=None):
         print("note: this diffusion path is untrained (its merge gate is exactly zero): every solver step and the "
               "t = 1 read-out give the base model's own logits, so --steps, --solver and the tolerances change "
               "nothing; it generates as the base does")
-    printer = StepPrinter(model, enc, cfg) if cfg["show_steps"] else None
+    printer = StepPrinter(enc, cfg) if cfg["show_steps"] else None
 
     torch.manual_seed(cfg["seed"])
     idx = torch.tensor([prompt], device=cfg["device"])

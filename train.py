@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (build_model, check_dependencies, file_fingerprint, fingerprint, load_base, read_checkpoint,
                         save_checkpoint, trainable_state_dict)
-from configurator import UsageError, configure, fail, resolve_device
+from configurator import UsageError, configure, duration, fail, resolve_device
 from dataset import BatchSampler, TokenDataset
 from diffusion import L2DConfig
 from model import GPT, GPTConfig
@@ -119,13 +119,6 @@ def check_config(cfg, world_size):
         existing = os.path.dirname(existing)
     if existing and not os.path.isdir(existing):
         raise UsageError(f"out_dir {cfg['out_dir']}: {existing} is a file; pass a folder as --out_dir")
-
-
-def duration(seconds):
-    """A short human duration: 45s, 12m05s, 3h07m."""
-    m, s = divmod(round(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def setup_distributed(device):

@@ -185,11 +185,15 @@ def test_show_steps_callback_sees_logits_each_step():
     h, cache = l2d.base.trunk(torch.randint(0, VOCAB, (1, 4)))
     seen = []
     l2d.next_token(h[:, -1:], cache, steps=5, solver="euler", callback=lambda info: seen.append(info))
-    assert len(seen) == 4 and all(info["logits"].shape == (1, VOCAB) for info in seen)
-    assert [info["logits_t"].item() for info in seen] == [0, 0.25, 0.5, 0.75]  # euler evaluates at the start
+    *steps, readout = seen  # the solver steps, then the t = 1 read-out the token is read from
+    assert len(steps) == 4 and all(info["logits"].shape == (1, VOCAB) for info in seen)
+    assert [info["logits_t"].item() for info in steps] == [0, 0.25, 0.5, 0.75]  # euler evaluates at the start
+    assert readout["readout"] and readout["logits_t"].item() == 1 and not any("readout" in info for info in steps)
     seen.clear()
     l2d.next_token(h[:, -1:], cache, steps=3, callback=lambda info: seen.append(info))  # midpoint: in the middle
-    assert [info["logits_t"].item() for info in seen] == [0.25, 0.75] and [info["t"].item() for info in seen] == [0.5, 1]
+    *steps, readout = seen
+    assert [info["logits_t"].item() for info in steps] == [0.25, 0.75] and [info["t"].item() for info in steps] == [0.5, 1]
+    assert readout["readout"]
 
 
 def test_shared_conditioning_equals_per_row_conditioning():

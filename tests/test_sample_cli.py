@@ -183,12 +183,12 @@ def test_progress_only_for_long_runs():
     assert stream.getvalue() == ""
     clock.now += 2  # 6 s for 12 tokens: 0.5 s a token
     progress.update(done=12, left=60)
-    assert stream.getvalue() == "[12 tokens in 6 s; at most 60 to go, about 30 s]\n"
+    assert stream.getvalue() == "[12 tokens in 6s; at most 60 to go, about 30s]\n"
     clock.now += 5
     progress.update(done=20, left=52)  # within `every` of the last line: nothing new
     clock.now += 109  # 120 s for 200 tokens
     progress.update(done=200, left=150)
-    assert stream.getvalue().splitlines()[-1] == "[200 tokens in 2 min 00 s; at most 150 to go, about 1 min 30 s]"
+    assert stream.getvalue().splitlines()[-1] == "[200 tokens in 2m00s; at most 150 to go, about 1m30s]"
     clock.now += 60
     progress.update(done=350, left=0)  # finished: no ETA to give
     assert len(stream.getvalue().splitlines()) == 2
