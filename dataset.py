@@ -94,25 +94,35 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=F
         meta = dict(tokenizer=tokenizer, classes=classes, chat=chat, vocab_size=enc.n_vocab, eot=end)
         with open(os.path.join(staging, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        if os.path.isfile(os.path.join(out_dir, "meta.json")):
-            if same_dataset(out_dir, staging):
-                print(f"{out_dir}: already prepared with these settings, left as it is")
-                return
-            if not overwrite:
-                raise ValueError(f"{out_dir} already holds a prepared dataset that these settings would change (a checkpoint "
-                                 "trained on it reads its vocabulary); pass --overwrite to replace it, or --out another folder")
-            for name in os.listdir(out_dir):  # the old dataset's files, so that no stale split stays behind
-                if name == "meta.json" or name == "vocab.json" or name.endswith((".npz", ".jsonl")):
-                    os.remove(os.path.join(out_dir, name))
-        os.makedirs(out_dir, exist_ok=True)
-        for name in sorted(os.listdir(staging), key=lambda n: n == "meta.json"):  # meta.json last: it marks a whole folder
-            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        if not install(staging, out_dir, overwrite):
+            print(f"{out_dir}: already prepared with these settings, left as it is")
+            return
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for split, (tokens, _, offsets, _, rows) in encoded.items():
         lens = np.diff(offsets)
         print(f"{out_dir}/{split}.npz: {len(rows)} examples ({len(splits[split]) - len(rows)} dropped over "
               f"max_len={max_len}), {len(tokens)} tokens, length mean {lens.mean():.0f} max {lens.max()}")
+
+
+def install(staging, out_dir, overwrite):
+    """Move the prepared files of `staging` into out_dir. A dataset already there is kept when it is the
+    same (returns False), refused when it differs unless overwrite (a checkpoint trained on it reads its
+    vocabulary), else removed first, so that no stale split stays behind. meta.json goes last: it marks
+    a whole folder."""
+    if os.path.isfile(os.path.join(out_dir, "meta.json")):
+        if same_dataset(out_dir, staging):
+            return False
+        if not overwrite:
+            raise ValueError(f"{out_dir} already holds a prepared dataset that these settings would change (a checkpoint "
+                             "trained on it reads its vocabulary); pass --overwrite to replace it, or --out another folder")
+        for name in os.listdir(out_dir):
+            if name in ("meta.json", "vocab.json") or name.endswith((".npz", ".jsonl")):
+                os.remove(os.path.join(out_dir, name))
+    os.makedirs(out_dir, exist_ok=True)
+    for name in sorted(os.listdir(staging), key=lambda n: n == "meta.json"):
+        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    return True
 
 
 def same_dataset(old_dir, new_dir):
