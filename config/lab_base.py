@@ -5,7 +5,7 @@
 #   python data/arithmetic/prepare.py --tokenizer data/arithmetic/char/vocab.json --digits 2 --ops "+-" --n_train 9000 --out data/arithmetic/lab-addsub
 #   python data/arithmetic/prepare.py --tokenizer data/arithmetic/char/vocab.json --digits 2 --ops "*" --n_train 4000 --n_confirm 500 --out data/arithmetic/lab-mul
 #   python train.py config/lab_base.py
-# Step 2, at equal data and steps: config/lab_l2d.py, config/lab_lora.py, config/lab_full.py
+# Step 2, at equal data and steps: config/lab_l2d.py, config/lab_lora.py, config/lab_full.py, config/lab_ar.py
 exec(open("config/quick.py").read())
 out_dir = "out-lab-base"
 datasets = ["data/arithmetic/lab-addsub"]
