@@ -164,13 +164,6 @@ def l2d_config(cfg, variant):
 
 
 # --- generation --------------------------------------------------------------------------------------
-def fork(cache):
-    """A cache that starts where `cache` is; they share tensors safely (KVCache.update never writes in place)."""
-    new = KVCache(cache.pad)
-    new.keys, new.values = list(cache.keys), list(cache.values)
-    return new
-
-
 def decode_step_costs(l2d, h, cache, token, reps, device):
     """Median seconds of one base decoding step (on `token`) and one path evaluation (at the last position),
     on the same prefilled cache whose last hidden states are h, interleaved."""
@@ -180,7 +173,7 @@ def decode_step_costs(l2d, h, cache, token, reps, device):
     conditioning = l2d.conditioning(t[:1])  # as in generation: computed once per grid time, reused by every token
     base_times, path_times = [], []
     for rep in range(reps + 2):  # the first two are warm-up
-        step_cache = fork(cache)  # the base step appends a position; the path eval adds none
+        step_cache = cache.fork()  # the base step appends a position; the path eval adds none
         base_s, _ = timed(lambda: base.head(base.trunk(token[:, None], step_cache)[0][:, -1]), device)
         path_s, _ = timed(lambda: l2d.predict(h[:, -1:], cache, x_t, t, conditioning=conditioning), device)
         if rep >= 2:
@@ -192,7 +185,7 @@ def decode_step_costs(l2d, h, cache, token, reps, device):
 def decoder(l2d, h, cache, steps, solver, device):
     """Greedy decoding as L2D.generate does it, from a prefilled cache, one token per next(): yields
     (seconds of the token's ODE and base step, its mean NFE)."""
-    cache = fork(cache)
+    cache = cache.fork()
     while True:
         ode_s, (token, nfe) = timed(lambda: l2d.next_token(h[:, -1:], cache, steps=steps, solver=solver), device)
         base_s, (h, _) = timed(lambda: l2d.base.trunk(token[:, None], cache), device)

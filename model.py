@@ -107,14 +107,19 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def causal_attention(q, k, v, q_pos=None, pad=None):
+def causal_attention(q, k, v, q_pos=None, pad=None, bidirectional=False):
     """Query i sees keys at cache slots <= its own. By default the T queries are the last T of the
     S key slots; `q_pos` (B, T) places them anywhere (the diffusion path's answer positions).
     `pad` (B,): each row's left-padding slots (KVCache.pad), which no real query sees (a padding
     query sees the padding before it, only so that its row of the softmax is not empty).
-    Used by the base and by the diffusion path (whose queries attend to the base's K/V)."""
+    `bidirectional`: every query sees every slot but the padding, the T new ones included (AR2Diff's
+    answer span, refined as a whole: ar2diff.py).
+    Used by the base, by the diffusion path (whose queries attend to the base's K/V) and by AR2Diff."""
     T, S = q.size(-2), k.size(-2)
     gqa = q.size(1) != k.size(1)
+    if bidirectional:
+        real_key = None if pad is None else (torch.arange(S, device=q.device) >= pad[:, None])[:, None, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=real_key, enable_gqa=gqa)
     if q_pos is None and pad is None:  # the common cases, without building a mask
         if T == S:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -150,6 +155,13 @@ class KVCache:
     def __len__(self):
         return self.keys[0].size(2) if self.keys else 0
 
+    def fork(self):
+        """A cache that starts where this one is and grows on its own: they share the tensors, safely,
+        since update() never writes in place (one prompt's K/V under several continuations)."""
+        new = KVCache()
+        new.pad, new.keys, new.values = self.pad, list(self.keys), list(self.values)
+        return new
+
     def select(self, rows):
         """A cache of only the batch rows `rows` (B',): a copy of their keys, values and padding."""
         sub = KVCache(None if self.pad is None else self.pad[rows])
@@ -181,14 +193,14 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n_head, self.head_dim).transpose(1, 2)
 
-    def forward(self, x, rope, cache, layer):
+    def forward(self, x, rope, cache, layer, bidirectional=False):
         q = self.split_heads(self.q_proj(x), self.n_head)
         k = self.split_heads(self.k_proj(x), self.n_kv_head)
         v = self.split_heads(self.v_proj(x), self.n_kv_head)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = cache.update(layer, k, v)
-        y = causal_attention(q, k, v, pad=cache.pad)
+        y = causal_attention(q, k, v, pad=cache.pad, bidirectional=bidirectional)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
 
@@ -221,8 +233,8 @@ class Block(nn.Module):
         self.ln_2 = Norm(config.n_embd, config.norm_eps, rms)
         self.mlp = MLP.from_config(config)
 
-    def forward(self, x, rope, cache, layer):
-        x = x + self.attn(self.ln_1(x), rope, cache, layer)
+    def forward(self, x, rope, cache, layer, bidirectional=False):
+        x = x + self.attn(self.ln_1(x), rope, cache, layer, bidirectional)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -264,8 +276,9 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         return (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])
 
-    def trunk(self, idx, cache=None):
-        """Run the blocks on tokens `idx` (B, T) that follow the cached positions.
+    def trunk(self, idx, cache=None, bidirectional=False):
+        """Run the blocks on tokens `idx` (B, T) that follow the cached positions: causally, or with
+        `bidirectional` each of the T sees all T and everything cached (AR2Diff's answer span).
         Returns h (B, T, d), the last hidden state before the final norm, and the KVCache."""
         cache = KVCache() if cache is None else cache
         start, T = len(cache), idx.size(1)
@@ -277,7 +290,7 @@ class GPT(nn.Module):
             x = x + self.wpe(pos)
         rope = self.rope(pos)
         for layer, block in enumerate(self.h):
-            x = block(x, rope, cache, layer)
+            x = block(x, rope, cache, layer, bidirectional)
         return x, cache
 
     def head(self, h):
