@@ -191,6 +191,26 @@ class TokenDataset:
             y[b, :e - s - 1] = np.where(self.loss_mask[s + 1:e], self.tokens[s + 1:e], -1)
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(self.labels[indices])
 
+    def answer_lengths(self):
+        """Tokens of each example's answer, its end token included (E,)."""
+        return np.add.reduceat(self.loss_mask.astype(np.int64), self.offsets[:-1])
+
+    def prompt_answer_batch(self, indices, answer_len):
+        """AR2Diff's batch: prompt (B, P) left-padded with eot to the longest, pad (B,) its padding per row
+        (model.KVCache), answer (B, answer_len): the answer and its end token, then eot up to answer_len
+        (the padding is a target too: it teaches the length). A longer answer is cut at answer_len."""
+        indices = np.asarray(indices, np.int64)
+        starts, ends = self.offsets[indices], self.offsets[indices + 1]
+        split = [s + int(np.argmax(self.loss_mask[s:e])) for s, e in zip(starts, ends)]  # first answer token
+        P = max(a - s for s, a in zip(starts, split))
+        prompt = np.full((len(indices), P), self.eot, np.int64)
+        answer = np.full((len(indices), answer_len), self.eot, np.int64)
+        for b, (s, a, e) in enumerate(zip(starts, split, ends)):
+            prompt[b, P - (a - s):] = self.tokens[s:a]
+            answer[b, :min(e - a, answer_len)] = self.tokens[a:min(e, a + answer_len)]
+        pad = torch.from_numpy(P - (np.array(split) - starts))
+        return torch.from_numpy(prompt), pad, torch.from_numpy(answer)
+
 
 class BatchSampler:
     """Infinite, deterministic, resumable example order. Each optimizer step takes the next batch_size
