@@ -4,13 +4,13 @@ Checkpoints: written by train.py, read by train.py (resume), sample.py, eval.py 
 A checkpoint is one torch.save'd dict of plain data (tensors, numbers, strings, dicts), loaded with
 weights_only=True (nothing is unpickled). For `l2d` and `lora` it holds only the trainable tensors
 plus what rebuilds the rest: the base model's name or path (`init_from`) and every config. For
-`full` and `ar` it holds the whole model. It also holds fingerprints of what it depends on, the base's
+`full`, `ar` and `ar2diff` it holds the whole model. It also holds fingerprints of what it depends on, the base's
 weights (`base_fingerprint`) and a vocabulary file (`tokenizer_fingerprint`), and refuses to load
 against a changed one: an L2D path on another base, or ids read through another vocabulary, would
 generate garbage without a word. Files are written atomically (temp file + rename), so a
 kill at any moment leaves the previous checkpoint intact.
 
-    model, tokenizer, ckpt = load_model("out-quick-l2d/ckpt.pt")   # an L2D or a GPT
+    model, tokenizer, ckpt = load_model("out-quick-l2d/ckpt.pt")   # an L2D, an AR2Diff or a GPT
     base, tokenizer = load_base("smollm2-135m")                     # a base model by name/path/ckpt
 """
 
@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from ar2diff import AR2Diff, AR2DiffConfig
 from diffusion import L2D, L2DConfig
 from lora import add_lora
 from model import GPT, GPTConfig
@@ -85,20 +86,24 @@ def check_dependencies(ckpt, path, base=None):
 
 def load_base(init_from, block_size=None):
     """A frozen-to-be base GPT and its tokenizer: a pretrained name or HF folder, or the ckpt.pt of
-    a model trained with method=ar/full (e.g. the quick recipe's tiny GPT)."""
+    a model trained with method=ar/full (e.g. the quick recipe's tiny GPT) or ar2diff (its GPT: AR2Diff_N,
+    the diffusion loss carried on before the task's finetuning)."""
     if init_from.endswith(".pt"):
         model, tokenizer, ckpt = load_model(init_from)
-        if ckpt["method"] not in ("ar", "full"):
-            raise ValueError(f"{init_from} holds a {ckpt['method']} model; a base must come from method=ar or full")
-        return model, tokenizer
+        if ckpt["method"] not in ("ar", "full", "ar2diff"):
+            raise ValueError(f"{init_from} holds a {ckpt['method']} model; a base must come from method=ar, full "
+                             "or ar2diff")
+        return (model.base if ckpt["method"] == "ar2diff" else model), tokenizer
     return GPT.from_pretrained(init_from, block_size=block_size)
 
 
-def build_model(method, base, l2d_config=None, lora_rank=32, lora_alpha=32.0):
+def build_model(method, base, l2d_config=None, lora_rank=32, lora_alpha=32.0, ar2diff_config=None):
     """The model a training method trains: the diffusion path around the frozen base (l2d), the base
-    with LoRA (lora), or the base itself (full, ar)."""
+    with LoRA (lora), the base as a discrete diffusion model (ar2diff), or the base itself (full, ar)."""
     if method == "l2d":
         return L2D(base, l2d_config)
+    if method == "ar2diff":
+        return AR2Diff(base, ar2diff_config)
     if method == "lora":
         return add_lora(base, lora_rank, lora_alpha)
     return base
@@ -114,8 +119,10 @@ def load_model(path):
     ckpt = read_checkpoint(path)
     method = ckpt["method"]
     check_dependencies(ckpt, path)
-    if method in ("ar", "full"):
+    if method in ("ar", "full", "ar2diff"):
         model = GPT(GPTConfig(**ckpt["model_config"]))
+        if method == "ar2diff":
+            model = AR2Diff(model, AR2DiffConfig(**ckpt["ar2diff_config"]))
         tokenizer = get_tokenizer(ckpt["tokenizer"])
     else:
         base, tokenizer = load_base(ckpt["init_from"], ckpt["model_config"]["block_size"])

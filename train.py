@@ -10,8 +10,9 @@ Several machines: run on each node, with its --node_rank (0 is the master):
 method:    l2d  - train the diffusion path; the base stays frozen (the paper's method)
            lora - LoRA on the base's attention and MLP (the paper's weight-finetuning baseline)
            full - all base weights;  ar - the same, used for next-token training from scratch
+           ar2diff - all base weights, as a discrete diffusion model of the whole answer (ar2diff.py)
 init_from: scratch (a small GPT from the settings below), gpt2[-medium|-large|-xl], smollm2-135m,
-           a local Hugging Face folder, the ckpt.pt of an ar/full run (as a base), or resume.
+           a local Hugging Face folder, the ckpt.pt of an ar/full/ar2diff run (as a base), or resume.
 batch_size is the global batch (examples per optimizer step), whatever the number of processes:
 each process runs batch_size / (micro_batch * world_size) micro-steps of gradient accumulation.
 """
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ar2diff import AR2DiffConfig
 from checkpoint import (build_model, check_dependencies, file_fingerprint, fingerprint, load_base, read_checkpoint,
                         save_checkpoint, trainable_state_dict)
 from configurator import UsageError, configure, duration, fail, resolve_device
@@ -37,8 +39,8 @@ from model import GPT, GPTConfig
 DEFAULTS = dict(
     out_dir="out",             # folder of ckpt.pt, saved at every evaluation
     init_from="smollm2-135m",  # scratch, smollm2-135m, gpt2..., a HF folder, an ar/full ckpt.pt, or resume (out_dir's run)
-    method="l2d",              # l2d, lora, full or ar (what each trains: see the docstring)
-    seed=1337,                 # initial weights, data order, and every micro-batch's t, noise and label dropout
+    method="l2d",              # l2d, lora, full, ar or ar2diff (what each trains: see the docstring)
+    seed=1337,                 # initial weights, data order, and every micro-batch's t, noise and label dropout (ar2diff: corruption)
     datasets=["data/gsm8k/smollm2-135m"],  # prepared folders (data/*/prepare.py); several mix
     # the model: its shape from scratch (init_from=scratch), and its context
     family="llama",            # llama (RMSNorm, RoPE, SwiGLU) or gpt2 (LayerNorm, learned positions, GELU)
@@ -57,6 +59,8 @@ DEFAULTS = dict(
     self_guess=0.0,            # not the paper's: share of positions whose x_t carries the path's own first guess
     lora_rank=32,              # rank of the LoRA adapters
     lora_alpha=32.0,           # LoRA scale: the update B A x is multiplied by lora_alpha / lora_rank
+    # AR2Diff (method=ar2diff)
+    answer_len=0,              # tokens of the answer span refined as a whole (end-token padded); 0: the longest train answer
     # optimisation (the paper: AdamW, peak lr 1e-4, 100 warmup steps, weight decay 0.01, clip 1.0);
     # the lr warms up from min_lr and decays back to it at lr_decay_iters (default: max_iters)
     batch_size=32,             # examples per optimizer step, over all processes
@@ -77,12 +81,12 @@ DEFAULTS = dict(
     compile=False,             # torch.compile the model: faster steps after a slow start
     overwrite=False,           # replace a checkpoint already in out_dir (else refused, unless resuming)
 )
-METHODS = ("l2d", "lora", "full", "ar")
+METHODS = ("l2d", "lora", "full", "ar", "ar2diff")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 POSITIVE = ("block_size", "n_layer", "n_head", "n_embd", "flow_dim", "sigma", "lora_rank", "max_iters", "learning_rate",
             "batch_size", "micro_batch", "eval_interval", "log_interval", "eval_examples")
 NON_NEGATIVE = dict(n_kv_head=" (0: n_head)", warmup_iters="", lr_decay_iters=" (0: max_iters)", min_lr="",
-                    grad_clip=" (0: no clipping)")
+                    grad_clip=" (0: no clipping)", answer_len=" (0: the longest train answer)")
 
 
 def check_config(cfg, world_size):
@@ -189,8 +193,8 @@ def main(argv=None):
                              "cosine lr, per-sequence label dropout); resuming would mix two recipes: train afresh "
                              "(sample.py and eval.py still load it)")
         for key in ("method", "init_from", "datasets", "seed", "variant", "block_size", "lora_rank", "lora_alpha",
-                    "guidance_classes"):
-            cfg[key] = ckpt["config"][key]
+                    "guidance_classes", "answer_len"):
+            cfg[key] = ckpt["config"].get(key, DEFAULTS[key])  # (answer_len: saved since AR2Diff)
     train_data = TokenDataset(cfg["datasets"], "train")
     val_data = TokenDataset(cfg["datasets"], "test")
     if len(train_data) < cfg["batch_size"]:  # (an empty split TokenDataset refuses itself)
@@ -198,7 +202,7 @@ def main(argv=None):
                          f"(--batch_size {cfg['batch_size']}): each step would repeat examples; prepare more, or "
                          "lower --batch_size")
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank
-    if resume and ckpt["method"] in ("ar", "full"):  # the whole model is in the checkpoint
+    if resume and ckpt["method"] in ("ar", "full", "ar2diff"):  # the whole model is in the checkpoint
         base_config = GPTConfig(**ckpt["model_config"])
         base = GPT(base_config)
     elif cfg["init_from"] == "scratch":
@@ -218,11 +222,20 @@ def main(argv=None):
                            self_guess=cfg["self_guess"])
     if resume and ckpt.get("l2d_config"):
         l2d_config = L2DConfig(**ckpt["l2d_config"])
+    ar2diff_config = None
+    if cfg["method"] == "ar2diff":
+        ar2diff_config = AR2DiffConfig(answer_len=cfg["answer_len"] or int(train_data.answer_lengths().max()),
+                                       vocab_size=train_data.vocab_size, end_token=train_data.eot)
+        longest_prompt = int((np.diff(train_data.offsets) - train_data.answer_lengths()).max())
+        if longest_prompt + ar2diff_config.answer_len > base_config.block_size:
+            raise UsageError(f"the longest train prompt ({longest_prompt} tokens) and the answer span (--answer_len "
+                             f"{ar2diff_config.answer_len}) do not fit block_size {base_config.block_size}: lower "
+                             "--answer_len, or raise --block_size")
     n_base = base.num_params()  # before LoRA wraps the base in place
     base_fingerprint = fingerprint(base) if cfg["method"] in ("l2d", "lora") else None  # a frozen base
     if resume:
         check_dependencies(ckpt, ckpt_path, base if base_fingerprint else None)
-    model = build_model(cfg["method"], base, l2d_config, cfg["lora_rank"], cfg["lora_alpha"]).to(device)
+    model = build_model(cfg["method"], base, l2d_config, cfg["lora_rank"], cfg["lora_alpha"], ar2diff_config).to(device)
     if resume:
         model.load_state_dict(ckpt["state_dict"], strict=False)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -248,31 +261,40 @@ def main(argv=None):
     if world_size > 1:
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
 
-    def forward(x, y, labels):
-        x, y, labels = x.to(device), y.to(device), labels.to(device)
-        with autocast:
-            if cfg["method"] == "l2d":
-                return model(x, y, labels)
-            return model(x, y)
+    def batch(data, indices):
+        """The tensors a forward of the method takes, on the device: (x, y[, labels]), next-token inputs
+        and targets (the path's class labels for l2d), or AR2Diff's (prompt, pad, answer span)."""
+        if cfg["method"] == "ar2diff":
+            return [v.to(device) for v in data.prompt_answer_batch(indices, ar2diff_config.answer_len)]
+        x, y, labels = data.get_batch(indices, base_config.block_size)
+        return [x.to(device), y.to(device)] + ([labels.to(device)] if cfg["method"] == "l2d" else [])
 
     @torch.no_grad()
     def evaluate():
         """Validation loss on the first eval_examples test examples (split over the ranks), and
-        for l2d the loss in t-buckets [0, .25), ..., [.75, 1]: it should fall as t rises."""
+        for l2d the loss in t-buckets [0, .25), ..., [.75, 1]: it should fall as t rises. For ar2diff
+        the loss of the first pass (L1), by corruption rate r in the same buckets: it should rise with r."""
         raw_model.eval()
         edges = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0001])
         sums = torch.zeros(2, len(edges))  # (loss sum, token count): bucket columns + overall last
         n = min(cfg["eval_examples"], len(val_data))
         for start in range(rank * cfg["micro_batch"], n, per_step):
-            x, y, labels = (v.to(device) for v in val_data.get_batch(np.arange(start, min(start + cfg["micro_batch"], n)), base_config.block_size))
+            inputs = batch(val_data, np.arange(start, min(start + cfg["micro_batch"], n)))
             torch.manual_seed(start)
             with autocast:
-                if cfg["method"] == "l2d":
+                if cfg["method"] == "ar2diff":
+                    prompt, pad, y = inputs
+                    rate = torch.rand(y.size(0), device=device)
+                    logits, _ = raw_model(prompt, pad, y, rate=rate)
+                    t = rate[:, None].expand_as(y)
+                elif cfg["method"] == "l2d":
+                    x, y, labels = inputs
                     t = torch.rand(x.shape, device=device)
                     logits, _ = raw_model(x, y, labels, t=t)
                     pos = raw_model.answer_positions(y)  # l2d's logits are at the answer positions only
                     y, t = y.gather(1, pos), t.gather(1, pos)
                 else:
+                    x, y = inputs
                     logits, _ = raw_model(x, y)
                     t = torch.zeros(x.shape, device=device)
             nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="none").cpu()
@@ -292,6 +314,7 @@ def main(argv=None):
         local = lambda p: os.path.abspath(p) if os.path.exists(p) else p  # loadable from any directory
         state = dict(method=cfg["method"], init_from=local(cfg["init_from"]),
                      model_config=asdict(base_config), l2d_config=asdict(l2d_config) if cfg["method"] == "l2d" else None,
+                     ar2diff_config=asdict(ar2diff_config) if ar2diff_config else None,
                      lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"],
                      tokenizer=local(train_data.tokenizer_path), classes=classes, base_fingerprint=base_fingerprint,
                      tokenizer_fingerprint=file_fingerprint(train_data.tokenizer_path),
@@ -312,14 +335,15 @@ def main(argv=None):
         micro_batches = np.split(sampler.next_batch(), grad_accum)
         loss_sum = torch.zeros((), device=device)
         for micro, indices in enumerate(micro_batches):
-            x, y, labels = train_data.get_batch(indices, base_config.block_size)
+            inputs = batch(train_data, indices)
             if world_size > 1:  # all-reduce gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == grad_accum - 1
             torch.manual_seed(step_seed(cfg, it, rank * grad_accum + micro))
-            _, loss = forward(x, y, labels)
+            with autocast:
+                _, loss = model(*inputs)
             scaler.scale(loss / grad_accum).backward()
             loss_sum += loss.detach()
-            tokens_seen += x.numel()
+            tokens_seen += inputs[0].numel() + (inputs[2].numel() if cfg["method"] == "ar2diff" else 0)
         finite = torch.isfinite(loss_sum).float()
         if world_size > 1:  # every rank stops together
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -342,7 +366,8 @@ def main(argv=None):
                 f"{tokens_seen * world_size / elapsed:.0f} tok/s" + (f", {duration(left)} left" if left else ""))
         if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
             val, buckets = evaluate()
-            by_t = "" if cfg["method"] != "l2d" else ", by t: " + " ".join(f"{b:.3f}" for b in buckets)
+            by_t = {"l2d": ", by t: ", "ar2diff": " (pass 1), by corruption rate: "}.get(cfg["method"])
+            by_t = "" if by_t is None else by_t + " ".join(f"{b:.3f}" for b in buckets)
             log(f"iter {it}: val loss {val:.4f}{by_t}")
             if master:
                 checkpoint()

@@ -88,7 +88,7 @@ def max_abs_diff(a, b):
 
 # --- data parallel = one process ------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["l2d", "ar"])
+@pytest.mark.parametrize("method", ["l2d", "ar", "ar2diff"])
 def test_ddp_matches_one_process(method, data, base_ckpt, tmp_path):
     """2 processes x 2 micro-steps each = 1 process x 4 micro-steps on the same global batch: the same
     examples, the same t/noise/label dropout per example (step_seed), gradients averaged alike.
@@ -122,7 +122,7 @@ def test_ddp_matches_one_process(method, data, base_ckpt, tmp_path):
 
 # --- resume -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["l2d", "ar"])
+@pytest.mark.parametrize("method", ["l2d", "ar", "ar2diff"])
 def test_resume_is_bit_exact(method, data, base_ckpt, tmp_path):
     """4 steps straight = 2 steps, stop, --init_from=resume for 2 more: same losses, lr and weights."""
     args = method_args(method, data, base_ckpt) + ["--variant=full", "--lr_decay_iters=4", "--min_lr=1e-4"]
@@ -150,7 +150,7 @@ def test_resume_is_bit_exact(method, data, base_ckpt, tmp_path):
 
 # --- what a checkpoint holds ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["l2d", "lora", "ar", "full"])
+@pytest.mark.parametrize("method", ["l2d", "lora", "ar", "full", "ar2diff"])
 def test_checkpoint_contents_and_load_model(method, data, base_ckpt, tmp_path):
     model, _ = run_train(*method_args(method, data, base_ckpt), "--max_iters=2", f"--out_dir={tmp_path}")
     ckpt = read_checkpoint(str(tmp_path / "ckpt.pt"))
@@ -181,6 +181,14 @@ def test_checkpoint_contents_and_load_model(method, data, base_ckpt, tmp_path):
             t = torch.rand(x.shape, generator=g)
             x_t = torch.randn(*x.shape, model.config.flow_dim, generator=g)
             want, got = model.logits_at(x, x_t, t, labels), loaded.logits_at(x, x_t, t, labels)
+        elif method == "ar2diff":  # the same corrupted spans for both: the same seed
+            assert loaded.config == model.config
+            prompt, pad, answer = TokenDataset([data], "test").prompt_answer_batch(range(4), model.config.answer_len)
+            outputs = []
+            for m in (model, loaded):
+                torch.manual_seed(0)
+                outputs.append(m(prompt, pad, answer)[0])
+            want, got = outputs
         else:
             want, got = model(x)[0], loaded(x)[0]
     assert torch.equal(want, got)
