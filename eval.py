@@ -9,9 +9,15 @@ an L2D checkpoint all go through the same command, so their rows are comparable.
     python eval.py --ckpt out/ckpt.pt --task gsm8k --solver dopri5 --atol 1e-3,1e-4 --rtol 1e-3,1e-4
     python eval.py --ckpt out/ckpt.pt --task gsm8k --steps 8 --guidance 1,1.5,2 --label math
     python eval.py --ckpt out/ckpt.pt --task arithmetic --probe_t 0,0.5,0.9,0.99,1 --generate False --teacher_forced False
+    python eval.py --ckpt out-lab-ar2diff/ckpt.pt --data data/arithmetic/lab-mul --steps 1,2,5,10,20 --samples 1,4,8
 
 One row per setting: each step count (fixed-step solvers) or each (atol, rtol) pair (dopri5), times
-each guidance weight. A model that is not an L2D gets a single row, steps=1 (the model itself).
+each guidance weight. A model that is not an L2D gets a single row, steps=1 (the model itself), but
+an AR2Diff (ar2diff.py), which gets a row per refinement step count (--steps, default 1,2,5,10,20) times
+candidates K (--samples, default 8): its whole answer span refined --steps times, every token redrawn at
+temperature 0.2 (the paper's), K candidates in parallel, the one it scores best kept. Its nfe/tok counts
+passes over the span (steps, + 1 to score when K > 1) times K, per answer token; it has no teacher-forced
+pass (no next-token logits), and its "vs steps=1" is the row with one refinement and the same K.
   acc [95% CI]  greedy generation (temperature 0, stopping at the data's end token or max_new_tokens);
                 correct when final_number(output) equals the gold final answer. Wilson score interval.
   nfe/tok       diffusion-path evaluations per generated token, as L2D.next_token counts them: 0 for
@@ -82,6 +88,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ar2diff import AR2Diff, until_end
 from checkpoint import load_base, load_model
 from configurator import UsageError, configure, fail, resolve_device
 from dataset import TokenDataset, tokenizer_tag
@@ -107,6 +114,7 @@ DEFAULTS = dict(
     rtol=None,              # dopri5's relative error tolerances (as many as atol, or one); None: 1e-5
     guidance=None,          # classifier-free guidance weights (a model trained with guidance_classes); None: 1
     label="",               # the class to condition on: "" each example's own, null, or a class name (e.g. math)
+    samples=None,           # AR2Diff: candidates refined in parallel, the best scored kept; None: 8
     # what to measure
     generate=True,          # greedy generation: accuracy, NFE and tokens/s
     teacher_forced=True,    # teacher-forced next-token accuracy and NLL of the answer tokens
@@ -121,7 +129,8 @@ DEFAULTS = dict(
     seed=1337,              # of the draws and the noise, reseeded per example or batch (see the docstring)
     device="auto",          # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
 )
-LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], atol=[1e-5], rtol=[1e-5], guidance=[1.0], probe_t=[])
+LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], atol=[1e-5], rtol=[1e-5], guidance=[1.0], probe_t=[], samples=[8])
+AR2DIFF_STEPS = [1, 2, 5, 10, 20]  # --steps None for an AR2Diff: the issue's grid around the paper's 10
 
 
 # --- answers ----------------------------------------------------------------------------------------
@@ -258,6 +267,11 @@ def generate_answers(model, prompts, max_new_tokens, stop, setting, labels=None)
     length = max(len(p) for p in prompts)
     idx = torch.tensor([[0] * (length - len(p)) + p for p in prompts], dtype=torch.long, device=device)  # 0: any id, masked
     pad = torch.tensor([length - len(p) for p in prompts], device=device)
+    if isinstance(model, AR2Diff):  # the whole answer at once: no stream of tokens
+        spans, _ = model.generate(idx, pad, steps=setting["steps"], samples=setting["candidates"])
+        passes = (setting["steps"] + (setting["candidates"] > 1)) * setting["candidates"]
+        answers = [until_end(span, stop) for span in spans.tolist()]
+        return [(a, min(len(a) + 1, spans.size(1)), passes) for a in answers]  # + 1: the end token, if any
     if isinstance(model, L2D):
         stream = model.generate(idx, max_new_tokens, pad=pad, steps=setting["steps"], solver=setting["solver"],
                                 atol=setting["atol"], rtol=setting["rtol"], guidance=setting["guidance"], labels=labels,
@@ -300,8 +314,15 @@ def parse_list(key, value, kind):
     return out
 
 
-def make_settings(cfg, is_l2d):
-    """The rows to evaluate: dicts of steps, solver, atol, rtol, guidance."""
+def make_settings(cfg, is_l2d, is_ar2diff=False):
+    """The rows to evaluate: dicts of steps, solver, atol, rtol, guidance, x1 (and AR2Diff's candidates, --samples)."""
+    if is_ar2diff:
+        steps = AR2DIFF_STEPS if cfg["steps"] is None else parse_list("steps", cfg["steps"], int)
+        samples = parse_list("samples", cfg["samples"], int)
+        if min(steps) < 1 or min(samples) < 1:
+            raise UsageError("--steps and --samples must be >= 1")
+        return [dict(steps=n, candidates=k, solver=None, atol=None, rtol=None, guidance=1.0, x1=None)
+                for k in samples for n in steps]
     if not is_l2d:
         return [dict(steps=1, solver=None, atol=None, rtol=None, guidance=1.0, x1=None)]
     steps, guidance = parse_list("steps", cfg["steps"], int), parse_list("guidance", cfg["guidance"], float)
@@ -329,6 +350,7 @@ def make_settings(cfg, is_l2d):
 def setting_name(s):
     name = f"steps={s['steps']}" if s["steps"] is not None else f"atol={s['atol']:g} rtol={s['rtol']:g}"
     name += f" w={s['guidance']:g}" if s["guidance"] != 1.0 else ""
+    name += f" K={s['candidates']}" if s.get("candidates") else ""
     return name + (f" x1={s['x1']}" if s["x1"] not in (None, "argmax") else "")
 
 
@@ -413,16 +435,23 @@ def main(argv=None):
     if cfg["limit"] < 0 or min(cfg["max_new_tokens"], cfg["batch_size"], cfg["gen_batch_size"]) < 1:
         raise UsageError("--limit must be >= 0 (0: all), --max_new_tokens, --batch_size and --gen_batch_size >= 1")
     model, tokenizer, tokenizer_name, model_classes, ckpt_path = load(cfg["ckpt"])
-    is_l2d = isinstance(model, L2D)
-    settings = make_settings(cfg, is_l2d) if cfg["generate"] or cfg["teacher_forced"] else []
+    is_l2d, is_ar2diff = isinstance(model, L2D), isinstance(model, AR2Diff)
+    teacher_forced = cfg["teacher_forced"] and not is_ar2diff
+    if is_ar2diff and cfg["teacher_forced"]:
+        print("note: an AR2Diff model has no next-token logits, so no teacher-forced pass: generation rows only")
+    if is_ar2diff and not cfg["generate"]:
+        raise UsageError("an AR2Diff model is evaluated by generation only: drop --generate False")
+    settings = make_settings(cfg, is_l2d, is_ar2diff) if cfg["generate"] or teacher_forced else []
     probe_t = parse_list("probe_t", cfg["probe_t"], float)
     if probe_t and (not is_l2d or min(probe_t) < 0 or max(probe_t) > 1):
         raise UsageError("--probe_t takes times in [0, 1] and needs an L2D model")
-    if not is_l2d and (cfg["steps"] is not None or cfg["guidance"] is not None):
+    if not is_ar2diff and cfg["samples"] is not None:
+        raise UsageError("--samples is for an AR2Diff model (candidates refined in parallel)")
+    if not is_l2d and not is_ar2diff and (cfg["steps"] is not None or cfg["guidance"] is not None):
         print(f"note: {cfg['ckpt']} is not an L2D model: one row, steps=1 (the model itself)")
     device = resolve_device(cfg["device"])
     model.to(device)
-    base = model.base if is_l2d else model
+    base = model.base if is_l2d or is_ar2diff else model
     block_size = base.config.block_size
 
     data_dir = cfg["data"] or os.path.join(REPO, "data", cfg["task"], tokenizer_tag(tokenizer_name))
@@ -444,6 +473,9 @@ def main(argv=None):
     stop = {ds.eot} | ({tokenizer.eot_token} if getattr(tokenizer, "eot_token", None) is not None else set())
     golds = [final_number(r["final"] if r.get("final") is not None else r["answer"]) for r in rows[:n]]
     prompts = [ds.tokenizer.encode(r["prompt"], allowed_special="all") for r in rows[:n]]
+    if is_ar2diff and max(map(len, prompts)) + model.config.answer_len > block_size:
+        raise UsageError(f"the longest prompt of {data_dir} ({max(map(len, prompts))} tokens) and the model's answer "
+                         f"span ({model.config.answer_len}) do not fit its context of {block_size}")
 
     if cfg["resume"] and not cfg["out"]:
         raise UsageError("--resume True needs --out, the JSON of the run to go on from")
@@ -453,7 +485,7 @@ def main(argv=None):
     if os.path.exists(out) and not (cfg["resume"] or cfg["overwrite"]):
         raise UsageError(f"{out} already exists; go on from it with --resume True, replace it with --overwrite True, "
                          "or pass another --out")
-    kind = f"L2D ({model.config.variant})" if is_l2d else "GPT"
+    kind = f"L2D ({model.config.variant})" if is_l2d else f"AR2Diff (L={model.config.answer_len})" if is_ar2diff else "GPT"
     print(f"{kind} from {cfg['ckpt']} on {data_dir} ({split}): {n} examples, {len(settings)} row(s), device {device}")
     result = dict(ckpt=cfg["ckpt"], model=kind, task=cfg["task"], data=data_dir, split=split, n=n, config=cfg, rows=[])
     if cfg["resume"]:
@@ -494,7 +526,7 @@ def main(argv=None):
             ix = range(b0, min(b0 + cfg["gen_batch_size"], n))
             torch.manual_seed(cfg["seed"] + b0)
             lab = None if labels is None else torch.as_tensor(labels[list(ix)], device=device)
-            budget = min(cfg["max_new_tokens"], block_size - max(len(prompts[i]) for i in ix))
+            budget = 1 if is_ar2diff else min(cfg["max_new_tokens"], block_size - max(len(prompts[i]) for i in ix))
             t0 = time.perf_counter()
             answers = generate_answers(model, [prompts[i] for i in ix], budget, stop, setting, lab) \
                 if budget > 0 else [([], 0, 0)] * len(ix)
@@ -538,7 +570,7 @@ def main(argv=None):
             row = kept
         if cfg["generate"] and "accuracy" not in row:
             row.update(over_prompts(setting, row))
-        if cfg["teacher_forced"]:
+        if teacher_forced:
             def tf_batch(ix, lab, x, y):
                 torch.manual_seed(cfg["seed"] + int(ix[0]))  # x1=sample's draws
                 stats = teacher_forced(model, x, y, setting["steps"], setting["solver"], setting["atol"], setting["rtol"],
@@ -549,7 +581,7 @@ def main(argv=None):
             row.update(over_batches(tf_batch, row["setting"] + " (tf)", row))
         if not cfg["generate"]:  # the plot's x axis for dopri5
             row["nfe_per_token"] = row.get("tf_nfe_per_token", 0.0)
-        base_row = next((r for r in result["rows"] if r["steps"] == 1), None)
+        base_row = next((r for r in result["rows"] if r["steps"] == 1 and r.get("candidates") == row.get("candidates")), None)
         if base_row is not None:
             row.update(row_gains(row, base_row))  # paired: gain and tf_gain over the base
         result.pop("partial", None)

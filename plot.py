@@ -26,14 +26,15 @@ DEFAULTS = dict(
 
 
 def draw_run(ax, rows, label, colors):
-    """One run's lines on ax: generation and teacher-forced accuracy, one line per guidance weight.
-    The steps=1 row (the base) starts every guidance weight's line."""
+    """One run's lines on ax: generation and teacher-forced accuracy, one line per guidance weight (L2D)
+    or per number of candidates K (AR2Diff). L2D's steps=1 row (the base) starts every guidance weight's line."""
     adaptive = any(r["steps"] is None for r in rows)
-    weights = sorted({r["guidance"] for r in rows})
-    for w in weights:
-        sel = [r for r in rows if r["guidance"] == w or r["steps"] == 1]
+    groups = sorted({(r["guidance"], r.get("candidates") or 0) for r in rows})  # candidates: AR2Diff rows only
+    weights = {w for w, _ in groups}
+    for w, k in groups:
+        sel = [r for r in rows if (r["guidance"], r.get("candidates") or 0) == (w, k) or (r["steps"] == 1 and not k)]
         xs = [r["nfe_per_token"] if adaptive else r["steps"] for r in sel]
-        tag = label + (f" w={w:g}" if len(weights) > 1 else "")
+        tag = label + (f" w={w:g}" if len(weights) > 1 else "") + (f" K={k}" if k else "")
         for key, ci, style, kind in (("accuracy", "ci", "-", "generation"), ("tf_accuracy", "tf_ci", "--", "teacher-forced")):
             if sel[0].get(key) is None:
                 continue

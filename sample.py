@@ -5,9 +5,10 @@ Generate text, spending `--steps` diffusion steps on every new token.
     python sample.py --steps 16 --solver dopri5 --show_steps --max_new_tokens 8
     python sample.py --init_from gpt2 --start FILE:prompt.txt --temperature 0.8 --top_k 50 --num_samples 2
     python sample.py --chat --start "What is the capital of France?"   # instruct chat template
+    python sample.py --init_from out-lab-ar2diff/ckpt.pt --steps 10 --samples 8 --start "Question: What is 12 * 34?\nAnswer: "
 
---init_from: an L2D checkpoint (train.py, method=l2d), another checkpoint (lora/full/ar: a plain
-GPT, steps=1 only), or a base model (smollm2-135m, gpt2..., a Hugging Face folder). A base model
+--init_from: an L2D checkpoint (train.py, method=l2d), an AR2Diff checkpoint (method=ar2diff), another
+checkpoint (lora/full/ar: a plain GPT, steps=1 only), or a base model (smollm2-135m, gpt2..., a Hugging Face folder). A base model
 gets a freshly initialised diffusion path, whose merge gate is exactly zero: it then generates
 exactly like the base at any number of steps (the output says so).
 --steps 1 is the base model itself; N > 1 integrates the ODE on linspace(0, 1, N) with --solver
@@ -19,6 +20,10 @@ reports its progress and an ETA on stderr.
 The token is drawn from the logits read at t = 1 with --temperature / --top_k (0: argmax, what the
 paper's math rows use); the official code samples it at temperature 1.0 by default.
 --guidance W (with --label NAME) needs a model trained with --guidance_classes=True.
+AR2Diff (ar2diff.py) writes its whole answer span at once: --steps refinements of --samples candidates
+in parallel, each step redrawing every token at --temperature (default 0.2, the paper's), and the one
+the model scores best is printed, up to its first end token; --show_steps prints every candidate after
+each step. --max_new_tokens, --top_k, --solver and --x1 do not apply (the span is the model's answer_len).
 """
 
 import sys
@@ -26,6 +31,7 @@ import time
 
 import torch
 
+from ar2diff import TEMPERATURE, AR2Diff, until_end
 from checkpoint import load_base, load_model
 from configurator import UsageError, configure, duration, fail, resolve_device
 from diffusion import ADAPTIVE_T_END, L2D, L2DConfig
@@ -36,14 +42,15 @@ DEFAULTS = dict(
     init_from="smollm2-135m",  # an L2D ckpt.pt, another ckpt.pt (steps=1 only), or a base model name or HF folder
     start="\n",                # the prompt; FILE:path reads it from a file; a typed \n is a newline
     max_new_tokens=64,         # tokens per sample at most (fewer where the context ends or the end token comes)
-    temperature=0.8,           # of the draw from the logits read at t = 1; 0: argmax
+    temperature=None,          # of the draw from the logits read at t = 1 (None: 0.8; AR2Diff's step draws: 0.2); 0: argmax
     top_k=50,                  # draw among the k likeliest tokens only; None: among all
     num_samples=2,             # samples of the same prompt, one after the other
     seed=1337,                 # of the token draws and the ODE's noise, set once before the first sample
     chat=False,                # wrap --start in the tokenizer's chat template (instruct models)
     device="cpu",              # cpu, cuda, cuda:1, ...
-    # the diffusion path (an L2D model)
-    steps=1,                   # ODE steps per token; 1: the base model alone
+    # the diffusion path (an L2D model) or AR2Diff
+    steps=1,                   # ODE steps per token (1: the base model alone); AR2Diff: refinements of the answer
+    samples=8,                 # AR2Diff: candidate answers refined in parallel, the best scored printed (the paper: 8)
     solver="midpoint",         # euler, midpoint, rk4 (fixed steps on linspace(0, 1, steps)) or dopri5 (adaptive)
     atol=1e-5,                 # dopri5's absolute error tolerance
     rtol=1e-5,                 # dopri5's relative error tolerance
@@ -63,11 +70,11 @@ def check(cfg):
         raise UsageError("--atol and --rtol must be positive")
     if cfg["x1"] not in ("argmax", "sample", "mean"):
         raise UsageError(f"unknown --x1 {cfg['x1']!r}; use argmax, sample or mean")
-    if cfg["temperature"] < 0:
+    if cfg["temperature"] is not None and cfg["temperature"] < 0:
         raise UsageError(f"--temperature must be >= 0 (0: argmax), got {cfg['temperature']}")
     if cfg["top_k"] is not None and cfg["top_k"] < 1:
         raise UsageError(f"--top_k must be at least 1 (or None: no cut), got {cfg['top_k']}")
-    for key in ("max_new_tokens", "num_samples"):
+    for key in ("max_new_tokens", "num_samples", "samples"):
         if cfg[key] < 1:
             raise UsageError(f"--{key} must be at least 1, got {cfg[key]}")
     if cfg["guidance"] != 1.0 and not cfg["label"]:
@@ -185,14 +192,47 @@ class Progress:
         self.stream.flush()
 
 
+def sample_ar2diff(model, enc, cfg, start, prompt, stop):
+    """AR2Diff: --num_samples answers, each the best scored of --samples candidates after --steps refinements."""
+    steps, K, L = cfg["steps"], cfg["samples"], model.config.answer_len
+    if len(prompt) + L > model.base.config.block_size:
+        raise UsageError(f"the prompt has {len(prompt)} tokens and the answer span {L}, more than the model's context "
+                         f"{model.base.config.block_size}; shorten --start")
+    stops = {stop, model.config.end_token}
+
+    def show(info):  # --show_steps: every candidate after each refinement step
+        texts = (repr(enc.decode(until_end(c, stops))) for c in info["tokens"][0].tolist())
+        print(f"    step {info['step']:>3}: " + "  ".join(texts))
+
+    torch.manual_seed(cfg["seed"])
+    idx = torch.tensor([prompt], device=cfg["device"])
+    for sample in range(cfg["num_samples"]):
+        print(f"--- sample {sample + 1} of {cfg['num_samples']}: AR2Diff, {steps} refinement step{'s' if steps > 1 else ''} "
+              f"of the {L}-token answer span, {K} candidate{'s' if K > 1 else ''} in parallel, drawn at temperature "
+              f"{cfg['temperature']:g}: {steps + (K > 1)} passes over the span" +
+              (", the last scoring the candidates (the lowest cross-entropy is kept)" if K > 1 else ""))
+        print(start, end="\n" if cfg["show_steps"] else "", flush=True)
+        t0 = time.perf_counter()
+        span, score = model.generate(idx, steps=steps, samples=K, temperature=cfg["temperature"],
+                                     callback=show if cfg["show_steps"] else None)
+        seconds = time.perf_counter() - t0
+        answer = until_end(span[0].tolist(), stops)
+        print(f"  answer: {enc.decode(answer)!r}" if cfg["show_steps"] else enc.decode(answer))
+        print(f"[{len(answer)} tokens before the end token; score {score.item():.3f}; {seconds:.2f} s]")
+
+
 def main(argv=None):
     cfg = configure(DEFAULTS, argv)
     check(cfg)
     start = read_prompt(cfg)
     model, enc, classes = load(cfg)
     model.to(cfg["device"])
+    if cfg["temperature"] is None:
+        cfg["temperature"] = TEMPERATURE if isinstance(model, AR2Diff) else 0.8
     is_l2d = isinstance(model, L2D)
-    if not is_l2d and (cfg["steps"] > 1 or cfg["guidance"] != 1.0):
+    if isinstance(model, AR2Diff) and (cfg["guidance"] != 1.0 or cfg["label"]):
+        raise UsageError(f"{cfg['init_from']} is an AR2Diff model, which has no classes; drop --guidance/--label")
+    if not is_l2d and not isinstance(model, AR2Diff) and (cfg["steps"] > 1 or cfg["guidance"] != 1.0):
         raise UsageError(f"{cfg['init_from']} has no diffusion path; use --steps 1, or an L2D checkpoint")
     labels = None
     if cfg["label"]:
@@ -208,11 +248,13 @@ def main(argv=None):
             raise UsageError(f"{cfg['init_from']}'s tokenizer has no chat template; drop --chat")
         start = chat_prompt(enc, start)
     prompt = enc.encode(start, allowed_special="all")
+    stop = enc.encode(END_OF_TURN, allowed_special="all")[0] if has_chat_template(enc) else enc.eot_token
+    if isinstance(model, AR2Diff):
+        return sample_ar2diff(model, enc, cfg, start, prompt, stop)
     context = (model.base if is_l2d else model).config.block_size
     if len(prompt) >= context:
         raise UsageError(f"the prompt has {len(prompt)} tokens but the model's context is {context}; shorten --start")
     max_new_tokens = min(cfg["max_new_tokens"], context - len(prompt))  # stop where the context ends
-    stop = enc.encode(END_OF_TURN, allowed_special="all")[0] if has_chat_template(enc) else enc.eot_token
     if is_l2d and untrained(model):
         print("note: this diffusion path is untrained (its merge gate is exactly zero): every solver step and the "
               "t = 1 read-out give the base model's own logits, so --steps, --solver and the tolerances change "

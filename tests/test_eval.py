@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
+from ar2diff import AR2Diff, AR2DiffConfig, until_end
 from checkpoint import save_checkpoint
 from configurator import UsageError
 from diffusion import L2D, L2DConfig
@@ -302,7 +303,13 @@ def tiny_run(tmp_path_factory):
     l2d_path = str(tmp / "l2d" / "ckpt.pt")
     save_checkpoint(l2d_path, dict(common, method="l2d", init_from=base_path, l2d_config=asdict(l2d_config),
                                    state_dict={k: v.detach().clone() for k, v in state.items()}))
-    return dict(data=data, base=base_path, l2d=l2d_path, tmp=tmp)
+    torch.manual_seed(1)
+    ar2diff_config = AR2DiffConfig(answer_len=4, vocab_size=meta["vocab_size"], end_token=meta["eot"])
+    ar2diff = AR2Diff(tiny_base("llama", seed=1, vocab=meta["vocab_size"], block_size=48), ar2diff_config)
+    ar2diff_path = str(tmp / "ar2diff.pt")
+    save_checkpoint(ar2diff_path, dict(common, method="ar2diff", l2d_config=None, ar2diff_config=asdict(ar2diff_config),
+                                       state_dict=ar2diff.state_dict()))
+    return dict(data=data, base=base_path, l2d=l2d_path, ar2diff=ar2diff_path, tmp=tmp)
 
 
 def run_main(run, *args):
@@ -363,6 +370,31 @@ def test_end_to_end_guidance_dopri5_and_gpt(tiny_run):
     assert len(rows) == 1 and rows[0]["steps"] == 1 and 0 <= rows[0]["accuracy"] <= 1
     with pytest.raises(UsageError):
         run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--label", "poetry")
+
+
+def test_end_to_end_ar2diff(tiny_run):
+    """A row per (steps, K), generation only; each answer is the model's own decoding up to its first end
+    token (redone here by hand, seeded as eval.py seeds it); passes over the span = (steps + 1) x K, or steps."""
+    rows = run_main(tiny_run, "--ckpt", tiny_run["ar2diff"], "--steps", "1,3", "--samples", "1,2", "--gen_batch_size", "2")
+    assert [r["setting"] for r in rows] == ["steps=1 K=1", "steps=3 K=1", "steps=1 K=2", "steps=3 K=2"]
+    assert all("tf_accuracy" not in r for r in rows)
+    assert [sum(r["example_nfe"]) / r["n"] for r in rows] == [1, 3, 2 * 2, 4 * 2]
+    assert "gain" not in rows[0] and "gain" not in rows[2]  # each K's steps=1 row is its reference
+    assert rows[3]["gain"][0] == pytest.approx(rows[3]["accuracy"] - rows[2]["accuracy"])
+    model, enc, _ = ev.load(tiny_run["ar2diff"])[:3]
+    data = ev.TokenDataset([tiny_run["data"]], "test")
+    with open(os.path.join(tiny_run["data"], "test.jsonl")) as f:
+        prompts = [enc.encode(json.loads(line)["prompt"]) for line in f][:3]
+    for b0 in (0, 2):  # --gen_batch_size 2: the batches eval.py generated, seeded by their first example
+        batch = prompts[b0:b0 + 2]
+        length = max(map(len, batch))
+        idx = torch.tensor([[0] * (length - len(p)) + p for p in batch])
+        torch.manual_seed(1337 + b0)
+        spans, _ = model.generate(idx, torch.tensor([length - len(p) for p in batch]), steps=3, samples=2)
+        for i, span in enumerate(spans.tolist()):  # the row keeps the outputs of its first 3 examples
+            assert rows[3]["samples"][b0 + i]["output"] == enc.decode(until_end(span, {data.eot}))
+    with pytest.raises(UsageError, match="--samples"):
+        run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--samples", "4")  # not an AR2Diff
 
 
 class Killed(Exception):

@@ -3,6 +3,7 @@ a random L2D path around it, plus a fresh path with its zero merge gate): bad in
 and exit 2; a dopri5 tolerance it cannot meet stops at once with a message that says what to do;
 --show_steps prints every solver step and the t = 1 read-out; long runs show progress and an ETA."""
 
+import ast
 import io
 import os
 import re
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import sample
+from ar2diff import until_end
 from checkpoint import load_model, read_checkpoint, save_checkpoint, trainable_state_dict
 from diffusion import L2D, L2DConfig
 from solvers import SolverError, dopri5
@@ -192,3 +194,24 @@ def test_progress_only_for_long_runs():
     clock.now += 60
     progress.update(done=350, left=0)  # finished: no ETA to give
     assert len(stream.getvalue().splitlines()) == 2
+
+
+# --- AR2Diff ---------------------------------------------------------------------------------------
+def test_ar2diff_prints_the_best_candidate_and_its_steps(ckpts):
+    """--steps 3 --samples 2: a line per step with both candidates, then the answer; the printed answer is
+    AR2Diff.generate's, seeded as sample.py seeds it, up to its first end token; bad settings exit 2."""
+    result = run_sample(ckpts["ar2diff"], "--steps", 3, "--samples", 2, "--show_steps")
+    assert result.returncode == 0, result.stderr
+    assert "AR2Diff, 3 refinement steps of the 4-token answer span, 2 candidates in parallel, drawn at " \
+           "temperature 0.2: 4 passes over the span" in result.stdout
+    steps = [line for line in result.stdout.splitlines() if line.startswith("    step ")]
+    assert [line.split(":")[0].split()[-1] for line in steps] == ["1", "2", "3"]
+    answer = re.search(r"  answer: (.*)", result.stdout)[1]
+    model, enc, _ = load_model(ckpts["ar2diff"])
+    torch.manual_seed(1337)
+    span, _ = model.generate(torch.tensor([enc.encode(PROMPT)]), steps=3, samples=2)
+    assert answer == repr(enc.decode(until_end(span[0].tolist(), {model.config.end_token, enc.eot_token})))
+    plain = run_sample(ckpts["ar2diff"], "--steps", 3, "--samples", 2)
+    assert f"{PROMPT}{ast.literal_eval(answer)}\n[" in plain.stdout  # the same answer, after the prompt
+    assert_one_line_error(run_sample(ckpts["ar2diff"], "--samples", 0), "--samples")
+    assert_one_line_error(run_sample(ckpts["ar2diff"], "--guidance", 2, "--label", "math"), "no classes")
