@@ -7,6 +7,7 @@ Speed and memory of L2D next to its base model and the two finetuning baselines 
     python bench.py --what train --data data/gsm8k/smollm2-135m --batch 8 --seq 512   # a real GSM8K batch
     python bench.py --init_from scratch --new_tokens 2 --eval_reps 2 --train_reps 1     # smoke test, seconds
     python bench.py --threads 1 --new_tokens 4 --eval_reps 20 --batch 4 --seq 128 --train_reps 3  # README, ~6 min
+    python bench.py --what ar2diff --threads 1 --answer_lens 16,64,256,1024        # AR2Diff against AR decoding
 
 Generation (greedy, --solver midpoint): the diffusion path around the frozen base, its zero-initialised
 heads (merge gate, modulation, LoRA B) set to small random values so that nothing is trivially zero
@@ -21,6 +22,11 @@ Training: forward + backward + clip + AdamW as train.py does it, on one random b
 (variants lora and full, sharing one frozen base), LoRA on the base and the full base (own copies),
 timed round-robin. FLOPs per step come from FlopCounterMode (matmuls and attention, the latter dense,
 not halved for causality); achieved GFLOP/s is compared to a large float32 matmul on this machine.
+AR2Diff (--what ar2diff): the seconds to write an answer of L tokens after the random prompt, batch 1, the
+same model: AR decoding (greedy, KV cache, L steps of one token) against AR2Diff (--ar2diff_steps passes
+over the whole L-token span, for each of --ar2diff_samples K candidates, + 1 scoring pass when K > 1),
+interleaved, the median of --ar2diff_reps; speed-up = AR's time / AR2Diff's. (The weights do not matter
+for speed: they are the base's, not a trained AR2Diff's.)
 Peak memory: each method in a fresh subprocess (peak RSS over the RSS before the first step on CPU,
 torch.cuda.max_memory_allocated on CUDA). Timings on a shared machine are noisy: read the ratios; on
 an oversubscribed CPU, --threads 1 avoids the stalls of multi-threaded kernels waiting for each other.
@@ -41,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
 import train
+from ar2diff import AR2Diff, AR2DiffConfig
 from checkpoint import load_base
 from configurator import UsageError, configure, fail, resolve_device
 from diffusion import L2D, L2DConfig
@@ -50,7 +57,7 @@ from solvers import SOLVERS
 
 DEFAULTS = dict(
     init_from="smollm2-135m",  # the base: a model name, a HF folder, an ar/full ckpt.pt, or scratch (shape below)
-    what="gen,train",          # gen, train or gen,train
+    what="gen,train",          # gen, train, ar2diff, or several (gen,train)
     device="cpu",              # cpu, cuda, cuda:1, ...
     dtype="auto",              # training's autocast: auto (cuda: bfloat16, cpu: float32), float32, bfloat16 or float16
     threads=0,                 # torch's CPU threads; 0: torch's default
@@ -63,6 +70,11 @@ DEFAULTS = dict(
     new_tokens=32,             # tokens decoded per step count (the median time per token is reported)
     eval_reps=30,              # timed single decoding steps, base and path interleaved (the median is reported)
     solver="midpoint",         # a fixed-step solver: euler, midpoint or rk4
+    # AR2Diff against AR decoding (--what ar2diff)
+    answer_lens=None,          # answer lengths L to write; None: 16,64,256,1024
+    ar2diff_steps=10,          # AR2Diff's refinement steps (the paper: 10)
+    ar2diff_samples=None,      # AR2Diff's candidates K; None: 1,8
+    ar2diff_reps=1,            # timed answers per length and decoder (the median is reported)
     # training
     methods=None,              # which to time, one or a list; None: l2d-lora,l2d-full,lora,full
     batch=8,                   # examples per training step
@@ -84,7 +96,8 @@ DEFAULTS = dict(
     block_size=1024,           # positions, at least prompt_len + new_tokens and seq
     _memory_worker="",         # internal: measure one method's training memory and print it as JSON
 )
-LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], batch_sizes=[1, 16], methods=["l2d-lora", "l2d-full", "lora", "full"])
+LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], batch_sizes=[1, 16], methods=["l2d-lora", "l2d-full", "lora", "full"],
+                     answer_lens=[16, 64, 256, 1024], ar2diff_samples=[1, 8])
 METHODS = LIST_DEFAULTS["methods"]
 
 # torch counts attention on CUDA but not its CPU kernel: count that the same way (dense q k^T and p v).
@@ -109,10 +122,12 @@ def as_list(cfg, key, kind):
 
 def check(cfg):
     cfg["what"] = as_list(cfg, "what", str) if cfg["what"] else []
-    for key, kind in (("steps", int), ("batch_sizes", int), ("methods", str)):
+    for key, kind in (("steps", int), ("batch_sizes", int), ("methods", str), ("answer_lens", int), ("ar2diff_samples", int)):
         cfg[key] = as_list(cfg, key, kind)
-    if not set(cfg["what"]) <= {"gen", "train"} or not cfg["what"]:
-        raise UsageError(f"--what takes gen, train or gen,train, got {cfg['what']}")
+    if not set(cfg["what"]) <= {"gen", "train", "ar2diff"} or not cfg["what"]:
+        raise UsageError(f"--what takes gen, train, ar2diff or several (gen,train), got {cfg['what']}")
+    if min(cfg["answer_lens"] + cfg["ar2diff_samples"] + [cfg["ar2diff_steps"], cfg["ar2diff_reps"]]) < 1:
+        raise UsageError("--answer_lens, --ar2diff_samples, --ar2diff_steps and --ar2diff_reps must be >= 1")
     if unknown := set(cfg["methods"]) - set(METHODS):
         raise UsageError(f"unknown --methods {sorted(unknown)}; use {', '.join(METHODS)}")
     if cfg["solver"] not in SOLVERS or cfg["solver"] == "dopri5":
@@ -222,6 +237,35 @@ def bench_generation(base, cfg):
                                        tokens_per_s=B / per_token, vs_steps1=one and per_token / one,
                                        predicted_vs_steps1=1 + nfe[s] * costs[-1]["ratio"]))
     return dict(decode_step=costs, steps=steps_rows)
+
+
+# --- AR2Diff against AR decoding ---------------------------------------------------------------------
+def bench_ar2diff(base, cfg):
+    """Seconds to write an L-token answer, AR decoding against AR2Diff, per L and K (see the docstring)."""
+    device, steps = cfg["device"], cfg["ar2diff_steps"]
+    model = AR2Diff(base, AR2DiffConfig(vocab_size=base.config.vocab_size)).eval()
+    torch.manual_seed(cfg["seed"])
+    prompt = torch.randint(0, base.config.vocab_size, (1, cfg["prompt_len"]), device=device)
+    decoders = {"ar": lambda: sum(1 for _ in base.generate(prompt, model.config.answer_len, temperature=0))}
+    for K in cfg["ar2diff_samples"]:
+        decoders[K] = lambda K=K: model.generate(prompt, steps=steps, samples=K)
+    rows = []
+    with torch.inference_mode():
+        model.config.answer_len = min(cfg["answer_lens"])
+        for run in decoders.values():  # warm-up
+            run()
+        for L in cfg["answer_lens"]:
+            model.config.answer_len = L
+            times = {name: [] for name in decoders}
+            for _ in range(cfg["ar2diff_reps"]):
+                for name, run in decoders.items():  # interleaved
+                    times[name].append(timed(run, device)[0])
+            ar_s = statistics.median(times["ar"])
+            for K in cfg["ar2diff_samples"]:
+                s = statistics.median(times[K])
+                rows.append(dict(answer_len=L, samples=K, steps=steps, passes=steps + (K > 1), ar_s=ar_s, ar2diff_s=s,
+                                 ar_tokens_per_s=L / ar_s, ar2diff_tokens_per_s=L / s, speedup=ar_s / s))
+    return rows
 
 
 # --- training ----------------------------------------------------------------------------------------
@@ -355,8 +399,10 @@ def main(argv=None):
     print(f"torch {info['torch']}, {info['threads']} threads, {info['cpu_count']} CPUs ({info['cpu']}), "
           f"load average {info['load_avg']:.2f}, device {info['device']}")
     base = load_model(cfg).eval()
-    if cfg["prompt_len"] + cfg["new_tokens"] > base.config.block_size or cfg["seq"] > base.config.block_size:
-        raise UsageError(f"--prompt_len + --new_tokens and --seq must fit the model's {base.config.block_size} positions")
+    longest = cfg["prompt_len"] + max([cfg["new_tokens"]] + (cfg["answer_lens"] if "ar2diff" in cfg["what"] else []))
+    if longest > base.config.block_size or cfg["seq"] > base.config.block_size:
+        raise UsageError(f"--prompt_len + --new_tokens (or --answer_lens) and --seq must fit the model's "
+                         f"{base.config.block_size} positions")
     peak = matmul_peak(cfg["matmul_n"], cfg["device"])
     print(f"{cfg['init_from']}: {base.num_params() / 1e6:.1f}M parameters; float32 matmul "
           f"{cfg['matmul_n']}x{cfg['matmul_n']}: {peak:.1f} GFLOP/s")
@@ -370,6 +416,13 @@ def main(argv=None):
               gen["steps"], [("batch", "batch", "{}"), ("steps", "steps", "{}"), ("NFE/tok", "nfe_per_token", "{:.0f}"),
                              ("ms/tok", "ms_per_token", "{:.1f}"), ("tok/s", "tokens_per_s", "{:.2f}"),
                              ("x steps=1", "vs_steps1", "{:.2f}"), ("1+NFE*path/base", "predicted_vs_steps1", "{:.2f}")])
+    if "ar2diff" in cfg["what"]:
+        results["ar2diff"] = rows = bench_ar2diff(base, cfg)
+        table(f"Writing an answer of L tokens, batch 1 (prompt {cfg['prompt_len']} tokens; median of {cfg['ar2diff_reps']}, "
+              f"interleaved): AR decoding against AR2Diff, {cfg['ar2diff_steps']} steps", rows,
+              [("L", "answer_len", "{}"), ("K", "samples", "{}"), ("passes", "passes", "{}"), ("AR s", "ar_s", "{:.3f}"),
+               ("AR2Diff s", "ar2diff_s", "{:.3f}"), ("AR tok/s", "ar_tokens_per_s", "{:.1f}"),
+               ("AR2Diff tok/s", "ar2diff_tokens_per_s", "{:.1f}"), ("speed-up", "speedup", "{:.2f}")])
     if "train" in cfg["what"]:
         rows = bench_training(base, cfg, peak)
         gc.collect()

@@ -67,6 +67,37 @@ def test_end_to_end_on_a_tiny_model(tmp_path, capsys, one_thread):
     assert rows["lora"]["flops_per_step"] < rows["full"]["flops_per_step"]  # no weight gradients of the base
 
 
+def test_ar2diff_against_ar_decoding_on_a_tiny_model(one_thread, capsys):
+    """A row per (L, K), AR's time shared by the K rows of its L; the passes AR2Diff makes over the span
+    are counted by wrapping its denoise, and its answers have length L."""
+    counted, denoise, generate = [], bench.AR2Diff.denoise, bench.AR2Diff.generate
+
+    def counting(self, cache, z):
+        counted.append(z.shape)
+        return denoise(self, cache, z)
+
+    def checked(self, *args, **kwargs):
+        span, score = generate(self, *args, **kwargs)
+        assert span.shape == (1, self.config.answer_len)
+        return span, score
+
+    bench.AR2Diff.denoise, bench.AR2Diff.generate = counting, checked
+    try:
+        rows = bench.main(TINY + ["--what=ar2diff", "--answer_lens=2,6", "--ar2diff_samples=1,3", "--ar2diff_steps=2",
+                                  "--out="])["ar2diff"]
+    finally:
+        bench.AR2Diff.denoise, bench.AR2Diff.generate = denoise, generate
+    assert "AR decoding against AR2Diff" in capsys.readouterr().out
+    assert [(r["answer_len"], r["samples"], r["passes"]) for r in rows] == [(2, 1, 2), (2, 3, 3), (6, 1, 2), (6, 3, 3)]
+    # K = 1 makes 2 passes over 1 row, K = 3 makes 2 + 1 (the score) over 3 rows: a warm-up at L = 2, then each L
+    per_answer = lambda L: [torch.Size([1, L])] * 2 + [torch.Size([3, L])] * 3
+    assert counted == per_answer(2) + per_answer(2) + per_answer(6)
+    for r in rows:
+        assert r["ar_s"] > 0 and r["speedup"] == pytest.approx(r["ar_s"] / r["ar2diff_s"])
+        assert r["ar2diff_tokens_per_s"] == pytest.approx(r["answer_len"] / r["ar2diff_s"])
+    assert rows[0]["ar_s"] == rows[1]["ar_s"] and rows[2]["ar_s"] == rows[3]["ar_s"]
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_flop_count_of_a_full_training_step(family, one_thread):
     """6 FLOPs per matmul weight per token (forward 2, backward 4) plus dense attention: q k^T and p v
@@ -85,7 +116,7 @@ def test_flop_count_of_a_full_training_step(family, one_thread):
 
 
 @pytest.mark.parametrize("flag", ["--what=sample", "--methods=l2d,full", "--steps=0,2", "--solver=dopri5",
-                                  "--batch_sizes=one", "--eval_reps=0"])
+                                  "--batch_sizes=one", "--eval_reps=0", "--answer_lens=0", "--ar2diff_samples=1,0"])
 def test_bad_flags_are_usage_errors(flag):
     with pytest.raises(UsageError):
         bench.check(bench.configure(bench.DEFAULTS, [flag]))
