@@ -275,6 +275,20 @@ def test_usage_errors(data):
         train.main(TINY + [f"--datasets={[data]}", "--method=l2d", "--init_from=scratch"])
     with pytest.raises(train.UsageError, match="multiple of micro_batch"):
         train.main(TINY + [f"--datasets={[data]}", "--method=ar", "--init_from=scratch", "--micro_batch=3"])
+    with pytest.raises(train.UsageError, match="answer span .--answer_len 60. do not fit block_size 64"):
+        train.main(TINY + [f"--datasets={[data]}", "--method=ar2diff", "--init_from=scratch", "--answer_len=60"])
+    with pytest.raises(train.UsageError, match="--answer_len must be >= 0"):
+        train.main(TINY + [f"--datasets={[data]}", "--method=ar2diff", "--init_from=scratch", "--answer_len=-1"])
+
+
+def test_ar2diff_answer_span_defaults_to_the_longest_train_answer(data, tmp_path):
+    model, log = run_train(*TINY, f"--datasets={[data]}", "--method=ar2diff", "--init_from=scratch", "--max_iters=1",
+                           f"--out_dir={tmp_path}")
+    train_data = TokenDataset([data], "train")
+    assert model.config.answer_len == train_data.answer_lengths().max()
+    assert (model.config.vocab_size, model.config.end_token) == (train_data.vocab_size, train_data.eot)
+    assert "val loss" in log and "(pass 1), by corruption rate: " in log
+    assert read_checkpoint(str(tmp_path / "ckpt.pt"))["ar2diff_config"]["answer_len"] == model.config.answer_len
 
 
 # --- atomic save ------------------------------------------------------------------------------------
