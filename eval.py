@@ -436,12 +436,12 @@ def main(argv=None):
         raise UsageError("--limit must be >= 0 (0: all), --max_new_tokens, --batch_size and --gen_batch_size >= 1")
     model, tokenizer, tokenizer_name, model_classes, ckpt_path = load(cfg["ckpt"])
     is_l2d, is_ar2diff = isinstance(model, L2D), isinstance(model, AR2Diff)
-    teacher_forced = cfg["teacher_forced"] and not is_ar2diff
+    run_tf = cfg["teacher_forced"] and not is_ar2diff
     if is_ar2diff and cfg["teacher_forced"]:
         print("note: an AR2Diff model has no next-token logits, so no teacher-forced pass: generation rows only")
     if is_ar2diff and not cfg["generate"]:
         raise UsageError("an AR2Diff model is evaluated by generation only: drop --generate False")
-    settings = make_settings(cfg, is_l2d, is_ar2diff) if cfg["generate"] or teacher_forced else []
+    settings = make_settings(cfg, is_l2d, is_ar2diff) if cfg["generate"] or run_tf else []
     probe_t = parse_list("probe_t", cfg["probe_t"], float)
     if probe_t and (not is_l2d or min(probe_t) < 0 or max(probe_t) > 1):
         raise UsageError("--probe_t takes times in [0, 1] and needs an L2D model")
@@ -570,7 +570,7 @@ def main(argv=None):
             row = kept
         if cfg["generate"] and "accuracy" not in row:
             row.update(over_prompts(setting, row))
-        if teacher_forced:
+        if run_tf:
             def tf_batch(ix, lab, x, y):
                 torch.manual_seed(cfg["seed"] + int(ix[0]))  # x1=sample's draws
                 stats = teacher_forced(model, x, y, setting["steps"], setting["solver"], setting["atol"], setting["rtol"],
