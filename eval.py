@@ -248,13 +248,21 @@ def tf_summary(ex):
 
 
 def generation_summary(ex):
-    """A row's generation columns from its per-example lists (correct, tokens, nfe) and seconds, samples."""
+    """A row's generation columns from its per-example lists (correct, tokens, nfe) and seconds, samples;
+    for AR2Diff with one candidate also the answers after its first step (first_correct, first_changed):
+    their accuracy, and the answers the later steps changed, corrected (now right) and spoiled (now wrong)."""
     n, correct, tokens = len(ex["correct"]), sum(ex["correct"]), sum(ex["tokens"])
     low, high = wilson_interval(correct, n)
-    return dict(accuracy=correct / max(n, 1), correct=correct, n=n, ci_low=low, ci_high=high,
-                nfe_per_token=sum(ex["nfe"]) / max(tokens, 1), tokens=tokens,
-                tokens_per_s=tokens / max(ex["seconds"], 1e-9), seconds=ex["seconds"], samples=ex["samples"],
-                example_correct=ex["correct"], example_tokens=ex["tokens"], example_nfe=ex["nfe"])
+    summary = dict(accuracy=correct / max(n, 1), correct=correct, n=n, ci_low=low, ci_high=high,
+                   nfe_per_token=sum(ex["nfe"]) / max(tokens, 1), tokens=tokens,
+                   tokens_per_s=tokens / max(ex["seconds"], 1e-9), seconds=ex["seconds"], samples=ex["samples"],
+                   example_correct=ex["correct"], example_tokens=ex["tokens"], example_nfe=ex["nfe"])
+    if ex.get("first_correct"):
+        pairs = list(zip(ex["first_correct"], ex["correct"]))
+        summary.update(first_accuracy=sum(ex["first_correct"]) / n, first_changed=sum(ex["first_changed"]) / n,
+                       first_corrected=sum(now and not then for then, now in pairs) / n,
+                       first_spoiled=sum(then and not now for then, now in pairs) / n)
+    return summary
 
 
 # --- generation -----------------------------------------------------------------------------------
@@ -268,10 +276,14 @@ def generate_answers(model, prompts, max_new_tokens, stop, setting, labels=None)
     idx = torch.tensor([[0] * (length - len(p)) + p for p in prompts], dtype=torch.long, device=device)  # 0: any id, masked
     pad = torch.tensor([length - len(p) for p in prompts], device=device)
     if isinstance(model, AR2Diff):  # the whole answer at once: no stream of tokens
-        spans, _ = model.generate(idx, pad, steps=setting["steps"], samples=setting["candidates"])
+        first = []  # with one candidate, the span after the first step: what the later steps changed
+        keep = (lambda info: first.append(info["tokens"][:, 0]) if info["step"] == 1 else None) \
+            if setting["candidates"] == 1 else None
+        spans, _ = model.generate(idx, pad, steps=setting["steps"], samples=setting["candidates"], callback=keep)
         passes = (setting["steps"] + (setting["candidates"] > 1)) * setting["candidates"]
         answers = [until_end(span, stop) for span in spans.tolist()]
-        return [(a, min(len(a) + 1, spans.size(1)), passes) for a in answers]  # + 1: the end token, if any
+        firsts = [until_end(span, stop) for span in first[0].tolist()] if first else [None] * len(answers)
+        return [(a, min(len(a) + 1, spans.size(1)), passes, f) for a, f in zip(answers, firsts)]  # + 1: the end token
     if isinstance(model, L2D):
         stream = model.generate(idx, max_new_tokens, pad=pad, steps=setting["steps"], solver=setting["solver"],
                                 atol=setting["atol"], rtol=setting["rtol"], guidance=setting["guidance"], labels=labels,
@@ -531,10 +543,14 @@ def main(argv=None):
             answers = generate_answers(model, [prompts[i] for i in ix], budget, stop, setting, lab) \
                 if budget > 0 else [([], 0, 0)] * len(ix)
             ex["seconds"] += time.perf_counter() - t0
-            for i, (answer, generated, spent) in zip(ix, answers):
+            for i, (answer, generated, spent, *first) in zip(ix, answers):
                 text = ds.tokenizer.decode(answer)
                 pred = final_number(text)
                 ex["correct"].append(int(pred is not None and pred == golds[i]))
+                if first and first[0] is not None:  # AR2Diff, one candidate: its answer after the first step
+                    first_pred = final_number(ds.tokenizer.decode(first[0]))
+                    ex.setdefault("first_correct", []).append(int(first_pred is not None and first_pred == golds[i]))
+                    ex.setdefault("first_changed", []).append(int(first[0] != answer))
                 ex["tokens"].append(generated)
                 ex["nfe"].append(spent)
                 if i < 3:
@@ -607,6 +623,9 @@ def format_row(row):
     if "tf_changed" in row:  # why the row differs from the base (answer_stats)
         lines.append(f"  tf tokens changed from the base's: {row['tf_changed']:.3f} (corrected {row['tf_corrected']:.3f}, "
                      f"spoiled {row['tf_spoiled']:.3f})")
+    if "first_accuracy" in row:
+        lines.append(f"  after the first step: acc {row['first_accuracy']:.3f}; answers the later steps changed "
+                     f"{row['first_changed']:.3f} (corrected {row['first_corrected']:.3f}, spoiled {row['first_spoiled']:.3f})")
     if "tf_trajectory_accuracy" in row:
         lines.append("  tf x_hat_1 accuracy along the ODE: " + "  ".join(
             f"t={t:.2f} {a:.3f}" for t, a in zip(row["tf_trajectory_t"], row["tf_trajectory_accuracy"])))

@@ -395,6 +395,19 @@ def test_end_to_end_ar2diff(tiny_run):
             assert rows[3]["samples"][b0 + i]["output"] == enc.decode(until_end(span, {data.eot}))
     with pytest.raises(UsageError, match="--samples"):
         run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--samples", "4")  # not an AR2Diff
+    for row in rows:  # one candidate: what the later steps did to the first step's answers
+        assert ("first_accuracy" in row) == (row["candidates"] == 1)
+    assert rows[0]["first_accuracy"] == rows[0]["accuracy"] and rows[0]["first_changed"] == 0  # one step: no later ones
+
+
+def test_answers_changed_after_the_first_step_by_hand():
+    """first accuracy + corrected - spoiled = accuracy; a changed answer may stay wrong."""
+    ex = dict(correct=[1, 0, 1, 0, 0], first_correct=[0, 1, 1, 0, 0], first_changed=[1, 1, 0, 1, 0],
+              tokens=[1] * 5, nfe=[2] * 5, seconds=1.0, samples=[])
+    s = ev.generation_summary(ex)
+    assert (s["first_accuracy"], s["first_changed"], s["first_corrected"], s["first_spoiled"]) == (0.4, 0.6, 0.2, 0.2)
+    assert s["first_accuracy"] + s["first_corrected"] - s["first_spoiled"] == pytest.approx(s["accuracy"])
+    assert "first_accuracy" not in ev.generation_summary(dict(ex, first_correct=[]))
 
 
 class Killed(Exception):
