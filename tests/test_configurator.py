@@ -67,12 +67,19 @@ def test_every_recipe_configures_train(path, monkeypatch):
     cfg = configure(train.DEFAULTS, [os.path.relpath(path, ROOT)])
     assert cfg["method"] in train.METHODS
     name = os.path.basename(path)
-    if name.startswith(("lora_", "full_", "lab_lora", "lab_full", "lab_ar")):
-        sibling = name.replace("lora", "l2d").replace("full", "l2d").replace("lab_ar", "lab_l2d")
-        other = configure(train.DEFAULTS, [os.path.join("config", sibling)])
-        for key in ("datasets", "init_from", "batch_size", "max_iters", "warmup_iters"):
-            assert cfg[key] == other[key], key
-        assert cfg["method"] != other["method"] and cfg["out_dir"] != other["out_dir"]
+    same = ("datasets", "init_from", "batch_size", "max_iters", "warmup_iters")
+    if name.startswith(("lora_", "full_", "ar2diff_", "lab_lora", "lab_full", "lab_ar.py", "lab_ar2diff.py")):
+        sibling = name.replace("ar2diff", "l2d").replace("lora", "l2d").replace("full", "l2d").replace("lab_ar.", "lab_l2d.")
+    elif name == "lab_ar2diff_n.py":  # AR2Diff_N: lab_ar2diff.py from the base after the diffusion loss on generic data
+        sibling, same = "lab_ar2diff.py", ("datasets", "batch_size", "max_iters", "warmup_iters", "learning_rate")
+        assert cfg["init_from"] == "out-lab-ar2diff-pre/ckpt.pt"
+    else:
+        return
+    other = configure(train.DEFAULTS, [os.path.join("config", sibling)])
+    for key in same:
+        assert cfg[key] == other[key], key
+    assert cfg["out_dir"] != other["out_dir"]
+    assert cfg["method"] != other["method"] or name == "lab_ar2diff_n.py"
 
 
 SCRIPTS = ["train.py", "sample.py", "eval.py", "bench.py"]
