@@ -11,13 +11,14 @@ Speed and memory of L2D next to its base model and the two finetuning baselines 
 
 Generation (greedy, --solver midpoint): the diffusion path around the frozen base, its zero-initialised
 heads (merge gate, modulation, LoRA B) set to small random values so that nothing is trivially zero
-(compute does not depend on the values anyway). A random prompt of --prompt_len tokens, repeated over
-the batch; per generated token: the ODE plus one base step (steps=1: the base alone, NFE 0). One
-decoding per step count, advanced one token at a time round-robin; the median over the --new_tokens
-tokens is reported (the prefill is not timed).
+(compute does not depend on the values anyway), its LoRA then merged into its weights as sample.py and
+eval.py do. A random prompt of --prompt_len tokens, repeated over the batch; per generated token: the
+ODE plus one base step (steps=1: the base alone, NFE 0). One decoding per step count, advanced one token
+at a time round-robin; the median over the --new_tokens tokens is reported (the prefill is not timed).
   decode step: one base decoding step (trunk on one token + head) and one path evaluation (predict at
                the last position, its (t, label) conditioning cached as generation does) on the same
-               cache, interleaved; path/base is the cost of one NFE.
+               cache, interleaved; path/base is the cost of one NFE; "merged" is the path evaluation with
+               its LoRA folded into its weights (lora.merge_lora), as sample.py and eval.py generate.
 Training: forward + backward + clip + AdamW as train.py does it, on one random batch, for the L2D path
 (variants lora and full, sharing one frozen base), LoRA on the base and the full base (own copies),
 timed round-robin. FLOPs per step come from FlopCounterMode (matmuls and attention, the latter dense,
@@ -51,7 +52,7 @@ from ar2diff import AR2Diff, AR2DiffConfig
 from checkpoint import load_base
 from configurator import UsageError, configure, fail, resolve_device
 from diffusion import L2D, L2DConfig
-from lora import add_lora
+from lora import add_lora, merge_lora
 from model import GPT, GPTConfig, KVCache
 from solvers import SOLVERS
 
@@ -179,22 +180,24 @@ def l2d_config(cfg, variant):
 
 
 # --- generation --------------------------------------------------------------------------------------
-def decode_step_costs(l2d, h, cache, token, reps, device):
-    """Median seconds of one base decoding step (on `token`) and one path evaluation (at the last position),
-    on the same prefilled cache whose last hidden states are h, interleaved."""
+def decode_step_costs(l2d, merged, h, cache, token, reps, device):
+    """Median seconds of one base decoding step (on `token`), one path evaluation (at the last position)
+    and one of the path with its LoRA merged (lora.merge_lora, as sample.py and eval.py run it), on the
+    same prefilled cache whose last hidden states are h, interleaved."""
     base, B = l2d.base, h.size(0)
     x_t = l2d.config.sigma * torch.randn(B, 1, l2d.config.flow_dim, device=device)
     t = torch.full((B, 1), 0.5, device=device)
     conditioning = l2d.conditioning(t[:1])  # as in generation: computed once per grid time, reused by every token
-    base_times, path_times = [], []
+    times = [], [], []
     for rep in range(reps + 2):  # the first two are warm-up
         step_cache = cache.fork()  # the base step appends a position; the path eval adds none
         base_s, _ = timed(lambda: base.head(base.trunk(token[:, None], step_cache)[0][:, -1]), device)
         path_s, _ = timed(lambda: l2d.predict(h[:, -1:], cache, x_t, t, conditioning=conditioning), device)
+        merged_s, _ = timed(lambda: merged.predict(h[:, -1:], cache, x_t, t, conditioning=conditioning), device)
         if rep >= 2:
-            base_times.append(base_s)
-            path_times.append(path_s)
-    return statistics.median(base_times), statistics.median(path_times)
+            for kept, seconds in zip(times, (base_s, path_s, merged_s)):
+                kept.append(seconds)
+    return tuple(statistics.median(kept) for kept in times)
 
 
 def decoder(l2d, h, cache, steps, solver, device):
@@ -215,6 +218,7 @@ def bench_generation(base, cfg):
         for p in l2d.trainable_parameters():
             if not p.any():  # zero-initialised heads
                 p.normal_(0, 0.02)
+    merged = merge_lora(copy.deepcopy(l2d))  # its own copy of the base too: l2d keeps its LoRA factors
     prompt = torch.randint(0, base.config.vocab_size, (1, cfg["prompt_len"]), device=device)
     steps_rows, costs = [], []
     with torch.inference_mode():
@@ -222,9 +226,10 @@ def bench_generation(base, cfg):
             batch = prompt.expand(B, -1).contiguous()
             cache = KVCache()
             h, _ = base.trunk(batch, cache)  # one prefill, shared by every decoding below
-            base_s, path_s = decode_step_costs(l2d, h, cache, batch[:, -1], cfg["eval_reps"], device)
-            costs.append(dict(batch=B, base_step_ms=1e3 * base_s, path_eval_ms=1e3 * path_s, ratio=path_s / base_s))
-            decoders = {s: decoder(l2d, h, cache, s, cfg["solver"], device) for s in cfg["steps"]}
+            base_s, path_s, merged_s = decode_step_costs(l2d, merged, h, cache, batch[:, -1], cfg["eval_reps"], device)
+            costs.append(dict(batch=B, base_step_ms=1e3 * base_s, path_eval_ms=1e3 * path_s, ratio=path_s / base_s,
+                              merged_path_eval_ms=1e3 * merged_s, merged_ratio=merged_s / base_s))
+            decoders = {s: decoder(merged, h, cache, s, cfg["solver"], device) for s in cfg["steps"]}  # as sample.py
             times, nfe = {s: [] for s in cfg["steps"]}, {}
             for _ in range(cfg["new_tokens"]):  # round-robin: one token of each step count in turn
                 for s in cfg["steps"]:
@@ -235,7 +240,7 @@ def bench_generation(base, cfg):
                 per_token = statistics.median(times[s])
                 steps_rows.append(dict(batch=B, steps=s, nfe_per_token=nfe[s], ms_per_token=1e3 * per_token,
                                        tokens_per_s=B / per_token, vs_steps1=one and per_token / one,
-                                       predicted_vs_steps1=1 + nfe[s] * costs[-1]["ratio"]))
+                                       predicted_vs_steps1=1 + nfe[s] * costs[-1]["merged_ratio"]))
     return dict(decode_step=costs, steps=steps_rows)
 
 
@@ -411,11 +416,12 @@ def main(argv=None):
         results["generation"] = gen = bench_generation(base, cfg)
         table(f"One decoding step (median of {cfg['eval_reps']}, interleaved; prompt {cfg['prompt_len']} tokens)",
               gen["decode_step"], [("batch", "batch", "{}"), ("base step ms", "base_step_ms", "{:.2f}"),
-                                   ("path eval ms", "path_eval_ms", "{:.2f}"), ("path/base", "ratio", "{:.2f}")])
+                                   ("path eval ms", "path_eval_ms", "{:.2f}"), ("path/base", "ratio", "{:.2f}"),
+                                   ("merged ms", "merged_path_eval_ms", "{:.2f}"), ("merged/base", "merged_ratio", "{:.2f}")])
         table(f"Generation, {cfg['solver']}: time per new token (median of {cfg['new_tokens']}, interleaved)",
               gen["steps"], [("batch", "batch", "{}"), ("steps", "steps", "{}"), ("NFE/tok", "nfe_per_token", "{:.0f}"),
                              ("ms/tok", "ms_per_token", "{:.1f}"), ("tok/s", "tokens_per_s", "{:.2f}"),
-                             ("x steps=1", "vs_steps1", "{:.2f}"), ("1+NFE*path/base", "predicted_vs_steps1", "{:.2f}")])
+                             ("x steps=1", "vs_steps1", "{:.2f}"), ("1+NFE*merged/base", "predicted_vs_steps1", "{:.2f}")])
     if "ar2diff" in cfg["what"]:
         results["ar2diff"] = rows = bench_ar2diff(base, cfg)
         table(f"Writing an answer of L tokens, batch 1 (prompt {cfg['prompt_len']} tokens; median of {cfg['ar2diff_reps']}, "

@@ -94,6 +94,7 @@ from configurator import UsageError, configure, fail, resolve_device
 from dataset import TokenDataset, tokenizer_tag
 from diffusion import L2D
 from intervals import ratio_interval, row_gains, wilson_interval
+from lora import merge_lora
 from plot import plot
 from solvers import SOLVERS
 
@@ -462,7 +463,7 @@ def main(argv=None):
     if not is_l2d and not is_ar2diff and (cfg["steps"] is not None or cfg["guidance"] is not None):
         print(f"note: {cfg['ckpt']} is not an L2D model: one row, steps=1 (the model itself)")
     device = resolve_device(cfg["device"])
-    model.to(device)
+    merge_lora(model).to(device)  # LoRA folded into its weights (equal logits, a plain layer's cost)
     base = model.base if is_l2d or is_ar2diff else model
     block_size = base.config.block_size
 

@@ -35,6 +35,7 @@ from ar2diff import TEMPERATURE, AR2Diff, until_end
 from checkpoint import load_base, load_model
 from configurator import UsageError, configure, duration, fail, resolve_device
 from diffusion import ADAPTIVE_T_END, L2D, L2DConfig
+from lora import merge_lora
 from solvers import EVALUATIONS, SOLVERS
 from tokenizer import END_OF_TURN, chat_prompt, has_chat_template
 
@@ -226,7 +227,7 @@ def main(argv=None):
     check(cfg)
     start = read_prompt(cfg)
     model, enc, classes = load(cfg)
-    model.to(cfg["device"])
+    merge_lora(model).to(cfg["device"])  # LoRA folded into its weights: a path evaluation costs a plain layer's
     if cfg["temperature"] is None:
         cfg["temperature"] = TEMPERATURE if isinstance(model, AR2Diff) else 0.8
     is_l2d = isinstance(model, L2D)

@@ -44,6 +44,7 @@ def test_end_to_end_on_a_tiny_model(tmp_path, capsys, one_thread):
     for row in gen["decode_step"]:
         assert row["base_step_ms"] > 0 and row["path_eval_ms"] > 0
         assert row["ratio"] == pytest.approx(row["path_eval_ms"] / row["base_step_ms"])
+        assert row["merged_ratio"] == pytest.approx(row["merged_path_eval_ms"] / row["base_step_ms"])
     assert [(r["batch"], r["steps"]) for r in gen["steps"]] == [(b, s) for b in (1, 3) for s in (1, 2, 4)]
     for row in gen["steps"]:
         assert row["nfe_per_token"] == (0 if row["steps"] == 1 else 2 * (row["steps"] - 1) + 1)  # midpoint + read-out

@@ -276,3 +276,33 @@ def test_predict_some_equals_predict_at_those_positions(family, explicit_pos):
             rows = torch.tensor(rows)
             some = l2d.predict_some(rows, h_main, cache, x_t.flatten(0, 1)[rows], t.flatten()[rows], labels, pos)
             torch.testing.assert_close(some, every[rows], atol=1e-5, rtol=1e-5)
+
+
+# --- LoRA merged for generation -----------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_merged_lora_gives_the_same_logits_and_leaves_the_base(family):
+    """merge_lora folds W + scale B A into copies: the path's logits and a LoRA-finetuned GPT's are those
+    of the unmerged layers (fp32 rounding), and the frozen base's own weights are untouched."""
+    from lora import LoRALinear, add_lora, merge_lora
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(family=family, block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16))
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    l2d = L2D(base, L2DConfig(variant="lora", flow_dim=8, lora_rank=4, lora_alpha=8.0))
+    with torch.no_grad():
+        for p in l2d.trainable_parameters():
+            p.normal_(0, 0.1)  # a trained path: B and the merge gate are not zero
+    idx, t = torch.randint(0, 50, (2, 7)), torch.rand(2, 7)
+    x_t = torch.randn(2, 7, 8)
+    want = l2d.logits_at(idx, x_t, t)
+    merge_lora(l2d)
+    assert not any(isinstance(m, LoRALinear) for m in l2d.modules())
+    assert torch.allclose(l2d.logits_at(idx, x_t, t), want, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+    gpt = add_lora(GPT(GPTConfig(family=family, block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16)), 4, 8.0)
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    want = gpt(idx)[0]
+    assert torch.allclose(merge_lora(gpt)(idx)[0], want, atol=1e-5)
