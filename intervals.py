@@ -96,8 +96,9 @@ def across_runs(run_a, run_b):
     if dataset_name(run_a) != dataset_name(run_b):
         raise ValueError(f"the runs are on different data: {run_a['data']} and {run_b['data']}")
     m = min(run_a["n"], run_b["n"])
-    rows_a = [first_examples(row, m) for row in run_a["rows"]]
-    rows_b = [first_examples(row, m) for row in run_b["rows"]]
+    named = run_a.get("ckpt") != run_b.get("ckpt")  # each row named by its model, so that B's and A's can be told apart
+    rows_a, rows_b = ([dict(first_examples(row, m), setting=f"{run['ckpt']} {row['setting']}" if named else row["setting"])
+                       for row in run["rows"]] for run in (run_a, run_b))
     counts = {tuple(row["tf_example_count"]) for row in rows_a + rows_b if "tf_example_count" in row}
     if len(counts) > 1:
         raise ValueError("the runs' answer lengths differ on the shared examples: not the same examples")

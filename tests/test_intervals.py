@@ -87,6 +87,8 @@ def test_across_runs_pairs_the_shared_first_examples():
     d, low, high = intervals.paired_difference([1, 1, 0], [1, 0, 0], [1, 1, 1])
     assert d == pytest.approx(1 / 3)
     assert intervals.across_runs(em_a, em_b)[1] == f"steps=16 vs steps=8: gain {100 * d:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] points"
+    named = intervals.across_runs(dict(em_a, ckpt="out-a/ckpt.pt"), dict(em_b, ckpt="out-b/ckpt.pt"))[1]
+    assert named.startswith("out-b/ckpt.pt steps=16 vs out-a/ckpt.pt steps=8: gain")  # rows named by their runs
 
 
 def test_cli_error_is_one_line_exit_2(tmp_path):
