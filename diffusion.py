@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora import LoRALinear
-from model import IGNORE_INDEX, KVCache, MLP, apply_rope, causal_attention, sample_token
+from model import IGNORE_INDEX, KVCache, MLP, apply_rope, attend, sample_token
 from solvers import SOLVERS, grid
 
 
@@ -128,7 +128,7 @@ class PathLayer(nn.Module):
         q = self.q_proj(u).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q = apply_rope(q, *rope)
-        y = causal_attention(q, k, v, pos, pad)  # base K/V of positions <= i; no diffusion token is a key
+        y = attend(q, k, v, pos, pad)  # base K/V of positions <= i; no diffusion token is a key
         h = h + gate_attn * self.o_proj(y.transpose(1, 2).flatten(2))
         return h + gate_mlp * self.mlp(block.ln_2.modulated(h, dw_mlp, shift_mlp))
 

@@ -107,8 +107,9 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def causal_attention(q, k, v, q_pos=None, pad=None, bidirectional=False):
-    """Query i sees keys at cache slots <= its own. By default the T queries are the last T of the
+def attend(q, k, v, q_pos=None, pad=None, bidirectional=False):
+    """Attention of queries q over the cached keys k and values v, causal unless `bidirectional`:
+    query i sees keys at cache slots <= its own. By default the T queries are the last T of the
     S key slots; `q_pos` (B, T) places them anywhere (the diffusion path's answer positions).
     `pad` (B,): each row's left-padding slots (KVCache.pad), which no real query sees (a padding
     query sees the padding before it, only so that its row of the softmax is not empty).
@@ -200,7 +201,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = cache.update(layer, k, v)
-        y = causal_attention(q, k, v, pad=cache.pad, bidirectional=bidirectional)
+        y = attend(q, k, v, pad=cache.pad, bidirectional=bidirectional)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ar2diff import AR2Diff, AR2DiffConfig, until_end
 from dataset import TokenDataset
-from model import GPT, GPTConfig, KVCache, causal_attention
+from model import GPT, GPTConfig, KVCache, attend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "data", "arithmetic"))
@@ -96,12 +96,12 @@ def test_bidirectional_attention_against_a_hand_written_mask():
     B, H, T, S, hd = 2, 2, 3, 7, 4
     q, k, v = torch.randn(B, H, T, hd), torch.randn(B, H, S, hd), torch.randn(B, H, S, hd)
     pad = torch.tensor([0, 3])
-    got = causal_attention(q, k, v, pad=pad, bidirectional=True)
+    got = attend(q, k, v, pad=pad, bidirectional=True)
     for b in range(B):
         keys = slice(int(pad[b]), S)
         weights = torch.softmax(q[b] @ k[b, :, keys].transpose(-1, -2) / math.sqrt(hd), -1)
         assert torch.allclose(got[b], weights @ v[b, :, keys], atol=1e-6)
-    no_pad = causal_attention(q, k, v, bidirectional=True)
+    no_pad = attend(q, k, v, bidirectional=True)
     weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), -1)
     assert torch.allclose(no_pad, weights @ v, atol=1e-6)
 
