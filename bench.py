@@ -248,23 +248,23 @@ def bench_generation(base, cfg):
 def bench_ar2diff(base, cfg):
     """Seconds to write an L-token answer, AR decoding against AR2Diff, per L and K (see the docstring)."""
     device, steps = cfg["device"], cfg["ar2diff_steps"]
-    model = AR2Diff(base, AR2DiffConfig(vocab_size=base.config.vocab_size)).eval()
     torch.manual_seed(cfg["seed"])
     prompt = torch.randint(0, base.config.vocab_size, (1, cfg["prompt_len"]), device=device)
-    decoders = {"ar": lambda: sum(1 for _ in base.generate(prompt, model.config.answer_len, temperature=0))}
-    for K in cfg["ar2diff_samples"]:
-        decoders[K] = lambda K=K: model.generate(prompt, steps=steps, samples=K)
+
+    def writers(L):  # each decoder of an L-token answer, by name: "ar", or AR2Diff's K
+        model = AR2Diff(base, AR2DiffConfig(answer_len=L, vocab_size=base.config.vocab_size)).eval()
+        named = {"ar": lambda: sum(1 for _ in base.generate(prompt, L, temperature=0))}
+        return named | {K: lambda K=K: model.generate(prompt, steps=steps, samples=K) for K in cfg["ar2diff_samples"]}
+
     rows = []
     with torch.inference_mode():
-        model.config.answer_len = min(cfg["answer_lens"])
-        for run in decoders.values():  # warm-up
-            run()
+        for write in writers(min(cfg["answer_lens"])).values():  # warm-up
+            write()
         for L in cfg["answer_lens"]:
-            model.config.answer_len = L
-            times = {name: [] for name in decoders}
+            times = {name: [] for name in writers(L)}
             for _ in range(cfg["ar2diff_reps"]):
-                for name, run in decoders.items():  # interleaved
-                    times[name].append(timed(run, device)[0])
+                for name, write in writers(L).items():  # interleaved
+                    times[name].append(timed(write, device)[0])
             ar_s = statistics.median(times["ar"])
             for K in cfg["ar2diff_samples"]:
                 s = statistics.median(times[K])
