@@ -178,9 +178,10 @@ class L2D(nn.Module):
 
     # --- the flow token space (sec. 2) ---------------------------------------------------------
     def flow_embed(self, ids):
-        """V[ids] = sqrt(d_f) * normalize(W_v E[ids]): unit norm, then ~unit variance per coordinate."""
+        """V[ids] = sqrt(d_f) * normalize(W_v E[ids]): unit norm, then ~unit variance per coordinate.
+        Normalised and returned in float32 whatever the compute dtype: x_1, and so x_t, stay float32."""
         e = self.flow_proj(self.base.wte.weight[ids])
-        return math.sqrt(self.config.flow_dim) * F.normalize(e, dim=-1)
+        return math.sqrt(self.config.flow_dim) * F.normalize(e.float(), dim=-1)
 
     def condition(self, t, labels):
         """c = time_mlp(sinusoidal(t)) + class_embed(label). labels: one per row (B,), one per position
@@ -218,7 +219,7 @@ class L2D(nn.Module):
         when the caller already has it (the ODE solvers revisit the same t's for every token)."""
         sigma = self.config.sigma
         c_in = 1 / torch.sqrt((1 - t) ** 2 * sigma**2 + t**2)  # analytic std of x_t, per coordinate
-        h = self.input_mlp(x_t * c_in[..., None])
+        h = self.input_mlp(x_t.float() * c_in.float()[..., None])  # scaled in float32, as the official code
         modulations, gate = conditioning or self.conditioning(t, labels)
         slots = torch.arange(len(cache) - x_t.size(1), len(cache), device=x_t.device) if pos is None else pos
         rope = self.base.rope(cache.positions(slots))
@@ -335,7 +336,8 @@ class L2D(nn.Module):
             if x1 == "sample":  # temperature tau(t) = 1 - t: explore early, commit late
                 tau = (1 - t).clamp(min=1e-3)[:, None]
                 return self.flow_embed(torch.multinomial(F.softmax(logits.float() / tau, -1), 1)[:, 0])
-            return F.softmax(logits.float(), -1) @ memo["flow_table"]  # "mean": E[x_1] under the prediction
+            with torch.autocast(x_0.device.type, enabled=False):  # "mean": E[x_1] under the prediction, in float32
+                return F.softmax(logits.float(), -1) @ memo["flow_table"]
 
         def velocity(x, t, rows=None):  # rows: the positions dopri5 still integrates (None: all)
             rows = None if rows is not None and len(rows) == B * P else rows

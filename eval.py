@@ -95,6 +95,7 @@ from dataset import TokenDataset, tokenizer_tag
 from diffusion import L2D
 from intervals import ratio_interval, row_gains, wilson_interval
 from lora import merge_lora
+from precision import autocast, resolve_dtype, store_weights
 from plot import plot
 from solvers import SOLVERS
 
@@ -129,6 +130,7 @@ DEFAULTS = dict(
     overwrite=False,        # replace --out if it exists (else refused)
     seed=1337,              # of the draws and the noise, reseeded per example or batch (see the docstring)
     device="auto",          # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
+    dtype="auto",           # auto (cuda: bfloat16; cpu: float32), float32, bfloat16 or float16: every weight stored in it (precision.py)
 )
 LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], atol=[1e-5], rtol=[1e-5], guidance=[1.0], probe_t=[], samples=[8])
 AR2DIFF_STEPS = [1, 2, 5, 10, 20]  # --steps None for an AR2Diff: the grid around the paper's 10
@@ -463,7 +465,10 @@ def main(argv=None):
     if not is_l2d and not is_ar2diff and (cfg["steps"] is not None or cfg["guidance"] is not None):
         print(f"note: {cfg['ckpt']} is not an L2D model: one row, steps=1 (the model itself)")
     device = resolve_device(cfg["device"])
+    dtype = resolve_dtype(cfg["dtype"], device)
     merge_lora(model).to(device)  # LoRA folded into its weights (equal logits, a plain layer's cost)
+    store_weights(model, dtype)  # nothing trains here: every weight in dtype, but the norms
+    mixed = autocast(device, dtype)
     base = model.base if is_l2d or is_ar2diff else model
     block_size = base.config.block_size
 
@@ -499,7 +504,8 @@ def main(argv=None):
         raise UsageError(f"{out} already exists; go on from it with --resume True, replace it with --overwrite True, "
                          "or pass another --out")
     kind = f"L2D ({model.config.variant})" if is_l2d else f"AR2Diff (L={model.config.answer_len})" if is_ar2diff else "GPT"
-    print(f"{kind} from {cfg['ckpt']} on {data_dir} ({split}): {n} examples, {len(settings)} row(s), device {device}")
+    print(f"{kind} from {cfg['ckpt']} on {data_dir} ({split}): {n} examples, {len(settings)} row(s), device {device}, "
+          f"{str(dtype)[6:]}")
     result = dict(ckpt=cfg["ckpt"], model=kind, task=cfg["task"], data=data_dir, split=split, n=n, config=cfg, rows=[])
     if cfg["resume"]:
         result = resumable(out, result)
@@ -524,7 +530,9 @@ def main(argv=None):
             ix = np.arange(b0, min(b0 + cfg["batch_size"], n))
             x, y, _ = ds.get_batch(ix, block_size)
             lab = None if labels is None else torch.as_tensor(labels[ix], device=device)
-            for key, values in answer_stats(**batch_logits(ix, lab, x.to(device), y.to(device))).items():
+            with mixed:
+                stats = batch_logits(ix, lab, x.to(device), y.to(device))
+            for key, values in answer_stats(**stats).items():
                 ex.setdefault(key, []).extend(values)
             save(phase, ex, row)
         return tf_summary(ex)
@@ -541,8 +549,9 @@ def main(argv=None):
             lab = None if labels is None else torch.as_tensor(labels[list(ix)], device=device)
             budget = min(cfg["max_new_tokens"], block_size - max(len(prompts[i]) for i in ix))  # AR2Diff ignores it: its span fits (checked above)
             t0 = time.perf_counter()
-            answers = generate_answers(model, [prompts[i] for i in ix], budget, stop, setting, lab) \
-                if budget > 0 else [([], 0, 0)] * len(ix)
+            with mixed:
+                answers = generate_answers(model, [prompts[i] for i in ix], budget, stop, setting, lab) \
+                    if budget > 0 else [([], 0, 0)] * len(ix)
             ex["seconds"] += time.perf_counter() - t0
             for i, (answer, generated, spent, *first) in zip(ix, answers):
                 text = ds.tokenizer.decode(answer)

@@ -57,7 +57,9 @@ class GPTConfig:
 
 class Norm(nn.Module):
     """LayerNorm (gpt2) or RMSNorm (llama). `modulated` is the diffusion path's adaLN variant:
-    the same frozen norm with weight (w_norm + delta) and an extra shift (DiT adaLN-Zero)."""
+    the same frozen norm with weight (w_norm + delta) and an extra shift (DiT adaLN-Zero).
+    Always computed in float32, as the official code does, on float32 weights (precision.py keeps
+    them so); the result comes back in the input's dtype (bf16 activations stay bf16)."""
 
     def __init__(self, dim, eps, rms):
         super().__init__()
@@ -66,20 +68,21 @@ class Norm(nn.Module):
         self.bias = None if rms else nn.Parameter(torch.zeros(dim))
 
     def normalize(self, x):
+        x = x.float()
         if self.rms:
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return F.layer_norm(x, x.shape[-1:], eps=self.eps)
 
     def forward(self, x):
         if self.rms:
-            return self.normalize(x) * self.weight
-        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+            return (self.normalize(x) * self.weight).to(x.dtype)
+        return F.layer_norm(x.float(), x.shape[-1:], self.weight, self.bias, self.eps).to(x.dtype)
 
     def modulated(self, x, weight_delta, shift):
-        x = self.normalize(x) * (self.weight + weight_delta)
+        y = self.normalize(x) * (self.weight + weight_delta)
         if self.bias is not None:
-            x = x + self.bias
-        return x + shift
+            y = y + self.bias
+        return (y + shift).to(x.dtype)
 
 
 def rope_frequencies(config):
@@ -104,6 +107,7 @@ def apply_rope(x, cos, sin):
     """Rotate (B, H, T, hd) queries or keys by position. Hugging Face's "rotate_half" layout:
     dimension j is paired with j + hd/2 (GGUF's interleaved pairs are undone in load_gguf.py)."""
     x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # the float32 tables, in bf16 for bf16 queries (as Hugging Face)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 

@@ -36,6 +36,7 @@ from checkpoint import load_base, load_model
 from configurator import UsageError, configure, duration, fail, resolve_device
 from diffusion import ADAPTIVE_T_END, L2D, L2DConfig
 from lora import merge_lora
+from precision import autocast, resolve_dtype, store_weights
 from solvers import EVALUATIONS, SOLVERS
 from tokenizer import END_OF_TURN, chat_prompt, has_chat_template
 
@@ -49,6 +50,7 @@ DEFAULTS = dict(
     seed=1337,                 # of the token draws and the ODE's noise, set once before the first sample
     chat=False,                # wrap --start in the tokenizer's chat template (instruct models)
     device="cpu",              # cpu, cuda, cuda:1, ...
+    dtype="auto",              # auto (cuda: bfloat16; cpu: float32), float32, bfloat16 or float16: every weight stored in it (precision.py)
     # the diffusion path (an L2D model) or AR2Diff
     steps=1,                   # ODE steps per token (1: the base model alone); AR2Diff: refinements of the answer
     samples=8,                 # AR2Diff: candidate answers refined in parallel, the best scored printed (the paper: 8)
@@ -82,7 +84,7 @@ def check(cfg):
         raise UsageError("--guidance needs --label NAME (the class to guide towards)")
     if not cfg["start"]:
         raise UsageError('--start is empty; give a prompt, e.g. --start "Once upon a time" (the default is a newline)')
-    resolve_device(cfg["device"])
+    resolve_dtype(cfg["dtype"], resolve_device(cfg["device"]))
 
 
 def load(cfg):
@@ -227,7 +229,9 @@ def main(argv=None):
     check(cfg)
     start = read_prompt(cfg)
     model, enc, classes = load(cfg)
+    dtype = resolve_dtype(cfg["dtype"], cfg["device"], log=lambda message: None)  # (check() warned)
     merge_lora(model).to(cfg["device"])  # LoRA folded into its weights: a path evaluation costs a plain layer's
+    store_weights(model, dtype)  # nothing trains here: every weight in dtype, but the norms
     if cfg["temperature"] is None:
         cfg["temperature"] = TEMPERATURE if isinstance(model, AR2Diff) else 0.8
     is_l2d = isinstance(model, L2D)
@@ -251,7 +255,8 @@ def main(argv=None):
     prompt = enc.encode(start, allowed_special="all")
     stop = enc.encode(END_OF_TURN, allowed_special="all")[0] if has_chat_template(enc) else enc.eot_token
     if isinstance(model, AR2Diff):
-        return sample_ar2diff(model, enc, cfg, start, prompt, stop)
+        with autocast(cfg["device"], dtype):
+            return sample_ar2diff(model, enc, cfg, start, prompt, stop)
     context = (model.base if is_l2d else model).config.block_size
     if len(prompt) >= context:
         raise UsageError(f"the prompt has {len(prompt)} tokens but the model's context is {context}; shorten --start")
@@ -262,36 +267,37 @@ def main(argv=None):
               "nothing; it generates as the base does")
     printer = StepPrinter(enc, cfg) if cfg["show_steps"] else None
 
-    torch.manual_seed(cfg["seed"])
-    idx = torch.tensor([prompt], device=cfg["device"])
-    progress, done = Progress(), 0
-    for sample in range(cfg["num_samples"]):
-        print(f"--- sample {sample + 1} of {cfg['num_samples']}: {describe(cfg, is_l2d)}")
-        print(start, end="\n" if printer else "", flush=True)
-        if is_l2d:
-            tokens = model.generate(idx, max_new_tokens, steps=cfg["steps"], solver=cfg["solver"],
-                                    atol=cfg["atol"], rtol=cfg["rtol"], x1=cfg["x1"], guidance=cfg["guidance"],
-                                    labels=labels, temperature=cfg["temperature"], top_k=cfg["top_k"],
-                                    callback=printer.step if printer else None)
-        else:
-            tokens = ((t, torch.zeros(1, dtype=torch.long)) for t in
-                      model.generate(idx, max_new_tokens, cfg["temperature"], cfg["top_k"]))
-        out, nfes, printed = [], [], ""
-        for token, nfe in tokens:
-            out.append(token.item())
-            nfes.append(nfe.item())
-            done += 1
-            left = max_new_tokens - len(out) + (cfg["num_samples"] - 1 - sample) * max_new_tokens
-            progress.update(done, left, midline=not printer and not (printed or start).endswith("\n"))
-            if printer:
-                printer.token(out[-1], nfes[-1])
-            if token.item() == stop:
-                break
-            text = enc.decode(out)  # decode the whole answer: a character may span several tokens
-            if not printer:
-                print(text[len(printed):], end="", flush=True)
-            printed = text
-        print(f"\n[{len(out)} tokens; NFE per token: {nfes}; mean {sum(nfes) / max(1, len(nfes)):.1f}]")
+    with autocast(cfg["device"], dtype):
+        torch.manual_seed(cfg["seed"])
+        idx = torch.tensor([prompt], device=cfg["device"])
+        progress, done = Progress(), 0
+        for sample in range(cfg["num_samples"]):
+            print(f"--- sample {sample + 1} of {cfg['num_samples']}: {describe(cfg, is_l2d)}")
+            print(start, end="\n" if printer else "", flush=True)
+            if is_l2d:
+                tokens = model.generate(idx, max_new_tokens, steps=cfg["steps"], solver=cfg["solver"],
+                                        atol=cfg["atol"], rtol=cfg["rtol"], x1=cfg["x1"], guidance=cfg["guidance"],
+                                        labels=labels, temperature=cfg["temperature"], top_k=cfg["top_k"],
+                                        callback=printer.step if printer else None)
+            else:
+                tokens = ((t, torch.zeros(1, dtype=torch.long)) for t in
+                          model.generate(idx, max_new_tokens, cfg["temperature"], cfg["top_k"]))
+            out, nfes, printed = [], [], ""
+            for token, nfe in tokens:
+                out.append(token.item())
+                nfes.append(nfe.item())
+                done += 1
+                left = max_new_tokens - len(out) + (cfg["num_samples"] - 1 - sample) * max_new_tokens
+                progress.update(done, left, midline=not printer and not (printed or start).endswith("\n"))
+                if printer:
+                    printer.token(out[-1], nfes[-1])
+                if token.item() == stop:
+                    break
+                text = enc.decode(out)  # decode the whole answer: a character may span several tokens
+                if not printer:
+                    print(text[len(printed):], end="", flush=True)
+                printed = text
+            print(f"\n[{len(out)} tokens; NFE per token: {nfes}; mean {sum(nfes) / max(1, len(nfes)):.1f}]")
 
 
 if __name__ == "__main__":

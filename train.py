@@ -20,7 +20,6 @@ each process runs batch_size / (micro_batch * world_size) micro-steps of gradien
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -35,6 +34,7 @@ from configurator import UsageError, configure, duration, fail, resolve_device
 from dataset import BatchSampler, TokenDataset
 from diffusion import L2DConfig
 from model import GPT, GPTConfig
+from precision import DTYPES, autocast, resolve_dtype, store_weights
 
 DEFAULTS = dict(
     out_dir="out",             # folder of ckpt.pt, saved at every evaluation
@@ -77,12 +77,11 @@ DEFAULTS = dict(
     eval_examples=64,          # test examples of each validation loss
     log_interval=10,           # steps between training-loss lines
     device="auto",             # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
-    dtype="auto",              # auto (cuda: bfloat16, else float16; cpu: float32), float32, bfloat16 or float16
+    dtype="auto",              # auto (cuda: bfloat16, else float16; cpu: float32), float32, bfloat16 or float16 (precision.py)
     compile=False,             # torch.compile the model: faster steps after a slow start
     overwrite=False,           # replace a checkpoint already in out_dir (else refused, unless resuming)
 )
 METHODS = ("l2d", "lora", "full", "ar", "ar2diff")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 POSITIVE = ("block_size", "n_layer", "n_head", "n_embd", "flow_dim", "sigma", "lora_rank", "max_iters", "learning_rate",
             "batch_size", "micro_batch", "eval_interval", "log_interval", "eval_examples")
 NON_NEGATIVE = dict(n_kv_head=" (0: n_head)", warmup_iters="", lr_decay_iters=" (0: max_iters)", min_lr="",
@@ -175,10 +174,9 @@ def main(argv=None):
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    dtype = cfg["dtype"] if cfg["dtype"] != "auto" else (
-        ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32")
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, getattr(torch, dtype))
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    dtype = resolve_dtype(cfg["dtype"], device, log)
+    mixed = autocast(device, dtype)  # the frozen base is stored in dtype below, what trains stays float32
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
 
     # --- the model ---------------------------------------------------------------------------
     resume = cfg["init_from"] == "resume"
@@ -236,11 +234,12 @@ def main(argv=None):
     if resume:
         check_dependencies(ckpt, ckpt_path, base if base_fingerprint else None)
     model = build_model(cfg["method"], base, l2d_config, cfg["lora_rank"], cfg["lora_alpha"], ar2diff_config).to(device)
+    store_weights(model, dtype, frozen_only=True)  # (after the fingerprint, which is of the float32 base)
     if resume:
         model.load_state_dict(ckpt["state_dict"], strict=False)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{cfg['method']}: {n_train / 1e6:.2f}M trainable parameters ({100 * n_train / n_base:.1f}% of the "
-        f"{n_base / 1e6:.1f}M-parameter base), {world_size} process(es) on {device}, {dtype}")
+        f"{n_base / 1e6:.1f}M-parameter base), {world_size} process(es) on {device}, {str(dtype)[6:]}")
 
     # --- optimiser, data order, and the state a resume restores ------------------------------
     optimizer = make_optimizer(model, cfg, device)
@@ -281,7 +280,7 @@ def main(argv=None):
         for start in range(rank * cfg["micro_batch"], n, per_step):
             inputs = batch(val_data, np.arange(start, min(start + cfg["micro_batch"], n)))
             torch.manual_seed(start)
-            with autocast:
+            with mixed:
                 if cfg["method"] == "ar2diff":
                     prompt, pad, y = inputs
                     rate = torch.rand(y.size(0), device=device)
@@ -339,7 +338,7 @@ def main(argv=None):
             if world_size > 1:  # all-reduce gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == grad_accum - 1
             torch.manual_seed(step_seed(cfg, it, rank * grad_accum + micro))
-            with autocast:
+            with mixed:
                 _, loss = model(*inputs)
             scaler.scale(loss / grad_accum).backward()
             loss_sum += loss.detach()

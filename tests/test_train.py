@@ -88,8 +88,8 @@ def max_abs_diff(a, b):
 
 # --- data parallel = one process ------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["l2d", "ar", "ar2diff"])
-def test_ddp_matches_one_process(method, data, base_ckpt, tmp_path):
+@pytest.mark.parametrize("method,dtype", [("l2d", "float32"), ("ar", "float32"), ("ar2diff", "float32"), ("l2d", "bfloat16")])
+def test_ddp_matches_one_process(method, dtype, data, base_ckpt, tmp_path):
     """2 processes x 2 micro-steps each = 1 process x 4 micro-steps on the same global batch: the same
     examples, the same t/noise/label dropout per example (step_seed), gradients averaged alike.
     Only the order of summing micro-batch gradients differs. Adam turns that rounding into update
@@ -97,7 +97,7 @@ def test_ddp_matches_one_process(method, data, base_ckpt, tmp_path):
     gate), hence a small lr: the runs then agree to ~1e-8, while a wrong t/noise, batch or gradient
     average moves parameters by ~lr = 1e-5 a step."""
     args = method_args(method, data, base_ckpt) + ["--variant=full", "--micro_batch=2", "--max_iters=3",
-                                                   "--learning_rate=1e-5"]
+                                                   "--learning_rate=1e-5", f"--dtype={dtype}"]
     ddp = run_script(*args, f"--out_dir={tmp_path / 'ddp'}", ddp=True)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "2 process(es)" in ddp.stdout
@@ -146,6 +146,36 @@ def test_resume_is_bit_exact(method, data, base_ckpt, tmp_path):
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("method", ["l2d", "lora"])
+def test_bf16_training_stores_the_frozen_base_in_bf16_and_resumes_bit_exact(method, data, base_ckpt, tmp_path):
+    """--dtype=bfloat16: the frozen base in bf16, what trains in float32 (master weights, saved as such), a loss
+    near the float32 run's, resume bit for bit, and a checkpoint that loads as the float32 one does."""
+    args = method_args(method, data, base_ckpt) + ["--lr_decay_iters=4", "--min_lr=1e-4"]
+    fp32_model, fp32_log = run_train(*args, "--max_iters=4", f"--out_dir={tmp_path / 'fp32'}")
+    model, straight = run_train(*args, "--dtype=bfloat16", "--max_iters=4", f"--out_dir={tmp_path / 'straight'}")
+    assert next(line for line in straight.splitlines() if "process(es)" in line).endswith(", bfloat16")
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, p in model.named_parameters():
+        norm = ".ln_" in name or "ln_f" in name
+        assert p.dtype == (torch.float32 if name in trained or norm else torch.bfloat16), name
+    fp32_steps, bf16_steps = logged(fp32_log)[0], logged(straight)[0]
+    for i in fp32_steps:  # the same recipe in another number format
+        assert bf16_steps[i][0] == pytest.approx(fp32_steps[i][0], rel=0.02)
+    assert bf16_steps != fp32_steps  # (and it did run in bf16)
+
+    _, first = run_train(*args, "--dtype=bfloat16", "--max_iters=2", f"--out_dir={tmp_path / 'split'}")
+    resume = [a for a in args if not a.startswith(("--init_from", "--method", "--datasets"))]
+    _, second = run_train(*resume, "--dtype=bfloat16", "--init_from=resume", "--max_iters=4", f"--out_dir={tmp_path / 'split'}")
+    assert {**logged(first)[0], **logged(second)[0]} == bf16_steps
+    a = read_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))["state_dict"]
+    b = read_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["state_dict"]
+    assert a.keys() == b.keys() == trained
+    for k in a:
+        assert a[k].dtype == torch.float32 and torch.equal(a[k], b[k]), k
+    loaded, _, _ = load_model(str(tmp_path / "straight" / "ckpt.pt"))  # the base's fingerprint is the float32 one
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
 
 
 # --- what a checkpoint holds ------------------------------------------------------------------------
