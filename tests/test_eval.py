@@ -347,6 +347,21 @@ def test_end_to_end_l2d(tiny_run):
     assert {k: again[0][k] for k in keep} == {k: rows[1][k] for k in keep}  # seeded: reproducible rows
 
 
+def test_end_to_end_bf16(tiny_run, capsys):
+    """--dtype bfloat16: the L2D's steps=1 row is its bf16 base's row, example for example (t = 0 exactness in
+    bf16), the L2D, GPT and AR2Diff rows all run, and the header names the dtype."""
+    rows = run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--steps", "1,2", "--dtype", "bfloat16")
+    assert "bfloat16" in capsys.readouterr().out
+    base = run_main(tiny_run, "--ckpt", tiny_run["base"], "--dtype", "bfloat16")[0]
+    keep = ("example_correct", "samples", "tf_example_correct", "tf_example_nll")
+    assert {k: rows[0][k] for k in keep} == {k: base[k] for k in keep}
+    fp32 = run_main(tiny_run, "--ckpt", tiny_run["base"])[0]
+    assert fp32["tf_example_nll"] != base["tf_example_nll"]  # (it did run in another number format)
+    assert base["tf_nll"] == pytest.approx(fp32["tf_nll"], rel=0.02)
+    assert rows[1]["tf_nfe_per_token"] == 3
+    assert run_main(tiny_run, "--ckpt", tiny_run["ar2diff"], "--steps", "2", "--samples", "2", "--dtype", "bfloat16")
+
+
 def test_end_to_end_probe_and_tf_interval(tiny_run):
     out = str(tiny_run["tmp"] / "probe.json")
     result = ev.main(["--data", tiny_run["data"], "--limit", "4", "--batch_size", "3", "--out", out, "--ckpt",

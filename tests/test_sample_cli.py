@@ -59,6 +59,7 @@ BAD = [
     (["--device", "gpu"], "--device"),
     (["--device", "cuda:99"], "--device cuda:99"),  # no such CUDA device here, with or without CUDA
     (["--device", "meta"], "--device"),
+    (["--dtype", "bf16"], "--dtype"),
     (["--solver", "dopri5", "--atol", "1e-30", "--rtol", "1e-30"], "--atol/--rtol"),
 ]
 if not torch.cuda.is_available():
@@ -215,3 +216,16 @@ def test_ar2diff_prints_the_best_candidate_and_its_steps(ckpts):
     assert f"{PROMPT}{ast.literal_eval(answer)}\n[" in plain.stdout  # the same answer, after the prompt
     assert_one_line_error(run_sample(ckpts["ar2diff"], "--samples", 0), "--samples")
     assert_one_line_error(run_sample(ckpts["ar2diff"], "--guidance", 2, "--label", "math"), "no classes")
+
+
+def test_bf16_sampling_and_its_steps1_is_the_bf16_base(ckpts):
+    """--dtype bfloat16 samples with the path (every weight stored in bf16), and at --steps 1 an L2D writes
+    what its bf16 base writes (greedy)."""
+    common = ("--max_new_tokens", 6, "--temperature", 0, "--dtype", "bfloat16")
+    path = run_sample(ckpts["trained"], "--steps", 4, *common)
+    assert path.returncode == 0 and path.stderr == "", path.stderr
+    assert "mean 7.0]" in path.stdout  # midpoint, 4 points: 3 x 2 + the read-out
+    l2d, base = run_sample(ckpts["trained"], "--steps", 1, *common), run_sample(ckpts["base"], *common)
+    assert l2d.returncode == base.returncode == 0
+    text = lambda out: out.split("--- sample 1", 1)[1].split("\n", 1)[1]  # the sample itself, after its header line
+    assert text(l2d.stdout) == text(base.stdout)
