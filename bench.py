@@ -8,6 +8,12 @@ Speed and memory of L2D next to its base model and the two finetuning baselines 
     python bench.py --init_from scratch --new_tokens 2 --eval_reps 2 --train_reps 1     # smoke test, seconds
     python bench.py --threads 1 --new_tokens 4 --eval_reps 20 --batch 4 --seq 128 --train_reps 3  # README, ~6 min
     python bench.py --what ar2diff --threads 1 --answer_lens 16,64,256,1024        # AR2Diff against AR decoding
+    python bench.py --dtypes float32                                                # without the bf16 rows
+
+Every measurement is taken in each --dtypes number format (default float32 and bfloat16, precision.py), side
+by side and interleaved, each with its own copy of the base stored as the scripts store it: for generation
+every weight in that dtype, for training the frozen ones (what trains stays float32). The first line names
+the CPU and its bf16 matmul instructions (AMX, AVX-512 BF16, or none: bf16 emulated, tens of times slower).
 
 Generation (greedy, --solver midpoint): the diffusion path around the frozen base, its zero-initialised
 heads (merge gate, modulation, LoRA B) set to small random values so that nothing is trivially zero
@@ -18,22 +24,25 @@ at a time round-robin; the median over the --new_tokens tokens is reported (the 
   decode step: one base decoding step (trunk on one token + head) and one path evaluation (predict at
                the last position, its (t, label) conditioning cached as generation does) on the same
                cache, interleaved; path/base is the cost of one NFE; "merged" is the path evaluation with
-               its LoRA folded into its weights (lora.merge_lora), as sample.py and eval.py generate.
+               its LoRA folded into its weights (lora.merge_lora), as sample.py and eval.py generate;
+               "x fp32" divides by the float32 path evaluation at that batch size.
 Training: forward + backward + clip + AdamW as train.py does it, on one random batch, for the L2D path
 (variants lora and full, sharing one frozen base), LoRA on the base and the full base (own copies),
 timed round-robin. FLOPs per step come from FlopCounterMode (matmuls and attention, the latter dense,
-not halved for causality); achieved GFLOP/s is compared to a large float32 matmul on this machine.
+not halved for causality); achieved GFLOP/s is compared to a large matmul in the same dtype on this
+machine; "x fp32" is the step's time over the same method's float32 step.
 AR2Diff (--what ar2diff): the seconds to write an answer of L tokens after the random prompt, batch 1, the
 same model: AR decoding (greedy, KV cache, L steps of one token) against AR2Diff (--ar2diff_steps passes
 over the whole L-token span, for each of --ar2diff_samples K candidates, + 1 scoring pass when K > 1),
 interleaved, the median of --ar2diff_reps; speed-up = AR's time / AR2Diff's. (The weights do not matter
 for speed: they are the base's, not a trained AR2Diff's.)
-Peak memory: each method in a fresh subprocess (peak RSS over the RSS before the first step on CPU,
+Peak memory: each method and dtype in a fresh subprocess (peak RSS over the RSS before the first step on CPU,
 torch.cuda.max_memory_allocated on CUDA). Timings on a shared machine are noisy: read the ratios; on
 an oversubscribed CPU, --threads 1 avoids the stalls of multi-threaded kernels waiting for each other.
 """
 
 import copy
+import ctypes
 import gc
 import json
 import os
@@ -41,7 +50,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
@@ -54,13 +62,14 @@ from configurator import UsageError, configure, fail, resolve_device
 from diffusion import L2D, L2DConfig
 from lora import add_lora, merge_lora
 from model import GPT, GPTConfig, KVCache
+from precision import DTYPES, autocast, cpu_bf16_support, store_weights
 from solvers import SOLVERS
 
 DEFAULTS = dict(
     init_from="smollm2-135m",  # the base: a model name, a HF folder, an ar/full ckpt.pt, or scratch (shape below)
     what="gen,train",          # gen, train, ar2diff, or several (gen,train)
     device="cpu",              # cpu, cuda, cuda:1, ...
-    dtype="auto",              # training's autocast: auto (cuda: bfloat16, cpu: float32), float32, bfloat16 or float16
+    dtypes=None,               # number formats to compare side by side (precision.py), one or a list; None: float32,bfloat16
     threads=0,                 # torch's CPU threads; 0: torch's default
     out="bench.json",          # the results as JSON; "": none
     seed=1337,                 # of the random weights, prompt and batch
@@ -98,7 +107,7 @@ DEFAULTS = dict(
     _memory_worker="",         # internal: measure one method's training memory and print it as JSON
 )
 LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], batch_sizes=[1, 16], methods=["l2d-lora", "l2d-full", "lora", "full"],
-                     answer_lens=[16, 64, 256, 1024], ar2diff_samples=[1, 8])
+                     answer_lens=[16, 64, 256, 1024], ar2diff_samples=[1, 8], dtypes=["float32", "bfloat16"])
 METHODS = LIST_DEFAULTS["methods"]
 
 # torch counts attention on CUDA but not its CPU kernel: count that the same way (dense q k^T and p v).
@@ -123,8 +132,11 @@ def as_list(cfg, key, kind):
 
 def check(cfg):
     cfg["what"] = as_list(cfg, "what", str) if cfg["what"] else []
-    for key, kind in (("steps", int), ("batch_sizes", int), ("methods", str), ("answer_lens", int), ("ar2diff_samples", int)):
+    for key, kind in (("steps", int), ("batch_sizes", int), ("methods", str), ("answer_lens", int), ("ar2diff_samples", int),
+                      ("dtypes", str)):
         cfg[key] = as_list(cfg, key, kind)
+    if unknown := set(cfg["dtypes"]) - set(DTYPES[1:]):
+        raise UsageError(f"unknown --dtypes {sorted(unknown)}; use {', '.join(DTYPES[1:])}")
     if not set(cfg["what"]) <= {"gen", "train", "ar2diff"} or not cfg["what"]:
         raise UsageError(f"--what takes gen, train, ar2diff or several (gen,train), got {cfg['what']}")
     if min(cfg["answer_lens"] + cfg["ar2diff_samples"] + [cfg["ar2diff_steps"], cfg["ar2diff_reps"]]) < 1:
@@ -156,14 +168,25 @@ def machine(device):
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?") \
         if os.path.exists("/proc/cpuinfo") else "?"
     return dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=cpu, cpu_count=os.cpu_count(),
-                load_avg=os.getloadavg()[0], device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu")
+                cpu_bf16=cpu_bf16_support(), load_avg=os.getloadavg()[0],
+                device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu")
 
 
-def matmul_peak(n, device, reps=5):
-    """GFLOP/s of a float32 (n x n) @ (n x n) matmul: the best of `reps`, this machine's ceiling."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    torch.mm(a, b)
-    return 2 * n**3 / min(timed(lambda: torch.mm(a, b), device)[0] for _ in range(reps)) / 1e9
+def matmul_peak(n, device, dtype, reps=5):
+    """GFLOP/s of an (m x m) @ (m x m) matmul in dtype, the best of `reps`: this machine's ceiling. m doubles
+    from 256 up to n while one product takes under 0.2 s (an emulated bf16 product of 2048 takes a minute)."""
+    m = min(256, n)
+    while True:
+        a, b = torch.randn(m, m, device=device, dtype=dtype), torch.randn(m, m, device=device, dtype=dtype)
+        seconds = timed(lambda: torch.mm(a, b), device)[0]
+        if 2 * m > n or seconds > 0.2:
+            break
+        m *= 2
+    return 2 * m**3 / min(timed(lambda: torch.mm(a, b), device)[0] for _ in range(reps)) / 1e9
+
+
+def weight_mb(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
 def load_model(cfg):
@@ -180,24 +203,45 @@ def l2d_config(cfg, variant):
 
 
 # --- generation --------------------------------------------------------------------------------------
-def decode_step_costs(l2d, merged, h, cache, token, reps, device):
-    """Median seconds of one base decoding step (on `token`), one path evaluation (at the last position)
-    and one of the path with its LoRA merged (lora.merge_lora, as sample.py and eval.py run it), on the
-    same prefilled cache whose last hidden states are h, interleaved."""
-    base, B = l2d.base, h.size(0)
-    x_t = l2d.config.sigma * torch.randn(B, 1, l2d.config.flow_dim, device=device)
-    t = torch.full((B, 1), 0.5, device=device)
-    conditioning = l2d.conditioning(t[:1])  # as in generation: computed once per grid time, reused by every token
-    times = [], [], []
+def generation_models(base, cfg):
+    """{dtype: (L2D, L2D with its LoRA merged)}: one random path around the base (its zero-initialised heads
+    set to small random values, so that nothing is trivially zero), copied into each dtype with its own base,
+    every weight stored in it as sample.py and eval.py store them."""
+    torch.manual_seed(cfg["seed"])
+    l2d = L2D(base, l2d_config(cfg, "lora")).to(cfg["device"]).eval()
+    with torch.no_grad():
+        for p in l2d.trainable_parameters():
+            if not p.any():  # zero-initialised heads
+                p.normal_(0, 0.02)
+    stored = lambda model, dtype: store_weights(model, getattr(torch, dtype))
+    return {dtype: (stored(copy.deepcopy(l2d), dtype), stored(merge_lora(copy.deepcopy(l2d)), dtype))
+            for dtype in cfg["dtypes"]}
+
+
+def decode_step_costs(models, prefills, token, reps, device):
+    """{dtype: median seconds of (one base decoding step on `token`, one path evaluation at the last
+    position, the same with the LoRA merged)}, each dtype on its own prefilled cache (h, cache), all
+    interleaved: the path's (t, label) conditioning is computed once, as generation does per grid time."""
+    inputs = {}
+    for dtype, (l2d, _) in models.items():
+        B = token.size(0)
+        t = torch.full((B, 1), 0.5, device=device)
+        with autocast(device, getattr(torch, dtype)):
+            inputs[dtype] = (l2d.config.sigma * torch.randn(B, 1, l2d.config.flow_dim, device=device), t,
+                             l2d.conditioning(t[:1]))
+    times = {dtype: ([], [], []) for dtype in models}
     for rep in range(reps + 2):  # the first two are warm-up
-        step_cache = cache.fork()  # the base step appends a position; the path eval adds none
-        base_s, _ = timed(lambda: base.head(base.trunk(token[:, None], step_cache)[0][:, -1]), device)
-        path_s, _ = timed(lambda: l2d.predict(h[:, -1:], cache, x_t, t, conditioning=conditioning), device)
-        merged_s, _ = timed(lambda: merged.predict(h[:, -1:], cache, x_t, t, conditioning=conditioning), device)
-        if rep >= 2:
-            for kept, seconds in zip(times, (base_s, path_s, merged_s)):
-                kept.append(seconds)
-    return tuple(statistics.median(kept) for kept in times)
+        for dtype, (l2d, merged) in models.items():
+            (h, cache), (x_t, t, conditioning) = prefills[dtype], inputs[dtype]
+            step_cache = cache.fork()  # the base step appends a position; the path eval adds none
+            with autocast(device, getattr(torch, dtype)):
+                base_s, _ = timed(lambda: l2d.base.head(l2d.base.trunk(token[:, None], step_cache)[0][:, -1]), device)
+                path_s, _ = timed(lambda: l2d.predict(h[:, -1:], cache, x_t, t, conditioning=conditioning), device)
+                merged_s, _ = timed(lambda: merged.predict(h[:, -1:], cache, x_t, t, conditioning=conditioning), device)
+            if rep >= 2:
+                for kept, seconds in zip(times[dtype], (base_s, path_s, merged_s)):
+                    kept.append(seconds)
+    return {dtype: tuple(statistics.median(kept) for kept in kept3) for dtype, kept3 in times.items()}
 
 
 def decoder(l2d, h, cache, steps, solver, device):
@@ -211,36 +255,43 @@ def decoder(l2d, h, cache, steps, solver, device):
 
 
 def bench_generation(base, cfg):
-    device = cfg["device"]
-    torch.manual_seed(cfg["seed"])
-    l2d = L2D(base, l2d_config(cfg, "lora")).to(device).eval()
-    with torch.no_grad():
-        for p in l2d.trainable_parameters():
-            if not p.any():  # zero-initialised heads
-                p.normal_(0, 0.02)
-    merged = merge_lora(copy.deepcopy(l2d))  # its own copy of the base too: l2d keeps its LoRA factors
+    device, dtypes = cfg["device"], cfg["dtypes"]
+    models = generation_models(base, cfg)
     prompt = torch.randint(0, base.config.vocab_size, (1, cfg["prompt_len"]), device=device)
     steps_rows, costs = [], []
     with torch.inference_mode():
         for B in cfg["batch_sizes"]:
             batch = prompt.expand(B, -1).contiguous()
-            cache = KVCache()
-            h, _ = base.trunk(batch, cache)  # one prefill, shared by every decoding below
-            base_s, path_s, merged_s = decode_step_costs(l2d, merged, h, cache, batch[:, -1], cfg["eval_reps"], device)
-            costs.append(dict(batch=B, base_step_ms=1e3 * base_s, path_eval_ms=1e3 * path_s, ratio=path_s / base_s,
-                              merged_path_eval_ms=1e3 * merged_s, merged_ratio=merged_s / base_s))
-            decoders = {s: decoder(merged, h, cache, s, cfg["solver"], device) for s in cfg["steps"]}  # as sample.py
-            times, nfe = {s: [] for s in cfg["steps"]}, {}
-            for _ in range(cfg["new_tokens"]):  # round-robin: one token of each step count in turn
+            prefills = {}
+            for dtype, (l2d, _) in models.items():  # one prefill per dtype, shared by every decoding below
+                with autocast(device, getattr(torch, dtype)):
+                    cache = KVCache()
+                    prefills[dtype] = l2d.base.trunk(batch, cache)[0], cache
+            step_costs = decode_step_costs(models, prefills, batch[:, -1], cfg["eval_reps"], device)
+            fp32_path = step_costs.get("float32", (None, None))[1]
+            for dtype, (base_s, path_s, merged_s) in step_costs.items():
+                costs.append(dict(batch=B, dtype=dtype, base_step_ms=1e3 * base_s, path_eval_ms=1e3 * path_s,
+                                  ratio=path_s / base_s, merged_path_eval_ms=1e3 * merged_s, merged_ratio=merged_s / base_s,
+                                  path_vs_fp32=fp32_path and path_s / fp32_path,
+                                  merged_vs_fp32=fp32_path and merged_s / fp32_path))
+            decoders = {(d, s): decoder(models[d][1], *prefills[d], s, cfg["solver"], device)  # merged, as sample.py
+                        for d in dtypes for s in cfg["steps"]}
+            times, nfe = {key: [] for key in decoders}, {}
+            for _ in range(cfg["new_tokens"]):  # round-robin: one token of each (dtype, step count) in turn
+                for (d, s), tokens in decoders.items():
+                    with autocast(device, getattr(torch, d)):
+                        seconds, nfe[d, s] = next(tokens)
+                    times[d, s].append(seconds)
+            for d in dtypes:
+                one = statistics.median(times[d, 1]) if 1 in cfg["steps"] else None
+                merged_ratio = next(c["merged_ratio"] for c in costs if c["batch"] == B and c["dtype"] == d)
                 for s in cfg["steps"]:
-                    seconds, nfe[s] = next(decoders[s])
-                    times[s].append(seconds)
-            one = statistics.median(times[1]) if 1 in times else None
-            for s in cfg["steps"]:
-                per_token = statistics.median(times[s])
-                steps_rows.append(dict(batch=B, steps=s, nfe_per_token=nfe[s], ms_per_token=1e3 * per_token,
-                                       tokens_per_s=B / per_token, vs_steps1=one and per_token / one,
-                                       predicted_vs_steps1=1 + nfe[s] * costs[-1]["merged_ratio"]))
+                    per_token = statistics.median(times[d, s])
+                    fp32 = statistics.median(times["float32", s]) if "float32" in dtypes else None
+                    steps_rows.append(dict(batch=B, dtype=d, steps=s, nfe_per_token=nfe[d, s], ms_per_token=1e3 * per_token,
+                                           tokens_per_s=B / per_token, vs_fp32=fp32 and per_token / fp32,
+                                           vs_steps1=one and per_token / one,
+                                           predicted_vs_steps1=1 + nfe[d, s] * merged_ratio))
     return dict(decode_step=costs, steps=steps_rows)
 
 
@@ -274,22 +325,28 @@ def bench_ar2diff(base, cfg):
 
 
 # --- training ----------------------------------------------------------------------------------------
-def build_trainer(method, base, cfg):
-    """(model, optimizer) of a training method. The l2d variants wrap `base` without changing it; lora
-    and full get their own copy (LoRA wraps in place, full trains every weight)."""
+def frozen_base(base, dtype):
+    """The base as the l2d variants train around it, frozen and stored in dtype (its own copy unless float32)."""
+    return base if dtype == torch.float32 else store_weights(copy.deepcopy(base), dtype)
+
+
+def build_trainer(method, base, cfg, dtype=torch.float32):
+    """(model, optimizer) of a training method, its frozen weights stored in dtype as train.py stores them.
+    The l2d variants wrap `base` (frozen_base: already in dtype) without changing it; lora and full get
+    their own copy (LoRA wraps in place, full trains every weight, in float32)."""
     if method.startswith("l2d"):
         model = L2D(base, l2d_config(cfg, method.split("-")[1]))
     elif method == "lora":
         model = add_lora(copy.deepcopy(base), cfg["lora_rank"], cfg["lora_alpha"])
     else:
         model = copy.deepcopy(base).requires_grad_(True)
-    model = model.to(cfg["device"]).train()
+    model = store_weights(model.to(cfg["device"]).train(), dtype, frozen_only=True)
     return model, train.make_optimizer(model, train.DEFAULTS, cfg["device"])
 
 
-def train_step(model, optimizer, x, y, autocast):
-    """One step as train.py takes it (no gradient accumulation)."""
-    with autocast:
+def train_step(model, optimizer, x, y, mixed):
+    """One step as train.py takes it (no gradient accumulation), in the autocast context `mixed`."""
+    with mixed:
         _, loss = model(x, y)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), train.DEFAULTS["grad_clip"])
@@ -297,42 +354,42 @@ def train_step(model, optimizer, x, y, autocast):
     optimizer.zero_grad(set_to_none=True)
 
 
-def training_setup(cfg, vocab_size):
+def training_batch(cfg, vocab_size):
     torch.manual_seed(cfg["seed"])
     if cfg["data"]:  # a real batch: the first --batch examples, targets on answer tokens only
         from dataset import TokenDataset
         x, y, _ = TokenDataset(cfg["data"], "train").get_batch(range(cfg["batch"]), cfg["seq"])
-        x, y = x.to(cfg["device"]), y.to(cfg["device"])
-    else:  # a random batch with a target at every position: the worst case for l2d
-        x, y = (torch.randint(0, vocab_size, (cfg["batch"], cfg["seq"]), device=cfg["device"]) for _ in range(2))
-    dtype = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if cfg["device"].startswith("cuda") else "float32")
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(cfg["device"].split(":")[0], getattr(torch, dtype))
-    return x, y, autocast
+        return x.to(cfg["device"]), y.to(cfg["device"])
+    # a random batch with a target at every position: the worst case for l2d
+    return tuple(torch.randint(0, vocab_size, (cfg["batch"], cfg["seq"]), device=cfg["device"]) for _ in range(2))
 
 
-def count_flops(model, optimizer, x, y, autocast):
+def count_flops(model, optimizer, x, y, mixed):
     with FlopCounterMode(display=False) as counter:
-        train_step(model, optimizer, x, y, autocast)
+        train_step(model, optimizer, x, y, mixed)
     return counter.get_total_flops()
 
 
-def bench_training(base, cfg, peak_gflops):
-    device, methods = cfg["device"], cfg["methods"]
-    x, y, autocast = training_setup(cfg, base.config.vocab_size)
-    models = {m: build_trainer(m, base, cfg) for m in methods}
-    flops = {m: count_flops(*models[m], x, y, autocast) for m in methods}  # also the warm-up step
-    times = {m: [] for m in methods}
-    for _ in range(cfg["train_reps"]):  # round-robin over the methods
-        for m in methods:
-            times[m].append(timed(lambda: train_step(*models[m], x, y, autocast), device)[0])
+def bench_training(base, cfg, peaks):
+    device, methods, dtypes = cfg["device"], cfg["methods"], cfg["dtypes"]
+    x, y = training_batch(cfg, base.config.vocab_size)
+    bases = {d: frozen_base(base, getattr(torch, d)) for d in dtypes}
+    models = {(m, d): build_trainer(m, bases[d], cfg, getattr(torch, d)) for d in dtypes for m in methods}
+    mixed = {d: autocast(device, getattr(torch, d)) for d in dtypes}
+    flops = {(m, d): count_flops(*models[m, d], x, y, mixed[d]) for m, d in models}  # also the warm-up step
+    times = {key: [] for key in models}
+    for _ in range(cfg["train_reps"]):  # round-robin over the methods and dtypes
+        for m, d in models:
+            times[m, d].append(timed(lambda: train_step(*models[m, d], x, y, mixed[d]), device)[0])
     rows = []
-    for m in methods:
-        step = statistics.median(times[m])
-        trainable = sum(p.numel() for p in models[m][0].parameters() if p.requires_grad)
-        rows.append(dict(method=m, trainable_params=trainable, step_s=step, tokens_per_s=x.numel() / step,
-                         vs_full=step / statistics.median(times["full"]) if "full" in times else None,
-                         flops_per_step=flops[m], gflop_per_step=flops[m] / 1e9, gflops=flops[m] / step / 1e9,
-                         of_peak=flops[m] / step / 1e9 / peak_gflops))
+    for m, d in models:
+        step = statistics.median(times[m, d])
+        trainable = sum(p.numel() for p in models[m, d][0].parameters() if p.requires_grad)
+        rows.append(dict(method=m, dtype=d, trainable_params=trainable, step_s=step, tokens_per_s=x.numel() / step,
+                         vs_full=step / statistics.median(times["full", d]) if "full" in methods else None,
+                         vs_fp32=step / statistics.median(times[m, "float32"]) if "float32" in dtypes else None,
+                         flops_per_step=flops[m, d], gflop_per_step=flops[m, d] / 1e9, gflops=flops[m, d] / step / 1e9,
+                         of_peak=flops[m, d] / step / 1e9 / peaks[d]))
     return rows
 
 
@@ -345,11 +402,18 @@ def rss(field):
 
 def memory_worker(cfg):
     """Build one method's model, then its peak memory over a few training steps (bytes, as JSON)."""
+    method, dtype = cfg["_memory_worker"].split(":")
+    dtype = getattr(torch, dtype)
     base = load_model(cfg)
-    model, optimizer = build_trainer(cfg["_memory_worker"], base, cfg)
-    x, y, autocast = training_setup(cfg, base.config.vocab_size)
+    model, optimizer = build_trainer(method, frozen_base(base, dtype), cfg, dtype)
+    x, y = training_batch(cfg, base.config.vocab_size)
+    mixed = autocast(cfg["device"], dtype)
     del base
     gc.collect()
+    try:  # hand freed heap back to the OS (glibc), or RSS would still count the float32 copies cast away
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     cuda, reset = cfg["device"].startswith("cuda"), False
     if cuda:
         torch.cuda.synchronize()
@@ -364,20 +428,20 @@ def memory_worker(cfg):
             pass
         before = rss("VmRSS")
     for _ in range(cfg["mem_steps"]):
-        train_step(model, optimizer, x, y, autocast)
+        train_step(model, optimizer, x, y, mixed)
     peak = torch.cuda.max_memory_allocated() if cuda else rss("VmHWM")
     print(json.dumps(dict(before=before, peak=peak, peak_reset=reset or cuda)))
 
 
-def measure_memory(cfg, method):
+def measure_memory(cfg, method, dtype="float32"):
     args = [f"--{k}={v!r}" for k, v in cfg.items() if k not in ("_memory_worker", "what")]
-    run = subprocess.run([sys.executable, os.path.abspath(__file__), *args, f"--_memory_worker={method}"],
+    run = subprocess.run([sys.executable, os.path.abspath(__file__), *args, f"--_memory_worker={method}:{dtype}"],
                          capture_output=True, text=True)
     if run.returncode:
-        raise RuntimeError(f"memory worker for {method} failed: {run.stderr.strip()[-500:]}")
+        raise RuntimeError(f"memory worker for {method} in {dtype} failed: {run.stderr.strip()[-500:]}")
     m = json.loads(run.stdout.strip().splitlines()[-1])
     mb = 2**20
-    return dict(method=method, before_mb=m["before"] / mb, peak_mb=m["peak"] / mb,
+    return dict(method=method, dtype=dtype, before_mb=m["before"] / mb, peak_mb=m["peak"] / mb,
                 increase_mb=(m["peak"] - m["before"]) / mb, peak_reset=m["peak_reset"])
 
 
@@ -401,26 +465,29 @@ def main(argv=None):
     if cfg["_memory_worker"]:
         return memory_worker(cfg)
     info = machine(cfg["device"])
-    print(f"torch {info['torch']}, {info['threads']} threads, {info['cpu_count']} CPUs ({info['cpu']}), "
-          f"load average {info['load_avg']:.2f}, device {info['device']}")
+    print(f"torch {info['torch']}, {info['threads']} threads, {info['cpu_count']} CPUs ({info['cpu']}; bf16 matmul "
+          f"instructions: {info['cpu_bf16']}), load average {info['load_avg']:.2f}, device {info['device']}")
     base = load_model(cfg).eval()
     longest = cfg["prompt_len"] + max([cfg["new_tokens"]] + (cfg["answer_lens"] if "ar2diff" in cfg["what"] else []))
     if longest > base.config.block_size or cfg["seq"] > base.config.block_size:
         raise UsageError(f"--prompt_len + --new_tokens (or --answer_lens) and --seq must fit the model's "
                          f"{base.config.block_size} positions")
-    peak = matmul_peak(cfg["matmul_n"], cfg["device"])
-    print(f"{cfg['init_from']}: {base.num_params() / 1e6:.1f}M parameters; float32 matmul "
-          f"{cfg['matmul_n']}x{cfg['matmul_n']}: {peak:.1f} GFLOP/s")
-    results = dict(config=cfg, machine=info, matmul_gflops=peak)
+    peaks = {d: matmul_peak(cfg["matmul_n"], cfg["device"], getattr(torch, d)) for d in cfg["dtypes"]}
+    weights = {d: weight_mb(frozen_base(base, getattr(torch, d))) for d in cfg["dtypes"]}
+    print(f"{cfg['init_from']}: {base.num_params() / 1e6:.1f}M parameters; " + ", ".join(
+        f"{d}: weights {weights[d]:.0f} MB, matmul {peaks[d]:.1f} GFLOP/s" for d in cfg["dtypes"]))
+    results = dict(config=cfg, machine=info, matmul_gflops=peaks, weights_mb=weights)
     if "gen" in cfg["what"]:
         results["generation"] = gen = bench_generation(base, cfg)
         table(f"One decoding step (median of {cfg['eval_reps']}, interleaved; prompt {cfg['prompt_len']} tokens)",
-              gen["decode_step"], [("batch", "batch", "{}"), ("base step ms", "base_step_ms", "{:.2f}"),
+              gen["decode_step"], [("batch", "batch", "{}"), ("dtype", "dtype", "{}"), ("base step ms", "base_step_ms", "{:.2f}"),
                                    ("path eval ms", "path_eval_ms", "{:.2f}"), ("path/base", "ratio", "{:.2f}"),
-                                   ("merged ms", "merged_path_eval_ms", "{:.2f}"), ("merged/base", "merged_ratio", "{:.2f}")])
+                                   ("merged ms", "merged_path_eval_ms", "{:.2f}"), ("merged/base", "merged_ratio", "{:.2f}"),
+                                   ("path x fp32", "path_vs_fp32", "{:.2f}"), ("merged x fp32 path", "merged_vs_fp32", "{:.2f}")])
         table(f"Generation, {cfg['solver']}: time per new token (median of {cfg['new_tokens']}, interleaved)",
-              gen["steps"], [("batch", "batch", "{}"), ("steps", "steps", "{}"), ("NFE/tok", "nfe_per_token", "{:.0f}"),
-                             ("ms/tok", "ms_per_token", "{:.1f}"), ("tok/s", "tokens_per_s", "{:.2f}"),
+              gen["steps"], [("batch", "batch", "{}"), ("dtype", "dtype", "{}"), ("steps", "steps", "{}"),
+                             ("NFE/tok", "nfe_per_token", "{:.0f}"), ("ms/tok", "ms_per_token", "{:.1f}"),
+                             ("tok/s", "tokens_per_s", "{:.2f}"), ("x fp32", "vs_fp32", "{:.2f}"),
                              ("x steps=1", "vs_steps1", "{:.2f}"), ("1+NFE*merged/base", "predicted_vs_steps1", "{:.2f}")])
     if "ar2diff" in cfg["what"]:
         results["ar2diff"] = rows = bench_ar2diff(base, cfg)
@@ -430,16 +497,16 @@ def main(argv=None):
                ("AR2Diff s", "ar2diff_s", "{:.3f}"), ("AR tok/s", "ar_tokens_per_s", "{:.1f}"),
                ("AR2Diff tok/s", "ar2diff_tokens_per_s", "{:.1f}"), ("speed-up", "speedup", "{:.2f}")])
     if "train" in cfg["what"]:
-        rows = bench_training(base, cfg, peak)
+        rows = bench_training(base, cfg, peaks)
         gc.collect()
-        memory = {m["method"]: m for m in (measure_memory(cfg, method) for method in cfg["methods"])}
         for row in rows:
-            row.update({k: v for k, v in memory[row["method"]].items() if k != "method"})
+            row.update({k: v for k, v in measure_memory(cfg, row["method"], row["dtype"]).items() if k not in row})
         results["training"] = rows
         kind = "allocated" if cfg["device"].startswith("cuda") else "RSS"
         table(f"Training step, batch {cfg['batch']} x {cfg['seq']} tokens (median of {cfg['train_reps']}, interleaved)",
-              rows, [("method", "method", "{}"), ("trainable", "trainable_params", "{:,}"), ("step s", "step_s", "{:.3f}"),
-                     ("tok/s", "tokens_per_s", "{:.0f}"), ("x full", "vs_full", "{:.2f}"),
+              rows, [("method", "method", "{}"), ("dtype", "dtype", "{}"), ("trainable", "trainable_params", "{:,}"),
+                     ("step s", "step_s", "{:.3f}"), ("tok/s", "tokens_per_s", "{:.0f}"), ("x full", "vs_full", "{:.2f}"),
+                     ("x fp32", "vs_fp32", "{:.2f}"),
                      ("GFLOP/step", "gflop_per_step", "{:.1f}"), ("GFLOP/s", "gflops", "{:.1f}"),
                      ("of matmul", "of_peak", "{:.0%}"), (f"peak {kind} MB", "peak_mb", "{:.0f}"),
                      ("+MB over start", "increase_mb", "{:.0f}")])

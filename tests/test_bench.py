@@ -36,36 +36,48 @@ def test_end_to_end_on_a_tiny_model(tmp_path, capsys, one_thread):
     assert results["training"] == json.loads(json.dumps(returned["training"]))
     for title in ("torch ", "One decoding step", "Generation, midpoint", "Training step", "wrote"):
         assert title in printed
-    assert {"torch", "threads", "cpu", "load_avg", "load_avg_end", "device"} <= set(results["machine"])
-    assert results["matmul_gflops"] > 0
+    assert {"torch", "threads", "cpu", "cpu_bf16", "load_avg", "load_avg_end", "device"} <= set(results["machine"])
+    dtypes = ["float32", "bfloat16"]  # the default: side by side
+    assert list(results["matmul_gflops"]) == dtypes and min(results["matmul_gflops"].values()) > 0
+    weights = results["weights_mb"]  # the base stored in each: bf16 halves all but the norms
+    assert weights["float32"] / 2 < weights["bfloat16"] < weights["float32"] / 2 * 1.05
 
     gen = results["generation"]
-    assert [r["batch"] for r in gen["decode_step"]] == [1, 3]
+    assert [(r["batch"], r["dtype"]) for r in gen["decode_step"]] == [(b, d) for b in (1, 3) for d in dtypes]
     for row in gen["decode_step"]:
         assert row["base_step_ms"] > 0 and row["path_eval_ms"] > 0
         assert row["ratio"] == pytest.approx(row["path_eval_ms"] / row["base_step_ms"])
         assert row["merged_ratio"] == pytest.approx(row["merged_path_eval_ms"] / row["base_step_ms"])
-    assert [(r["batch"], r["steps"]) for r in gen["steps"]] == [(b, s) for b in (1, 3) for s in (1, 2, 4)]
+        fp32 = next(r for r in gen["decode_step"] if r["batch"] == row["batch"] and r["dtype"] == "float32")
+        assert row["path_vs_fp32"] == pytest.approx(row["path_eval_ms"] / fp32["path_eval_ms"])
+        assert row["merged_vs_fp32"] == pytest.approx(row["merged_path_eval_ms"] / fp32["path_eval_ms"])
+    assert [(r["batch"], r["dtype"], r["steps"]) for r in gen["steps"]] == \
+        [(b, d, s) for b in (1, 3) for d in dtypes for s in (1, 2, 4)]
     for row in gen["steps"]:
         assert row["nfe_per_token"] == (0 if row["steps"] == 1 else 2 * (row["steps"] - 1) + 1)  # midpoint + read-out
         assert row["tokens_per_s"] == pytest.approx(1e3 * row["batch"] / row["ms_per_token"])
-        assert set(row) == {"batch", "steps", "nfe_per_token", "ms_per_token", "tokens_per_s", "vs_steps1",
-                            "predicted_vs_steps1"}
+        assert set(row) == {"batch", "dtype", "steps", "nfe_per_token", "ms_per_token", "tokens_per_s", "vs_fp32",
+                            "vs_steps1", "predicted_vs_steps1"}
         if row["steps"] == 1:
             assert row["vs_steps1"] == 1.0 and row["predicted_vs_steps1"] == 1.0
+        if row["dtype"] == "float32":
+            assert row["vs_fp32"] == 1.0
 
-    rows = {r["method"]: r for r in results["training"]}
-    assert list(rows) == ["l2d-lora", "l2d-full", "lora", "full"]
-    keys = {"method", "trainable_params", "step_s", "tokens_per_s", "vs_full", "flops_per_step", "gflop_per_step",
-            "gflops", "of_peak", "before_mb", "peak_mb", "increase_mb", "peak_reset"}
-    for row in rows.values():
+    rows = {(r["method"], r["dtype"]): r for r in results["training"]}
+    assert list(rows) == [(m, d) for d in dtypes for m in ("l2d-lora", "l2d-full", "lora", "full")]
+    keys = {"method", "dtype", "trainable_params", "step_s", "tokens_per_s", "vs_full", "vs_fp32", "flops_per_step",
+            "gflop_per_step", "gflops", "of_peak", "before_mb", "peak_mb", "increase_mb", "peak_reset"}
+    for (method, dtype), row in rows.items():
         assert set(row) == keys
         assert row["step_s"] > 0 and row["flops_per_step"] > 0 and row["peak_mb"] >= row["before_mb"] > 0
         assert row["tokens_per_s"] == pytest.approx(2 * 8 / row["step_s"])
-    assert rows["full"]["vs_full"] == 1.0
-    assert rows["lora"]["trainable_params"] < rows["full"]["trainable_params"]
-    assert rows["l2d-lora"]["trainable_params"] < rows["l2d-full"]["trainable_params"]
-    assert rows["lora"]["flops_per_step"] < rows["full"]["flops_per_step"]  # no weight gradients of the base
+        assert row["vs_fp32"] == pytest.approx(row["step_s"] / rows[method, "float32"]["step_s"])
+        assert row["trainable_params"] == rows[method, "float32"]["trainable_params"]  # what trains stays float32
+    for dtype in dtypes:
+        assert rows["full", dtype]["vs_full"] == 1.0
+        assert rows["lora", dtype]["trainable_params"] < rows["full", dtype]["trainable_params"]
+        assert rows["l2d-lora", dtype]["trainable_params"] < rows["l2d-full", dtype]["trainable_params"]
+        assert rows["lora", dtype]["flops_per_step"] < rows["full", dtype]["flops_per_step"]  # no base weight gradients
 
 
 def test_ar2diff_against_ar_decoding_on_a_tiny_model(one_thread, capsys):
@@ -112,11 +124,11 @@ def test_flop_count_of_a_full_training_step(family, one_thread):
     matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     d, L = base.config.n_embd, base.config.n_layer
     expected = 6 * matmul_weights * B * T + 14 * B * T * T * d * L
-    counted = bench.count_flops(model, optimizer, x, y, bench.nullcontext())
+    counted = bench.count_flops(model, optimizer, x, y, bench.autocast("cpu", torch.float32))
     assert counted == pytest.approx(expected, rel=0.02)
 
 
-@pytest.mark.parametrize("flag", ["--what=sample", "--methods=l2d,full", "--steps=0,2", "--solver=dopri5",
+@pytest.mark.parametrize("flag", ["--what=sample", "--dtypes=bf16", "--methods=l2d,full", "--steps=0,2", "--solver=dopri5",
                                   "--batch_sizes=one", "--eval_reps=0", "--answer_lens=0", "--ar2diff_samples=1,0"])
 def test_bad_flags_are_usage_errors(flag):
     with pytest.raises(UsageError):
@@ -139,3 +151,6 @@ def test_memory_workers_see_their_own_training_memory(one_thread):
     weights_mb = 4 * bench.load_model(cfg).num_params() / 2**20
     assert full["increase_mb"] - lora["increase_mb"] > 2 * weights_mb
     assert full["peak_mb"] < full["before_mb"] + 10 * weights_mb
+    # LoRA's frozen base stored in bf16: half its bytes, before the first step (the rest of the process is alike)
+    lora_bf16 = bench.measure_memory(cfg, "lora", "bfloat16")
+    assert lora["before_mb"] - lora_bf16["before_mb"] == pytest.approx(weights_mb / 2, rel=0.25)
