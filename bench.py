@@ -467,6 +467,9 @@ def main(argv=None):
     info = machine(cfg["device"])
     print(f"torch {info['torch']}, {info['threads']} threads, {info['cpu_count']} CPUs ({info['cpu']}; bf16 matmul "
           f"instructions: {info['cpu_bf16']}), load average {info['load_avg']:.2f}, device {info['device']}")
+    if "bfloat16" in cfg["dtypes"] and not cfg["device"].startswith("cuda") and info["cpu_bf16"] == "none":
+        print("warning: this CPU has no bf16 matmul instructions: the bfloat16 rows are emulated and take tens of "
+              "times longer than the float32 ones; --dtypes float32 leaves them out")
     base = load_model(cfg).eval()
     longest = cfg["prompt_len"] + max([cfg["new_tokens"]] + (cfg["answer_lens"] if "ar2diff" in cfg["what"] else []))
     if longest > base.config.block_size or cfg["seq"] > base.config.block_size:
