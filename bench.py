@@ -332,8 +332,8 @@ def frozen_base(base, dtype):
 
 def build_trainer(method, base, cfg, dtype=torch.float32):
     """(model, optimizer) of a training method, its frozen weights stored in dtype as train.py stores them.
-    The l2d variants wrap `base` (frozen_base: already in dtype) without changing it; lora and full get
-    their own copy (LoRA wraps in place, full trains every weight, in float32)."""
+    The l2d variants wrap `base` without changing it (pass frozen_base(base, dtype)); lora and full get their
+    own copy of the float32 `base` (LoRA wraps in place; full trains every weight, float32 masters)."""
     if method.startswith("l2d"):
         model = L2D(base, l2d_config(cfg, method.split("-")[1]))
     elif method == "lora":
@@ -374,7 +374,8 @@ def bench_training(base, cfg, peaks):
     device, methods, dtypes = cfg["device"], cfg["methods"], cfg["dtypes"]
     x, y = training_batch(cfg, base.config.vocab_size)
     bases = {d: frozen_base(base, getattr(torch, d)) for d in dtypes}
-    models = {(m, d): build_trainer(m, bases[d], cfg, getattr(torch, d)) for d in dtypes for m in methods}
+    models = {(m, d): build_trainer(m, bases[d] if m.startswith("l2d") else base, cfg, getattr(torch, d))
+              for d in dtypes for m in methods}
     mixed = {d: autocast(device, getattr(torch, d)) for d in dtypes}
     flops = {(m, d): count_flops(*models[m, d], x, y, mixed[d]) for m, d in models}  # also the warm-up step
     times = {key: [] for key in models}
@@ -405,7 +406,7 @@ def memory_worker(cfg):
     method, dtype = cfg["_memory_worker"].split(":")
     dtype = getattr(torch, dtype)
     base = load_model(cfg)
-    model, optimizer = build_trainer(method, frozen_base(base, dtype), cfg, dtype)
+    model, optimizer = build_trainer(method, frozen_base(base, dtype) if method.startswith("l2d") else base, cfg, dtype)
     x, y = training_batch(cfg, base.config.vocab_size)
     mixed = autocast(cfg["device"], dtype)
     del base

@@ -38,20 +38,60 @@ def format_prompt(enc, question):
     return chat_prompt(enc, question) if has_chat_template(enc) else f"Question: {question}\nAnswer: "
 
 
+def conversation_segments(enc, turns):
+    """A conversation [{"role", "content"}, ...] as (text, is_answer) segments: the chat template (a leading
+    system turn, or the default one) with every assistant turn's content an answer, each closed by the end
+    token; without a chat template, "Question: ...\nAnswer: " per user turn (a system turn is dropped)."""
+    chat, segments = has_chat_template(enc), []
+    if chat and turns[0]["role"] != "system":
+        segments.append((chat_prompt(enc, "").split("<|im_start|>user")[0], False))  # the default system turn
+    for turn in turns:
+        if turn["role"] == "assistant":
+            segments += [("<|im_start|>assistant\n" if chat else "", False), (turn["content"], True)]
+            segments.append(("\n", False) if chat else ("", False))
+        elif chat:
+            segments.append((f"<|im_start|>{turn['role']}\n{turn['content']}{END_OF_TURN}\n", False))
+        elif turn["role"] == "user":
+            segments.append((f"Question: {turn['content']}\nAnswer: ", False))
+    return segments
+
+
+def encode_example(enc, ex, end):
+    """(prompt text, tokens, loss mask, answer text) of one example: ex is dict(question, answer) (formatted
+    by format_prompt, or with its own exact "prompt" text), or dict(turns) (a conversation, loss on every
+    assistant turn). The held-out row's prompt is everything before the last answer, its answer that answer.
+    Each piece is encoded on its own, so a prompt encodes to exactly its tokens here."""
+    if "turns" in ex:
+        segments = conversation_segments(enc, ex["turns"])
+    else:
+        segments = [(ex.get("prompt") or format_prompt(enc, ex["question"]), False), (ex["answer"], True)]
+    tokens, mask, texts, last = [], [], [], 0
+    for text, is_answer in segments:
+        ids = enc.encode(text, allowed_special="all") + ([end] if is_answer else [])
+        if is_answer:
+            last = len(texts)
+        tokens += ids
+        mask += [is_answer] * len(ids)
+        texts.append(text)
+    return "".join(texts[:last]), tokens, mask, texts[last]
+
+
 def tokenizer_tag(name):
     """Output folder name for a tokenizer: char for char vocabularies, else the name or folder's basename."""
     return "char" if name == "char" or name.endswith(".json") else os.path.basename(os.path.normpath(name)).removesuffix(".gguf")
 
 
 def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=False):
-    """Tokenize splits = {"train": [ex, ...], "test": [...]}, ex = dict(question, answer, label[, final]).
+    """Tokenize splits = {"train": [ex, ...], "test": [...]}, ex = dict(question, answer, label[, final]) or
+    dict(turns, label) (encode_example; an optional "fields" dict is copied into the held-out row, e.g. a
+    problem's tests).
     tokenizer "char" builds a character vocabulary from all the text (an existing vocab .json is reused);
     either way it is saved as out_dir/vocab.json. max_len drops longer train examples (held-out splits are kept whole).
     A split left with no examples raises ValueError before anything is written. A folder that already holds
     a prepared dataset is left as it is when the new one is the same, and refused (ValueError) when it would
     change, unless overwrite: a checkpoint trained on it reads its vocabulary."""
     if tokenizer == "char":
-        text = (ex["question"] + ex["answer"] for exs in splits.values() for ex in exs)
+        text = (ex["question"] + ex["answer"] for exs in splits.values() for ex in exs)  # (no conversations)
         enc = CharTokenizer("".join(set("Question: \nAnswer: ").union(*text)))
     else:  # another folder's char vocabulary (so the two can be mixed), or a model's tokenizer; an unknown
         if os.path.exists(tokenizer):  # name fails here, before anything is written
@@ -63,16 +103,14 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=F
     for split, examples in splits.items():
         tokens, mask, offsets, labels, rows = [], [], [0], [], []
         for ex in examples:
-            prompt = format_prompt(enc, ex["question"])
-            p = enc.encode(prompt, allowed_special="all")
-            a = enc.encode(ex["answer"], allowed_special="all") + [end]
-            if max_len and split == "train" and len(p) + len(a) > max_len:
+            prompt, ids, answer_mask, answer = encode_example(enc, ex, end)
+            if max_len and split == "train" and len(ids) > max_len:
                 continue
-            tokens += p + a
-            mask += [False] * len(p) + [True] * len(a)
+            tokens += ids
+            mask += answer_mask
             offsets.append(len(tokens))
             labels.append(classes.index(ex["label"]))
-            rows.append(dict(prompt=prompt, answer=ex["answer"], final=ex.get("final"), label=ex["label"]))
+            rows.append(dict(prompt=prompt, answer=answer, final=ex.get("final"), label=ex["label"], **ex.get("fields", {})))
         if not rows:  # training would wait forever for a batch, evaluation would have nothing to score
             raise ValueError(f"the {split} split of {out_dir} would have no examples: " + (
                 f"all {len(examples)} are longer than max_len={max_len} tokens, raise --max_len" if examples else

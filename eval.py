@@ -5,6 +5,7 @@ an L2D checkpoint all go through the same command, so their rows are comparable.
     python eval.py --ckpt out-quick-l2d/ckpt.pt --task arithmetic --steps 1,2,4,8,16 --limit 200
     python eval.py --ckpt out-quick/ckpt.pt --task arithmetic            # a GPT (ar/full/lora): one row
     python eval.py --ckpt smollm2-135m --task gsm8k --limit 100          # a base model by name or HF folder
+    python eval.py --ckpt out/ckpt.pt --task humaneval --steps 1,2,4 --x1 sample --max_new_tokens 384   # pass@1
     python eval.py --ckpt out/ckpt.pt --task gsm8k --teacher_forced False --steps 1,8 --gen_batch_size 16
     python eval.py --ckpt out/ckpt.pt --task gsm8k --solver dopri5 --atol 1e-3,1e-4 --rtol 1e-3,1e-4
     python eval.py --ckpt out/ckpt.pt --task gsm8k --steps 8 --guidance 1,1.5,2 --label math
@@ -19,7 +20,9 @@ temperature 0.2 (the paper's), K candidates in parallel, the one it scores best 
 passes over the span (steps, + 1 to score when K > 1) times K, per answer token; it has no teacher-forced
 pass (no next-token logits), and its "vs steps=1" is the row with one refinement and the same K.
   acc [95% CI]  greedy generation (temperature 0, stopping at the data's end token or max_new_tokens);
-                correct when final_number(output) equals the gold final answer. Wilson score interval.
+                correct when final_number(output) equals the gold final answer; for --task humaneval,
+                pass@1: the completed function passes its unit tests, run in a child process with a
+                time limit, no network, in a temporary directory (execution.py). Wilson score interval.
   nfe/tok       diffusion-path evaluations per generated token, as L2D.next_token counts them: 0 for
                 the base alone (steps=1, or a GPT), 15 for midpoint with 8 steps (7 x 2 + 1), 29 with
                 guidance (each velocity costs two, the read-out one). The base's own forward (once per
@@ -94,16 +97,17 @@ from configurator import UsageError, configure, fail, resolve_device
 from dataset import TokenDataset, tokenizer_tag
 from diffusion import L2D
 from intervals import ratio_interval, row_gains, wilson_interval
+from execution import humaneval_program, run_program
 from lora import merge_lora
 from precision import autocast, resolve_dtype, store_weights
 from plot import plot
 from solvers import SOLVERS
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-TASKS = ("gsm8k", "arithmetic")
+TASKS = ("gsm8k", "arithmetic", "humaneval")
 DEFAULTS = dict(
     ckpt="",                # required: a ckpt.pt of train.py (or its folder), or a base model name or HF folder
-    task="arithmetic",      # gsm8k or arithmetic
+    task="arithmetic",      # gsm8k, arithmetic or humaneval (pass@1: each completion run against its tests)
     data="",                # the prepared folder; "": data/<task>/<tokenizer tag>
     split="test",           # test, or confirm (a second held-out split, to check a gain chosen on test once)
     limit=0,                # the first N examples only; 0: all
@@ -490,6 +494,16 @@ def main(argv=None):
         raise UsageError("--guidance other than 1 needs an L2D model trained with --guidance_classes=True")
     stop = {ds.eot} | ({tokenizer.eot_token} if getattr(tokenizer, "eot_token", None) is not None else set())
     golds = [final_number(r["final"] if r.get("final") is not None else r["answer"]) for r in rows[:n]]
+    if cfg["task"] == "humaneval" and "test" not in rows[0]:
+        raise UsageError(f"{data_dir} has no HumanEval tests in its rows: prepare it with data/humaneval/prepare.py")
+
+    def is_correct(i, text):
+        """Math: the last number of the output equals the gold one. HumanEval: the completed function passes
+        its unit tests, run in a child process (execution.py)."""
+        if cfg["task"] == "humaneval":
+            return int(run_program(humaneval_program(rows[i], text)))
+        pred = final_number(text)
+        return int(pred is not None and pred == golds[i])
     prompts = [ds.tokenizer.encode(r["prompt"], allowed_special="all") for r in rows[:n]]
     if is_ar2diff and max(map(len, prompts)) + model.config.answer_len > block_size:
         raise UsageError(f"the longest prompt of {data_dir} ({max(map(len, prompts))} tokens) and the model's answer "
@@ -556,10 +570,9 @@ def main(argv=None):
             for i, (answer, generated, spent, *first) in zip(ix, answers):
                 text = ds.tokenizer.decode(answer)
                 pred = final_number(text)
-                ex["correct"].append(int(pred is not None and pred == golds[i]))
+                ex["correct"].append(is_correct(i, text))
                 if first and first[0] is not None:  # AR2Diff, one candidate: its answer after the first step
-                    first_pred = final_number(ds.tokenizer.decode(first[0]))
-                    ex.setdefault("first_correct", []).append(int(first_pred is not None and first_pred == golds[i]))
+                    ex.setdefault("first_correct", []).append(is_correct(i, ds.tokenizer.decode(first[0])))
                     ex.setdefault("first_changed", []).append(int(first[0] != answer))
                 ex["tokens"].append(generated)
                 ex["nfe"].append(spent)

@@ -59,15 +59,16 @@ def resolve_dtype(name, device, log=print):
 
 
 def store_weights(model, dtype, frozen_only=False):
-    """Store `model`'s weights in `dtype` (all, or with frozen_only those that do not require grad),
-    in place, except the norms', which stay float32. Returns the model. A weight shared by two modules
-    (the tied embedding and LM head, a frozen layer under LoRA) is one Parameter, cast once."""
+    """Store `model`'s weights in `dtype`, in place, except the norms', which stay float32; with frozen_only
+    (training) only those that do not require grad, the others being float32 master weights. Returns the
+    model. A weight shared by two modules (the tied embedding and LM head, a frozen layer under LoRA) is
+    one Parameter, cast once."""
     from model import Norm
     for module in model.modules():
-        if isinstance(module, Norm):
-            continue
         for param in module.parameters(recurse=False):
-            if param.is_floating_point() and not (frozen_only and param.requires_grad):
+            if frozen_only and param.requires_grad:
+                param.data = param.data.float()
+            elif param.is_floating_point() and not isinstance(module, Norm):
                 param.data = param.data.to(dtype)
     return model
 

@@ -111,6 +111,19 @@ def test_ar2diff_against_ar_decoding_on_a_tiny_model(one_thread, capsys):
     assert rows[0]["ar_s"] == rows[1]["ar_s"] and rows[2]["ar_s"] == rows[3]["ar_s"]
 
 
+@pytest.mark.parametrize("method", bench.METHODS)
+def test_bf16_trainers_keep_float32_masters_and_store_the_frozen_base_in_bf16(method, one_thread):
+    cfg = bench.check(bench.configure(bench.DEFAULTS, TINY))
+    base = bench.load_model(cfg)
+    dtype = torch.bfloat16
+    model, _ = bench.build_trainer(method, bench.frozen_base(base, dtype) if method.startswith("l2d") else base, cfg, dtype)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    frozen_linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert all(w.dtype == dtype for w in frozen_linears) and (method == "full") == (not frozen_linears)
+    assert all(p.dtype == torch.float32 for p in base.parameters())  # the caller's base is left as it was
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_flop_count_of_a_full_training_step(family, one_thread):
     """6 FLOPs per matmul weight per token (forward 2, backward 4) plus dense attention: q k^T and p v

