@@ -72,8 +72,8 @@ def encode_example(enc, ex, end):
             last = len(texts)
         tokens += ids
         mask += [is_answer] * len(ids)
-        texts.append(text)
-    return "".join(texts[:last]), tokens, mask, texts[last]
+        texts.append(text if not is_answer else text + enc.decode([end]))  # an earlier answer is closed in the prompt
+    return "".join(texts[:last]), tokens, mask, segments[last][0]
 
 
 def tokenizer_tag(name):

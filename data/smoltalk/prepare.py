@@ -1,0 +1,133 @@
+"""SmolTalk (HuggingFaceTB/smoltalk, Apache-2.0): the chat data of the paper's training mix, each subset
+with its guidance class (math, coding, general_qa).
+
+    python data/smoltalk/prepare.py                                   # the paper's subsets -> data/smoltalk/smollm2-135m/
+    python data/smoltalk/prepare.py --tokenizer path/to/Llama-3.2-1B-Instruct --max_len 2048
+    python data/smoltalk/prepare.py --subsets self-oss-instruct --limit 1000 --out /tmp/st   # a quick slice
+    python data/smoltalk/prepare.py --src DIR                         # offline: DIR/<subset>/*.parquet (or .jsonl)
+
+Each example is one conversation, a list of {"role", "content"} messages (system, user, assistant), laid
+out in the tokenizer's chat template (dataset.conversation_segments), with the loss on every assistant
+turn and its end token only. A held-out row's prompt is the conversation up to the last assistant turn,
+its answer that turn. Train examples longer than --max_len tokens are dropped.
+
+Downloads (when online): the subset's files are listed through the Hugging Face hub's API and fetched
+with urllib into --cache (default data/smoltalk/raw/<subset>/), once, with a progress bar; nothing to
+install for that. Reading .parquet files needs pyarrow (pip install pyarrow), imported only here: it is
+the reference reader of the format the hub stores. Offline, the error names the files to put where.
+"""
+import argparse
+import json
+import os
+import sys
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer
+from dataset import tokenizer_tag, write_dataset
+
+REPO_ID = "HuggingFaceTB/smoltalk"
+LIST_URL = f"https://huggingface.co/api/datasets/{REPO_ID}/tree/main/data/{{}}"
+FILE_URL = f"https://huggingface.co/datasets/{REPO_ID}/resolve/main/{{}}"
+# The paper's mix: math (MetaMathQA, NuminaMath CoT), coding (self-oss-instruct), general QA (OpenHermes,
+# smol-magpie-ultra). The paper reports ~892k examples; these five subsets' train splits hold ~0.7M.
+SUBSETS = {"metamathqa-50k": "math", "numina-cot-100k": "math", "self-oss-instruct": "coding",
+           "openhermes-100k": "general_qa", "smol-magpie-ultra": "general_qa"}
+CLASSES = ["math", "coding", "general_qa"]
+ROLES = ("system", "user", "assistant")
+
+
+def download(subset, folder):
+    """Fetch the subset's train and test files from the hub into folder (once; .part files until whole)."""
+    from tqdm import tqdm
+    try:
+        with urllib.request.urlopen(LIST_URL.format(subset), timeout=30) as response:
+            files = [f["path"] for f in json.load(response) if f["path"].endswith(".parquet")]
+        os.makedirs(folder, exist_ok=True)
+        for path in files:
+            target = os.path.join(folder, os.path.basename(path))
+            if os.path.isfile(target):
+                continue
+            with urllib.request.urlopen(FILE_URL.format(path), timeout=60) as response, open(target + ".part", "wb") as f, \
+                    tqdm(total=int(response.headers.get("Content-Length") or 0), unit="B", unit_scale=True,
+                         desc=os.path.basename(path)) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            os.replace(target + ".part", target)
+    except OSError as e:
+        raise FileNotFoundError(f"SmolTalk {subset}: no files in {folder} and downloading them from {REPO_ID} failed "
+                                f"({e}); offline, put data/{subset}/*.parquet of the hub's {REPO_ID} dataset into "
+                                f"{folder}/ (or .jsonl files in the same schema), or pass --src") from None
+
+
+def read_split(subset, split, folder):
+    """The conversations of one subset's split: every {split}*.parquet / .jsonl file in folder, in order."""
+    names = sorted(n for n in os.listdir(folder) if n.startswith(split) and n.endswith((".parquet", ".jsonl")))
+    conversations = []
+    for name in names:
+        path = os.path.join(folder, name)
+        if name.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        else:
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise FileNotFoundError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+            rows = pq.read_table(path, columns=["messages"]).to_pylist()
+        conversations += [check_messages(row.get("messages"), path, n) for n, row in enumerate(rows, 1)]
+    return conversations
+
+
+def check_messages(messages, path, n):
+    """A conversation as a list of {"role", "content"}, or an error naming the file and row."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and m.get("role") in ROLES and
+                                                 isinstance(m.get("content"), str) for m in messages):
+        raise ValueError(f"{path} row {n}: 'messages' must be a list of {{'role': system|user|assistant, "
+                         "'content': text}}, as in SmolTalk")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{path} row {n}: the conversation has no assistant turn to learn from")
+    return [dict(role=m["role"], content=m["content"]) for m in messages]
+
+
+def prepare(tokenizer="smollm2-135m", subsets=tuple(SUBSETS), out=None, src=None, cache=None, max_len=2048,
+            limit=None, n_test=100, overwrite=False):
+    """Tokenize the subsets into data/smoltalk/<tag>/ (or out): train = their train splits (the first `limit`
+    of each), test = the first n_test of each test split. Returns the output folder."""
+    unknown = [s for s in subsets if s not in SUBSETS]
+    if unknown:
+        raise ValueError(f"unknown --subsets {', '.join(unknown)}; known: {', '.join(SUBSETS)}")
+    splits = {"train": [], "test": []}
+    for subset in subsets:
+        folder = os.path.join(src or cache or os.path.join(HERE, "raw"), subset)
+        if src is None and not (os.path.isdir(folder) and os.listdir(folder)):
+            download(subset, folder)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"SmolTalk {subset}: {folder} not found; put the subset's train/test .parquet "
+                                    "(or .jsonl) files there")
+        for split, count in (("train", limit), ("test", n_test)):
+            splits[split] += [dict(turns=c, label=SUBSETS[subset]) for c in read_split(subset, split, folder)[:count]]
+    out = out or os.path.join(HERE, tokenizer_tag(tokenizer))
+    write_dataset(out, tokenizer, splits, classes=CLASSES, max_len=max_len, overwrite=overwrite)
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", default="smollm2-135m", help="smollm2-135m, a HF tokenizer folder, ...")
+    p.add_argument("--subsets", default=",".join(SUBSETS), help="comma-separated SmolTalk subsets")
+    p.add_argument("--out", default=None, help="output folder (default data/smoltalk/<tokenizer tag>)")
+    p.add_argument("--src", default=None, help="offline: a folder with <subset>/ folders of .parquet or .jsonl files")
+    p.add_argument("--cache", default=None, help="where downloads go (default data/smoltalk/raw)")
+    p.add_argument("--max_len", type=int, default=2048, help="drop train conversations longer than this (tokens); 0 keeps all")
+    p.add_argument("--limit", type=int, default=None, help="only the first N train conversations of each subset")
+    p.add_argument("--n_test", type=int, default=100, help="held-out conversations per subset (from its test split)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already prepared there")
+    args = vars(p.parse_args())
+    args["subsets"] = [s.strip() for s in args["subsets"].split(",") if s.strip()]
+    try:
+        prepare(**args)
+    except (ValueError, FileNotFoundError) as e:  # bad options or files: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
