@@ -12,7 +12,8 @@ A prepared folder data/<task>/<tag>/ (tag from the tokenizer: char, gpt2, smollm
   meta.json    {"tokenizer", "classes", "chat", "vocab_size", "eot"}: "tokenizer" is what get_tokenizer
                takes (a relative path is resolved inside the folder: char vocabularies live there as
                vocab.json); "eot" ends every answer (<|im_end|> for chat models) and pads batches.
-Formatting: chat models get chat_prompt(enc, question) and answers end with <|im_end|>; base models and
+Formatting: chat models get chat_prompt(enc, question) and answers end with the template's end of turn
+(<|im_end|>, Llama 3's <|eot_id|>); base models and
 char get "Question: {q}\\nAnswer: " and answers end with the end-of-text token. Prompt and answer are
 encoded separately, so the prompt tokens are exactly what eval.py gets by encoding test.jsonl's prompt.
 
@@ -31,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenizer import END_OF_TURN, CharTokenizer, chat_prompt, get_tokenizer, has_chat_template
+from tokenizer import (CharTokenizer, chat_prompt, chat_start, chat_template, chat_turn, end_token, get_tokenizer,
+                       has_chat_template)
 
 
 def format_prompt(enc, question):
@@ -42,15 +44,15 @@ def conversation_segments(enc, turns):
     """A conversation [{"role", "content"}, ...] as (text, is_answer) segments: the chat template (a leading
     system turn, or the default one) with every assistant turn's content an answer, each closed by the end
     token; without a chat template, "Question: ...\nAnswer: " per user turn (a system turn is dropped)."""
-    chat, segments = has_chat_template(enc), []
-    if chat and turns[0]["role"] != "system":
-        segments.append((chat_prompt(enc, "").split("<|im_start|>user")[0], False))  # the default system turn
+    template, segments = chat_template(enc), []
+    if template:
+        segments.append((chat_start(enc) if turns[0]["role"] != "system" else template["begin"], False))
     for turn in turns:
-        if turn["role"] == "assistant":
-            segments += [("<|im_start|>assistant\n" if chat else "", False), (turn["content"], True)]
-            segments.append(("\n", False) if chat else ("", False))
-        elif chat:
-            segments.append((f"<|im_start|>{turn['role']}\n{turn['content']}{END_OF_TURN}\n", False))
+        if turn["role"] == "assistant":  # the content and its end token are the answer (encode_example adds the end)
+            segments += [(template["header"].format(role="assistant") if template else "", False), (turn["content"], True)]
+            segments.append((template["sep"] if template else "", False))
+        elif template:
+            segments.append((chat_turn(enc, turn["role"], turn["content"]), False))
         elif turn["role"] == "user":
             segments.append((f"Question: {turn['content']}\nAnswer: ", False))
     return segments
@@ -98,7 +100,7 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=F
             tokenizer = os.path.abspath(tokenizer)  # a .gguf file or HF folder: any working directory finds it
         enc = get_tokenizer(tokenizer)
     chat = has_chat_template(enc)
-    end = enc.encode(END_OF_TURN, allowed_special="all")[0] if chat else enc.eot_token
+    end = end_token(enc)
     encoded = {}  # every split is encoded and checked before anything is written: no half-prepared folder
     for split, examples in splits.items():
         tokens, mask, offsets, labels, rows = [], [], [0], [], []

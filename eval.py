@@ -96,12 +96,13 @@ from checkpoint import load_base, load_model
 from configurator import UsageError, configure, fail, resolve_device
 from dataset import TokenDataset, tokenizer_tag
 from diffusion import L2D
-from intervals import ratio_interval, row_gains, wilson_interval
 from execution import humaneval_program, run_program
+from intervals import ratio_interval, row_gains, wilson_interval
 from lora import merge_lora
 from precision import autocast, resolve_dtype, store_weights
 from plot import plot
 from solvers import SOLVERS
+from tokenizer import stop_tokens
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("gsm8k", "arithmetic", "humaneval")
@@ -492,7 +493,7 @@ def main(argv=None):
     labels = example_labels(model, model_classes, ds, cfg["label"])
     if labels is None and any(s["guidance"] != 1.0 for s in settings):
         raise UsageError("--guidance other than 1 needs an L2D model trained with --guidance_classes=True")
-    stop = {ds.eot} | ({tokenizer.eot_token} if getattr(tokenizer, "eot_token", None) is not None else set())
+    stop = {ds.eot} | stop_tokens(tokenizer)  # a chat model's end of turn, and any end of text
     golds = [final_number(r["final"] if r.get("final") is not None else r["answer"]) for r in rows[:n]]
     if cfg["task"] == "humaneval" and "test" not in rows[0]:
         raise UsageError(f"{data_dir} has no HumanEval tests in its rows: prepare it with data/humaneval/prepare.py")

@@ -38,7 +38,7 @@ from diffusion import ADAPTIVE_T_END, L2D, L2DConfig
 from lora import merge_lora
 from precision import autocast, resolve_dtype, store_weights
 from solvers import EVALUATIONS, SOLVERS
-from tokenizer import END_OF_TURN, chat_prompt, has_chat_template
+from tokenizer import chat_prompt, end_token, has_chat_template
 
 DEFAULTS = dict(
     init_from="smollm2-135m",  # an L2D ckpt.pt, another ckpt.pt (steps=1 only), or a base model name or HF folder
@@ -253,7 +253,7 @@ def main(argv=None):
             raise UsageError(f"{cfg['init_from']}'s tokenizer has no chat template; drop --chat")
         start = chat_prompt(enc, start)
     prompt = enc.encode(start, allowed_special="all")
-    stop = enc.encode(END_OF_TURN, allowed_special="all")[0] if has_chat_template(enc) else enc.eot_token
+    stop = end_token(enc)
     if isinstance(model, AR2Diff):
         with autocast(cfg["device"], dtype):
             return sample_ar2diff(model, enc, cfg, start, prompt, stop)

@@ -7,6 +7,7 @@ plus chat helpers for instruct models (SmolLM2's ChatML template).
 """
 import json
 import os
+import re
 
 import tiktoken
 
@@ -77,11 +78,12 @@ def bpe_encoding(name: str, vocab: dict[str, int], merges: list[str], special_to
     missing = bytes(b for b in range(256) if bytes([b]) not in ranks)
     if missing:
         pat_str = pat_str.replace(r"[^\s\p{L}\p{N}]", r"[^\s\p{L}\p{N}" + chars_using_bytes(name, missing) + "]")
-    # generation and data preparation end each text with <|endoftext|>, or <|im_end|> under a chat template;
-    # without either, tiktoken's eot_token raises a bare KeyError much later
-    if EOT not in special_tokens and not {"<|im_start|>", END_OF_TURN} <= special_tokens.keys():
-        raise ValueError(f"{name}: the vocabulary has no {EOT} special token (nor ChatML's <|im_start|>/"
-                         f"{END_OF_TURN}), so texts could not end; only GPT-2-style and ChatML vocabularies are supported")
+    # generation and data preparation end each text with end_token(): <|endoftext|> (Llama 3: <|end_of_text|>),
+    # or a chat template's end of turn; without any, texts could not end
+    if not set(TEXT_ENDS) & special_tokens.keys() and not any(m in special_tokens for m in CHAT_TEMPLATES):
+        raise ValueError(f"{name}: the vocabulary has no {' or '.join(TEXT_ENDS)} special token and no chat template's "
+                         "(ChatML, Llama 3), so texts could not end; only GPT-2-style, ChatML and Llama-3 vocabularies "
+                         "are supported")
     return tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens)
 
 
@@ -168,7 +170,8 @@ def hf_encoding(folder: str) -> tiktoken.Encoding:
     pre = json.dumps(tok.get("pre_tokenizer"))
     if model["type"] != "BPE" or '"ByteLevel"' not in pre:
         raise ValueError(f"{folder}: only byte-level BPE tokenizers are supported")
-    pattern = SMOLLM_PATTERN if '"individual_digits": true' in pre else GPT2_PATTERN
+    split = re.search(r'"type": "Split", "pattern": \{"Regex": ("(?:[^"\\]|\\.)*")', pre)  # Llama 3's own regex
+    pattern = json.loads(split[1]) if split else SMOLLM_PATTERN if '"individual_digits": true' in pre else GPT2_PATTERN
     special = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
     return bpe_encoding(folder, model["vocab"], model["merges"], special, pattern)
 
@@ -234,19 +237,68 @@ def get_tokenizer(name_or_path: str):
                      "a .gguf file, a Hugging Face model folder, or a CharTokenizer .json file")
 
 
-# --- chat (SmolLM2-Instruct's ChatML template, as in the GGUF's tokenizer.chat_template) ----------
-END_OF_TURN = "<|im_end|>"
+# --- chat templates: ChatML (SmolLM2-Instruct, Qwen2; as the GGUF's tokenizer.chat_template) and Llama 3 ---
+END_OF_TURN = "<|im_end|>"  # ChatML's; end_of_turn(enc) gives the one of a tokenizer's template
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+# Per template, told apart by a special token only it has: the text that opens a turn of `role`, the
+# end of a turn, what follows that end, what begins a conversation, and the system turn added when a
+# conversation has none (SmolLM2's default; Llama 3's own template adds only dates, left out here).
+CHAT_TEMPLATES = {
+    "<|im_start|>": dict(header="<|im_start|>{role}\n", end=END_OF_TURN, sep="\n",
+                         begin="", system=DEFAULT_SYSTEM),
+    "<|start_header_id|>": dict(header="<|start_header_id|>{role}<|end_header_id|>\n\n", end="<|eot_id|>", sep="",
+                                begin="<|begin_of_text|>", system=None),
+}
+
+
+def chat_template(enc):
+    """The chat template of a tokenizer (a dict of CHAT_TEMPLATES), or None for a base model's."""
+    specials = getattr(enc, "special_tokens_set", ())
+    return next((t for marker, t in CHAT_TEMPLATES.items() if marker in specials), None)
 
 
 def has_chat_template(enc) -> bool:
-    return "<|im_start|>" in getattr(enc, "special_tokens_set", ())
+    return chat_template(enc) is not None
 
 
-def chat_prompt(enc, user_text: str, system: str = DEFAULT_SYSTEM) -> str:
-    """One user turn + the assistant generation prompt. Encode with allowed_special="all"."""
+TEXT_ENDS = (EOT, "<|end_of_text|>")  # what ends a text outside a chat template: GPT-2's and SmolLM2's, Llama 3's
+
+
+def end_token(enc) -> int:
+    """The id that ends an answer: the chat template's end of turn, else the vocabulary's end of text."""
+    if has_chat_template(enc):
+        return enc.encode(end_of_turn(enc), allowed_special="all")[0]
+    specials = getattr(enc, "_special_tokens", None) or {EOT: enc.eot_token}
+    return next(specials[t] for t in TEXT_ENDS if t in specials)
+
+
+def stop_tokens(enc) -> set[int]:
+    """The ids that end a generation: end_token(enc) and, under a chat template, any end of text too."""
+    specials = getattr(enc, "_special_tokens", None) or {EOT: enc.eot_token}
+    return {end_token(enc)} | {specials[t] for t in TEXT_ENDS if t in specials}
+
+
+def end_of_turn(enc) -> str:
+    """The text of the token that ends a chat turn (and a generated answer): <|im_end|>, <|eot_id|>."""
+    return chat_template(enc)["end"]
+
+
+def chat_turn(enc, role: str, content: str) -> str:
+    """One whole turn (header, content, end) in the tokenizer's template."""
+    t = chat_template(enc)
+    return t["header"].format(role=role) + content + t["end"] + t["sep"]
+
+
+def chat_start(enc) -> str:
+    """What a conversation without its own system turn begins with (the template's default system turn)."""
+    t = chat_template(enc)
+    return t["begin"] + (chat_turn(enc, "system", t["system"]) if t["system"] else "")
+
+
+def chat_prompt(enc, user_text: str, system: str | None = None) -> str:
+    """One user turn + the assistant generation prompt (after the template's default system turn, or
+    `system`). Encode with allowed_special="all"."""
     if not has_chat_template(enc):
-        raise ValueError(f"tokenizer {enc.name} has no chat template (<|im_start|> is not a special token)")
-    return (f"<|im_start|>system\n{system}{END_OF_TURN}\n"
-            f"<|im_start|>user\n{user_text}{END_OF_TURN}\n"
-            f"<|im_start|>assistant\n")
+        raise ValueError(f"tokenizer {enc.name} has no chat template (no <|im_start|> or <|start_header_id|> token)")
+    start = chat_start(enc) if system is None else chat_template(enc)["begin"] + chat_turn(enc, "system", system)
+    return start + chat_turn(enc, "user", user_text) + chat_template(enc)["header"].format(role="assistant")

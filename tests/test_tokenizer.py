@@ -207,3 +207,31 @@ def test_char_tokenizer(tmp_path):
     assert isinstance(tok2, CharTokenizer) and tok2.name == path == tok.name
     assert tok2.chars == tok.chars and tok2.encode("9-8=1") == tok.encode("9-8=1")
     assert tok2.decode([15]) == "<|endoftext|>"
+
+
+def test_llama3_style_folder_chat_template_and_its_end_token(tmp_path):
+    """A Llama-3-style tokenizer.json (its own Split regex, <|begin_of_text|>, <|eot_id|> and header tokens, no
+    <|endoftext|>): its regex is used, prompts follow the Llama 3 template, and answers end with <|eot_id|>."""
+    from dataset import encode_example
+    from tokenizer import chat_prompt, end_of_turn, end_token, stop_tokens
+    byte_chars = sorted(byte_decoder(), key=byte_decoder().get)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    vocab = {c: i for i, c in enumerate(byte_chars)} | {"Ġ1": 256, "Ġ12": 257}
+    regex = r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+|[\p{L}]+"  # digits in threes, as Llama 3 splits them
+    tok = {"model": {"type": "BPE", "vocab": vocab, "merges": [["Ġ", "1"], ["Ġ1", "2"]]},
+           "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+               {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+               {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+           "added_tokens": [{"id": 258 + i, "content": s, "special": True} for i, s in enumerate(specials)]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tok))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    enc = get_tokenizer(str(tmp_path))
+    assert enc.encode(" 1234") == [32, 49, 50, 51, 52]  # Llama 3's regex: " ", "123", "4" (GPT-2's: "Ġ12", "3", "4")
+    assert enc.decode(enc.encode("12345")) == "12345" and has_chat_template(enc)
+    assert end_of_turn(enc) == "<|eot_id|>" and end_token(enc) == 262 and stop_tokens(enc) == {262, 259}
+    assert chat_prompt(enc, "Hi?") == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi?<|eot_id|>"
+                                       "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    turns = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "12"}]
+    prompt, ids, mask, answer = encode_example(enc, dict(turns=turns), end_token(enc))
+    assert prompt == chat_prompt(enc, "Hi?") and answer == "12"
+    assert [i for i, m in zip(ids, mask) if m] == enc.encode("12") + [262]
