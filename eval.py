@@ -99,7 +99,7 @@ from diffusion import L2D
 from execution import humaneval_program, run_program
 from intervals import ratio_interval, row_gains, wilson_interval
 from lora import merge_lora
-from precision import autocast, resolve_dtype, store_weights
+from precision import DTYPES, autocast, resolve_dtype, store_weights
 from plot import plot
 from solvers import SOLVERS
 from tokenizer import stop_tokens
@@ -452,6 +452,8 @@ def main(argv=None):
     cfg = configure(DEFAULTS, argv)
     if cfg["task"] not in TASKS:
         raise UsageError(f"unknown task {cfg['task']!r}; use one of {', '.join(TASKS)}")
+    if cfg["dtype"] not in DTYPES:
+        raise UsageError(f"unknown --dtype {cfg['dtype']!r}; use one of {', '.join(DTYPES)}")
     if cfg["limit"] < 0 or min(cfg["max_new_tokens"], cfg["batch_size"], cfg["gen_batch_size"]) < 1:
         raise UsageError("--limit must be >= 0 (0: all), --max_new_tokens, --batch_size and --gen_batch_size >= 1")
     model, tokenizer, tokenizer_name, model_classes, ckpt_path = load(cfg["ckpt"])

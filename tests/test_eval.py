@@ -520,3 +520,6 @@ def test_cli_errors_are_one_line_exit_2():
     proc = subprocess.run([sys.executable, "eval.py", "--bogus", "1"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown option --bogus")
     assert len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run([sys.executable, "eval.py", "--ckpt", "nowhere", "--dtype", "bf16"], cwd=REPO,
+                          capture_output=True, text=True)  # refused before the (missing) model is looked for
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown --dtype 'bf16'")
