@@ -99,7 +99,7 @@ from diffusion import L2D
 from execution import humaneval_program, run_program
 from intervals import ratio_interval, row_gains, wilson_interval
 from lora import merge_lora
-from precision import DTYPES, autocast, resolve_dtype, store_weights
+from precision import autocast, resolve_dtype, store_weights
 from plot import plot
 from solvers import SOLVERS
 from tokenizer import stop_tokens
@@ -452,8 +452,8 @@ def main(argv=None):
     cfg = configure(DEFAULTS, argv)
     if cfg["task"] not in TASKS:
         raise UsageError(f"unknown task {cfg['task']!r}; use one of {', '.join(TASKS)}")
-    if cfg["dtype"] not in DTYPES:
-        raise UsageError(f"unknown --dtype {cfg['dtype']!r}; use one of {', '.join(DTYPES)}")
+    device = resolve_device(cfg["device"])  # both checked before anything is loaded
+    dtype = resolve_dtype(cfg["dtype"], device)
     if cfg["limit"] < 0 or min(cfg["max_new_tokens"], cfg["batch_size"], cfg["gen_batch_size"]) < 1:
         raise UsageError("--limit must be >= 0 (0: all), --max_new_tokens, --batch_size and --gen_batch_size >= 1")
     model, tokenizer, tokenizer_name, model_classes, ckpt_path = load(cfg["ckpt"])
@@ -471,8 +471,6 @@ def main(argv=None):
         raise UsageError("--samples is for an AR2Diff model (candidates refined in parallel)")
     if not is_l2d and not is_ar2diff and (cfg["steps"] is not None or cfg["guidance"] is not None):
         print(f"note: {cfg['ckpt']} is not an L2D model: one row, steps=1 (the model itself)")
-    device = resolve_device(cfg["device"])
-    dtype = resolve_dtype(cfg["dtype"], device)
     merge_lora(model).to(device)  # LoRA folded into its weights (equal logits, a plain layer's cost)
     store_weights(model, dtype)  # nothing trains here: every weight in dtype, but the norms
     mixed = autocast(device, dtype)

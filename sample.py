@@ -84,7 +84,7 @@ def check(cfg):
         raise UsageError("--guidance needs --label NAME (the class to guide towards)")
     if not cfg["start"]:
         raise UsageError('--start is empty; give a prompt, e.g. --start "Once upon a time" (the default is a newline)')
-    resolve_dtype(cfg["dtype"], resolve_device(cfg["device"]))
+    return resolve_dtype(cfg["dtype"], resolve_device(cfg["device"]))
 
 
 def load(cfg):
@@ -224,12 +224,46 @@ def sample_ar2diff(model, enc, cfg, start, prompt, stop):
         print(f"[{len(answer)} tokens before the end token; score {score.item():.3f}; {seconds:.2f} s]")
 
 
+def write_samples(model, enc, cfg, start, prompt, max_new_tokens, stop, labels, printer):
+    """Print --num_samples continuations of the prompt, token by token, with each token's NFE."""
+    is_l2d = isinstance(model, L2D)
+    torch.manual_seed(cfg["seed"])
+    idx = torch.tensor([prompt], device=cfg["device"])
+    progress, done = Progress(), 0
+    for sample in range(cfg["num_samples"]):
+        print(f"--- sample {sample + 1} of {cfg['num_samples']}: {describe(cfg, is_l2d)}")
+        print(start, end="\n" if printer else "", flush=True)
+        if is_l2d:
+            tokens = model.generate(idx, max_new_tokens, steps=cfg["steps"], solver=cfg["solver"],
+                                    atol=cfg["atol"], rtol=cfg["rtol"], x1=cfg["x1"], guidance=cfg["guidance"],
+                                    labels=labels, temperature=cfg["temperature"], top_k=cfg["top_k"],
+                                    callback=printer.step if printer else None)
+        else:
+            tokens = ((t, torch.zeros(1, dtype=torch.long)) for t in
+                      model.generate(idx, max_new_tokens, cfg["temperature"], cfg["top_k"]))
+        out, nfes, printed = [], [], ""
+        for token, nfe in tokens:
+            out.append(token.item())
+            nfes.append(nfe.item())
+            done += 1
+            left = max_new_tokens - len(out) + (cfg["num_samples"] - 1 - sample) * max_new_tokens
+            progress.update(done, left, midline=not printer and not (printed or start).endswith("\n"))
+            if printer:
+                printer.token(out[-1], nfes[-1])
+            if token.item() == stop:
+                break
+            text = enc.decode(out)  # decode the whole answer: a character may span several tokens
+            if not printer:
+                print(text[len(printed):], end="", flush=True)
+            printed = text
+        print(f"\n[{len(out)} tokens; NFE per token: {nfes}; mean {sum(nfes) / max(1, len(nfes)):.1f}]")
+
+
 def main(argv=None):
     cfg = configure(DEFAULTS, argv)
-    check(cfg)
+    dtype = check(cfg)
     start = read_prompt(cfg)
     model, enc, classes = load(cfg)
-    dtype = resolve_dtype(cfg["dtype"], cfg["device"], log=lambda message: None)  # (check() warned)
     merge_lora(model).to(cfg["device"])  # LoRA folded into its weights: a path evaluation costs a plain layer's
     store_weights(model, dtype)  # nothing trains here: every weight in dtype, but the norms
     if cfg["temperature"] is None:
@@ -268,37 +302,7 @@ def main(argv=None):
     printer = StepPrinter(enc, cfg) if cfg["show_steps"] else None
 
     with autocast(cfg["device"], dtype):
-        torch.manual_seed(cfg["seed"])
-        idx = torch.tensor([prompt], device=cfg["device"])
-        progress, done = Progress(), 0
-        for sample in range(cfg["num_samples"]):
-            print(f"--- sample {sample + 1} of {cfg['num_samples']}: {describe(cfg, is_l2d)}")
-            print(start, end="\n" if printer else "", flush=True)
-            if is_l2d:
-                tokens = model.generate(idx, max_new_tokens, steps=cfg["steps"], solver=cfg["solver"],
-                                        atol=cfg["atol"], rtol=cfg["rtol"], x1=cfg["x1"], guidance=cfg["guidance"],
-                                        labels=labels, temperature=cfg["temperature"], top_k=cfg["top_k"],
-                                        callback=printer.step if printer else None)
-            else:
-                tokens = ((t, torch.zeros(1, dtype=torch.long)) for t in
-                          model.generate(idx, max_new_tokens, cfg["temperature"], cfg["top_k"]))
-            out, nfes, printed = [], [], ""
-            for token, nfe in tokens:
-                out.append(token.item())
-                nfes.append(nfe.item())
-                done += 1
-                left = max_new_tokens - len(out) + (cfg["num_samples"] - 1 - sample) * max_new_tokens
-                progress.update(done, left, midline=not printer and not (printed or start).endswith("\n"))
-                if printer:
-                    printer.token(out[-1], nfes[-1])
-                if token.item() == stop:
-                    break
-                text = enc.decode(out)  # decode the whole answer: a character may span several tokens
-                if not printer:
-                    print(text[len(printed):], end="", flush=True)
-                printed = text
-            print(f"\n[{len(out)} tokens; NFE per token: {nfes}; mean {sum(nfes) / max(1, len(nfes)):.1f}]")
-
+        write_samples(model, enc, cfg, start, prompt, max_new_tokens, stop, labels, printer)
 
 if __name__ == "__main__":
     try:
