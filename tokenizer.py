@@ -295,10 +295,9 @@ def chat_start(enc) -> str:
     return t["begin"] + (chat_turn(enc, "system", t["system"]) if t["system"] else "")
 
 
-def chat_prompt(enc, user_text: str, system: str | None = None) -> str:
-    """One user turn + the assistant generation prompt (after the template's default system turn, or
-    `system`). Encode with allowed_special="all"."""
+def chat_prompt(enc, user_text: str) -> str:
+    """One user turn + the assistant generation prompt, after the template's default system turn.
+    Encode with allowed_special="all"."""
     if not has_chat_template(enc):
         raise ValueError(f"tokenizer {enc.name} has no chat template (no <|im_start|> or <|start_header_id|> token)")
-    start = chat_start(enc) if system is None else chat_template(enc)["begin"] + chat_turn(enc, "system", system)
-    return start + chat_turn(enc, "user", user_text) + chat_template(enc)["header"].format(role="assistant")
+    return chat_start(enc) + chat_turn(enc, "user", user_text) + chat_template(enc)["header"].format(role="assistant")

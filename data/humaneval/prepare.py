@@ -22,7 +22,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer
 from dataset import tokenizer_tag, write_dataset
-from tokenizer import chat_prompt, get_tokenizer, has_chat_template
+from tokenizer import get_tokenizer, has_chat_template
 
 INSTRUCTION = "Complete the following Python function. Answer with the whole function in one ```python code block.\n\n"
 
