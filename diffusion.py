@@ -147,6 +147,20 @@ def pack_positions(rows, P):
     return batch, packed, (row_of, slot_of)
 
 
+def answer_positions(targets):
+    """(B, P) positions whose target is not ignored, in order, padded (with ignored positions) to the
+    longest row. The path only runs there: diffusion tokens never attend to each other, so leaving
+    out prompt positions changes nothing but the cost."""
+    valid = targets != IGNORE_INDEX
+    count = max(int(valid.sum(1).max()), 1)
+    return torch.argsort((~valid).int(), dim=1, stable=True)[:, :count]
+
+
+def at_positions(x, pos):
+    """x (B, T) or (B, T, d) at positions pos (B, P): (B, P) or (B, P, d)."""
+    return x.gather(1, pos if x.dim() == 2 else pos[..., None].expand(-1, -1, x.size(-1)))
+
+
 class L2D(nn.Module):
     def __init__(self, base, config):
         super().__init__()
@@ -261,25 +275,16 @@ class L2D(nn.Module):
         swap = (torch.rand(targets.shape, device=targets.device) < self.config.self_guess) & (targets != IGNORE_INDEX)
         return torch.where(swap, guess, targets)
 
-    @staticmethod
-    def answer_positions(targets):
-        """(B, P) positions whose target is not ignored, in order, padded (with ignored positions)
-        to the longest row. The path only runs there: diffusion tokens never attend to each other,
-        so leaving out prompt positions changes nothing but the cost."""
-        valid = targets != IGNORE_INDEX
-        count = max(int(valid.sum(1).max()), 1)
-        return torch.argsort((~valid).int(), dim=1, stable=True)[:, :count]
-
-    def forward(self, idx, targets, labels=None, t=None):
+    def forward(self, idx, targets, labels=None, t=None, reduction="mean"):
         """Training forward: random t per answer position (unless t (B, T) is given), x_t of the
         next token, and the cross-entropy of the merged logits on targets != -1.
-        Returns (logits, loss) with logits (B, P, vocab) at answer_positions(targets)."""
+        Returns (logits, loss) with logits (B, P, vocab) at answer_positions(targets); with
+        reduction="none" the loss is per position (B, P), 0 where the target is ignored."""
         with torch.no_grad():  # the base is frozen: no graph, no activations kept for it
             h_main, cache = self.base.trunk(idx)
-        pos = self.answer_positions(targets)
-        targets = targets.gather(1, pos)
-        h_main = h_main.gather(1, pos[..., None].expand(-1, -1, h_main.size(-1)))
-        t = sample_t(pos.shape, self.config.t_schedule, idx.device) if t is None else t.gather(1, pos)
+        pos = answer_positions(targets)
+        targets, h_main = at_positions(targets, pos), at_positions(h_main, pos)
+        t = sample_t(pos.shape, self.config.t_schedule, idx.device) if t is None else at_positions(t, pos)
         if self.class_embed is None:
             labels = None  # an unconditional path: the data's classes are not used
         elif labels is not None and self.training:
@@ -287,8 +292,9 @@ class L2D(nn.Module):
         tokens = targets if not (self.training and self.config.self_guess > 0) else \
             self.own_guesses(h_main, cache, targets, labels, pos)
         logits = self.predict(h_main, cache, self.noisy_targets(tokens, t), t, labels, pos)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return logits, loss
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction=reduction)
+        return logits, loss if reduction == "mean" else loss.view(targets.shape)
 
     def logits_at(self, idx, x_t, t, labels=None):
         """Logits for all positions given explicit diffusion tokens x_t (B, T, d_f) and t (B, T)."""

@@ -95,7 +95,7 @@ from ar2diff import AR2Diff, until_end
 from checkpoint import load_base, load_model
 from configurator import UsageError, configure, fail, resolve_device
 from dataset import TokenDataset, tokenizer_tag
-from diffusion import L2D
+from diffusion import L2D, answer_positions, at_positions
 from execution import humaneval_program, run_program
 from intervals import ratio_interval, row_gains, wilson_interval
 from lora import merge_lora
@@ -173,18 +173,18 @@ def final_number(text):
 def teacher_forced(model, x, y, steps=1, solver="midpoint", atol=1e-5, rtol=1e-5, guidance=1.0, labels=None,
                    seeds=None, x1="argmax"):
     """Next-token logits with the gold prefix at the answer positions, as training sees them: x, y (B, T)
-    from TokenDataset.get_batch (y = -1 off the answer), positions pos = L2D.answer_positions(y) (B, P),
+    from TokenDataset.get_batch (y = -1 off the answer), positions pos = answer_positions(y) (B, P),
     rows padded with ignored positions. An L2D model runs its base once, then the ODE for all those
     positions in parallel (steps=1: the base's logits); any other model gives its own logits.
     seeds: one per row, for the noise of that row's positions (None: the global generator).
     Returns answer_stats' arguments: logits (B, P, V), targets (B, P), nfe (B, P), and for an L2D's ODE
     base_tokens (B, P), the base's argmax (the t = 0 read-out), and trajectory, per fixed solver step
     (t of its logits, their argmax (B, P)): the path's own guesses x_hat_1 along its ODE."""
-    pos = L2D.answer_positions(y)
-    targets = y.gather(1, pos)
+    pos = answer_positions(y)
+    targets = at_positions(y, pos)
     base = model.base if isinstance(model, L2D) else model
     h_main, cache = base.trunk(x)
-    h_main = h_main.gather(1, pos[..., None].expand(-1, -1, h_main.size(-1)))
+    h_main = at_positions(h_main, pos)
     no_nfe = torch.zeros(pos.shape, dtype=torch.long)
     if not isinstance(model, L2D) or (steps == 1 and solver != "dopri5"):  # the t=0 logits: the base's
         return dict(logits=base.head(h_main), targets=targets, nfe=no_nfe)
@@ -194,7 +194,7 @@ def teacher_forced(model, x, y, steps=1, solver="midpoint", atol=1e-5, rtol=1e-5
     else:  # per-example noise for every position of the row: independent of batching
         noise = torch.stack([sigma * torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
                              for s in seeds])
-    x_0 = noise.gather(1, pos.cpu()[..., None].expand(-1, -1, shape[1])).to(x.device)
+    x_0 = at_positions(noise, pos.cpu()).to(x.device)
     trajectory = []  # fixed-step solvers only: dopri5's rows are at different t's
     record = None if solver == "dopri5" else (lambda info: info.get("readout") or trajectory.append(
         (info["logits_t"][0].item(), info["logits"].argmax(-1).view(pos.shape))))
@@ -210,7 +210,7 @@ def gold_x_t(model, x, y, t, labels=None):
     learned to read x_t drives the loss toward 0 as t -> 1; at t=0 it is the base's.
     Returns answer_stats' arguments: logits (B, P, V), targets (B, P)."""
     logits, _ = model(x, y, labels, t=torch.full(x.shape, float(t), device=x.device))
-    return dict(logits=logits, targets=y.gather(1, L2D.answer_positions(y)))
+    return dict(logits=logits, targets=at_positions(y, answer_positions(y)))
 
 
 def answer_stats(logits, targets, nfe=None, base_tokens=None, trajectory=None):

@@ -32,7 +32,7 @@ from checkpoint import (build_model, check_dependencies, file_fingerprint, finge
                         save_checkpoint, trainable_state_dict)
 from configurator import UsageError, configure, duration, fail, resolve_device
 from dataset import BatchSampler, TokenDataset
-from diffusion import L2DConfig
+from diffusion import L2DConfig, answer_positions, at_positions
 from model import GPT, GPTConfig
 from precision import DTYPES, autocast, resolve_dtype, store_weights
 
@@ -290,8 +290,8 @@ def main(argv=None):
                     x, y, labels = inputs
                     t = torch.rand(x.shape, device=device)
                     logits, _ = raw_model(x, y, labels, t=t)
-                    pos = raw_model.answer_positions(y)  # l2d's logits are at the answer positions only
-                    y, t = y.gather(1, pos), t.gather(1, pos)
+                    pos = answer_positions(y)  # l2d's logits are at the answer positions only
+                    y, t = at_positions(y, pos), at_positions(t, pos)
                 else:
                     x, y = inputs
                     logits, _ = raw_model(x, y)
