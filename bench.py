@@ -236,8 +236,8 @@ def decode_step_costs(models, prefills, token, reps, device):
             step_cache = cache.fork()  # the base step appends a position; the path eval adds none
             with autocast(device, getattr(torch, dtype)):
                 base_s, _ = timed(lambda: l2d.base.head(l2d.base.trunk(token[:, None], step_cache)[0][:, -1]), device)
-                path_s, _ = timed(lambda: l2d.predict(h[:, -1:], cache, x_t, t, conditioning=conditioning), device)
-                merged_s, _ = timed(lambda: merged.predict(h[:, -1:], cache, x_t, t, conditioning=conditioning), device)
+                path_s, _ = timed(lambda: l2d.predict(h[:, -1:], cache, x_t, t, conditioning), device)
+                merged_s, _ = timed(lambda: merged.predict(h[:, -1:], cache, x_t, t, conditioning), device)
             if rep >= 2:
                 for kept, seconds in zip(times[dtype], (base_s, path_s, merged_s)):
                     kept.append(seconds)

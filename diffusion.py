@@ -33,9 +33,13 @@ import torch.nn.functional as F
 
 from lora import LoRALinear
 from model import IGNORE_INDEX, KVCache, MLP, apply_rope, attend, sample_token
-from solvers import SOLVERS, grid
+from solvers import SOLVERS, dopri5, grid
 
 
+# Widths the official code fixes, whatever the base (docs/method.md, sec. 4): the sinusoidal features of
+# t (128 frequencies, cos and sin halves, as in DiT) and the hidden layer of the input MLP x_t -> h^0.
+TIME_FEATURES = 256
+INPUT_HIDDEN = 256
 # dopri5 stops just short of t=1: a step landing on t=1 meets the velocity defined as 0 there
 # (its true limit is x_hat_1 - x_0), fails its error test and the step size collapses. What is
 # left, 1e-4 of the noise, is below what the t=1 read-out can notice.
@@ -88,7 +92,7 @@ def normal_002(weight):
     return nn.init.normal_(weight, std=0.02)
 
 
-def time_embedding(t, dim=256, max_period=1e4):
+def time_embedding(t, dim=TIME_FEATURES, max_period=1e4):
     """Sinusoidal features of t in [0, 1]: cos(t f_k) and sin(t f_k), f_k = max_period^(-k/(dim/2))."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
@@ -133,20 +137,6 @@ class PathLayer(nn.Module):
         return h + gate_mlp * self.mlp(block.ln_2.modulated(h, dw_mlp, shift_mlp))
 
 
-def pack_positions(rows, P):
-    """Lay out a sorted subset `rows` (n,) of the B*P flattened positions (B, P) as a smaller batch:
-    returns the batch rows they occupy `batch` (B',), `packed` (B', P'), each slot's index into `rows`
-    (P' = the most positions any one batch row keeps; spare slots repeat that row's last position),
-    and where each of the n positions sits in `packed`: (batch slot (n,), position slot (n,))."""
-    batch, row_of = torch.unique_consecutive(rows // P, return_inverse=True)
-    counts = torch.bincount(row_of)
-    first = counts.cumsum(0) - counts  # index in `rows` of each batch row's first position
-    slot_of = torch.arange(len(rows), device=rows.device) - first[row_of]
-    slots = torch.arange(int(counts.max()), device=rows.device)
-    packed = first[:, None] + torch.minimum(slots, counts[:, None] - 1)
-    return batch, packed, (row_of, slot_of)
-
-
 def answer_positions(targets):
     """(B, P) positions whose target is not ignored, in order, padded (with ignored positions) to the
     longest row. The path only runs there: diffusion tokens never attend to each other, so leaving
@@ -172,8 +162,8 @@ class L2D(nn.Module):
         self.flow_proj = nn.Linear(d, d_f)
         nn.init.xavier_uniform_(self.flow_proj.weight)
         nn.init.zeros_(self.flow_proj.bias)
-        self.input_mlp = mlp2(d_f, 256, d)                    # x_t -> h^0
-        self.time_mlp = mlp2(256, c, c, init=normal_002)      # sinusoidal(t) -> c
+        self.input_mlp = mlp2(d_f, INPUT_HIDDEN, d)                 # x_t -> h^0
+        self.time_mlp = mlp2(TIME_FEATURES, c, c, init=normal_002)  # sinusoidal(t) -> c
         self.class_embed = None  # guidance classes only when asked for (the official default: none)
         if config.num_classes:
             self.class_embed = nn.Embedding(config.num_classes + 1, c)
@@ -197,7 +187,7 @@ class L2D(nn.Module):
         e = self.flow_proj(self.base.wte.weight[ids])
         return math.sqrt(self.config.flow_dim) * F.normalize(e.float(), dim=-1)
 
-    def condition(self, t, labels):
+    def condition_embedding(self, t, labels):
         """c = time_mlp(sinusoidal(t)) + class_embed(label). labels: one per row (B,), one per position
         (the shape of t), or None for the null class."""
         c = self.time_mlp(time_embedding(t))
@@ -222,42 +212,23 @@ class L2D(nn.Module):
         """Everything that depends only on (t, label): each path layer's adaLN modulation and the
         merge gate w(c_t) - w(c_0). Same shapes for c_t and c_0, so the gate is exactly 0 wherever
         t == 0 and the logits there are the base's bit for bit, whatever the path has learned."""
-        c = self.condition(t, labels)
-        gate = self.merge_gate(c) - self.merge_gate(self.condition(torch.zeros_like(t), labels))
+        c = self.condition_embedding(t, labels)
+        gate = self.merge_gate(c) - self.merge_gate(self.condition_embedding(torch.zeros_like(t), labels))
         return [layer.modulation(c) for layer in self.layers], gate
 
-    def predict(self, h_main, cache, x_t, t, labels=None, pos=None, conditioning=None):
-        """Logits (B, P, vocab) for diffusion tokens x_t (B, P, d_f) at times t (B, P), at positions
-        `pos` (B, P) of the cached sequence (default: its last P positions), where the base's hidden
-        states before the final norm are h_main (B, P, d). `conditioning`: self.conditioning(t, labels)
-        when the caller already has it (the ODE solvers revisit the same t's for every token)."""
+    def predict(self, h_main, cache, x_t, t, conditioning, pos=None):
+        """Logits (B, P, vocab) for diffusion tokens x_t (B, P, d_f) at times t (B, P), conditioned by
+        self.conditioning(t, labels), at positions `pos` (B, P) of the cached sequence (default: its last
+        P positions), where the base's hidden states before the final norm are h_main (B, P, d)."""
         sigma = self.config.sigma
         c_in = 1 / torch.sqrt((1 - t) ** 2 * sigma**2 + t**2)  # analytic std of x_t, per coordinate
         h = self.input_mlp(x_t.float() * c_in.float()[..., None])  # scaled in float32, as the official code
-        modulations, gate = conditioning or self.conditioning(t, labels)
+        modulations, gate = conditioning
         slots = torch.arange(len(cache) - x_t.size(1), len(cache), device=x_t.device) if pos is None else pos
         rope = self.base.rope(cache.positions(slots))
         for layer, (path_layer, block) in enumerate(zip(self.layers, self.base.h)):
             h = path_layer(h, modulations[layer], block, cache.keys[layer], cache.values[layer], rope, pos, cache.pad)
         return self.base.head(h_main + gate * h)
-
-    def predict_some(self, rows, h_main, cache, x_t, t, labels=None, pos=None, selected=None):
-        """predict() for only some of the B*P diffusion tokens: `rows` (n,), sorted indices into the
-        flattened (B, P), with their x_t (n, d_f) and t (n,); h_main, labels, pos as for predict(), for
-        all B*P. Returns logits (n, vocab). dopri5 uses it once some tokens have finished. They are
-        packed into the batch rows they belong to, since each reads its own row's K/V and padding.
-        `selected`: a dict in which to keep the copy of those rows' K/V while the set of rows stays."""
-        B, P = h_main.shape[:2]
-        batch, packed, (row_of, slot_of) = pack_positions(rows, P)
-        flat = rows[packed]  # (B', P') indices into the flattened (B, P)
-        selected = {} if selected is None else selected
-        if selected.get("batch") != batch.tolist():  # copy the K/V of those batch rows (none while all B remain)
-            selected["batch"], selected["cache"] = batch.tolist(), cache if len(batch) == B else cache.select(batch)
-        if pos is None:  # the last P slots of the cache, as in predict()
-            pos = torch.arange(len(cache) - P, len(cache), device=rows.device).expand(B, P)
-        logits = self.predict(h_main.flatten(0, 1)[flat], selected["cache"], x_t[packed], t[packed],
-                              None if labels is None else labels[batch], pos.flatten()[flat])
-        return logits[row_of, slot_of]
 
     # --- training (sec. 3) ---------------------------------------------------------------------
     def noisy_targets(self, targets, t):
@@ -271,7 +242,7 @@ class L2D(nn.Module):
         """targets (B, P) with a self_guess share of the answer positions replaced by the path's own
         first guess, its argmax at t = GUESS_T: the token a sampling trajectory then builds x_t from."""
         t = torch.full(targets.shape, GUESS_T, device=targets.device)
-        guess = self.predict(h_main, cache, self.noisy_targets(targets, t), t, labels, pos).argmax(-1)
+        guess = self.predict(h_main, cache, self.noisy_targets(targets, t), t, self.conditioning(t, labels), pos).argmax(-1)
         swap = (torch.rand(targets.shape, device=targets.device) < self.config.self_guess) & (targets != IGNORE_INDEX)
         return torch.where(swap, guess, targets)
 
@@ -291,105 +262,209 @@ class L2D(nn.Module):
             labels = self.drop_labels(labels, pos.shape)
         tokens = targets if not (self.training and self.config.self_guess > 0) else \
             self.own_guesses(h_main, cache, targets, labels, pos)
-        logits = self.predict(h_main, cache, self.noisy_targets(tokens, t), t, labels, pos)
+        logits = self.predict(h_main, cache, self.noisy_targets(tokens, t), t, self.conditioning(t, labels), pos)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                                reduction=reduction)
         return logits, loss if reduction == "mean" else loss.view(targets.shape)
 
-    def logits_at(self, idx, x_t, t, labels=None):
-        """Logits for all positions given explicit diffusion tokens x_t (B, T, d_f) and t (B, T)."""
-        h_main, cache = self.base.trunk(idx)
-        return self.predict(h_main, cache, x_t, t, labels)
-
     # --- generation (sec. 5) -------------------------------------------------------------------
     @torch.no_grad()
-    def flow(self, h_main, cache, x_0, steps=8, solver="midpoint", atol=1e-5, rtol=1e-5, x1="argmax",
-             guidance=1.0, labels=None, pos=None, callback=None, memo=None):
-        """Integrate dx/dt = (x_hat_1 - x_t) / (1 - t) from noise x_0 (B, P, d_f) at t=0 to t=1 for
+    def integrate(self, h_main, cache, x_0=None, steps=8, solver="midpoint", atol=1e-5, rtol=1e-5,
+                  estimate="argmax", guidance=1.0, labels=None, pos=None, callback=None, memo=None):
+        """Integrate dx/dt = (x_hat_1 - x_t) / (1 - t) from noise x_0 (B, P, d_f) at t=0 to t=1 for the
         diffusion tokens at positions `pos` (B, P) of the cache (default: its last P positions), whose
-        base hidden states are h_main (B, P, d). Every position is its own ODE row (so dopri5 adapts
-        per token); only the path runs. Returns the logits read at t=1 (B, P, vocab) and the path
-        evaluations each position took (B, P). callback(info) after each solver step: the solver's info
-        (t, x after the step, of the B*P rows) plus "logits", every row's latest logits, and "logits_t",
-        the t they were evaluated at (midpoint: the middle of the interval); then once more for the t = 1
-        read-out, the logits the token is read from, with "readout": True. `memo` keeps what does not
-        depend on the token across calls (generate passes one per sequence): the (t, label) conditioning,
-        since fixed-step solvers visit the same t's for every token, and the vocabulary's flow embeddings
-        for x1="mean"."""
-        B, P, d_f = x_0.shape
-        memo = {} if memo is None else memo
-        if x1 == "mean" and "flow_table" not in memo:  # V for the whole vocabulary, once per sequence
-            memo["flow_table"] = self.flow_embed(torch.arange(self.base.config.vocab_size, device=x_0.device))
-        seen, selected = {}, {}  # the latest logits and their t (for the callback); dopri5's copied K/V
-
-        def shared_conditioning(t, labels):  # one row's conditioning, broadcast, when all rows share it
-            if solver == "dopri5" or (t != t[0]).any() or (labels is not None and (labels != labels[0]).any()):
-                return None  # adaptive t's rarely repeat: remembering them would only grow the memo
-            key = (t[0].item(), None if labels is None else labels[0].item())
-            if key not in memo:
-                memo[key] = self.conditioning(t[:1].view(1, 1).float(), None if labels is None else labels[:1])
-            return memo[key]
-
-        def evaluate(x, t, labels, rows=None):  # x (n, d_f), t (n,) of positions `rows` of B*P -> logits (n, vocab)
-            if rows is None:
-                return self.predict(h_main, cache, x.view(B, P, d_f).float(), t.view(B, P).float(), labels, pos,
-                                    shared_conditioning(t, labels)).flatten(0, 1)
-            return self.predict_some(rows, h_main, cache, x.float(), t.float(), labels, pos, selected)
-
-        def estimate_x1(logits, t):
-            if x1 == "argmax":
-                return self.flow_embed(logits.argmax(-1))
-            if x1 == "sample":  # temperature tau(t) = 1 - t: explore early, commit late
-                tau = (1 - t).clamp(min=1e-3)[:, None]
-                return self.flow_embed(torch.multinomial(F.softmax(logits.float() / tau, -1), 1)[:, 0])
-            with torch.autocast(x_0.device.type, enabled=False):  # "mean": E[x_1] under the prediction, in float32
-                return F.softmax(logits.float(), -1) @ memo["flow_table"]
-
-        def velocity(x, t, rows=None):  # rows: the positions dopri5 still integrates (None: all)
-            rows = None if rows is not None and len(rows) == B * P else rows
-            logits = evaluate(x, t, labels, rows)
-            if callback is not None:  # every position's latest logits and the t they were evaluated at
-                seen["logits"] = logits if rows is None else seen["logits"].index_copy(0, rows, logits)
-                seen["logits_t"] = t if rows is None else seen["logits_t"].index_copy(0, rows, t)
-            x_hat = estimate_x1(logits, t).double()
-            if guidance != 1.0:  # v = w v(class) + (1 - w) v(null): a second, unconditional evaluation
-                x_hat = guidance * x_hat + (1 - guidance) * estimate_x1(evaluate(x, t, None, rows), t).double()
-            v = (x_hat - x) / (1 - t[:, None]).clamp(min=1e-12)
-            return torch.where(t[:, None] >= 1, torch.zeros_like(v), v)  # singular at t=1: defined 0
-
+        base hidden states are h_main (B, P, d), and read the logits at t=1. Returns those logits
+        (B, P, vocab) and the path evaluations each position took (B, P).
+        One step (fixed-step solvers) is no integration: the t=0 logits, the base's own, bit for bit.
+        x_0 None: drawn from N(0, sigma^2). Every position is its own ODE row (dopri5 adapts per token).
+        estimate: how x_hat_1 is read from the logits (estimate_x1). guidance w != 1: classifier-free,
+        v = w v(class) + (1 - w) v(null). callback(info) after each solver step: the solver's info (t, x
+        after the step, of the B*P rows) plus "logits", every row's latest logits, and "logits_t", the t
+        they were evaluated at (midpoint: the middle of the interval); then once more for the t=1
+        read-out, with "readout": True. memo: a FlowMemo kept across the tokens of one sequence."""
+        B, P = h_main.shape[:2]
+        if steps == 1 and solver != "dopri5":
+            return self.base.head(h_main), torch.zeros(B, P, dtype=torch.long, device=h_main.device)
+        if x_0 is None:
+            x_0 = self.config.sigma * torch.randn(B, P, self.config.flow_dim, device=h_main.device)
+        memo = FlowMemo() if memo is None else memo
+        packed = PackedRows(self, h_main, cache, pos) if solver == "dopri5" else None
+        field = VelocityField(self, h_main, cache, labels, pos, estimate, memo, packed)
+        velocity = field if guidance == 1.0 else \
+            guided(field, VelocityField(self, h_main, cache, None, pos, estimate, memo, packed), guidance)
         x_0 = x_0.flatten(0, 1).double()  # one ODE row per position
-        step_callback = callback and (lambda info: callback({**info, "logits": seen["logits"], "logits_t": seen["logits_t"]}))
+        on_step = callback and (lambda info: callback({**info, "logits": field.logits, "logits_t": field.logits_t}))
         if solver == "dopri5":
-            x, nfe = SOLVERS[solver](velocity, x_0, t1=ADAPTIVE_T_END, atol=atol, rtol=rtol, callback=step_callback)
+            x, nfe = dopri5(velocity, x_0, t1=ADAPTIVE_T_END, atol=atol, rtol=rtol, callback=on_step)
         else:
-            x, nfe = SOLVERS[solver](velocity, x_0, grid(steps).to(x_0.device), callback=step_callback)
-        t_end = torch.ones(B * P, device=x_0.device)  # read the token at t = 1, class-conditional
-        logits = evaluate(x, t_end, labels)
+            x, nfe = SOLVERS[solver](velocity, x_0, grid(steps).to(x_0.device), callback=on_step)
+        t_end = torch.ones(B * P, device=x_0.device)
+        logits = field.path_logits(x, t_end)  # the token is read at t = 1, class-conditional
         if callback is not None:  # the read-out is no solver step: its own call, flagged
             callback({"t": t_end, "x": x, "logits": logits, "logits_t": t_end, "readout": True})
-        logits = logits.view(B, P, -1)
-        evaluations_per_call = 1 if guidance == 1.0 else 2
-        return logits, (nfe * evaluations_per_call + 1).view(B, P)
+        evaluations_per_velocity = 1 if guidance == 1.0 else 2
+        return logits.view(B, P, -1), (nfe * evaluations_per_velocity + 1).view(B, P)
 
     @torch.no_grad()
     def next_token(self, h_last, cache, steps=8, temperature=0.0, top_k=None, **ode):
         """One new token for each row, from the base's last hidden state h_last (B, 1, d) and its
-        cache; `ode` are flow()'s settings. Returns (token (B,), nfe (B,))."""
-        B = h_last.size(0)
-        if steps == 1 and ode.get("solver") != "dopri5":  # no integration: the t=0 logits, the base's
-            return sample_token(self.base.head(h_last[:, 0]), temperature, top_k), torch.zeros(B, dtype=torch.long)
-        x_0 = self.config.sigma * torch.randn(B, 1, self.config.flow_dim, device=h_last.device)
-        logits, nfe = self.flow(h_last, cache, x_0, steps, **ode)
+        cache; `ode` are integrate()'s settings. Returns (token (B,), nfe (B,))."""
+        logits, nfe = self.integrate(h_last, cache, steps=steps, **ode)
         return sample_token(logits[:, 0], temperature, top_k), nfe[:, 0].cpu()
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, pad=None, **ode):
-        """Yield (token (B,), nfe (B,)) per step. The base runs once per new token with its KV
-        cache; the ODE of `next_token` reuses that token's hidden state and K/V. `pad` (B,): rows
-        of idx left-padded to one length (model.KVCache)."""
-        cache, memo = KVCache(pad), {}  # memo: what flow() can reuse for every token of this sequence
+        """Yield (token (B,), nfe (B,)) per step, as GPT.generate. The base runs once per new token with
+        its KV cache; the ODE of `next_token` reuses that token's hidden state and K/V. `pad` (B,):
+        rows of idx left-padded to one length (model.KVCache)."""
+        cache, memo = KVCache(pad), FlowMemo()
         h, _ = self.base.trunk(idx, cache)
         for _ in range(max_new_tokens):
             token, nfe = self.next_token(h[:, -1:], cache, memo=memo, **ode)
             yield token, nfe
             h, _ = self.base.trunk(token[:, None], cache)
+
+    @torch.no_grad()
+    def teacher_forced(self, x, y, labels=None, seeds=None, **ode):
+        """The ODE at every answer position at once, with the gold prefix, as training sees them: x, y
+        (B, T) from TokenDataset.get_batch (y = -1 off the answer). The base runs once; the diffusion
+        tokens never attend to each other, so all positions integrate in parallel. seeds: one per row,
+        for the noise of that row's positions (None: the global generator). Returns logits (B, P, V) and
+        targets (B, P) at answer_positions(y), nfe (B, P), and where the path ran, base_tokens (B, P),
+        the base's argmax, and (fixed-step solvers) trajectory: per solver step (t of its logits, their
+        argmax (B, P)), the path's own guesses x_hat_1 along its ODE."""
+        pos = answer_positions(y)
+        h_main, cache = self.base.trunk(x)
+        h_main = at_positions(h_main, pos)
+        shape = (x.size(1), self.config.flow_dim)
+        if seeds is None:
+            noise = torch.randn(x.size(0), *shape, dtype=torch.float64)
+        else:  # per-example noise for every position of the row: independent of batching
+            noise = torch.stack([torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+                                 for s in seeds])
+        x_0 = at_positions(self.config.sigma * noise, pos.cpu()).to(x.device)
+        trajectory = []  # fixed-step solvers only: dopri5's rows are at different t's
+        record = None if ode.get("solver") == "dopri5" else (lambda info: info.get("readout") or trajectory.append(
+            (info["logits_t"][0].item(), info["logits"].argmax(-1).view(pos.shape))))
+        logits, nfe = self.integrate(h_main, cache, x_0, labels=labels, pos=pos, callback=record, **ode)
+        out = dict(logits=logits, targets=at_positions(y, pos), nfe=nfe.cpu())
+        if nfe.any():  # where no path ran there is nothing to tell apart from the base
+            out.update(base_tokens=self.base.head(h_main).argmax(-1), trajectory=trajectory or None)
+        return out
+
+
+# --- the velocity field of the ODE (sec. 5) ----------------------------------------------------------
+def estimate_x1(logits, t, how, flow_embed, vocab_flow=None):
+    """x_hat_1, the path's estimate of the clean token's flow embedding, from its logits (n, vocab) at
+    times t (n,): "argmax", V[argmax]; "sample", V of a token drawn at temperature tau(t) = 1 - t
+    (explore early, commit late); "mean", the expected embedding softmax(logits) @ V, in float32
+    (vocab_flow: V for the whole vocabulary)."""
+    if how == "argmax":
+        return flow_embed(logits.argmax(-1))
+    if how == "sample":
+        tau = (1 - t).clamp(min=1e-3)[:, None]
+        return flow_embed(torch.multinomial(F.softmax(logits.float() / tau, -1), 1)[:, 0])
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.softmax(logits.float(), -1) @ vocab_flow
+
+
+class FlowMemo:
+    """What integrate() reuses from one token to the next of a sequence (generate owns one): the (t, label)
+    conditioning, since fixed-step solvers visit the same t's for every token, and V for the whole
+    vocabulary (estimate="mean")."""
+
+    def __init__(self):
+        self.by_t, self.vocab_flow = {}, None
+
+    def shared_conditioning(self, l2d, t, labels):
+        """l2d.conditioning of one row, broadcast over a batch whose rows all share one t and label."""
+        key = (t[0].item(), None if labels is None else labels[0].item())
+        if key not in self.by_t:
+            self.by_t[key] = l2d.conditioning(t[:1].view(1, 1).float(), None if labels is None else labels[:1])
+        return self.by_t[key]
+
+    def flow_table(self, l2d, device):
+        if self.vocab_flow is None:
+            self.vocab_flow = l2d.flow_embed(torch.arange(l2d.base.config.vocab_size, device=device))
+        return self.vocab_flow
+
+
+class VelocityField:
+    """v(x, t) = (x_hat_1 - x) / (1 - t) of the B*P diffusion tokens of integrate(), in the solvers'
+    shape: x (n, d_f) float64, t (n,), one ODE row per position; `rows` (n,) names the rows dopri5 still
+    integrates (None: all). Keeps every row's latest logits and the t they were evaluated at (for the
+    callback). labels None: the null class (guidance's unconditional field)."""
+
+    def __init__(self, l2d, h_main, cache, labels, pos, estimate, memo, packed=None):
+        self.l2d, self.h_main, self.cache, self.labels, self.pos = l2d, h_main, cache, labels, pos
+        self.estimate, self.memo, self.packed = estimate, memo, packed
+        self.logits = self.logits_t = None
+
+    def path_logits(self, x, t, rows=None):
+        """Logits (n, vocab) of the path at x (n, d_f), t (n,)."""
+        if rows is not None:
+            return self.packed(rows, x.float(), t.float(), self.labels)
+        B, P = self.h_main.shape[:2]
+        labels, t_bp = self.labels, t.view(B, P).float()
+        one_t = self.packed is None and bool((t == t[0]).all()) and (labels is None or bool((labels == labels[0]).all()))
+        conditioning = self.memo.shared_conditioning(self.l2d, t, labels) if one_t else self.l2d.conditioning(t_bp, labels)
+        return self.l2d.predict(self.h_main, self.cache, x.view(B, P, -1).float(), t_bp, conditioning, self.pos).flatten(0, 1)
+
+    def __call__(self, x, t, rows=None):
+        rows = None if rows is not None and len(rows) == self.h_main.shape[0] * self.h_main.shape[1] else rows
+        logits = self.path_logits(x, t, rows)
+        self.logits = logits if rows is None else self.logits.index_copy(0, rows, logits)
+        self.logits_t = t if rows is None else self.logits_t.index_copy(0, rows, t)
+        vocab_flow = self.memo.flow_table(self.l2d, x.device) if self.estimate == "mean" else None
+        x_hat = estimate_x1(logits, t, self.estimate, self.l2d.flow_embed, vocab_flow).double()
+        v = (x_hat - x) / (1 - t[:, None]).clamp(min=1e-12)
+        return torch.where(t[:, None] >= 1, torch.zeros_like(v), v)  # singular at t=1: defined 0
+
+
+def guided(field, null_field, w):
+    """Classifier-free guidance as a wrapper around the field: v = w v(x, t | class) + (1 - w) v(x, t | null)."""
+    return lambda x, t, rows=None: w * field(x, t, rows) + (1 - w) * null_field(x, t, rows)
+
+
+# --- dopri5 only: the tokens still integrating ---------------------------------------------------
+# Fixed-step solvers evaluate every token at every step. dopri5 stops each token when its error test
+# passes, so after a while it evaluates only some rows: they are packed into a smaller batch, which
+# costs what those rows cost.
+def pack_positions(rows, P):
+    """Lay out a sorted subset `rows` (n,) of the B*P flattened positions (B, P) as a smaller batch:
+    returns the batch rows they occupy `batch` (B',), `packed` (B', P'), each slot's index into `rows`
+    (P' = the most positions any one batch row keeps; spare slots repeat that row's last position),
+    and where each of the n positions sits in `packed`: (batch slot (n,), position slot (n,))."""
+    batch, row_of = torch.unique_consecutive(rows // P, return_inverse=True)
+    counts = torch.bincount(row_of)
+    first = counts.cumsum(0) - counts  # index in `rows` of each batch row's first position
+    slot_of = torch.arange(len(rows), device=rows.device) - first[row_of]
+    slots = torch.arange(int(counts.max()), device=rows.device)
+    packed = first[:, None] + torch.minimum(slots, counts[:, None] - 1)
+    return batch, packed, (row_of, slot_of)
+
+
+class PackedRows:
+    """The path for some of the B*P diffusion tokens of integrate(): `rows` (n,), sorted indices into the
+    flattened (B, P), with their x_t (n, d_f) and t (n,) -> logits (n, vocab). Each token reads its own
+    batch row's K/V and padding, so the tokens are packed into the batch rows they belong to; the copy
+    of those rows' K/V is kept while the set of batch rows stays."""
+
+    def __init__(self, l2d, h_main, cache, pos=None):
+        B, P = h_main.shape[:2]
+        self.l2d, self.h_main, self.cache = l2d, h_main, cache
+        self.pos = torch.arange(len(cache) - P, len(cache), device=h_main.device).expand(B, P) if pos is None else pos
+        self.batch, self.batch_cache = None, None
+
+    def __call__(self, rows, x_t, t, labels=None):
+        B, P = self.h_main.shape[:2]
+        batch, packed, (row_of, slot_of) = pack_positions(rows, P)
+        if self.batch != batch.tolist():  # copy the K/V of those batch rows (none while all B remain)
+            self.batch = batch.tolist()
+            self.batch_cache = self.cache if len(batch) == B else self.cache.select(batch)
+        flat = rows[packed]  # (B', P') indices into the flattened (B, P)
+        t = t[packed]
+        conditioning = self.l2d.conditioning(t, None if labels is None else labels[batch])
+        logits = self.l2d.predict(self.h_main.flatten(0, 1)[flat], self.batch_cache, x_t[packed], t, conditioning,
+                                  self.pos.flatten()[flat])
+        return logits[row_of, slot_of]

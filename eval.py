@@ -172,35 +172,15 @@ def final_number(text):
 @torch.no_grad()
 def teacher_forced(model, x, y, steps=1, solver="midpoint", atol=1e-5, rtol=1e-5, guidance=1.0, labels=None,
                    seeds=None, x1="argmax"):
-    """Next-token logits with the gold prefix at the answer positions, as training sees them: x, y (B, T)
-    from TokenDataset.get_batch (y = -1 off the answer), positions pos = answer_positions(y) (B, P),
-    rows padded with ignored positions. An L2D model runs its base once, then the ODE for all those
-    positions in parallel (steps=1: the base's logits); any other model gives its own logits.
-    seeds: one per row, for the noise of that row's positions (None: the global generator).
-    Returns answer_stats' arguments: logits (B, P, V), targets (B, P), nfe (B, P), and for an L2D's ODE
-    base_tokens (B, P), the base's argmax (the t = 0 read-out), and trajectory, per fixed solver step
-    (t of its logits, their argmax (B, P)): the path's own guesses x_hat_1 along its ODE."""
+    """Next-token logits with the gold prefix at the answer positions: an L2D's ODE at all of them at once
+    (L2D.teacher_forced, which says what it returns), or any other model's own logits there."""
+    if isinstance(model, L2D):
+        return model.teacher_forced(x, y, labels, seeds, steps=steps, solver=solver, atol=atol, rtol=rtol,
+                                    estimate=x1, guidance=guidance)
     pos = answer_positions(y)
-    targets = at_positions(y, pos)
-    base = model.base if isinstance(model, L2D) else model
-    h_main, cache = base.trunk(x)
-    h_main = at_positions(h_main, pos)
-    no_nfe = torch.zeros(pos.shape, dtype=torch.long)
-    if not isinstance(model, L2D) or (steps == 1 and solver != "dopri5"):  # the t=0 logits: the base's
-        return dict(logits=base.head(h_main), targets=targets, nfe=no_nfe)
-    shape, sigma = (x.size(1), model.config.flow_dim), model.config.sigma
-    if seeds is None:
-        noise = sigma * torch.randn(x.size(0), *shape, dtype=torch.float64)
-    else:  # per-example noise for every position of the row: independent of batching
-        noise = torch.stack([sigma * torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
-                             for s in seeds])
-    x_0 = at_positions(noise, pos.cpu()).to(x.device)
-    trajectory = []  # fixed-step solvers only: dopri5's rows are at different t's
-    record = None if solver == "dopri5" else (lambda info: info.get("readout") or trajectory.append(
-        (info["logits_t"][0].item(), info["logits"].argmax(-1).view(pos.shape))))
-    logits, nfe = model.flow(h_main, cache, x_0, steps, solver, atol, rtol, x1, guidance, labels, pos, callback=record)
-    return dict(logits=logits, targets=targets, nfe=nfe.cpu(), base_tokens=base.head(h_main).argmax(-1),
-                trajectory=trajectory or None)
+    h, _ = model.trunk(x)
+    return dict(logits=model.head(at_positions(h, pos)), targets=at_positions(y, pos),
+                nfe=torch.zeros(pos.shape, dtype=torch.long))
 
 
 @torch.no_grad()
@@ -295,7 +275,7 @@ def generate_answers(model, prompts, max_new_tokens, stop, setting, labels=None)
     if isinstance(model, L2D):
         stream = model.generate(idx, max_new_tokens, pad=pad, steps=setting["steps"], solver=setting["solver"],
                                 atol=setting["atol"], rtol=setting["rtol"], guidance=setting["guidance"], labels=labels,
-                                x1=setting["x1"])
+                                estimate=setting["x1"])
     else:
         stream = ((token, torch.zeros(len(prompts), dtype=torch.long))
                   for token in model.generate(idx, max_new_tokens, temperature=0, pad=pad))

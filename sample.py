@@ -235,7 +235,7 @@ def write_samples(model, enc, cfg, start, prompt, max_new_tokens, stop, labels, 
         print(start, end="\n" if printer else "", flush=True)
         if is_l2d:
             tokens = model.generate(idx, max_new_tokens, steps=cfg["steps"], solver=cfg["solver"],
-                                    atol=cfg["atol"], rtol=cfg["rtol"], x1=cfg["x1"], guidance=cfg["guidance"],
+                                    atol=cfg["atol"], rtol=cfg["rtol"], estimate=cfg["x1"], guidance=cfg["guidance"],
                                     labels=labels, temperature=cfg["temperature"], top_k=cfg["top_k"],
                                     callback=printer.step if printer else None)
         else:

@@ -7,10 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion import L2D, L2DConfig, pack_positions
+from diffusion import L2D, FlowMemo, L2DConfig, PackedRows, pack_positions
 from model import GPT, GPTConfig, KVCache
 
 VOCAB = 53
+
+def path_logits(l2d, idx, x_t, t, labels=None):
+    """The path's logits at every position for explicit diffusion tokens x_t (B, T, d_f) at t (B, T)."""
+    h_main, cache = l2d.base.trunk(idx)
+    return l2d.predict(h_main, cache, x_t, t, l2d.conditioning(t, labels))
+
 
 
 def tiny_base(family, seed=0):
@@ -39,9 +45,9 @@ def test_t0_logits_equal_base_bit_for_bit(family, variant):
     x_t = torch.randn(3, 11, 16) * 64
     with torch.no_grad():
         base_logits, _ = l2d.base(idx)
-        path_logits = l2d.logits_at(idx, x_t, torch.zeros(3, 11), labels=torch.tensor([0, 1, 2]))
-        moved = l2d.logits_at(idx, x_t, torch.full((3, 11), 0.5))
-    assert torch.equal(path_logits, base_logits)
+        at_zero = path_logits(l2d, idx, x_t, torch.zeros(3, 11), labels=torch.tensor([0, 1, 2]))
+        moved = path_logits(l2d, idx, x_t, torch.full((3, 11), 0.5))
+    assert torch.equal(at_zero, base_logits)
     assert not torch.allclose(moved, base_logits, atol=1e-3)  # the path does change t > 0
 
 
@@ -52,6 +58,23 @@ def test_steps1_generation_is_base_greedy_decoding(family, variant):
     base_tokens = torch.stack(list(l2d.base.generate(idx, 8, temperature=0)), 1)
     l2d_tokens = torch.stack([tok for tok, _ in l2d.generate(idx, 8, steps=1)], 1)
     assert torch.equal(l2d_tokens, base_tokens)
+
+
+@pytest.mark.parametrize("family,variant", CASES)
+def test_integrate_with_one_step_is_the_base(family, variant):
+    """integrate(steps=1), for every caller (generation, teacher-forced eval), is no integration: the
+    base's own logits bit for bit and no path evaluation, for any noise; dopri5 always integrates."""
+    l2d = tiny_l2d(family, variant)
+    idx = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        base_logits, _ = l2d.base(idx)
+        h_main, cache = l2d.base.trunk(idx)
+        for solver in ("euler", "midpoint", "rk4"):
+            logits, nfe = l2d.integrate(h_main, cache, 64 * torch.randn(2, 9, 16), steps=1, solver=solver,
+                                        labels=torch.tensor([0, 1]), guidance=2.0)
+            assert torch.equal(logits, base_logits) and not nfe.any()
+        logits, nfe = l2d.integrate(h_main[:, -1:], cache, steps=1, solver="dopri5", atol=1e-2, rtol=1e-2)
+        assert (nfe > 1).all() and not torch.equal(logits, base_logits[:, -1:])
 
 
 @pytest.mark.parametrize("family,variant", CASES)
@@ -99,7 +122,7 @@ def test_training_forward_equals_explicit_x_t_forward(family):
         x_1 = math.sqrt(16) * F.normalize(l2d.base.wte.weight[targets.clamp(min=0)] @ l2d.flow_proj.weight.t()
                                           + l2d.flow_proj.bias, dim=-1)
         x_t = (1 - t[..., None]) * 64.0 * noise + t[..., None] * x_1
-        explicit = l2d.logits_at(idx, x_t, t, labels)
+        explicit = path_logits(l2d, idx, x_t, t, labels)
     torch.testing.assert_close(logits[0], explicit[0, 3:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[1, :5], explicit[1, 5:], atol=1e-5, rtol=1e-5)
     valid = targets != -1
@@ -132,10 +155,10 @@ def test_self_guess_builds_x_t_from_the_paths_own_first_guess():
         full = torch.zeros(2, 10, 16)
         t_guess = torch.full((2, 10), GUESS_T)
         full[:, 3:] = x_t_of(answer, t_guess[:, 3:], eps_guess)
-        guess = l2d.logits_at(idx, full, t_guess)[:, 3:].argmax(-1)
+        guess = path_logits(l2d, idx, full, t_guess)[:, 3:].argmax(-1)
         assert (guess != answer).any()  # a random path guesses wrong: the test can tell the two apart
         full[:, 3:] = x_t_of(guess, t[:, 3:], eps)
-        explicit = l2d.logits_at(idx, full, t)[:, 3:]
+        explicit = path_logits(l2d, idx, full, t)[:, 3:]
     torch.testing.assert_close(logits, explicit, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, F.cross_entropy(explicit.flatten(0, 1), answer.flatten()), atol=1e-5, rtol=1e-5)
     torch.manual_seed(7)  # eval mode: the gold token, as with self_guess = 0
@@ -151,11 +174,12 @@ def test_cached_single_position_equals_full_sequence(family):
     idx = torch.randint(0, VOCAB, (2, 12))
     x_t, t = torch.randn(2, 12, 16) * 20, torch.rand(2, 12)
     with torch.no_grad():
-        full = l2d.logits_at(idx, x_t, t, labels=torch.tensor([0, 1]))
+        full = path_logits(l2d, idx, x_t, t, labels=torch.tensor([0, 1]))
         cache = KVCache()
         for i in range(12):  # decoding: the base sees one token at a time
             h, _ = l2d.base.trunk(idx[:, i:i + 1], cache)
-            one = l2d.predict(h, cache, x_t[:, i:i + 1], t[:, i:i + 1], labels=torch.tensor([0, 1]))
+            t_i = t[:, i:i + 1]
+            one = l2d.predict(h, cache, x_t[:, i:i + 1], t_i, l2d.conditioning(t_i, torch.tensor([0, 1])))
             torch.testing.assert_close(one[:, 0], full[:, i], atol=1e-5, rtol=1e-5)
 
 
@@ -176,7 +200,7 @@ def test_x1_estimates_and_sampling_run():
     l2d = tiny_l2d("gpt2", "lora")
     idx = torch.randint(0, VOCAB, (1, 4))
     for x1 in ("argmax", "sample", "mean"):
-        tokens = [tok for tok, _ in l2d.generate(idx, 3, steps=4, x1=x1, temperature=0.8, top_k=5)]
+        tokens = [tok for tok, _ in l2d.generate(idx, 3, steps=4, estimate=x1, temperature=0.8, top_k=5)]
         assert all(0 <= tok.item() < VOCAB for tok in tokens)
 
 
@@ -204,8 +228,8 @@ def test_shared_conditioning_equals_per_row_conditioning():
     h, cache = l2d.base.trunk(idx)
     x_t, t = torch.randn(3, 1, 16) * 30, torch.full((3, 1), 0.37)
     with torch.no_grad():
-        per_row = l2d.predict(h[:, -1:], cache, x_t, t, labels)
-        shared = l2d.predict(h[:, -1:], cache, x_t, t, labels, conditioning=l2d.conditioning(t[:1], labels[:1]))
+        per_row = l2d.predict(h[:, -1:], cache, x_t, t, l2d.conditioning(t, labels))
+        shared = l2d.predict(h[:, -1:], cache, x_t, t, FlowMemo().shared_conditioning(l2d, t.flatten(), labels))
     torch.testing.assert_close(shared, per_row, atol=1e-5, rtol=1e-5)
     torch.manual_seed(5)
     remembered = [tok for tok, _ in l2d.generate(idx, 4, steps=5, labels=labels)]
@@ -213,18 +237,18 @@ def test_shared_conditioning_equals_per_row_conditioning():
     cache, fresh = KVCache(), []
     h, _ = l2d.base.trunk(idx, cache)
     for _ in range(4):  # a new memo for every token: nothing carried over
-        tok, _ = l2d.next_token(h[:, -1:], cache, steps=5, labels=labels, memo={})
+        tok, _ = l2d.next_token(h[:, -1:], cache, steps=5, labels=labels, memo=FlowMemo())
         fresh.append(tok)
         h, _ = l2d.base.trunk(tok[:, None], cache)
     assert all(torch.equal(a, b) for a, b in zip(remembered, fresh))
 
 
 @pytest.mark.parametrize("family,ode", [("gpt2", {}), ("llama", {}),
-                                        ("llama", dict(solver="dopri5", x1="mean", atol=1e-4, rtol=1e-4))])
+                                        ("llama", dict(solver="dopri5", estimate="mean", atol=1e-4, rtol=1e-4))])
 def test_left_padded_batch_integrates_each_row_as_alone(family, ode):
     """The ODE for the next token of prompts of different lengths, left-padded into one batch (model.KVCache),
     gives each row's logits as an unpadded batch of one does, from the same noise x_0. With dopri5 (and the
-    smooth x1="mean" estimate) rows take different step counts, so the batch goes on without the rows
+    smooth "mean" estimate) rows take different step counts, so the batch goes on without the rows
     that are done: what is left must still read its own row's keys and padding."""
     l2d = tiny_l2d(family, "lora")
     prompts = [torch.randint(0, VOCAB, (n,)) for n in (6, 2, 4)]
@@ -235,12 +259,12 @@ def test_left_padded_batch_integrates_each_row_as_alone(family, ode):
     with torch.no_grad():
         h, cache = l2d.base.trunk(idx, KVCache(pad))
         shapes = []  # the callback sees every row's latest logits, also once some rows are done
-        together, nfe = l2d.flow(h[:, -1:], cache, x_0, steps=4, labels=labels, **ode,
+        together, nfe = l2d.integrate(h[:, -1:], cache, x_0, steps=4, labels=labels, **ode,
                                  callback=lambda info: shapes.append(info["logits"].shape))
         assert shapes and set(shapes) == {(3, VOCAB)}
         for row, prompt in enumerate(prompts):
             h, cache = l2d.base.trunk(prompt[None])
-            alone, alone_nfe = l2d.flow(h[:, -1:], cache, x_0[row:row + 1], steps=4, labels=labels[row:row + 1], **ode)
+            alone, alone_nfe = l2d.integrate(h[:, -1:], cache, x_0[row:row + 1], steps=4, labels=labels[row:row + 1], **ode)
             torch.testing.assert_close(together[row], alone[0], atol=1e-4, rtol=1e-4)
             assert nfe[row] == alone_nfe[0]
     if ode:
@@ -260,7 +284,7 @@ def test_pack_positions_by_hand():
 
 
 @pytest.mark.parametrize("family,explicit_pos", [("gpt2", False), ("llama", False), ("llama", True)])
-def test_predict_some_equals_predict_at_those_positions(family, explicit_pos):
+def test_packed_rows_equal_predict_at_those_positions(family, explicit_pos):
     """The path for a subset of the diffusion tokens (what dopri5 evaluates once some have finished) gives
     the logits predict() gives them among all tokens: each reads its own batch row's K/V and padding."""
     l2d = tiny_l2d(family, "lora")
@@ -271,10 +295,11 @@ def test_predict_some_equals_predict_at_those_positions(family, explicit_pos):
     with torch.no_grad():
         h, cache = l2d.base.trunk(idx, KVCache(pad))
         h_main = h[:, -P:] if pos is None else h.gather(1, pos[..., None].expand(-1, -1, h.size(-1)))
-        every = l2d.predict(h_main, cache, x_t, t, labels, pos).flatten(0, 1)
+        every = l2d.predict(h_main, cache, x_t, t, l2d.conditioning(t, labels), pos).flatten(0, 1)
+        packed_rows = PackedRows(l2d, h_main, cache, pos)
         for rows in ([1, 2, 6, 8], [3, 4, 5], [5], [0, 4, 8], list(range(B * P))):
             rows = torch.tensor(rows)
-            some = l2d.predict_some(rows, h_main, cache, x_t.flatten(0, 1)[rows], t.flatten()[rows], labels, pos)
+            some = packed_rows(rows, x_t.flatten(0, 1)[rows], t.flatten()[rows], labels)
             torch.testing.assert_close(some, every[rows], atol=1e-5, rtol=1e-5)
 
 
@@ -293,10 +318,10 @@ def test_merged_lora_gives_the_same_logits_and_leaves_the_base(family):
             p.normal_(0, 0.1)  # a trained path: B and the merge gate are not zero
     idx, t = torch.randint(0, 50, (2, 7)), torch.rand(2, 7)
     x_t = torch.randn(2, 7, 8)
-    want = l2d.logits_at(idx, x_t, t)
+    want = path_logits(l2d, idx, x_t, t)
     merge_lora(l2d)
     assert not any(isinstance(m, LoRALinear) for m in l2d.modules())
-    assert torch.allclose(l2d.logits_at(idx, x_t, t), want, atol=1e-5)
+    assert torch.allclose(path_logits(l2d, idx, x_t, t), want, atol=1e-5)
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
 
     gpt = add_lora(GPT(GPTConfig(family=family, block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16)), 4, 8.0)

@@ -22,6 +22,12 @@ from model import GPT, GPTConfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 37
 
+def path_logits(l2d, idx, x_t, t, labels=None):
+    """The path's logits at every position for explicit diffusion tokens x_t (B, T, d_f) at t (B, T)."""
+    h_main, cache = l2d.base.trunk(idx)
+    return l2d.predict(h_main, cache, x_t, t, l2d.conditioning(t, labels))
+
+
 
 @pytest.mark.parametrize("text,expected", [
     ("Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips altogether.\n#### 72", "72"),
@@ -154,8 +160,8 @@ def test_teacher_forced_fresh_l2d_is_the_base_at_any_step_count(solver, steps):
 
 
 @pytest.mark.parametrize("solver,steps,guidance", [("midpoint", 4, 1.0), ("rk4", 3, 2.0), ("dopri5", None, 1.0)])
-def test_flow_with_one_position_is_next_token(solver, steps, guidance):
-    """L2D.flow (used by teacher-forced eval for many positions) with one position gives next_token's token and nfe."""
+def test_integrate_with_one_position_is_next_token(solver, steps, guidance):
+    """L2D.integrate (used by teacher-forced eval for many positions) with one position gives next_token's token and nfe."""
     l2d = tiny_l2d(randomize=True)
     idx, labels = X[:, :5], torch.tensor([0, 1])
     with torch.no_grad():
@@ -165,7 +171,7 @@ def test_flow_with_one_position_is_next_token(solver, steps, guidance):
                                     guidance=guidance, labels=labels)
         torch.manual_seed(7)
         x_0 = l2d.config.sigma * torch.randn(2, 1, l2d.config.flow_dim)
-        logits, nfe2 = l2d.flow(h[:, -1:], cache, x_0, steps, solver, 1e-3, 1e-3, "argmax", guidance, labels)
+        logits, nfe2 = l2d.integrate(h[:, -1:], cache, x_0, steps, solver, 1e-3, 1e-3, "argmax", guidance, labels)
     assert torch.equal(logits[:, 0].argmax(-1), token) and torch.equal(nfe2[:, 0], nfe)
 
 
@@ -186,8 +192,8 @@ def test_teacher_forced_all_positions_equal_one_at_a_time(solver, steps, x1):
                 if targets[b, p] == -1:
                     continue
                 h, cache = l2d.base.trunk(X[b:b + 1, :j + 1])
-                alone, alone_nfe = l2d.flow(h[:, -1:], cache, noise[j:j + 1][None], steps, solver, **tol,
-                                            x1=x1, labels=labels[b:b + 1])
+                alone, alone_nfe = l2d.integrate(h[:, -1:], cache, noise[j:j + 1][None], steps, solver, **tol,
+                                                 estimate=x1, labels=labels[b:b + 1])
                 assert torch.allclose(logits[b, p], alone[0, 0], atol=1e-4)
                 assert nfe[b, p] == alone_nfe[0, 0]
     assert not torch.allclose(logits, at_answers(base_logits), atol=1e-3)  # the trained path moves the logits
@@ -247,7 +253,7 @@ def test_gold_x_t_reads_the_noised_gold_token():
     labels = torch.tensor([0, 1])
     logits, targets = ev.gold_x_t(l2d, X, Y, 1.0, labels).values()
     with torch.no_grad():
-        by_hand_all = l2d.logits_at(X, l2d.flow_embed(Y.clamp(min=0)), torch.ones(X.shape), labels)
+        by_hand_all = path_logits(l2d, X, l2d.flow_embed(Y.clamp(min=0)), torch.ones(X.shape), labels)
         base_logits, _ = l2d.base(X)
     assert torch.equal(targets, torch.stack([Y[b, POS[b]] for b in range(2)]))
     mask = targets != -1

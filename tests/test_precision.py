@@ -14,6 +14,12 @@ VOCAB = 53
 BF16 = torch.bfloat16
 CASES = [(f, v) for f in ("gpt2", "llama") for v in ("lora", "full")]
 
+def path_logits(l2d, idx, x_t, t, labels=None):
+    """The path's logits at every position for explicit diffusion tokens x_t (B, T, d_f) at t (B, T)."""
+    h_main, cache = l2d.base.trunk(idx)
+    return l2d.predict(h_main, cache, x_t, t, l2d.conditioning(t, labels))
+
+
 
 def tiny_l2d(family, variant, seed=0):
     torch.manual_seed(seed)
@@ -74,8 +80,8 @@ def test_t0_logits_are_the_bf16_base_bit_for_bit(family, variant, frozen_only):
     x_t = torch.randn(3, 11, 16) * 64
     with torch.no_grad(), autocast("cpu", BF16):
         base_logits, _ = l2d.base(idx)
-        at_0 = l2d.logits_at(idx, x_t, torch.zeros(3, 11), labels=torch.tensor([0, 1, 2]))
-        at_half = l2d.logits_at(idx, x_t, torch.full((3, 11), 0.5))
+        at_0 = path_logits(l2d, idx, x_t, torch.zeros(3, 11), labels=torch.tensor([0, 1, 2]))
+        at_half = path_logits(l2d, idx, x_t, torch.full((3, 11), 0.5))
     assert base_logits.dtype == BF16
     assert torch.equal(at_0, base_logits)
     assert not torch.allclose(at_half.float(), base_logits.float(), atol=1e-2)  # the path does act at t > 0
@@ -126,11 +132,11 @@ def test_bf16_ode_keeps_a_float64_state_and_follows_the_float32_one(x1):
     x_0 = 64 * torch.randn(2, 1, 16)
     h, cache = l2d.base.trunk(idx)
     states = []
-    want, _ = l2d.flow(h[:, -1:], cache, x_0, steps=4, x1=x1)
+    want, _ = l2d.integrate(h[:, -1:], cache, x_0, steps=4, estimate=x1)
     store_weights(l2d, BF16)
     with autocast("cpu", BF16):
         h, cache = l2d.base.trunk(idx)
-        got, _ = l2d.flow(h[:, -1:], cache, x_0, steps=4, x1=x1, callback=lambda info: states.append(info["x"]))
+        got, _ = l2d.integrate(h[:, -1:], cache, x_0, steps=4, estimate=x1, callback=lambda info: states.append(info["x"]))
     assert all(x.dtype == torch.float64 for x in states)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
