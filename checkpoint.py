@@ -23,6 +23,7 @@ from ar2diff import AR2Diff, AR2DiffConfig
 from diffusion import L2D, L2DConfig
 from lora import add_lora
 from model import GPT, GPTConfig
+from pretrained import load_pretrained
 
 
 def save_checkpoint(path, ckpt):
@@ -94,7 +95,7 @@ def load_base(init_from, block_size=None):
             raise ValueError(f"{init_from} holds a {ckpt['method']} model; a base must come from method=ar, full "
                              "or ar2diff")
         return (model.base if ckpt["method"] == "ar2diff" else model), tokenizer
-    return GPT.from_pretrained(init_from, block_size=block_size)
+    return load_pretrained(init_from, block_size)
 
 
 def build_model(method, base, l2d_config=None, lora_rank=32, lora_alpha=32.0, ar2diff_config=None):

@@ -10,10 +10,11 @@ Besides logits, the model exposes exactly what the L2D diffusion path reuses (di
 `trunk()` returns the last hidden state *before* the final norm (h_main_L in the paper's merge)
 and a KVCache holding every layer's keys (after RoPE) and values.
 
-    model, tokenizer = GPT.from_pretrained("smollm2-135m")   # the embedded offline default
-    model, tokenizer = GPT.from_pretrained("gpt2")            # downloads model.safetensors once
-    model, tokenizer = GPT.from_pretrained("path/to/hf_folder")
-    logits, loss = model(idx, targets)                        # targets: -1 = ignored position
+    model = GPT(GPTConfig(family="llama", n_layer=4, n_head=4, n_embd=128))  # random weights
+    logits, loss = model(idx, targets)                                        # targets: -1 = ignored position
+
+Pretrained weights come from pretrained.py (`load_pretrained("smollm2-135m")`, a GPT-2 name, a Hugging Face
+folder), and any model, a train.py checkpoint included, from checkpoint.py's `load(name_or_path)`.
 """
 
 import math
@@ -324,12 +325,6 @@ class GPT(nn.Module):
             yield token
             h, _ = self.trunk(token[:, None], cache)
 
-    @classmethod
-    def from_pretrained(cls, name_or_path, block_size=None):
-        """Load pretrained weights and their tokenizer; returns (model, tokenizer).
-        `name_or_path`: "smollm2-135m" (embedded GGUF), a GPT-2 name, or a local HF folder."""
-        from pretrained import load_pretrained  # reading checkpoint formats is pretrained.py's job
-        return load_pretrained(name_or_path, block_size)
 
 def sample_token(logits, temperature=1.0, top_k=None):
     """Pick a token id per row of (B, vocab) logits: argmax at temperature 0, else sample."""

@@ -7,7 +7,7 @@ never unpickled):
 - GPT-2 by name: model.safetensors downloaded once from the hub into ~/.cache/l2d/<name>/;
 - "smollm2-135m": the embedded GGUF file (load_gguf.py turns it into the Llama layout).
 
-    model, tokenizer = load_pretrained("gpt2")    # what GPT.from_pretrained calls
+    model, tokenizer = load_pretrained("gpt2")    # checkpoint.load reads pretrained names and folders with it
 """
 
 import os

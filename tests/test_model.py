@@ -107,7 +107,7 @@ def write_folder(tmp_path, hf_config, sd):
 
 
 def load_folder(folder):
-    # from_pretrained also loads a tokenizer; these tests are about the weights only.
+    # load_pretrained also loads a tokenizer; these tests are about the weights only.
     hf_config, sd = read_hf_folder(folder)
     config = config_from_hf(hf_config)
     model = GPT(config)
@@ -243,7 +243,7 @@ def test_gpt2_offline_download_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     monkeypatch.setattr(pretrained_module, "CACHE_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError) as info:
-        GPT.from_pretrained("gpt2")
+        pretrained_module.load_pretrained("gpt2")
     message = str(info.value)
     assert "\n" not in message and str(tmp_path / "gpt2" / "model.safetensors") in message
     assert "huggingface.co" in message

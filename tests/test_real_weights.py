@@ -31,9 +31,9 @@ def perplexity(model, enc, text):
 @pytest.fixture(scope="module")
 def smollm2():
     pytest.importorskip("gguf")
-    from model import GPT
+    from pretrained import load_pretrained
     try:
-        return GPT.from_pretrained("smollm2-135m")
+        return load_pretrained("smollm2-135m")
     except FileNotFoundError as e:
         pytest.skip(str(e))
 
