@@ -277,8 +277,7 @@ def generate_answers(model, prompts, max_new_tokens, stop, setting, labels=None)
                                 atol=setting["atol"], rtol=setting["rtol"], guidance=setting["guidance"], labels=labels,
                                 estimate=setting["x1"])
     else:
-        stream = ((token, torch.zeros(len(prompts), dtype=torch.long))
-                  for token in model.generate(idx, max_new_tokens, temperature=0, pad=pad))
+        stream = model.generate(idx, max_new_tokens, temperature=0, pad=pad)
     outs, generated, spent = [[] for _ in prompts], [0] * len(prompts), [0] * len(prompts)
     running = set(range(len(prompts)))
     for tokens, nfe in stream:
@@ -473,7 +472,7 @@ def main(argv=None):
     labels = example_labels(model, model_classes, ds, cfg["label"])
     if labels is None and any(s["guidance"] != 1.0 for s in settings):
         raise UsageError("--guidance other than 1 needs an L2D model trained with --guidance_classes=True")
-    stop = {ds.eot} | stop_tokens(tokenizer)  # a chat model's end of turn, and any end of text
+    stop = stop_tokens(tokenizer)  # the end of the answer (a chat model's end of turn), and any end of text
     golds = [final_number(r["final"] if r.get("final") is not None else r["answer"]) for r in rows[:n]]
     if cfg["task"] == "humaneval" and "test" not in rows[0]:
         raise UsageError(f"{data_dir} has no HumanEval tests in its rows: prepare it with data/humaneval/prepare.py")

@@ -315,14 +315,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, pad=None):
-        """Yield the next token (B,) at each step, decoding with the KV cache: the prompt is
-        run once, then each step runs the model on one new token only. `pad` (B,): rows of idx
-        left-padded to one length (KVCache)."""
+        """Yield (next token (B,), nfe (B,)) at each step, decoding with the KV cache: the prompt is
+        run once, then each step runs the model on one new token only. nfe, the diffusion-path
+        evaluations the token cost, is 0 here: the stream has the shape of L2D.generate's. `pad`
+        (B,): rows of idx left-padded to one length (KVCache)."""
         cache = KVCache(pad)
         h, _ = self.trunk(idx, cache)
+        no_path = torch.zeros(idx.size(0), dtype=torch.long)
         for _ in range(max_new_tokens):
             token = sample_token(self.head(h[:, -1]), temperature, top_k)
-            yield token
+            yield token, no_path
             h, _ = self.trunk(token[:, None], cache)
 
 

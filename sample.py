@@ -38,7 +38,7 @@ from diffusion import ADAPTIVE_T_END, L2D, L2DConfig
 from lora import merge_lora
 from precision import autocast, resolve_dtype, store_weights
 from solvers import EVALUATIONS, SOLVERS
-from tokenizer import chat_prompt, end_token, has_chat_template
+from tokenizer import chat_prompt, has_chat_template, stop_tokens
 
 DEFAULTS = dict(
     init_from="smollm2-135m",  # an L2D ckpt.pt, another ckpt.pt (steps=1 only), or a base model name or HF folder
@@ -201,7 +201,7 @@ def sample_ar2diff(model, enc, cfg, start, prompt, stop):
     if len(prompt) + L > model.base.config.block_size:
         raise UsageError(f"the prompt has {len(prompt)} tokens and the answer span {L}, more than the model's context "
                          f"{model.base.config.block_size}; shorten --start")
-    stops = {stop, model.config.end_token}
+    stops = stop | {model.config.end_token}
 
     def show(info):  # --show_steps: every candidate after each refinement step
         texts = (repr(enc.decode(until_end(c, stops))) for c in info["tokens"][0].tolist())
@@ -239,8 +239,7 @@ def write_samples(model, enc, cfg, start, prompt, max_new_tokens, stop, labels, 
                                     labels=labels, temperature=cfg["temperature"], top_k=cfg["top_k"],
                                     callback=printer.step if printer else None)
         else:
-            tokens = ((t, torch.zeros(1, dtype=torch.long)) for t in
-                      model.generate(idx, max_new_tokens, cfg["temperature"], cfg["top_k"]))
+            tokens = model.generate(idx, max_new_tokens, cfg["temperature"], cfg["top_k"])
         out, nfes, printed = [], [], ""
         for token, nfe in tokens:
             out.append(token.item())
@@ -250,7 +249,7 @@ def write_samples(model, enc, cfg, start, prompt, max_new_tokens, stop, labels, 
             progress.update(done, left, midline=not printer and not (printed or start).endswith("\n"))
             if printer:
                 printer.token(out[-1], nfes[-1])
-            if token.item() == stop:
+            if token.item() in stop:
                 break
             text = enc.decode(out)  # decode the whole answer: a character may span several tokens
             if not printer:
@@ -287,7 +286,7 @@ def main(argv=None):
             raise UsageError(f"{cfg['init_from']}'s tokenizer has no chat template; drop --chat")
         start = chat_prompt(enc, start)
     prompt = enc.encode(start, allowed_special="all")
-    stop = end_token(enc)
+    stop = stop_tokens(enc)  # the end of the answer, and any end of text
     if isinstance(model, AR2Diff):
         with autocast(cfg["device"], dtype):
             return sample_ar2diff(model, enc, cfg, start, prompt, stop)

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion import L2D, FlowMemo, L2DConfig, PackedRows, pack_positions
+from diffusion import L2D, L2DConfig
+from velocity import FlowMemo, PackedRows, pack_positions
 from model import GPT, GPTConfig, KVCache
 
 VOCAB = 53
@@ -55,7 +56,7 @@ def test_t0_logits_equal_base_bit_for_bit(family, variant):
 def test_steps1_generation_is_base_greedy_decoding(family, variant):
     l2d = tiny_l2d(family, variant)
     idx = torch.randint(0, VOCAB, (2, 5))
-    base_tokens = torch.stack(list(l2d.base.generate(idx, 8, temperature=0)), 1)
+    base_tokens = torch.stack([tok for tok, _ in l2d.base.generate(idx, 8, temperature=0)], 1)
     l2d_tokens = torch.stack([tok for tok, _ in l2d.generate(idx, 8, steps=1)], 1)
     assert torch.equal(l2d_tokens, base_tokens)
 

@@ -200,9 +200,9 @@ def test_left_padded_batch_decodes_each_row_as_alone(family):
             torch.testing.assert_close(h[row, pad[row]:], alone[0], atol=1e-5, rtol=1e-5)
             if pad[row] > 0:
                 assert not torch.allclose(unmasked[row, pad[row]:], alone[0], atol=1e-3)
-    together = torch.stack(list(model.generate(idx, 6, temperature=0, pad=pad)), 1)
+    together = torch.stack([tok for tok, _ in model.generate(idx, 6, temperature=0, pad=pad)], 1)
     for row, prompt in enumerate(prompts):
-        alone = torch.stack(list(model.generate(prompt[None], 6, temperature=0)), 1)
+        alone = torch.stack([tok for tok, _ in model.generate(prompt[None], 6, temperature=0)], 1)
         assert torch.equal(together[row], alone[0])
 
 
@@ -219,7 +219,7 @@ def test_loss_ignores_minus_one():
 def test_greedy_generate_matches_argmax_of_full_forward():
     model = GPT(GPTConfig(family="llama", block_size=32, vocab_size=41, n_layer=2, n_head=2, n_embd=16)).eval()
     idx = torch.randint(0, 41, (2, 4))
-    tokens = torch.stack(list(model.generate(idx, 6, temperature=0)), 1)
+    tokens = torch.stack([tok for tok, _ in model.generate(idx, 6, temperature=0)], 1)
     seq = idx
     for _ in range(6):  # no cache: rerun the whole sequence each step
         seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)

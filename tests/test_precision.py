@@ -92,7 +92,7 @@ def test_steps1_generation_in_bf16_is_the_bf16_base(family, variant):
     l2d = store_weights(tiny_l2d(family, variant), BF16)
     idx = torch.randint(0, VOCAB, (2, 5))
     with autocast("cpu", BF16):
-        base_tokens = torch.stack(list(l2d.base.generate(idx, 8, temperature=0)), 1)
+        base_tokens = torch.stack([tok for tok, _ in l2d.base.generate(idx, 8, temperature=0)], 1)
         l2d_tokens = torch.stack([tok for tok, _ in l2d.generate(idx, 8, steps=1)], 1)
     assert torch.equal(l2d_tokens, base_tokens)
 

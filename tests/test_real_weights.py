@@ -52,7 +52,7 @@ def test_smollm2_answers_a_chat_question(smollm2):
     from tokenizer import chat_prompt
     model, enc = smollm2
     idx = torch.tensor([enc.encode(chat_prompt(enc, "What is the capital of France?"), allowed_special="all")])
-    tokens = [t.item() for t in model.generate(idx, 8, temperature=0)]
+    tokens = [t.item() for t, _ in model.generate(idx, 8, temperature=0)]
     assert "Paris" in enc.decode(tokens)
 
 
