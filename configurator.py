@@ -59,6 +59,31 @@ def resolve_device(name):
     return name
 
 
+def parse_list(key, value, kind, default):
+    """The list option --key as a list of `kind` (int, float or str): `value` may be one value, a tuple/list
+    (what configure makes of --steps 1,2,4) or a comma-separated string; None is a copy of `default`.
+    An int takes whole numbers only (1.5 is refused, 1.0 is 1), a number is never a boolean, and an empty
+    list is refused: each a one-line UsageError naming --key."""
+    if value is None:
+        return list(default)
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        if kind is str:
+            out.append(str(item).strip())
+            continue
+        try:
+            number = float(item)
+        except (TypeError, ValueError):
+            raise UsageError(f"--{key} must be a number or a comma-separated list of numbers, got {value!r}") from None
+        if isinstance(item, bool) or (kind is int and not number.is_integer()):
+            raise UsageError(f"--{key} takes {'whole ' if kind is int else ''}numbers, got {item!r}")
+        out.append(kind(number))
+    if not out:
+        raise UsageError(f"--{key} is empty")
+    return out
+
+
 def duration(seconds):
     """A short human duration for the scripts' progress lines: 45s, 12m05s, 3h07m."""
     m, s = divmod(round(seconds), 60)

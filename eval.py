@@ -93,6 +93,7 @@ from tqdm import tqdm
 
 from ar2diff import AR2Diff, until_end
 from checkpoint import load_base, load_model
+import configurator
 from configurator import UsageError, configure, fail, resolve_device
 from dataset import TokenDataset, tokenizer_tag
 from diffusion import L2D, answer_positions, at_positions
@@ -295,22 +296,8 @@ def generate_answers(model, prompts, max_new_tokens, stop, setting, labels=None)
 
 # --- command line -----------------------------------------------------------------------------------
 def parse_list(key, value, kind):
-    """One value, a tuple/list, or a comma-separated string -> a list of `kind` (int or float)."""
-    if value is None:
-        return list(LIST_DEFAULTS[key])
-    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
-    out = []
-    for item in items:
-        try:
-            number = float(item)
-        except (TypeError, ValueError):
-            raise UsageError(f"--{key} must be a number or a comma-separated list of numbers, got {value!r}") from None
-        if isinstance(item, bool) or (kind is int and not number.is_integer()):
-            raise UsageError(f"--{key} takes whole numbers, got {item!r}")
-        out.append(kind(number))
-    if not out:
-        raise UsageError(f"--{key} is empty")
-    return out
+    """configurator.parse_list with this script's LIST_DEFAULTS for None."""
+    return configurator.parse_list(key, value, kind, LIST_DEFAULTS[key])
 
 
 def make_settings(cfg, is_l2d, is_ar2diff=False):
