@@ -10,11 +10,37 @@ import textwrap
 
 import pytest
 
-from configurator import UsageError, configure
+from configurator import UsageError, configure, parse_list
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULTS = dict(steps=1, lr=1e-4, solver="midpoint", start="\n", chat=False, datasets=["a"], atol=None)
+
+
+def test_parse_list_takes_one_value_a_tuple_or_a_comma_separated_string():
+    assert parse_list("steps", "1,2,4", int, []) == [1, 2, 4]
+    assert parse_list("steps", (1, 2, 4), int, []) == [1, 2, 4]  # what configure makes of --steps 1,2,4
+    assert parse_list("steps", 8, int, []) == [8]
+    assert parse_list("steps", "1.0, 2", int, []) == [1, 2]
+    assert parse_list("guidance", "1,1.5", float, []) == [1.0, 1.5]
+    assert parse_list("methods", "lora, full", str, []) == ["lora", "full"]
+    default = [1, 16]
+    got = parse_list("batch_sizes", None, int, default)
+    assert got == default and got is not default  # a copy: the caller may change it
+
+
+@pytest.mark.parametrize("value, kind, match", [
+    ("1.5", int, "--steps takes whole numbers, got '1.5'"),
+    ("a,b", int, "--steps must be a number or a comma-separated list of numbers, got 'a,b'"),
+    ("", int, "--steps must be a number"),
+    (True, int, "--steps takes whole numbers, got True"),
+    ((1, False), float, "--steps takes numbers, got False"),
+    ((), int, "--steps is empty"),
+    ([], str, "--steps is empty"),
+])
+def test_parse_list_refuses(value, kind, match):
+    with pytest.raises(UsageError, match=re.escape(match)):
+        parse_list("steps", value, kind, [1])
 
 
 def test_both_forms_and_types():
