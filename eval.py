@@ -81,27 +81,27 @@ its batch (the base rows do not: they use no noise); so do the draws of --x1 sam
 
 import json
 import os
-import re
 import sys
 import time
-from decimal import Decimal, InvalidOperation
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ar2diff import AR2Diff, until_end
+from answers import final_number, generate_answers, is_correct
+from ar2diff import AR2Diff
 from checkpoint import load_base, load_model
 import configurator
 from configurator import UsageError, configure, fail, resolve_device
 from dataset import TokenDataset, tokenizer_tag
 from diffusion import L2D, answer_positions, at_positions
-from execution import humaneval_program, run_program
 from intervals import ratio_interval, row_gains, wilson_interval
 from lora import merge_lora
 from precision import autocast, resolve_dtype, store_weights
 from plot import plot
+from results import ResultsFile, output_path
 from solvers import SOLVERS
 from tokenizer import stop_tokens
 
@@ -140,33 +140,6 @@ DEFAULTS = dict(
 )
 LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], atol=[1e-5], rtol=[1e-5], guidance=[1.0], probe_t=[], samples=[8])
 AR2DIFF_STEPS = [1, 2, 5, 10, 20]  # --steps None for an AR2Diff: the issue's grid around the paper's 10
-
-
-# --- answers ----------------------------------------------------------------------------------------
-# A number: an optional minus sign (not a hyphen after a word or digit, as in "10-3"), an optional $,
-# digits with optional thousands commas, an optional decimal part ("42." ending a sentence is 42).
-NUMBER = re.compile(r"(?:(?<![\w.])-)?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-
-
-def normalize_number(text):
-    """Canonical string of a number: no $ or commas, no trailing zeros after the point ("3.50" -> "3.5",
-    "7.0" -> "7", "007" -> "7", "-0" -> "0")."""
-    try:
-        d = Decimal(text.replace("$", "").replace(",", ""))
-    except InvalidOperation:
-        return None
-    return "0" if d == 0 else format(d.normalize(), "f")
-
-
-def final_number(text):
-    """The final answer a text states: the first number after its last "####" (GSM8K's convention), else
-    the last number in the text; normalised with normalize_number. None if there is no number."""
-    if text is None:
-        return None
-    tail = text.rpartition("####")[2] if "####" in text else ""
-    after = NUMBER.findall(tail)
-    numbers = after[:1] or NUMBER.findall(text)[-1:]
-    return normalize_number(numbers[0]) if numbers else None
 
 
 # --- the ODE for many positions at once --------------------------------------------------------------
@@ -254,46 +227,6 @@ def generation_summary(ex):
     return summary
 
 
-# --- generation -----------------------------------------------------------------------------------
-@torch.no_grad()
-def generate_answers(model, prompts, max_new_tokens, stop, setting, labels=None):
-    """Greedy continuations of a batch of prompts (lists of ids), left-padded to one length, each until
-    a token in `stop` (not returned) or max_new_tokens; the batch runs until every row has stopped.
-    Returns per prompt (answer token ids, tokens generated including the stop token, path evaluations)."""
-    device = next(model.parameters()).device
-    length = max(len(p) for p in prompts)
-    idx = torch.tensor([[0] * (length - len(p)) + p for p in prompts], dtype=torch.long, device=device)  # 0: any id, masked
-    pad = torch.tensor([length - len(p) for p in prompts], device=device)
-    if isinstance(model, AR2Diff):  # the whole answer at once: no stream of tokens
-        first = []  # with one candidate, the span after the first step: what the later steps changed
-        keep = (lambda info: first.append(info["tokens"][:, 0]) if info["step"] == 1 else None) \
-            if setting["candidates"] == 1 else None
-        spans, _ = model.generate(idx, pad, steps=setting["steps"], samples=setting["candidates"], callback=keep)
-        passes = (setting["steps"] + (setting["candidates"] > 1)) * setting["candidates"]
-        answers = [until_end(span, stop) for span in spans.tolist()]
-        firsts = [until_end(span, stop) for span in first[0].tolist()] if first else [None] * len(answers)
-        return [(a, min(len(a) + 1, spans.size(1)), passes, f) for a, f in zip(answers, firsts)]  # + 1: the end token
-    if isinstance(model, L2D):
-        stream = model.generate(idx, max_new_tokens, pad=pad, steps=setting["steps"], solver=setting["solver"],
-                                atol=setting["atol"], rtol=setting["rtol"], guidance=setting["guidance"], labels=labels,
-                                estimate=setting["x1"])
-    else:
-        stream = model.generate(idx, max_new_tokens, temperature=0, pad=pad)
-    outs, generated, spent = [[] for _ in prompts], [0] * len(prompts), [0] * len(prompts)
-    running = set(range(len(prompts)))
-    for tokens, nfe in stream:
-        tokens, nfe = tokens.tolist(), nfe.tolist()
-        for row in list(running):
-            generated[row], spent[row] = generated[row] + 1, spent[row] + nfe[row]
-            if tokens[row] in stop:
-                running.discard(row)
-            else:
-                outs[row].append(tokens[row])
-        if not running:
-            break
-    return list(zip(outs, generated, spent))
-
-
 # --- command line -----------------------------------------------------------------------------------
 def parse_list(key, value, kind):
     """configurator.parse_list with this script's LIST_DEFAULTS for None."""
@@ -378,71 +311,24 @@ def check_tokenizer(model_tok, data_tok, probe, data_dir):
                          "prepare the data with --tokenizer matching the model")
 
 
-def write_json(path, result):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+@dataclass
+class Task:
+    """The examples a run evaluates: the prepared split (tokens, for teacher forcing), its rows (text), and
+    what generation needs: prompt ids, gold final numbers, class labels and the stop tokens."""
+    name: str
+    data_dir: str
+    split: str
+    ds: TokenDataset
+    rows: list
+    n: int
+    prompts: list
+    golds: list
+    labels: object  # np.ndarray of class indices, or None (unconditional)
+    stop: set
 
 
-def free_name(path):
-    """path, or path-2, path-3, ... (before the extension): the first that does not exist yet."""
-    stem, ext = os.path.splitext(path)
-    i = 1
-    while os.path.exists(path):
-        i += 1
-        path = f"{stem}-{i}{ext}"
-    return path
-
-
-def resumable(out, result):
-    """--resume: the JSON a killed run of the same command left at `out`, to go on from (`result` if none)."""
-    if not os.path.isfile(out):
-        print(f"note: nothing to resume at {out}; starting from the first example")
-        return result
-    try:
-        with open(out) as f:
-            old = json.load(f)
-        old_config = {k: v for k, v in old["config"].items() if k != "resume"}
-    except (ValueError, KeyError, AttributeError) as e:
-        raise UsageError(f"cannot resume from {out}: not an eval.py JSON ({e}); pass another --out") from None
-    config = {k: v for k, v in json.loads(json.dumps(result["config"])).items() if k != "resume"}
-    differ = sorted(k for k in config.keys() | old_config.keys() if config.get(k) != old_config.get(k))
-    if differ:
-        raise UsageError(f"cannot resume from {out}: it was run with other options ({', '.join(differ)}); "
-                         "repeat its command with --resume True, or pass another --out")
-    return old
-
-
-def main(argv=None):
-    cfg = configure(DEFAULTS, argv)
-    if cfg["task"] not in TASKS:
-        raise UsageError(f"unknown task {cfg['task']!r}; use one of {', '.join(TASKS)}")
-    device = resolve_device(cfg["device"])  # both checked before anything is loaded
-    dtype = resolve_dtype(cfg["dtype"], device)
-    if cfg["limit"] < 0 or min(cfg["max_new_tokens"], cfg["batch_size"], cfg["gen_batch_size"]) < 1:
-        raise UsageError("--limit must be >= 0 (0: all), --max_new_tokens, --batch_size and --gen_batch_size >= 1")
-    model, tokenizer, tokenizer_name, model_classes, ckpt_path = load(cfg["ckpt"])
-    is_l2d, is_ar2diff = isinstance(model, L2D), isinstance(model, AR2Diff)
-    run_tf = cfg["teacher_forced"] and not is_ar2diff
-    if is_ar2diff and cfg["teacher_forced"]:
-        print("note: an AR2Diff model has no next-token logits, so no teacher-forced pass: generation rows only")
-    if is_ar2diff and not cfg["generate"]:
-        raise UsageError("an AR2Diff model is evaluated by generation only: drop --generate False")
-    settings = make_settings(cfg, is_l2d, is_ar2diff) if cfg["generate"] or run_tf else []
-    probe_t = parse_list("probe_t", cfg["probe_t"], float)
-    if probe_t and (not is_l2d or min(probe_t) < 0 or max(probe_t) > 1):
-        raise UsageError("--probe_t takes times in [0, 1] and needs an L2D model")
-    if not is_ar2diff and cfg["samples"] is not None:
-        raise UsageError("--samples is for an AR2Diff model (candidates refined in parallel)")
-    if not is_l2d and not is_ar2diff and (cfg["steps"] is not None or cfg["guidance"] is not None):
-        print(f"note: {cfg['ckpt']} is not an L2D model: one row, steps=1 (the model itself)")
-    merge_lora(model).to(device)  # LoRA folded into its weights (equal logits, a plain layer's cost)
-    store_weights(model, dtype)  # nothing trains here: every weight in dtype, but the norms
-    mixed = autocast(device, dtype)
-    base = model.base if is_l2d or is_ar2diff else model
-    block_size = base.config.block_size
-
+def load_task(cfg, model, tokenizer, tokenizer_name, model_classes, settings):
+    """The prepared split --data/--split names, checked against the model (tokenizer, classes, context)."""
     data_dir = cfg["data"] or os.path.join(REPO, "data", cfg["task"], tokenizer_tag(tokenizer_name))
     split = cfg["split"]
     if split not in ("test", "confirm"):
@@ -459,145 +345,184 @@ def main(argv=None):
     labels = example_labels(model, model_classes, ds, cfg["label"])
     if labels is None and any(s["guidance"] != 1.0 for s in settings):
         raise UsageError("--guidance other than 1 needs an L2D model trained with --guidance_classes=True")
-    stop = stop_tokens(tokenizer)  # the end of the answer (a chat model's end of turn), and any end of text
     golds = [final_number(r["final"] if r.get("final") is not None else r["answer"]) for r in rows[:n]]
     if cfg["task"] == "humaneval" and "test" not in rows[0]:
         raise UsageError(f"{data_dir} has no HumanEval tests in its rows: prepare it with data/humaneval/prepare.py")
-
-    def is_correct(i, text):
-        """Math: the last number of the output equals the gold one. HumanEval: the completed function passes
-        its unit tests, run in a child process (execution.py)."""
-        if cfg["task"] == "humaneval":
-            return int(run_program(humaneval_program(rows[i], text)))
-        pred = final_number(text)
-        return int(pred is not None and pred == golds[i])
     prompts = [ds.tokenizer.encode(r["prompt"], allowed_special="all") for r in rows[:n]]
-    if is_ar2diff and max(map(len, prompts)) + model.config.answer_len > block_size:
+    if isinstance(model, AR2Diff) and max(map(len, prompts)) + model.config.answer_len > model.base.config.block_size:
         raise UsageError(f"the longest prompt of {data_dir} ({max(map(len, prompts))} tokens) and the model's answer "
-                         f"span ({model.config.answer_len}) do not fit its context of {block_size}")
+                         f"span ({model.config.answer_len}) do not fit its context of {model.base.config.block_size}")
+    return Task(cfg["task"], data_dir, split, ds, rows, n, prompts, golds, labels, stop_tokens(tokenizer))
 
-    if cfg["resume"] and not cfg["out"]:
-        raise UsageError("--resume True needs --out, the JSON of the run to go on from")
-    out = cfg["out"] or free_name(os.path.join(os.path.dirname(ckpt_path) if ckpt_path else ".", "eval_results.json"))
-    if not out.endswith(".json"):
-        raise UsageError(f"--out {out} must end in .json (eval.py writes a JSON there)")
-    if os.path.exists(out) and not (cfg["resume"] or cfg["overwrite"]):
-        raise UsageError(f"{out} already exists; go on from it with --resume True, replace it with --overwrite True, "
-                         "or pass another --out")
-    kind = f"L2D ({model.config.variant})" if is_l2d else f"AR2Diff (L={model.config.answer_len})" if is_ar2diff else "GPT"
-    print(f"{kind} from {cfg['ckpt']} on {data_dir} ({split}): {n} examples, {len(settings)} row(s), device {device}, "
-          f"{str(dtype)[6:]}")
-    result = dict(ckpt=cfg["ckpt"], model=kind, task=cfg["task"], data=data_dir, split=split, n=n, config=cfg, rows=[])
-    if cfg["resume"]:
-        result = resumable(out, result)
 
-    # After every batch the JSON is rewritten with the phase in progress (a probe time, a row's generation or
-    # its teacher-forced pass) under "partial": its per-example lists so far and the row it belongs to.
-    def resumed(phase, fresh):
-        """The per-example lists of `phase` that a killed run saved, else `fresh`."""
-        partial = result.get("partial")
-        return partial["examples"] if partial and partial["phase"] == phase else fresh
+@dataclass
+class Run:
+    """One eval.py run: its settings, the model, the task, the results file, and how to compute."""
+    cfg: dict
+    model: torch.nn.Module
+    task: Task
+    results: ResultsFile
+    device: str
+    mixed: object  # the autocast context of the dtype
 
-    def save(phase, examples, row=None):
-        result["partial"] = dict(phase=phase, examples=examples, row=row)
-        write_json(out, result)
+    @property
+    def block_size(self):
+        model = self.model
+        return (model.base if isinstance(model, (L2D, AR2Diff)) else model).config.block_size
 
-    def over_batches(batch_logits, phase, row=None):
-        """Teacher-forced stats of batch_logits(ix, labels, x, y) -> (logits, targets, nfe) over the n examples,
-        saved after each batch as `phase` (of `row`), and taken up where a killed run of it stopped."""
-        ex = resumed(phase, dict(correct=[], count=[], nll=[], nfe=[]))
-        start = len(ex["correct"])  # a multiple of batch_size: the batches (and their seeds) are those of a whole run
-        for b0 in tqdm(range(start, n, cfg["batch_size"]), desc=phase, leave=False, file=sys.stderr):
-            ix = np.arange(b0, min(b0 + cfg["batch_size"], n))
-            x, y, _ = ds.get_batch(ix, block_size)
-            lab = None if labels is None else torch.as_tensor(labels[ix], device=device)
-            with mixed:
-                stats = batch_logits(ix, lab, x.to(device), y.to(device))
-            for key, values in answer_stats(**stats).items():
-                ex.setdefault(key, []).extend(values)
-            save(phase, ex, row)
-        return tf_summary(ex)
+    def labels_of(self, ix):
+        return None if self.task.labels is None else torch.as_tensor(self.task.labels[list(ix)], device=self.device)
 
-    def over_prompts(setting, row):
-        """Generation columns of `setting` over the n prompts, gen_batch_size at a time, saved after each batch
-        as the phase row["setting"], and taken up where a killed run of it stopped."""
-        phase = row["setting"]
-        ex = resumed(phase, dict(correct=[], tokens=[], nfe=[], seconds=0.0, samples=[]))
-        progress = tqdm(total=n, initial=len(ex["correct"]), desc=phase, leave=False, file=sys.stderr)
-        for b0 in range(len(ex["correct"]), n, cfg["gen_batch_size"]):
-            ix = range(b0, min(b0 + cfg["gen_batch_size"], n))
-            torch.manual_seed(cfg["seed"] + b0)
-            lab = None if labels is None else torch.as_tensor(labels[list(ix)], device=device)
-            budget = min(cfg["max_new_tokens"], block_size - max(len(prompts[i]) for i in ix))  # AR2Diff ignores it: its span fits (checked above)
-            t0 = time.perf_counter()
-            with mixed:
-                answers = generate_answers(model, [prompts[i] for i in ix], budget, stop, setting, lab) \
-                    if budget > 0 else [([], 0, 0)] * len(ix)
-            ex["seconds"] += time.perf_counter() - t0
-            for i, (answer, generated, spent, *first) in zip(ix, answers):
-                text = ds.tokenizer.decode(answer)
-                pred = final_number(text)
-                ex["correct"].append(is_correct(i, text))
-                if first and first[0] is not None:  # AR2Diff, one candidate: its answer after the first step
-                    ex.setdefault("first_correct", []).append(is_correct(i, ds.tokenizer.decode(first[0])))
-                    ex.setdefault("first_changed", []).append(int(first[0] != answer))
-                ex["tokens"].append(generated)
-                ex["nfe"].append(spent)
-                if i < 3:
-                    ex["samples"].append(dict(prompt=rows[i]["prompt"], output=text, pred=pred, gold=golds[i]))
-            save(phase, ex, row)
-            progress.update(len(ix))
-        progress.close()
-        return generation_summary(ex)
 
+def teacher_forced_columns(run, batch_logits, phase, row=None):
+    """Teacher-forced stats of batch_logits(ix, labels, x, y) -> answer_stats' arguments over the n examples,
+    saved after each batch as `phase` (of `row`), and taken up where a killed run of it stopped."""
+    task, batch_size = run.task, run.cfg["batch_size"]
+    ex = run.results.resumed(phase, dict(correct=[], count=[], nll=[], nfe=[]))
+    start = len(ex["correct"])  # a multiple of batch_size: the batches (and their seeds) are those of a whole run
+    for b0 in tqdm(range(start, task.n, batch_size), desc=phase, leave=False, file=sys.stderr):
+        ix = np.arange(b0, min(b0 + batch_size, task.n))
+        x, y, _ = task.ds.get_batch(ix, run.block_size)
+        with run.mixed:
+            stats = batch_logits(ix, run.labels_of(ix), x.to(run.device), y.to(run.device))
+        for key, values in answer_stats(**stats).items():
+            ex.setdefault(key, []).extend(values)
+        run.results.save_partial(phase, ex, row)
+    return tf_summary(ex)
+
+
+def generation_columns(run, setting, row):
+    """Generation columns of `setting` over the n prompts, gen_batch_size at a time, saved after each batch
+    as the phase row["setting"], and taken up where a killed run of it stopped."""
+    cfg, task, phase = run.cfg, run.task, row["setting"]
+    ex = run.results.resumed(phase, dict(correct=[], tokens=[], nfe=[], seconds=0.0, samples=[]))
+    progress = tqdm(total=task.n, initial=len(ex["correct"]), desc=phase, leave=False, file=sys.stderr)
+    for b0 in range(len(ex["correct"]), task.n, cfg["gen_batch_size"]):
+        ix = range(b0, min(b0 + cfg["gen_batch_size"], task.n))
+        torch.manual_seed(cfg["seed"] + b0)
+        budget = min(cfg["max_new_tokens"], run.block_size - max(len(task.prompts[i]) for i in ix))  # AR2Diff ignores it: its span fits (checked)
+        t0 = time.perf_counter()
+        with run.mixed:
+            answers = generate_answers(run.model, [task.prompts[i] for i in ix], budget, task.stop, setting,
+                                       run.labels_of(ix)) if budget > 0 else [([], 0, 0)] * len(ix)
+        ex["seconds"] += time.perf_counter() - t0
+        for i, (answer, generated, spent, *first) in zip(ix, answers):
+            text = task.ds.tokenizer.decode(answer)
+            ex["correct"].append(is_correct(task.name, task.rows[i], text, task.golds[i]))
+            if first and first[0] is not None:  # AR2Diff, one candidate: its answer after the first step
+                first_text = task.ds.tokenizer.decode(first[0])
+                ex.setdefault("first_correct", []).append(is_correct(task.name, task.rows[i], first_text, task.golds[i]))
+                ex.setdefault("first_changed", []).append(int(first[0] != answer))
+            ex["tokens"].append(generated)
+            ex["nfe"].append(spent)
+            if i < 3:
+                ex["samples"].append(dict(prompt=task.rows[i]["prompt"], output=text, pred=final_number(text),
+                                          gold=task.golds[i]))
+        run.results.save_partial(phase, ex, row)
+        progress.update(len(ix))
+    progress.close()
+    return generation_summary(ex)
+
+
+def probe_rows(run, probe_t):
+    """--probe_t: for each t, the teacher-forced columns when the path reads the gold token noised to t."""
+    result = run.results.result
+    result.setdefault("probe", [])
+    print(f"{'gold x_t at t':<14} {'acc':>6} {'95% CI':>15} {'nll':>7} {'tokens':>7}")
+    for i, t in enumerate(probe_t):
+        def probe_batch(ix, labels, x, y):
+            torch.manual_seed(run.cfg["seed"] + int(ix[0]))
+            return gold_x_t(run.model, x, y, t, labels)
+        if i == len(result["probe"]):  # not kept from a resumed run
+            result["probe"].append(dict(t=t, **teacher_forced_columns(run, probe_batch, f"gold x_t, t={t:g}")))
+            run.results.finish_phase()
+        stats = result["probe"][i]
+        print(f"t={t:<12g} {stats['tf_accuracy']:6.3f} [{stats['tf_ci_low']:.3f}, {stats['tf_ci_high']:.3f}] "
+              f"{stats['tf_nll']:7.3f} {stats['tf_tokens']:7d}")
+    run.results.write()
+
+
+def evaluate_setting(run, setting, teacher_forcing):
+    """One row: the generation columns, the teacher-forced ones, and its paired gains over the steps=1 row."""
+    cfg, rows = run.cfg, run.results.result["rows"]
+    name = setting_name(setting)
+    row = run.results.partial_row(name) or dict(setting=name, **setting)  # a killed run's row goes on
+    if cfg["generate"] and "accuracy" not in row:
+        row.update(generation_columns(run, setting, row))
+    if teacher_forcing:
+        def tf_batch(ix, labels, x, y):
+            torch.manual_seed(cfg["seed"] + int(ix[0]))  # x1=sample's draws
+            stats = teacher_forced(run.model, x, y, setting["steps"], setting["solver"], setting["atol"], setting["rtol"],
+                                   setting["guidance"], labels, [cfg["seed"] + int(i) for i in ix], setting["x1"])
+            if stats.get("trajectory"):  # the same t's for every batch: the row's x axis
+                row["tf_trajectory_t"] = [t for t, _ in stats["trajectory"]]
+            return stats
+        row.update(teacher_forced_columns(run, tf_batch, name + " (tf)", row))
+    if not cfg["generate"]:  # the plot's x axis for dopri5
+        row["nfe_per_token"] = row.get("tf_nfe_per_token", 0.0)
+    base_row = next((r for r in rows if r["steps"] == 1 and r.get("candidates") == row.get("candidates")), None)
+    if base_row is not None:
+        row.update(row_gains(row, base_row))  # paired: gain and tf_gain over the base
+    run.results.finish_phase()
+    rows.append(row)
+    run.results.write()
+    return row
+
+
+def plan(cfg, model):
+    """(settings, probe times, whether to run the teacher-forced pass) for this model, checked."""
+    is_l2d, is_ar2diff = isinstance(model, L2D), isinstance(model, AR2Diff)
+    teacher_forcing = cfg["teacher_forced"] and not is_ar2diff
+    if is_ar2diff and cfg["teacher_forced"]:
+        print("note: an AR2Diff model has no next-token logits, so no teacher-forced pass: generation rows only")
+    if is_ar2diff and not cfg["generate"]:
+        raise UsageError("an AR2Diff model is evaluated by generation only: drop --generate False")
+    settings = make_settings(cfg, is_l2d, is_ar2diff) if cfg["generate"] or teacher_forcing else []
+    probe_t = parse_list("probe_t", cfg["probe_t"], float)
+    if probe_t and (not is_l2d or min(probe_t) < 0 or max(probe_t) > 1):
+        raise UsageError("--probe_t takes times in [0, 1] and needs an L2D model")
+    if not is_ar2diff and cfg["samples"] is not None:
+        raise UsageError("--samples is for an AR2Diff model (candidates refined in parallel)")
+    if not is_l2d and not is_ar2diff and (cfg["steps"] is not None or cfg["guidance"] is not None):
+        print(f"note: {cfg['ckpt']} is not an L2D model: one row, steps=1 (the model itself)")
+    return settings, probe_t, teacher_forcing
+
+
+def main(argv=None):
+    cfg = configure(DEFAULTS, argv)
+    if cfg["task"] not in TASKS:
+        raise UsageError(f"unknown task {cfg['task']!r}; use one of {', '.join(TASKS)}")
+    device = resolve_device(cfg["device"])  # both checked before anything is loaded
+    dtype = resolve_dtype(cfg["dtype"], device)
+    if cfg["limit"] < 0 or min(cfg["max_new_tokens"], cfg["batch_size"], cfg["gen_batch_size"]) < 1:
+        raise UsageError("--limit must be >= 0 (0: all), --max_new_tokens, --batch_size and --gen_batch_size >= 1")
+    model, tokenizer, tokenizer_name, model_classes, ckpt_path = load(cfg["ckpt"])
+    settings, probe_t, teacher_forcing = plan(cfg, model)
+    merge_lora(model).to(device)  # LoRA folded into its weights (equal logits, a plain layer's cost)
+    store_weights(model, dtype)  # nothing trains here: every weight in dtype, but the norms
+    task = load_task(cfg, model, tokenizer, tokenizer_name, model_classes, settings)
+    out = output_path(cfg["out"], ckpt_path, cfg["resume"], cfg["overwrite"])
+    kind = f"L2D ({model.config.variant})" if isinstance(model, L2D) else \
+        f"AR2Diff (L={model.config.answer_len})" if isinstance(model, AR2Diff) else "GPT"
+    print(f"{kind} from {cfg['ckpt']} on {task.data_dir} ({task.split}): {task.n} examples, {len(settings)} row(s), "
+          f"device {device}, {str(dtype)[6:]}")
+    result = dict(ckpt=cfg["ckpt"], model=kind, task=cfg["task"], data=task.data_dir, split=task.split, n=task.n,
+                  config=cfg, rows=[])
+    run = Run(cfg, model, task, ResultsFile.open(out, result, cfg["resume"]), device, autocast(device, dtype))
     if probe_t:
-        result.setdefault("probe", [])
-        print(f"{'gold x_t at t':<14} {'acc':>6} {'95% CI':>15} {'nll':>7} {'tokens':>7}")
-        for i, t in enumerate(probe_t):
-            def probe_batch(ix, lab, x, y):
-                torch.manual_seed(cfg["seed"] + int(ix[0]))
-                return gold_x_t(model, x, y, t, lab)
-            if i == len(result["probe"]):  # not kept from a resumed run
-                result["probe"].append(dict(t=t, **over_batches(probe_batch, f"gold x_t, t={t:g}")))
-                result.pop("partial", None)
-            stats = result["probe"][i]
-            print(f"t={t:<12g} {stats['tf_accuracy']:6.3f} [{stats['tf_ci_low']:.3f}, {stats['tf_ci_high']:.3f}] "
-                  f"{stats['tf_nll']:7.3f} {stats['tf_tokens']:7d}")
-        write_json(out, result)
+        probe_rows(run, probe_t)
     if settings:
         print(f"{'setting':<24} {'acc':>6} {'95% CI':>15} {'n':>5} {'nfe/tok':>8} {'tok/s':>8} "
               f"{'tf_acc':>7} {'tf 95% CI':>15} {'tf_nll':>7} {'tf_nfe':>7}")
-    for row in result["rows"]:  # kept from a resumed run
+    rows = run.results.result["rows"]
+    for row in rows:  # kept from a resumed run
         print(format_row(row))
-    for setting in settings[len(result["rows"]):]:
-        row = dict(setting=setting_name(setting), **setting)
-        kept = (result.get("partial") or {}).get("row")  # the row a killed run was in
-        if kept is not None and kept["setting"] == row["setting"]:
-            row = kept
-        if cfg["generate"] and "accuracy" not in row:
-            row.update(over_prompts(setting, row))
-        if run_tf:
-            def tf_batch(ix, lab, x, y):
-                torch.manual_seed(cfg["seed"] + int(ix[0]))  # x1=sample's draws
-                stats = teacher_forced(model, x, y, setting["steps"], setting["solver"], setting["atol"], setting["rtol"],
-                                       setting["guidance"], lab, [cfg["seed"] + int(i) for i in ix], setting["x1"])
-                if stats.get("trajectory"):  # the same t's for every batch: the row's x axis
-                    row["tf_trajectory_t"] = [t for t, _ in stats["trajectory"]]
-                return stats
-            row.update(over_batches(tf_batch, row["setting"] + " (tf)", row))
-        if not cfg["generate"]:  # the plot's x axis for dopri5
-            row["nfe_per_token"] = row.get("tf_nfe_per_token", 0.0)
-        base_row = next((r for r in result["rows"] if r["steps"] == 1 and r.get("candidates") == row.get("candidates")), None)
-        if base_row is not None:
-            row.update(row_gains(row, base_row))  # paired: gain and tf_gain over the base
-        result.pop("partial", None)
-        result["rows"].append(row)
-        print(format_row(row))
-        write_json(out, result)
+    for setting in settings[len(rows):]:
+        print(format_row(evaluate_setting(run, setting, teacher_forcing)))
     print(f"wrote {out}")
-    if result["rows"]:
-        plot(os.path.splitext(out)[0] + ".png", [("", result["rows"])], f"{kind}: {cfg['ckpt']} on {cfg['task']} (n={n})")
-    return result
+    if rows:
+        plot(os.path.splitext(out)[0] + ".png", [("", rows)], f"{kind}: {cfg['ckpt']} on {cfg['task']} (n={task.n})")
+    return run.results.result
 
 
 def format_row(row):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
+import results
 from ar2diff import AR2Diff, AR2DiffConfig, until_end
 from checkpoint import save_checkpoint
 from configurator import UsageError
@@ -469,7 +470,7 @@ def test_a_run_killed_at_any_write_and_resumed_is_the_whole_run(tiny_run, monkey
     args = ["--data", tiny_run["data"], "--ckpt", tiny_run["l2d"], "--limit", "3", "--max_new_tokens", "3",
             "--batch_size", "2", "--gen_batch_size", "2", "--steps", "1,2", "--solver", "euler", "--probe_t", "0.5",
             "--out", out]
-    batches, kill_at, real_write = [], [None], ev.write_json  # batches: computed, as the function called
+    batches, kill_at, real_write = [], [None], results.write_json  # batches: computed, as the function called
 
     def counted(name):
         real = getattr(ev, name)
@@ -487,7 +488,7 @@ def test_a_run_killed_at_any_write_and_resumed_is_the_whole_run(tiny_run, monkey
             raise Killed
         writes.append(path)
         real_write(path, result)
-    monkeypatch.setattr(ev, "write_json", write_or_die)
+    monkeypatch.setattr(results, "write_json", write_or_die)
 
     def timeless(result):
         return json.loads(json.dumps(dict(probe=result["probe"], rows=[
