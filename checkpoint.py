@@ -10,8 +10,13 @@ against a changed one: an L2D path on another base, or ids read through another 
 generate garbage without a word. Files are written atomically (temp file + rename), so a
 kill at any moment leaves the previous checkpoint intact.
 
-    model, tokenizer, ckpt = load_model("out-quick-l2d/ckpt.pt")   # an L2D, an AR2Diff or a GPT
-    base, tokenizer = load_base("smollm2-135m")                     # a base model by name/path/ckpt
+    model, tokenizer, ckpt = load("out-quick-l2d/ckpt.pt")   # an L2D, an AR2Diff or a GPT, and its checkpoint
+    model, tokenizer, ckpt = load("smollm2-135m")             # a pretrained name or HF folder: ckpt is None
+    base, tokenizer = load_base("out-quick/ckpt.pt")          # a GPT to finetune: load's, or an ar2diff run's GPT
+
+What a checkpoint's model is comes from its model keys alone: `method`, `init_from`, `model_config`,
+`l2d_config`, `ar2diff_config`, `lora_rank`, `lora_alpha` (model_configs turns them into configs).
+`config` is the command line of the run, whose training settings a resume reads back.
 """
 
 import hashlib
@@ -24,6 +29,9 @@ from diffusion import L2D, L2DConfig
 from lora import add_lora
 from model import GPT, GPTConfig
 from pretrained import load_pretrained
+from tokenizer import get_tokenizer
+
+WHOLE = ("ar", "full", "ar2diff")  # methods whose checkpoint holds the whole model (l2d, lora: what trained)
 
 
 def save_checkpoint(path, ckpt):
@@ -85,17 +93,37 @@ def check_dependencies(ckpt, path, base=None):
                          "re-run with other options?); restore it, or retrain on the new data")
 
 
+def checkpoint_path(name_or_path):
+    """The ckpt.pt that `name_or_path` names (itself, or the one in that folder), or None: a pretrained
+    name or a Hugging Face folder."""
+    inside = os.path.join(name_or_path, "ckpt.pt")
+    if os.path.isfile(inside):
+        return inside
+    return name_or_path if name_or_path.endswith(".pt") or os.path.isfile(name_or_path) else None
+
+
+def load(name_or_path, block_size=None):
+    """The one way to a model: (model, tokenizer, ckpt) for a ckpt.pt of train.py (or a folder holding
+    one), the model it describes with its weights; (model, tokenizer, None) for a pretrained name or a
+    Hugging Face folder, cropped to block_size if given. The model is in eval mode."""
+    path = checkpoint_path(name_or_path)
+    if path is None:
+        model, tokenizer = load_pretrained(name_or_path, block_size)
+        return model.eval(), tokenizer, None
+    return load_model(path)
+
+
 def load_base(init_from, block_size=None):
     """A frozen-to-be base GPT and its tokenizer: a pretrained name or HF folder, or the ckpt.pt of
     a model trained with method=ar/full (e.g. the quick recipe's tiny GPT) or ar2diff (its GPT: AR2Diff_N,
     the diffusion loss carried on before the task's finetuning)."""
-    if init_from.endswith(".pt"):
-        model, tokenizer, ckpt = load_model(init_from)
-        if ckpt["method"] not in ("ar", "full", "ar2diff"):
-            raise ValueError(f"{init_from} holds a {ckpt['method']} model; a base must come from method=ar, full "
-                             "or ar2diff")
-        return (model.base if ckpt["method"] == "ar2diff" else model), tokenizer
-    return load_pretrained(init_from, block_size)
+    model, tokenizer, ckpt = load(init_from, block_size)
+    if ckpt is None:
+        return model, tokenizer
+    if ckpt["method"] not in WHOLE:
+        raise ValueError(f"{init_from} holds a {ckpt['method']} model; a base must come from method=ar, full "
+                         "or ar2diff")
+    return (model.base if ckpt["method"] == "ar2diff" else model), tokenizer
 
 
 def build_model(method, base, l2d_config=None, lora_rank=32, lora_alpha=32.0, ar2diff_config=None):
@@ -114,22 +142,30 @@ def trainable_state_dict(model):
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def model_configs(ckpt):
+    """build_model's configs from a checkpoint's model keys: (l2d_config, lora_rank, lora_alpha, ar2diff_config)."""
+    l2d_config = L2DConfig(**ckpt["l2d_config"]) if ckpt.get("l2d_config") else None
+    ar2diff_config = AR2DiffConfig(**ckpt["ar2diff_config"]) if ckpt.get("ar2diff_config") else None
+    return l2d_config, ckpt.get("lora_rank", 32), ckpt.get("lora_alpha", 32.0), ar2diff_config
+
+
+def base_of(ckpt):
+    """The GPT a checkpoint's model is built on, and its tokenizer: for ar/full/ar2diff a fresh GPT of its
+    model_config (the weights are in the checkpoint), for l2d/lora the frozen base, from init_from."""
+    if ckpt["method"] in WHOLE:
+        return GPT(GPTConfig(**ckpt["model_config"])), get_tokenizer(ckpt["tokenizer"])
+    return load_base(ckpt["init_from"], ckpt["model_config"]["block_size"])
+
+
 def load_model(path):
-    """Rebuild the model a checkpoint describes, with its weights. Returns (model, tokenizer, ckpt)."""
-    from tokenizer import get_tokenizer
+    """Rebuild the model the checkpoint at `path` describes, with its weights: load's ckpt.pt half.
+    Returns (model, tokenizer, ckpt)."""
     ckpt = read_checkpoint(path)
-    method = ckpt["method"]
     check_dependencies(ckpt, path)
-    if method in ("ar", "full", "ar2diff"):
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        if method == "ar2diff":
-            model = AR2Diff(model, AR2DiffConfig(**ckpt["ar2diff_config"]))
-        tokenizer = get_tokenizer(ckpt["tokenizer"])
-    else:
-        base, tokenizer = load_base(ckpt["init_from"], ckpt["model_config"]["block_size"])
+    base, tokenizer = base_of(ckpt)
+    if ckpt["method"] not in WHOLE:
         check_dependencies(ckpt, path, base)
-        l2d_config = L2DConfig(**ckpt["l2d_config"]) if ckpt.get("l2d_config") else None
-        model = build_model(method, base, l2d_config, ckpt["lora_rank"], ckpt["lora_alpha"])
+    model = build_model(ckpt["method"], base, *model_configs(ckpt))
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     if unexpected or trainable & set(missing):

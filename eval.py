@@ -92,7 +92,7 @@ from tqdm import tqdm
 
 from answers import final_number, generate_answers, is_correct
 from ar2diff import AR2Diff
-from checkpoint import load_base, load_model
+import checkpoint
 import configurator
 from configurator import UsageError, configure, fail, resolve_device
 from dataset import TokenDataset, tokenizer_tag
@@ -278,12 +278,11 @@ def load(ckpt_arg):
     folder holding one), or a base model name / Hugging Face folder."""
     if not ckpt_arg:
         raise UsageError("--ckpt is required: a ckpt.pt from train.py, or a base model (e.g. smollm2-135m)")
-    path = os.path.join(ckpt_arg, "ckpt.pt") if os.path.isfile(os.path.join(ckpt_arg, "ckpt.pt")) else ckpt_arg
-    if path.endswith(".pt") or os.path.isfile(path):
-        model, tokenizer, ckpt = load_model(path)
-        return model, tokenizer, ckpt.get("tokenizer") or ckpt["init_from"], ckpt.get("classes") or [], path
-    model, tokenizer = load_base(ckpt_arg)
-    return model.eval(), tokenizer, ckpt_arg, [], None
+    model, tokenizer, ckpt = checkpoint.load(ckpt_arg)
+    if ckpt is None:
+        return model, tokenizer, ckpt_arg, [], None
+    path = checkpoint.checkpoint_path(ckpt_arg)
+    return model, tokenizer, ckpt.get("tokenizer") or ckpt["init_from"], ckpt.get("classes") or [], path
 
 
 def example_labels(model, model_classes, ds, label):

@@ -32,7 +32,7 @@ import time
 import torch
 
 from ar2diff import TEMPERATURE, AR2Diff, until_end
-from checkpoint import load_base, load_model
+import checkpoint
 from configurator import UsageError, configure, duration, fail, resolve_device
 from diffusion import ADAPTIVE_T_END, L2D, L2DConfig
 from lora import merge_lora
@@ -90,11 +90,10 @@ def check(cfg):
 def load(cfg):
     """(model, tokenizer, class names): an L2D model where there is one, else a GPT. A base model gets a
     freshly initialised diffusion path."""
-    if cfg["init_from"].endswith(".pt"):
-        model, tokenizer, ckpt = load_model(cfg["init_from"])
-        return model, tokenizer, ckpt.get("classes", [])
-    base, tokenizer = load_base(cfg["init_from"])
-    return L2D(base, L2DConfig()), tokenizer, []
+    model, tokenizer, ckpt = checkpoint.load(cfg["init_from"])
+    if ckpt is None:
+        return L2D(model, L2DConfig()), tokenizer, []
+    return model, tokenizer, ckpt.get("classes", [])
 
 
 def read_prompt(cfg):
