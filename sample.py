@@ -232,13 +232,9 @@ def write_samples(model, enc, cfg, start, prompt, max_new_tokens, stop, labels, 
     for sample in range(cfg["num_samples"]):
         print(f"--- sample {sample + 1} of {cfg['num_samples']}: {describe(cfg, is_l2d)}")
         print(start, end="\n" if printer else "", flush=True)
-        if is_l2d:
-            tokens = model.generate(idx, max_new_tokens, steps=cfg["steps"], solver=cfg["solver"],
-                                    atol=cfg["atol"], rtol=cfg["rtol"], estimate=cfg["x1"], guidance=cfg["guidance"],
-                                    labels=labels, temperature=cfg["temperature"], top_k=cfg["top_k"],
-                                    callback=printer.step if printer else None)
-        else:
-            tokens = model.generate(idx, max_new_tokens, cfg["temperature"], cfg["top_k"])
+        ode = dict(steps=cfg["steps"], solver=cfg["solver"], atol=cfg["atol"], rtol=cfg["rtol"], estimate=cfg["x1"],
+                   guidance=cfg["guidance"], labels=labels, callback=printer.step if printer else None) if is_l2d else {}
+        tokens = model.generate(idx, max_new_tokens, temperature=cfg["temperature"], top_k=cfg["top_k"], **ode)
         out, nfes, printed = [], [], ""
         for token, nfe in tokens:
             out.append(token.item())
