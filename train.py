@@ -15,21 +15,27 @@ init_from: scratch (a small GPT from the settings below), gpt2[-medium|-large|-x
            a local Hugging Face folder, the ckpt.pt of an ar/full/ar2diff run (as a base), or resume.
 batch_size is the global batch (examples per optimizer step), whatever the number of processes:
 each process runs batch_size / (micro_batch * world_size) micro-steps of gradient accumulation.
+--init_from=resume continues out_dir's run: the model is its checkpoint's (rebuilt from the model keys),
+the base, data, seed and model settings its config's, the rest (lr, max_iters, ...) the command line's.
+
+The steps, top to bottom: check_config, resume_from, load_data, build (the base and the method's model,
+from the command line or a checkpoint), restore, then train: train_step, evaluate, checkpoint_state.
 """
 
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ar2diff import AR2DiffConfig
-from checkpoint import (build_model, check_dependencies, file_fingerprint, fingerprint, load_base, read_checkpoint,
-                        save_checkpoint, trainable_state_dict)
+from checkpoint import (base_of, build_model, check_dependencies, file_fingerprint, fingerprint, load_base, model_configs,
+                        read_checkpoint, save_checkpoint, trainable_state_dict)
 from configurator import UsageError, configure, duration, fail, resolve_device
 from dataset import BatchSampler, TokenDataset
 from diffusion import L2DConfig, answer_positions, at_positions
@@ -164,212 +170,307 @@ def step_seed(cfg, it, micro):
     return cfg["seed"] * 1_000_003 + it * 1009 + micro
 
 
-def main(argv=None):
-    cfg = configure(DEFAULTS, argv)
-    device = resolve_device(cfg["device"])
-    rank, world_size, device = setup_distributed(device)
-    check_config(cfg, world_size)
-    per_step = cfg["micro_batch"] * world_size
-    grad_accum = cfg["batch_size"] // per_step
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    dtype = resolve_dtype(cfg["dtype"], device, log)
-    mixed = autocast(device, dtype)  # the frozen base is stored in dtype below, what trains stays float32
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+# What a resumed run takes from its checkpoint's config rather than the command line: the run's base, data
+# and order, and the settings that shaped its model (kept so the saved config stays the run's; the model
+# itself is rebuilt from the checkpoint's model keys, see build).
+RUN_SETTINGS = ("method", "init_from", "datasets", "seed")
+MODEL_SETTINGS = ("family", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "variant", "flow_dim", "sigma",
+                  "t_schedule", "guidance_classes", "label_dropout", "self_guess", "lora_rank", "lora_alpha", "answer_len")
+# What a checkpoint says the model is (checkpoint.py rebuilds it from these); build adds base_fingerprint.
+MODEL_KEYS = ("method", "init_from", "model_config", "l2d_config", "ar2diff_config", "lora_rank", "lora_alpha", "classes")
 
-    # --- the model ---------------------------------------------------------------------------
-    resume = cfg["init_from"] == "resume"
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    if not resume and os.path.exists(ckpt_path) and not cfg["overwrite"]:
-        raise UsageError(f"{ckpt_path} already exists; continue it with --init_from=resume, replace it with "
-                         "--overwrite=True, or pass another --out_dir")
-    ckpt = read_checkpoint(ckpt_path) if resume else None
-    if resume:  # what the model is comes from the checkpoint; how to train it from the command line
-        if "guidance_classes" not in ckpt["config"]:  # saved before training followed the official code
-            raise UsageError(f"{cfg['out_dir']}/ckpt.pt was trained with the earlier defaults (AdamW beta2 0.999, "
-                             "cosine lr, per-sequence label dropout); resuming would mix two recipes: train afresh "
-                             "(sample.py and eval.py still load it)")
-        for key in ("method", "init_from", "datasets", "seed", "variant", "block_size", "lora_rank", "lora_alpha",
-                    "guidance_classes", "answer_len"):
-            cfg[key] = ckpt["config"].get(key, DEFAULTS[key])  # (answer_len: saved since AR2Diff)
+
+def resume_from(cfg, ckpt_path):
+    """The checkpoint a resumed run continues, its settings copied into cfg; None for a fresh run (which
+    refuses to write over a checkpoint unless told to)."""
+    if cfg["init_from"] != "resume":
+        if os.path.exists(ckpt_path) and not cfg["overwrite"]:
+            raise UsageError(f"{ckpt_path} already exists; continue it with --init_from=resume, replace it with "
+                             "--overwrite=True, or pass another --out_dir")
+        return None
+    ckpt = read_checkpoint(ckpt_path)
+    if "guidance_classes" not in ckpt["config"]:  # saved before training followed the official code
+        raise UsageError(f"{cfg['out_dir']}/ckpt.pt was trained with the earlier defaults (AdamW beta2 0.999, "
+                         "cosine lr, per-sequence label dropout); resuming would mix two recipes: train afresh "
+                         "(sample.py and eval.py still load it)")
+    for key in RUN_SETTINGS + MODEL_SETTINGS:
+        cfg[key] = ckpt["config"].get(key, DEFAULTS[key])  # (answer_len: saved since AR2Diff)
+    return ckpt
+
+
+def load_data(cfg):
     train_data = TokenDataset(cfg["datasets"], "train")
     val_data = TokenDataset(cfg["datasets"], "test")
     if len(train_data) < cfg["batch_size"]:  # (an empty split TokenDataset refuses itself)
         raise UsageError(f"{len(train_data)} train examples in {', '.join(cfg['datasets'])}, fewer than one batch "
                          f"(--batch_size {cfg['batch_size']}): each step would repeat examples; prepare more, or "
                          "lower --batch_size")
-    torch.manual_seed(cfg["seed"])  # same initial weights on every rank
-    if resume and ckpt["method"] in ("ar", "full", "ar2diff"):  # the whole model is in the checkpoint
-        base_config = GPTConfig(**ckpt["model_config"])
-        base = GPT(base_config)
-    elif cfg["init_from"] == "scratch":
-        base_config = GPTConfig(family=cfg["family"], block_size=cfg["block_size"], vocab_size=train_data.vocab_size,
-                                n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_kv_head=cfg["n_kv_head"], n_embd=cfg["n_embd"])
-        base = GPT(base_config)
-    else:
-        base, _ = load_base(cfg["init_from"], cfg["block_size"])
-        base_config = base.config
-    if base_config.vocab_size < train_data.vocab_size:
-        raise UsageError(f"{cfg['datasets']} uses a vocabulary of {train_data.vocab_size} tokens but the model has "
-                         f"{base_config.vocab_size}; prepare the data with this model's tokenizer")
+    return train_data, val_data
+
+
+def local_path(p):
+    return os.path.abspath(p) if os.path.exists(p) else p  # loadable from any directory
+
+
+def fresh_base(cfg, train_data):
+    """A fresh run's base: a small random GPT (scratch), or a pretrained one or an ar/full/ar2diff ckpt.pt's."""
+    if cfg["init_from"] == "scratch":
+        return GPT(GPTConfig(family=cfg["family"], block_size=cfg["block_size"], vocab_size=train_data.vocab_size,
+                             n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_kv_head=cfg["n_kv_head"], n_embd=cfg["n_embd"]))
+    return load_base(cfg["init_from"], cfg["block_size"])[0]
+
+
+def describe(cfg, train_data, base):
+    """A fresh run's model keys (MODEL_KEYS): what the method builds around `base`, from the command line
+    and the data."""
+    method = cfg["method"]
     classes = train_data.classes if cfg["guidance_classes"] else []  # the class embedding's, if any
-    l2d_config = L2DConfig(variant=cfg["variant"], flow_dim=cfg["flow_dim"], sigma=cfg["sigma"],
-                           lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], num_classes=len(classes),
-                           label_dropout=cfg["label_dropout"], t_schedule=cfg["t_schedule"],
-                           self_guess=cfg["self_guess"])
-    if resume and ckpt.get("l2d_config"):
-        l2d_config = L2DConfig(**ckpt["l2d_config"])
-    ar2diff_config = None
-    if cfg["method"] == "ar2diff":
+    l2d_config = ar2diff_config = None
+    if method == "l2d":
+        l2d_config = L2DConfig(variant=cfg["variant"], flow_dim=cfg["flow_dim"], sigma=cfg["sigma"],
+                               lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], num_classes=len(classes),
+                               label_dropout=cfg["label_dropout"], t_schedule=cfg["t_schedule"],
+                               self_guess=cfg["self_guess"])
+    if method == "ar2diff":
         ar2diff_config = AR2DiffConfig(answer_len=cfg["answer_len"] or int(train_data.answer_lengths().max()),
                                        vocab_size=train_data.vocab_size, end_token=train_data.eot)
+    return dict(method=method, init_from=local_path(cfg["init_from"]), model_config=asdict(base.config),
+                l2d_config=asdict(l2d_config) if l2d_config else None,
+                ar2diff_config=asdict(ar2diff_config) if ar2diff_config else None,
+                lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], classes=classes)
+
+
+def check_fits(spec, train_data, cfg):
+    """Refuse data the model cannot take: a larger vocabulary, or (ar2diff) a prompt and answer span longer
+    than its context."""
+    block_size, vocab_size = spec["model_config"]["block_size"], spec["model_config"]["vocab_size"]
+    if vocab_size < train_data.vocab_size:
+        raise UsageError(f"{cfg['datasets']} uses a vocabulary of {train_data.vocab_size} tokens but the model has "
+                         f"{vocab_size}; prepare the data with this model's tokenizer")
+    if spec["method"] == "ar2diff":
+        answer_len = spec["ar2diff_config"]["answer_len"]
         longest_prompt = int((np.diff(train_data.offsets) - train_data.answer_lengths()).max())
-        if longest_prompt + ar2diff_config.answer_len > base_config.block_size:
+        if longest_prompt + answer_len > block_size:
             raise UsageError(f"the longest train prompt ({longest_prompt} tokens) and the answer span (--answer_len "
-                             f"{ar2diff_config.answer_len}) do not fit block_size {base_config.block_size}: lower "
-                             "--answer_len, or raise --block_size")
+                             f"{answer_len}) do not fit block_size {block_size}: lower --answer_len, or raise "
+                             "--block_size")
+
+
+def build(cfg, train_data, ckpt=None, ckpt_path=None):
+    """(model, spec, the base's parameter count). spec holds what the model is, the keys a checkpoint
+    stores about it: a fresh run describes it from the command line and the data, a resumed one takes
+    the checkpoint's as they are (restore loads its weights). Either way the model is built from spec."""
+    if ckpt is None:
+        base = fresh_base(cfg, train_data)
+        spec = describe(cfg, train_data, base)
+    else:
+        spec = {key: ckpt.get(key) for key in MODEL_KEYS}
+        spec["classes"] = spec["classes"] or []
+        base, _ = base_of(ckpt)
+    check_fits(spec, train_data, cfg)
+    spec["base_fingerprint"] = fingerprint(base) if spec["method"] in ("l2d", "lora") else None  # a frozen base
+    if ckpt is not None:
+        check_dependencies(ckpt, ckpt_path, base if spec["base_fingerprint"] else None)
     n_base = base.num_params()  # before LoRA wraps the base in place
-    base_fingerprint = fingerprint(base) if cfg["method"] in ("l2d", "lora") else None  # a frozen base
-    if resume:
-        check_dependencies(ckpt, ckpt_path, base if base_fingerprint else None)
-    model = build_model(cfg["method"], base, l2d_config, cfg["lora_rank"], cfg["lora_alpha"], ar2diff_config).to(device)
-    store_weights(model, dtype, frozen_only=True)  # (after the fingerprint, which is of the float32 base)
-    if resume:
-        model.load_state_dict(ckpt["state_dict"], strict=False)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"{cfg['method']}: {n_train / 1e6:.2f}M trainable parameters ({100 * n_train / n_base:.1f}% of the "
-        f"{n_base / 1e6:.1f}M-parameter base), {world_size} process(es) on {device}, {str(dtype)[6:]}")
+    return build_model(spec["method"], base, *model_configs(spec)), spec, n_base
 
-    # --- optimiser, data order, and the state a resume restores ------------------------------
-    optimizer = make_optimizer(model, cfg, device)
-    sampler = BatchSampler(len(train_data), cfg["batch_size"], cfg["seed"], rank, world_size)
-    it = 0
-    if resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        sampler.load_state_dict(ckpt["sampler"])
-        if ckpt.get("scaler"):  # empty when saved by a disabled (not float16) scaler
-            scaler.load_state_dict(ckpt["scaler"])
-        it = ckpt["iter_num"]
-        torch.set_rng_state(ckpt["rng"])
-        log(f"resuming {ckpt_path} from iter {it} of {cfg['max_iters']}" +
-            ("" if it < cfg["max_iters"] else ": nothing left to train, raise --max_iters to go on"))
-    raw_model = model
-    if cfg["compile"]:
-        model = torch.compile(model)
-    if world_size > 1:
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
 
-    def batch(data, indices):
-        """The tensors a forward of the method takes, on the device: (x, y[, labels]), next-token inputs
-        and targets (the path's class labels for l2d), or AR2Diff's (prompt, pad, answer span)."""
-        if cfg["method"] == "ar2diff":
-            return [v.to(device) for v in data.prompt_answer_batch(indices, ar2diff_config.answer_len)]
-        x, y, labels = data.get_batch(indices, base_config.block_size)
-        return [x.to(device), y.to(device)] + ([labels.to(device)] if cfg["method"] == "l2d" else [])
+@dataclass
+class Run:
+    """What the steps of training share: the settings, this process's place, the model and its state."""
+    cfg: dict
+    spec: dict               # what the model is (build)
+    device: str
+    rank: int
+    world_size: int
+    mixed: object            # autocast for the forward passes (precision.py)
+    raw_model: torch.nn.Module
+    model: torch.nn.Module   # raw_model, compiled and wrapped in DDP as asked: what training steps through
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: BatchSampler
+    it: int = 0              # optimizer steps done
 
-    @torch.no_grad()
-    def evaluate():
-        """Validation loss on the first eval_examples test examples (split over the ranks), and
-        for l2d the loss in t-buckets [0, .25), ..., [.75, 1]: it should fall as t rises. For ar2diff
-        the loss of the first pass (L1), by corruption rate r in the same buckets: it should rise with r."""
-        raw_model.eval()
-        edges = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0001])
-        sums = torch.zeros(2, len(edges))  # (loss sum, token count): bucket columns + overall last
-        n = min(cfg["eval_examples"], len(val_data))
-        for start in range(rank * cfg["micro_batch"], n, per_step):
-            inputs = batch(val_data, np.arange(start, min(start + cfg["micro_batch"], n)))
-            torch.manual_seed(start)
-            with mixed:
-                if cfg["method"] == "ar2diff":
-                    prompt, pad, y = inputs
-                    rate = torch.rand(y.size(0), device=device)
-                    logits, _ = raw_model(prompt, pad, y, rate=rate)
-                    t = rate[:, None].expand_as(y)
-                elif cfg["method"] == "l2d":
-                    x, y, labels = inputs
-                    t = torch.rand(x.shape, device=device)
-                    logits, _ = raw_model(x, y, labels, t=t)
-                    pos = answer_positions(y)  # l2d's logits are at the answer positions only
-                    y, t = at_positions(y, pos), at_positions(t, pos)
-                else:
-                    x, y = inputs
-                    logits, _ = raw_model(x, y)
-                    t = torch.zeros(x.shape, device=device)
-            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="none").cpu()
-            valid = y.flatten().cpu() != -1
-            bucket = torch.bucketize(t.flatten().cpu(), edges, right=True) - 1
-            for b in range(len(edges) - 1):
-                sel = valid & (bucket == b)
-                sums[:, b] += torch.stack([nll[sel].sum(), sel.sum()])
-            sums[:, -1] += torch.stack([nll[valid].sum(), valid.sum()])
-        if world_size > 1:
-            dist.all_reduce(sums)
-        raw_model.train()
-        losses = (sums[0] / sums[1].clamp(min=1)).tolist()
-        return losses[-1], losses[:-1]
+    @property
+    def grad_accum(self):
+        return self.cfg["batch_size"] // (self.cfg["micro_batch"] * self.world_size)
 
-    def checkpoint():
-        local = lambda p: os.path.abspath(p) if os.path.exists(p) else p  # loadable from any directory
-        state = dict(method=cfg["method"], init_from=local(cfg["init_from"]),
-                     model_config=asdict(base_config), l2d_config=asdict(l2d_config) if cfg["method"] == "l2d" else None,
-                     ar2diff_config=asdict(ar2diff_config) if ar2diff_config else None,
-                     lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"],
-                     tokenizer=local(train_data.tokenizer_path), classes=classes, base_fingerprint=base_fingerprint,
-                     tokenizer_fingerprint=file_fingerprint(train_data.tokenizer_path),
-                     state_dict=trainable_state_dict(raw_model) if cfg["method"] in ("l2d", "lora") else raw_model.state_dict(),
-                     optimizer=optimizer.state_dict(), sampler=sampler.state_dict(), scaler=scaler.state_dict(),
-                     iter_num=it, config=cfg,
-                     rng=torch.get_rng_state())
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-        save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), state)
 
-    # --- the training loop -----------------------------------------------------------------------
+def restore(run, ckpt):
+    """Put a resumed run where its checkpoint left it: weights, optimiser, data order, scaler, RNG."""
+    run.raw_model.load_state_dict(ckpt["state_dict"], strict=False)
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.sampler.load_state_dict(ckpt["sampler"])
+    if ckpt.get("scaler"):  # empty when saved by a disabled (not float16) scaler
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.it = ckpt["iter_num"]
+    torch.set_rng_state(ckpt["rng"])
+
+
+def batch(run, data, indices):
+    """The tensors a forward of the method takes, on the device: (x, y[, labels]), next-token inputs
+    and targets (the path's class labels for l2d), or AR2Diff's (prompt, pad, answer span)."""
+    if run.cfg["method"] == "ar2diff":
+        return [v.to(run.device) for v in data.prompt_answer_batch(indices, run.spec["ar2diff_config"]["answer_len"])]
+    x, y, labels = data.get_batch(indices, run.spec["model_config"]["block_size"])
+    return [x.to(run.device), y.to(run.device)] + ([labels.to(run.device)] if run.cfg["method"] == "l2d" else [])
+
+
+def token_losses(method, model, inputs, mixed):
+    """One validation micro-batch: (loss, t, counted) per answer token, flat, on the CPU. t is l2d's
+    diffusion time (random per token), ar2diff's corruption rate (random per example), else 0."""
+    if method == "l2d":
+        x, y, labels = inputs
+        t = torch.rand(x.shape, device=x.device)
+        with mixed:
+            _, nll = model(x, y, labels, t=t, reduction="none")  # at answer_positions(y), 0 where ignored
+        pos = answer_positions(y)
+        y, t = at_positions(y, pos), at_positions(t, pos)
+    else:
+        with mixed:
+            if method == "ar2diff":
+                prompt, pad, y = inputs
+                rate = torch.rand(y.size(0), device=y.device)
+                logits, _ = model(prompt, pad, y, rate=rate)
+                t = rate[:, None].expand_as(y)
+            else:
+                x, y = inputs
+                logits, _ = model(x, y)
+                t = torch.zeros(x.shape, device=x.device)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="none")
+    return nll.flatten().cpu(), t.flatten().cpu(), y.flatten().cpu() != -1
+
+
+@torch.no_grad()
+def evaluate(run, data):
+    """Validation loss on the first eval_examples test examples (split over the ranks), and for l2d
+    the loss in t-buckets [0, .25), ..., [.75, 1]: it should fall as t rises. For ar2diff the loss of
+    the first pass (L1), by corruption rate r in the same buckets: it should rise with r."""
+    cfg, model = run.cfg, run.raw_model
+    model.eval()
+    edges = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0001])
+    sums = torch.zeros(2, len(edges))  # (loss sum, token count): bucket columns + overall last
+    n = min(cfg["eval_examples"], len(data))
+    for start in range(run.rank * cfg["micro_batch"], n, cfg["micro_batch"] * run.world_size):
+        inputs = batch(run, data, np.arange(start, min(start + cfg["micro_batch"], n)))
+        torch.manual_seed(start)
+        nll, t, valid = token_losses(cfg["method"], model, inputs, run.mixed)
+        bucket = torch.bucketize(t, edges, right=True) - 1
+        for b in range(len(edges) - 1):
+            sel = valid & (bucket == b)
+            sums[:, b] += torch.stack([nll[sel].sum(), sel.sum()])
+        sums[:, -1] += torch.stack([nll[valid].sum(), valid.sum()])
+    if run.world_size > 1:
+        dist.all_reduce(sums)
     model.train()
-    tokens_seen, t0, first_it = 0, time.time(), it  # this process's rate, for tok/s and the time left
-    while it < cfg["max_iters"]:
-        lr = lr_at(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro_batches = np.split(sampler.next_batch(), grad_accum)
-        loss_sum = torch.zeros((), device=device)
-        for micro, indices in enumerate(micro_batches):
-            inputs = batch(train_data, indices)
-            if world_size > 1:  # all-reduce gradients only on the last micro-step
-                model.require_backward_grad_sync = micro == grad_accum - 1
-            torch.manual_seed(step_seed(cfg, it, rank * grad_accum + micro))
-            with mixed:
-                _, loss = model(*inputs)
-            scaler.scale(loss / grad_accum).backward()
-            loss_sum += loss.detach()
-            tokens_seen += inputs[0].numel() + (inputs[2].numel() if cfg["method"] == "ar2diff" else 0)
-        finite = torch.isfinite(loss_sum).float()
-        if world_size > 1:  # every rank stops together
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():  # before the update: the weights, and the checkpoint, stay as they were
-            raise UsageError(f"the loss became {loss_sum.item()} at iter {it + 1} (lr {lr:.2e}); stopped before the "
-                             f"update, so {ckpt_path} is the last good checkpoint, if any: lower --learning_rate")
-        if cfg["grad_clip"]:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        it += 1
+    losses = (sums[0] / sums[1].clamp(min=1)).tolist()
+    return losses[-1], losses[:-1]
+
+
+def checkpoint_state(run, train_data):
+    """What a checkpoint holds: the model's keys (spec), its weights (l2d, lora: only what trains; the
+    base comes from init_from), the data's vocabulary, the state a resume restores, and the run's config."""
+    cfg, model = run.cfg, run.raw_model
+    return dict(run.spec, tokenizer=local_path(train_data.tokenizer_path),
+                tokenizer_fingerprint=file_fingerprint(train_data.tokenizer_path),
+                state_dict=trainable_state_dict(model) if cfg["method"] in ("l2d", "lora") else model.state_dict(),
+                optimizer=run.optimizer.state_dict(), sampler=run.sampler.state_dict(), scaler=run.scaler.state_dict(),
+                iter_num=run.it, config=cfg, rng=torch.get_rng_state())
+
+
+def train_step(run, data):
+    """One optimizer step on the next global batch, in micro-batches; returns (summed micro-batch losses,
+    lr, tokens this process saw). Stops, before the update, at a non-finite loss."""
+    cfg, it = run.cfg, run.it
+    lr = lr_at(it, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum, tokens = torch.zeros((), device=run.device), 0
+    for micro, indices in enumerate(np.split(run.sampler.next_batch(), run.grad_accum)):
+        inputs = batch(run, data, indices)
+        if run.world_size > 1:  # all-reduce gradients only on the last micro-step
+            run.model.require_backward_grad_sync = micro == run.grad_accum - 1
+        torch.manual_seed(step_seed(cfg, it, run.rank * run.grad_accum + micro))
+        with run.mixed:
+            _, loss = run.model(*inputs)
+        run.scaler.scale(loss / run.grad_accum).backward()
+        loss_sum += loss.detach()
+        tokens += inputs[0].numel() + (inputs[2].numel() if cfg["method"] == "ar2diff" else 0)
+    finite = torch.isfinite(loss_sum).float()
+    if run.world_size > 1:  # every rank stops together
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():  # before the update: the weights, and the checkpoint, stay as they were
+        raise UsageError(f"the loss became {loss_sum.item()} at iter {it + 1} (lr {lr:.2e}); stopped before the "
+                         f"update, so {os.path.join(cfg['out_dir'], 'ckpt.pt')} is the last good checkpoint, if any: "
+                         "lower --learning_rate")
+    if cfg["grad_clip"]:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg["grad_clip"])
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.it += 1
+    return loss_sum, lr, tokens
+
+
+def train(run, train_data, val_data, log):
+    """Step to max_iters, logging the training loss every log_interval steps, and the validation loss
+    (then saving a checkpoint) every eval_interval steps and after the last."""
+    cfg = run.cfg
+    run.model.train()
+    tokens_seen, t0, first_it = 0, time.time(), run.it  # this process's rate, for tok/s and the time left
+    while run.it < cfg["max_iters"]:
+        loss_sum, lr, tokens = train_step(run, train_data)
+        tokens_seen += tokens
+        it = run.it
         if it % cfg["log_interval"] == 0 or it == cfg["max_iters"]:
-            if world_size > 1:  # the mean over the global batch, so logs do not depend on the process count
+            if run.world_size > 1:  # the mean over the global batch, so logs do not depend on the process count
                 dist.all_reduce(loss_sum)
             elapsed = time.time() - t0
             left = elapsed / (it - first_it) * (cfg["max_iters"] - it)  # evaluations included: they recur
-            log(f"iter {it}: loss {loss_sum.item() / (grad_accum * world_size):.4f}, lr {lr:.2e}, "
-                f"{tokens_seen * world_size / elapsed:.0f} tok/s" + (f", {duration(left)} left" if left else ""))
+            log(f"iter {it}: loss {loss_sum.item() / (run.grad_accum * run.world_size):.4f}, lr {lr:.2e}, "
+                f"{tokens_seen * run.world_size / elapsed:.0f} tok/s" + (f", {duration(left)} left" if left else ""))
         if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
-            val, buckets = evaluate()
+            val, buckets = evaluate(run, val_data)
             by_t = {"l2d": ", by t: ", "ar2diff": " (pass 1), by corruption rate: "}.get(cfg["method"])
             by_t = "" if by_t is None else by_t + " ".join(f"{b:.3f}" for b in buckets)
             log(f"iter {it}: val loss {val:.4f}{by_t}")
-            if master:
-                checkpoint()
+            if run.rank == 0:
+                os.makedirs(cfg["out_dir"], exist_ok=True)
+                save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), checkpoint_state(run, train_data))
+
+
+def main(argv=None):
+    cfg = configure(DEFAULTS, argv)
+    rank, world_size, device = setup_distributed(resolve_device(cfg["device"]))
+    check_config(cfg, world_size)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    dtype = resolve_dtype(cfg["dtype"], device, log)
+
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    ckpt = resume_from(cfg, ckpt_path)
+    train_data, val_data = load_data(cfg)
+    torch.manual_seed(cfg["seed"])  # same initial weights on every rank
+    raw_model, spec, n_base = build(cfg, train_data, ckpt, ckpt_path)
+    raw_model.to(device)
+    store_weights(raw_model, dtype, frozen_only=True)  # (after the fingerprint, which is of the float32 base)
+    n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    log(f"{cfg['method']}: {n_train / 1e6:.2f}M trainable parameters ({100 * n_train / n_base:.1f}% of the "
+        f"{n_base / 1e6:.1f}M-parameter base), {world_size} process(es) on {device}, {str(dtype)[6:]}")
+
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    model = torch.compile(raw_model) if cfg["compile"] else raw_model
+    if world_size > 1:
+        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+    run = Run(cfg, spec, device, rank, world_size, mixed=autocast(device, dtype), raw_model=raw_model, model=model,
+              optimizer=make_optimizer(raw_model, cfg, device),
+              scaler=torch.amp.GradScaler(device_type, enabled=dtype == torch.float16),  # what trains stays float32
+              sampler=BatchSampler(len(train_data), cfg["batch_size"], cfg["seed"], rank, world_size))
+    if ckpt is not None:
+        restore(run, ckpt)
+        log(f"resuming {ckpt_path} from iter {run.it} of {cfg['max_iters']}" +
+            ("" if run.it < cfg["max_iters"] else ": nothing left to train, raise --max_iters to go on"))
+    train(run, train_data, val_data, log)
     if world_size > 1:
         dist.barrier()  # let the master finish its checkpoint: gloo aborts if a peer leaves first
         dist.destroy_process_group()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train
-from checkpoint import load_model, read_checkpoint, save_checkpoint
+from checkpoint import load, load_model, read_checkpoint, save_checkpoint
 from dataset import TokenDataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,6 +152,21 @@ def test_resume_is_bit_exact(method, data, base_ckpt, tmp_path):
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+def test_resume_takes_the_model_from_the_checkpoint(data, base_ckpt, tmp_path):
+    """What a resumed model is comes from its checkpoint's model keys, not the command line, and the saved
+    config keeps the run's model settings, so config and l2d_config never disagree."""
+    args = method_args("l2d", data, base_ckpt)
+    run_train(*args, "--variant=full", "--sigma=8", "--max_iters=1", f"--out_dir={tmp_path}")
+    resume = [a for a in args if not a.startswith(("--init_from", "--method", "--datasets"))]
+    model, _ = run_train(*resume, "--init_from=resume", "--variant=lora", "--sigma=99", "--lora_rank=2",
+                         "--max_iters=2", f"--out_dir={tmp_path}")
+    assert (model.config.variant, model.config.sigma, model.config.lora_rank) == ("full", 8.0, 4)
+    ckpt = read_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["l2d_config"]["sigma"] == ckpt["config"]["sigma"] == 8.0 and ckpt["config"]["variant"] == "full"
+    loaded, _, ckpt = load(str(tmp_path))  # a folder holding a ckpt.pt
+    assert ckpt["iter_num"] == 2 and loaded.config.sigma == 8.0
 
 
 @pytest.mark.parametrize("method", ["l2d", "lora"])
