@@ -58,7 +58,7 @@ from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 import train
 from ar2diff import AR2Diff, AR2DiffConfig
 from checkpoint import load_base
-from configurator import UsageError, configure, fail, resolve_device
+from configurator import UsageError, configure, fail, parse_list, resolve_device
 from diffusion import L2D, L2DConfig
 from lora import add_lora, merge_lora
 from model import GPT, GPTConfig, KVCache
@@ -119,22 +119,11 @@ if aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:
         lambda grad_out, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad_out, q, k, v))
 
 
-def as_list(cfg, key, kind):
-    value = cfg[key]
-    if value is None:
-        return list(LIST_DEFAULTS[key])
-    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
-    try:
-        return [kind(str(item).strip()) for item in items]  # int('1.5') fails where int(1.5) would not
-    except ValueError:
-        raise UsageError(f"--{key} must be one value or a comma-separated list, got {value!r}") from None
-
-
 def check(cfg):
-    cfg["what"] = as_list(cfg, "what", str) if cfg["what"] else []
+    cfg["what"] = parse_list("what", cfg["what"], str, []) if cfg["what"] else []
     for key, kind in (("steps", int), ("batch_sizes", int), ("methods", str), ("answer_lens", int), ("ar2diff_samples", int),
                       ("dtypes", str)):
-        cfg[key] = as_list(cfg, key, kind)
+        cfg[key] = parse_list(key, cfg[key], kind, LIST_DEFAULTS[key])
     if unknown := set(cfg["dtypes"]) - set(DTYPES[1:]):
         raise UsageError(f"unknown --dtypes {sorted(unknown)}; use {', '.join(DTYPES[1:])}")
     if not set(cfg["what"]) <= {"gen", "train", "ar2diff"} or not cfg["what"]:
@@ -152,6 +141,11 @@ def check(cfg):
     if min(cfg["matmul_n"], cfg["lora_rank"], cfg["flow_dim"]) < 1 or cfg["threads"] < 0:
         raise UsageError("--matmul_n, --lora_rank and --flow_dim must be >= 1, --threads >= 0 (0: torch's default)")
     return cfg
+
+
+def torch_dtype(name):
+    """The torch dtype a --dtypes name (precision.DTYPES but auto) stands for: torch_dtype("bfloat16")."""
+    return getattr(torch, name)
 
 
 def timed(fn, device):
@@ -213,7 +207,7 @@ def generation_models(base, cfg):
         for p in l2d.trainable_parameters():
             if not p.any():  # zero-initialised heads
                 p.normal_(0, 0.02)
-    stored = lambda model, dtype: store_weights(model, getattr(torch, dtype))
+    stored = lambda model, dtype: store_weights(model, torch_dtype(dtype))
     return {dtype: (stored(copy.deepcopy(l2d), dtype), stored(merge_lora(copy.deepcopy(l2d)), dtype))
             for dtype in cfg["dtypes"]}
 
@@ -226,7 +220,7 @@ def decode_step_costs(models, prefills, token, reps, device):
     for dtype, (l2d, _) in models.items():
         B = token.size(0)
         t = torch.full((B, 1), 0.5, device=device)
-        with autocast(device, getattr(torch, dtype)):
+        with autocast(device, torch_dtype(dtype)):
             inputs[dtype] = (l2d.config.sigma * torch.randn(B, 1, l2d.config.flow_dim, device=device), t,
                              l2d.conditioning(t[:1]))
     times = {dtype: ([], [], []) for dtype in models}
@@ -234,7 +228,7 @@ def decode_step_costs(models, prefills, token, reps, device):
         for dtype, (l2d, merged) in models.items():
             (h, cache), (x_t, t, conditioning) = prefills[dtype], inputs[dtype]
             step_cache = cache.fork()  # the base step appends a position; the path eval adds none
-            with autocast(device, getattr(torch, dtype)):
+            with autocast(device, torch_dtype(dtype)):
                 base_s, _ = timed(lambda: l2d.base.head(l2d.base.trunk(token[:, None], step_cache)[0][:, -1]), device)
                 path_s, _ = timed(lambda: l2d.predict(h[:, -1:], cache, x_t, t, conditioning), device)
                 merged_s, _ = timed(lambda: merged.predict(h[:, -1:], cache, x_t, t, conditioning), device)
@@ -264,7 +258,7 @@ def bench_generation(base, cfg):
             batch = prompt.expand(B, -1).contiguous()
             prefills = {}
             for dtype, (l2d, _) in models.items():  # one prefill per dtype, shared by every decoding below
-                with autocast(device, getattr(torch, dtype)):
+                with autocast(device, torch_dtype(dtype)):
                     cache = KVCache()
                     prefills[dtype] = l2d.base.trunk(batch, cache)[0], cache
             step_costs = decode_step_costs(models, prefills, batch[:, -1], cfg["eval_reps"], device)
@@ -279,7 +273,7 @@ def bench_generation(base, cfg):
             times, nfe = {key: [] for key in decoders}, {}
             for _ in range(cfg["new_tokens"]):  # round-robin: one token of each (dtype, step count) in turn
                 for (d, s), tokens in decoders.items():
-                    with autocast(device, getattr(torch, d)):
+                    with autocast(device, torch_dtype(d)):
                         seconds, nfe[d, s] = next(tokens)
                     times[d, s].append(seconds)
             for d in dtypes:
@@ -373,10 +367,10 @@ def count_flops(model, optimizer, x, y, mixed):
 def bench_training(base, cfg, peaks):
     device, methods, dtypes = cfg["device"], cfg["methods"], cfg["dtypes"]
     x, y = training_batch(cfg, base.config.vocab_size)
-    bases = {d: frozen_base(base, getattr(torch, d)) for d in dtypes}
-    models = {(m, d): build_trainer(m, bases[d] if m.startswith("l2d") else base, cfg, getattr(torch, d))
+    bases = {d: frozen_base(base, torch_dtype(d)) for d in dtypes}
+    models = {(m, d): build_trainer(m, bases[d] if m.startswith("l2d") else base, cfg, torch_dtype(d))
               for d in dtypes for m in methods}
-    mixed = {d: autocast(device, getattr(torch, d)) for d in dtypes}
+    mixed = {d: autocast(device, torch_dtype(d)) for d in dtypes}
     flops = {(m, d): count_flops(*models[m, d], x, y, mixed[d]) for m, d in models}  # also the warm-up step
     times = {key: [] for key in models}
     for _ in range(cfg["train_reps"]):  # round-robin over the methods and dtypes
@@ -404,7 +398,7 @@ def rss(field):
 def memory_worker(cfg):
     """Build one method's model, then its peak memory over a few training steps (bytes, as JSON)."""
     method, dtype = cfg["_memory_worker"].split(":")
-    dtype = getattr(torch, dtype)
+    dtype = torch_dtype(dtype)
     base = load_model(cfg)
     model, optimizer = build_trainer(method, frozen_base(base, dtype) if method.startswith("l2d") else base, cfg, dtype)
     x, y = training_batch(cfg, base.config.vocab_size)
@@ -476,8 +470,8 @@ def main(argv=None):
     if longest > base.config.block_size or cfg["seq"] > base.config.block_size:
         raise UsageError(f"--prompt_len + --new_tokens (or --answer_lens) and --seq must fit the model's "
                          f"{base.config.block_size} positions")
-    peaks = {d: matmul_peak(cfg["matmul_n"], cfg["device"], getattr(torch, d)) for d in cfg["dtypes"]}
-    weights = {d: weight_mb(frozen_base(base, getattr(torch, d))) for d in cfg["dtypes"]}
+    peaks = {d: matmul_peak(cfg["matmul_n"], cfg["device"], torch_dtype(d)) for d in cfg["dtypes"]}
+    weights = {d: weight_mb(frozen_base(base, torch_dtype(d))) for d in cfg["dtypes"]}
     print(f"{cfg['init_from']}: {base.num_params() / 1e6:.1f}M parameters; " + ", ".join(
         f"{d}: weights {weights[d]:.0f} MB, matmul {peaks[d]:.1f} GFLOP/s" for d in cfg["dtypes"]))
     results = dict(config=cfg, machine=info, matmul_gflops=peaks, weights_mb=weights)
