@@ -13,14 +13,13 @@ and confirm, a second held-out split); train never contains a held-out problem, 
 (a*b and b*a) as the same problem. Everything is seeded by --seed. Defaults take about a second.
 To mix with data/pycode at character level, reuse its vocabulary: --tokenizer data/pycode/char/vocab.json.
 """
-import argparse
 import os
 import random
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer
-from dataset import tokenizer_tag, write_dataset
+sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer, data.prepare_common
+from data.prepare_common import command_line, run, write_prepared
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
@@ -65,15 +64,11 @@ def prepare(tokenizer="char", out=None, n_train=10000, n_test=500, n_confirm=0, 
         rng.shuffle(held_out)  # exhausts the small problems (1-digit x 1-digit has only 55)
         splits = {"test": held_out[:n_test], "confirm": held_out[n_test:]}
     splits["train"], _ = make_problems(n_train, rng, digits, ops, exclude=held_out_keys)
-    out = out or os.path.join(HERE, tokenizer_tag(tokenizer))
-    write_dataset(out, tokenizer, splits, classes=["math"], overwrite=overwrite)
-    return out
+    return write_prepared(HERE, out, tokenizer, splits, classes=["math"], overwrite=overwrite)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", default="char", help="char, gpt2, smollm2-135m, a HF tokenizer folder or a char vocab .json")
-    p.add_argument("--out", default=None, help="output folder (default data/arithmetic/<tokenizer tag>)")
+    p = command_line(__doc__, HERE, "char", "char, gpt2, smollm2-135m, a HF tokenizer folder or a char vocab .json")
     p.add_argument("--n_train", type=int, default=10000)
     p.add_argument("--n_test", type=int, default=500)
     p.add_argument("--n_confirm", type=int, default=0, help="size of a second held-out split, confirm, to check "
@@ -81,9 +76,4 @@ if __name__ == "__main__":
     p.add_argument("--digits", type=int, default=3, help="max digits per operand")
     p.add_argument("--ops", default="+-*", help="operators to use, a subset of +-*")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already prepared in the output folder")
-    try:
-        prepare(**vars(p.parse_args()))
-    except (ValueError, FileNotFoundError) as e:  # bad options or files: one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(p, prepare)

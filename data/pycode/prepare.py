@@ -13,7 +13,6 @@ distinct function once. They are sorted, shuffled with --seed, and the first --n
 split, so train and test never share a function. The set depends on the Python version (3.11 with the
 defaults: 5,918 functions, a few seconds).
 """
-import argparse
 import ast
 import os
 import random
@@ -22,8 +21,8 @@ import sysconfig
 import tokenize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer
-from dataset import tokenizer_tag, write_dataset
+sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer, data.prepare_common
+from data.prepare_common import command_line, run, write_prepared
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
@@ -68,22 +67,13 @@ def prepare(tokenizer="char", out=None, n_test=200, max_lines=40, seed=0, overwr
     random.Random(seed).shuffle(pairs)
     examples = [dict(question=f"Write the body of this Python function.\n\n{head}", answer=body, label="code")
                 for head, body in pairs]
-    out = out or os.path.join(HERE, tokenizer_tag(tokenizer))
-    write_dataset(out, tokenizer, {"train": examples[n_test:], "test": examples[:n_test]}, classes=["code"],
-                  overwrite=overwrite)
-    return out
+    splits = {"train": examples[n_test:], "test": examples[:n_test]}
+    return write_prepared(HERE, out, tokenizer, splits, classes=["code"], overwrite=overwrite)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", default="char", help="char, gpt2, smollm2-135m, a HF tokenizer folder or a char vocab .json")
-    p.add_argument("--out", default=None, help="output folder (default data/pycode/<tokenizer tag>)")
+    p = command_line(__doc__, HERE, "char", "char, gpt2, smollm2-135m, a HF tokenizer folder or a char vocab .json")
     p.add_argument("--n_test", type=int, default=200)
     p.add_argument("--max_lines", type=int, default=40, help="skip longer functions (signature + docstring + body)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already prepared in the output folder")
-    try:
-        prepare(**vars(p.parse_args()))
-    except (ValueError, FileNotFoundError) as e:  # bad options or files: one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(p, prepare)

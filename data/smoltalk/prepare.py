@@ -16,15 +16,14 @@ with urllib into --cache (default data/smoltalk/raw/<subset>/), once, with a pro
 install for that. Reading .parquet files needs pyarrow (pip install pyarrow), imported only here: it is
 the reference reader of the format the hub stores. Offline, the error names the files to put where.
 """
-import argparse
 import json
 import os
 import sys
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer
-from dataset import tokenizer_tag, write_dataset
+sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer, data.prepare_common
+from data.prepare_common import add_out, command_line, run, write_prepared
 
 REPO_ID = "HuggingFaceTB/smoltalk"
 LIST_URL = f"https://huggingface.co/api/datasets/{REPO_ID}/tree/main/data/{{}}"
@@ -108,26 +107,17 @@ def prepare(tokenizer="smollm2-135m", subsets=tuple(SUBSETS), out=None, src=None
                                     "(or .jsonl) files there")
         for split, count in (("train", limit), ("test", n_test)):
             splits[split] += [dict(turns=c, label=SUBSETS[subset]) for c in read_split(subset, split, folder)[:count]]
-    out = out or os.path.join(HERE, tokenizer_tag(tokenizer))
-    write_dataset(out, tokenizer, splits, classes=CLASSES, max_len=max_len, overwrite=overwrite)
-    return out
+    return write_prepared(HERE, out, tokenizer, splits, classes=CLASSES, max_len=max_len, overwrite=overwrite)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", default="smollm2-135m", help="smollm2-135m, a HF tokenizer folder, ...")
-    p.add_argument("--subsets", default=",".join(SUBSETS), help="comma-separated SmolTalk subsets")
-    p.add_argument("--out", default=None, help="output folder (default data/smoltalk/<tokenizer tag>)")
+    p = command_line(__doc__, HERE, "smollm2-135m", "smollm2-135m, a HF tokenizer folder, ...", out=False)
+    p.add_argument("--subsets", default=",".join(SUBSETS), type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
+                   help="comma-separated SmolTalk subsets")  # argparse splits the default too
+    add_out(p, HERE)
     p.add_argument("--src", default=None, help="offline: a folder with <subset>/ folders of .parquet or .jsonl files")
     p.add_argument("--cache", default=None, help="where downloads go (default data/smoltalk/raw)")
     p.add_argument("--max_len", type=int, default=2048, help="drop train conversations longer than this (tokens); 0 keeps all")
     p.add_argument("--limit", type=int, default=None, help="only the first N train conversations of each subset")
     p.add_argument("--n_test", type=int, default=100, help="held-out conversations per subset (from its test split)")
-    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already prepared there")
-    args = vars(p.parse_args())
-    args["subsets"] = [s.strip() for s in args["subsets"].split(",") if s.strip()]
-    try:
-        prepare(**args)
-    except (ValueError, FileNotFoundError) as e:  # bad options or files: one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(p, prepare, overwrite_help="replace a different dataset already prepared there")
