@@ -90,6 +90,11 @@ def check_messages(messages, path, n):
     return [dict(role=m["role"], content=m["content"]) for m in messages]
 
 
+def subset_names(text):
+    """--subsets as a list (argparse applies it to the default too): "a, b," -> ["a", "b"]."""
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 def prepare(tokenizer="smollm2-135m", subsets=tuple(SUBSETS), out=None, src=None, cache=None, max_len=2048,
             limit=None, n_test=100, overwrite=False):
     """Tokenize the subsets into data/smoltalk/<tag>/ (or out): train = their train splits (the first `limit`
@@ -112,8 +117,7 @@ def prepare(tokenizer="smollm2-135m", subsets=tuple(SUBSETS), out=None, src=None
 
 if __name__ == "__main__":
     p = command_line(__doc__, HERE, "smollm2-135m", "smollm2-135m, a HF tokenizer folder, ...", out=False)
-    p.add_argument("--subsets", default=",".join(SUBSETS), type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
-                   help="comma-separated SmolTalk subsets")  # argparse splits the default too
+    p.add_argument("--subsets", default=",".join(SUBSETS), type=subset_names, help="comma-separated SmolTalk subsets")
     add_out(p, HERE)
     p.add_argument("--src", default=None, help="offline: a folder with <subset>/ folders of .parquet or .jsonl files")
     p.add_argument("--cache", default=None, help="where downloads go (default data/smoltalk/raw)")
