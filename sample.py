@@ -92,6 +92,7 @@ def load(cfg):
     freshly initialised diffusion path."""
     model, tokenizer, ckpt = checkpoint.load(cfg["init_from"])
     if ckpt is None:
+        torch.manual_seed(cfg["seed"])  # the fresh path's W_v sets V, and so dopri5's steps: the same every run
         return L2D(model, L2DConfig()), tokenizer, []
     return model, tokenizer, ckpt.get("classes", [])
 

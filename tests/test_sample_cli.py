@@ -169,6 +169,21 @@ def test_show_steps_dopri5_and_the_base(ckpts):
     assert all(not steps and not readouts for steps, readouts, _ in blocks(result.stdout))
 
 
+def test_a_base_models_fresh_path_is_the_same_every_run(monkeypatch):
+    """A pretrained base gets a fresh path, whose random W_v (and so V, x_t and dopri5's steps) comes from
+    --seed: torch's own first seed differs from process to process."""
+    from model import GPT, GPTConfig
+    base = GPT(GPTConfig(family="llama", block_size=16, vocab_size=30, n_layer=1, n_head=2, n_embd=8))
+    monkeypatch.setattr(sample.checkpoint, "load", lambda name: (base, None, None))
+
+    def fresh_w_v(seed):
+        torch.manual_seed(torch.seed())  # whatever state came before
+        model, _, classes = sample.load(dict(sample.DEFAULTS, init_from="some-base", seed=seed))
+        assert isinstance(model, L2D) and classes == []
+        return model.flow_proj.weight.detach().clone()
+    assert torch.equal(fresh_w_v(5), fresh_w_v(5)) and not torch.equal(fresh_w_v(5), fresh_w_v(6))
+
+
 # --- progress and ETA -----------------------------------------------------------------------------------
 class Clock:
     def __init__(self):
