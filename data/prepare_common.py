@@ -6,8 +6,8 @@ frame (--tokenizer and --out first, --overwrite last, a bad option or file one l
 """
 import argparse
 import os
-import sys
 
+from configurator import fail
 from dataset import tokenizer_tag, write_dataset
 
 OVERWRITE_HELP = "replace a different dataset already prepared in the output folder"
@@ -43,5 +43,4 @@ def run(p, prepare, overwrite_help=OVERWRITE_HELP):
     try:
         prepare(**args)
     except (ValueError, FileNotFoundError) as e:  # bad options or files: one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
