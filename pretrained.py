@@ -99,19 +99,27 @@ def gpt2_file(name):
     if os.path.isfile(path):
         return path
     url = f"https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
-        from tqdm import tqdm
-        with urllib.request.urlopen(url, timeout=30) as response, open(path + ".part", "wb") as f:
-            bar = tqdm(total=int(response.headers.get("Content-Length", 0)), unit="B", unit_scale=True, desc=name)
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-        os.replace(path + ".part", path)  # a broken download never looks complete
+        download_file(url, path, name)
     except OSError as e:
         raise FileNotFoundError(f"could not download {url} ({e}); put that file at {path} "
                                 f"(or set L2D_CACHE to a folder holding {name}/model.safetensors)") from None
     return path
+
+
+def download_file(url, path, desc=None, timeout=30):
+    """Fetch url into path with a progress bar, through path.part: a broken download never looks complete.
+    Raises OSError (no network, HTTP error, ...), for the caller to say what to do instead. Also used by
+    the data/*/prepare.py scripts that download."""
+    from tqdm import tqdm
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(path + ".part", "wb") as f, \
+            tqdm(total=int(response.headers.get("Content-Length") or 0), unit="B", unit_scale=True,
+                 desc=desc or os.path.basename(path)) as bar:
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            bar.update(len(chunk))
+    os.replace(path + ".part", path)
 
 
 def read_hf_folder(folder):

@@ -232,6 +232,20 @@ def test_too_long_sequence_is_a_clear_error():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
+def test_download_file_is_whole_or_absent(tmp_path):
+    """pretrained.download_file (weights, and the prepare scripts' data) writes the bytes it fetched under
+    the target's name only once they are all there; a failed fetch leaves neither the file nor a .part."""
+    from pretrained import download_file
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(range(256)) * 5000)
+    target = tmp_path / "cache" / "copy.bin"
+    download_file(source.as_uri(), str(target))
+    assert target.read_bytes() == source.read_bytes() and not (tmp_path / "cache" / "copy.bin.part").exists()
+    with pytest.raises(OSError):
+        download_file((tmp_path / "missing.bin").as_uri(), str(tmp_path / "cache" / "other.bin"))
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["copy.bin"]
+
+
 def test_gpt2_offline_download_names_the_file(tmp_path, monkeypatch):
     """No network: a one-line error that says which file to put where, and no half-written file."""
     import urllib.request

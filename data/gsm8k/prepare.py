@@ -15,11 +15,11 @@ import json
 import os
 import re
 import sys
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer, data.prepare_common
 from data.prepare_common import command_line, run, write_prepared
+from pretrained import download_file
 
 URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
 SHARED = os.path.join(HERE, "..", "..", "..", "shared", "data", "gsm8k")
@@ -58,13 +58,11 @@ def download(split, folder):
     path = os.path.join(folder, f"{split}.jsonl")
     if os.path.isfile(path):
         return
-    os.makedirs(folder, exist_ok=True)
     try:
-        urllib.request.urlretrieve(URL.format(split), path + ".part")
+        download_file(URL.format(split), path)
     except OSError as e:
         raise FileNotFoundError(f"GSM8K {split}.jsonl is not in {os.path.abspath(SHARED)} and downloading "
                          f"{URL.format(split)} failed ({e}); pass --src DIR") from None
-    os.replace(path + ".part", path)
 
 
 def to_example(row):

@@ -24,6 +24,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer, data.prepare_common
 from data.prepare_common import add_out, command_line, run, write_prepared
+from pretrained import download_file
 
 REPO_ID = "HuggingFaceTB/smoltalk"
 LIST_URL = f"https://huggingface.co/api/datasets/{REPO_ID}/tree/main/data/{{}}"
@@ -38,22 +39,13 @@ ROLES = ("system", "user", "assistant")
 
 def download(subset, folder):
     """Fetch the subset's train and test files from the hub into folder (once; .part files until whole)."""
-    from tqdm import tqdm
     try:
         with urllib.request.urlopen(LIST_URL.format(subset), timeout=30) as response:
             files = [f["path"] for f in json.load(response) if f["path"].endswith(".parquet")]
-        os.makedirs(folder, exist_ok=True)
         for path in files:
             target = os.path.join(folder, os.path.basename(path))
-            if os.path.isfile(target):
-                continue
-            with urllib.request.urlopen(FILE_URL.format(path), timeout=60) as response, open(target + ".part", "wb") as f, \
-                    tqdm(total=int(response.headers.get("Content-Length") or 0), unit="B", unit_scale=True,
-                         desc=os.path.basename(path)) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            os.replace(target + ".part", target)
+            if not os.path.isfile(target):
+                download_file(FILE_URL.format(path), target, timeout=60)
     except OSError as e:
         raise FileNotFoundError(f"SmolTalk {subset}: no files in {folder} and downloading them from {REPO_ID} failed "
                                 f"({e}); offline, put data/{subset}/*.parquet of the hub's {REPO_ID} dataset into "
