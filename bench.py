@@ -54,6 +54,7 @@ import torch
 
 from benchmarks import (bench_ar2diff, bench_generation, bench_training, frozen_base, load_model, matmul_peak,
                         memory_worker, torch_dtype, weight_mb)
+from loading.files import check_output, write_atomic
 from configurator import UsageError, configure, fail, parse_list, resolve_device
 from precision import DTYPES, cpu_bf16_support
 from solvers import SOLVERS
@@ -64,7 +65,8 @@ DEFAULTS = dict(
     device="cpu",              # cpu, cuda, cuda:1, ...
     dtypes=None,               # number formats to compare side by side (precision.py), one or a list; None: float32,bfloat16
     threads=0,                 # torch's CPU threads; 0: torch's default
-    out="bench.json",          # the results as JSON; "": none
+    out="bench.json",          # the results as JSON; "": none. An earlier bench.py JSON there is replaced
+    overwrite=False,           # replace a file at --out that bench.py did not write
     seed=1337,                 # of the random weights, prompt and batch
     # generation
     steps=None,                # step counts to decode with, one value or a list (1,8); None: 1,2,4,8,16,32
@@ -125,7 +127,18 @@ def check(cfg):
         raise UsageError("--eval_reps, --train_reps and --mem_steps must be >= 1")
     if min(cfg["matmul_n"], cfg["lora_rank"], cfg["flow_dim"]) < 1 or cfg["threads"] < 0:
         raise UsageError("--matmul_n, --lora_rank and --flow_dim must be >= 1, --threads >= 0 (0: torch's default)")
+    if cfg["out"] and not cfg["_memory_worker"]:
+        check_output(cfg["out"], "--out", cfg["overwrite"], ours=is_bench_json)
     return cfg
+
+
+def is_bench_json(path):
+    """An earlier bench.py result, which --out may replace without --overwrite."""
+    try:
+        with open(path) as f:
+            return {"config", "machine", "matmul_gflops"} <= json.load(f).keys()
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def machine(device):
@@ -220,8 +233,7 @@ def main(argv=None):
                      ("+MB over start", "increase_mb", "{:.0f}")])
     results["machine"]["load_avg_end"] = os.getloadavg()[0]
     if cfg["out"]:
-        with open(cfg["out"], "w") as f:
-            json.dump(results, f, indent=1)
+        write_atomic(cfg["out"], lambda f: f.write(json.dumps(results, indent=1).encode()))
         print(f"\nwrote {cfg['out']}")
     return results
 

@@ -30,23 +30,24 @@ from lora import add_lora
 from model import GPT, GPTConfig
 from pretrained import load_pretrained
 from tokenizer import get_tokenizer
+from loading.files import write_atomic
 
 WHOLE = ("ar", "full", "ar2diff")  # methods whose checkpoint holds the whole model (l2d, lora: what trained)
 
 
 def save_checkpoint(path, ckpt):
-    """Write ckpt to path atomically: a temp file, flushed to disk, then renamed over the old one."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
-    except BaseException:  # a failed or interrupted save leaves the old checkpoint and no temp file
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ckpt to path atomically (loading.files.write_atomic). A checkpoint with a non-finite weight
+    is never written: a diverged run keeps its last good checkpoint."""
+    bad = [name for name, w in ckpt["state_dict"].items() if w.is_floating_point() and not torch.isfinite(w).all()]
+    if bad:
+        kept = f"{path} keeps the last good checkpoint" if os.path.exists(path) else "no checkpoint was written"
+        raise NonFiniteWeights(f"not saving {path}: {len(bad)} weight tensor(s) are not finite ({bad[0]}, ...); "
+                               f"{kept}")
+    write_atomic(path, lambda f: torch.save(ckpt, f))
+
+
+class NonFiniteWeights(ValueError):
+    pass
 
 
 def read_checkpoint(path):

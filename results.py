@@ -14,13 +14,11 @@ import json
 import os
 
 from configurator import UsageError
+from loading.files import write_atomic
 
 
 def write_json(path, result):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(json.dumps(result, indent=1).encode()))
 
 
 def free_name(path):

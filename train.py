@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ar2diff import AR2DiffConfig
 from checkpoint import (base_of, build_model, check_dependencies, file_fingerprint, fingerprint, load_base, model_configs,
-                        read_checkpoint, save_checkpoint, trainable_state_dict)
+                        read_checkpoint, save_checkpoint, trainable_state_dict, NonFiniteWeights)
 from configurator import UsageError, configure, duration, fail, resolve_device
 from dataset import BatchSampler, TokenDataset
 from diffusion import L2DConfig, answer_positions, at_positions
@@ -437,7 +437,11 @@ def train(run, train_data, val_data, log):
             log(f"iter {it}: val loss {val:.4f}{by_t}")
             if run.rank == 0:
                 os.makedirs(cfg["out_dir"], exist_ok=True)
-                save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), checkpoint_state(run, train_data))
+                try:
+                    save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), checkpoint_state(run, train_data))
+                except NonFiniteWeights as e:
+                    raise UsageError(f"{e}: the weights diverged by iter {it} (lr {lr:.2e}); lower --learning_rate") \
+                        from None
 
 
 def main(argv=None):

@@ -154,6 +154,31 @@ def test_resume_is_bit_exact(method, data, base_ckpt, tmp_path):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
 
+def test_a_diverged_run_never_saves_non_finite_weights(data, base_ckpt, tmp_path):
+    """Weights that turn non-finite in an update whose loss was still finite (Adam's inf/inf after an
+    overflow; simulated here by poisoning one weight after the 3rd step) are never saved: the run stops
+    with one line, and the checkpoint of the last good step stays."""
+    args = method_args("l2d", data, base_ckpt) + [f"--out_dir={tmp_path}", "--eval_interval=1"]
+    step = train.train_step
+
+    def overflowing_step(run, data):
+        out = step(run, data)
+        if run.it == 3:
+            with torch.no_grad():
+                run.raw_model.trainable_parameters()[0].fill_(float("nan"))
+        return out
+
+    train.train_step = overflowing_step
+    try:
+        with pytest.raises(train.UsageError, match=r"not saving .*ckpt.pt: .* not finite .*keeps the last good "
+                                                   r"checkpoint.*lower --learning_rate"):
+            run_train(*args, "--max_iters=5")
+    finally:
+        train.train_step = step
+    left = read_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert left["iter_num"] == 2 and all(torch.isfinite(w).all() for w in left["state_dict"].values())
+
+
 def test_resume_takes_the_model_from_the_checkpoint(data, base_ckpt, tmp_path):
     """What a resumed model is comes from its checkpoint's model keys, not the command line, and the saved
     config keeps the run's model settings, so config and l2d_config never disagree."""

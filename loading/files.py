@@ -1,0 +1,53 @@
+"""The one writer for every file the tools write: a temp file beside the target, flushed to disk,
+then renamed over it (readers see the old file or the new one, never half of one; a full disk or an
+interrupt leaves the old file and no temp file), and the check of a user-named output path made
+before any work, so that a long run never ends in a refused or failed write.
+
+    check_output(path, "--out", overwrite, ours=is_bench_json)   # before the work
+    write_atomic(path, lambda f: f.write(text.encode()))         # after it
+"""
+import errno
+import os
+
+
+class OutputError(ValueError):
+    """An output path that cannot or must not be written; scripts print it on one line and exit 2."""
+
+
+def check_output(path, option, overwrite=False, ours=None):
+    """Refuse `path` (given as `option`) before any work: a folder, a folder that does not exist or
+    cannot be written, or an existing file that is not this tool's output (ours(path) is False) unless
+    overwrite is asked for. Returns path."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise OutputError(f"{option} {path} is a folder; name a file in it")
+    if not os.path.isdir(folder):
+        raise OutputError(f"{option} {path}: the folder {folder} does not exist; create it or pass another {option}")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"{option} {path}: the folder {folder} is not writable; pass another {option}")
+    if os.path.exists(path) and not overwrite and not (ours is not None and ours(path)):
+        raise OutputError(f"{option} {path} already exists and was not written by this tool; pass another {option} "
+                          "or add --overwrite to replace it")
+    return path
+
+
+def write_atomic(path, write):
+    """Call write(f) on a binary temp file beside `path`, flush it to disk and rename it over `path`.
+    An OSError (a full disk, a read-only file system) becomes one OutputError naming the file; the
+    old file, if any, is kept and the temp file removed, also on Ctrl-C."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+                   errno.EACCES: "permission denied"}.get(e.errno, e.strerror or str(e))
+            kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
+            raise OutputError(f"cannot write {path}: {why}; {kept}") from None
+        raise
