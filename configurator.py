@@ -185,9 +185,9 @@ def _usage(doc):
     return "\n\n".join(shown)
 
 
-def _help(defaults, path, doc):
+def _help(defaults, path, doc, spec=None):
     """The text of --help for the script at `path` with module docstring `doc`."""
-    script = os.path.basename(path)
+    script = os.path.basename(path) if spec is None or "." not in spec.name else f"-m {spec.name}"
     documented = _documented_keys(path, defaults)
     keys = [k for k in defaults if not k.startswith("_")]
     key_width = max(len(k) for k in keys) + 2
@@ -219,7 +219,7 @@ def configure(defaults, argv=None):
     if "-h" in args or "--help" in args:
         caller = sys._getframe(1).f_globals  # the script's module: its source holds the comments
         try:
-            print(_help(defaults, caller["__file__"], caller["__doc__"]), flush=True)
+            print(_help(defaults, caller["__file__"], caller["__doc__"], caller.get("__spec__")), flush=True)
         except BrokenPipeError:  # `--help | head` stopped reading: no traceback, and none at exit's flush
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)

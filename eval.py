@@ -90,20 +90,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from answers import final_number, generate_answers, is_correct
+from harness.answers import final_number, generate_answers, is_correct
 from ar2diff import AR2Diff
-import checkpoint
+from loading import checkpoint
 import configurator
 from configurator import UsageError, configure, fail, resolve_device
-from dataset import TokenDataset, tokenizer_tag
+from data.dataset import TokenDataset, tokenizer_tag
 from diffusion import L2D, answer_positions, at_positions
-from intervals import ratio_interval, row_gains, wilson_interval
+from harness.intervals import ratio_interval, row_gains, wilson_interval
 from lora import merge_lora
-from precision import autocast, resolve_dtype, store_weights
-from plot import plot
-from results import ResultsFile, output_path
+from loading.precision import autocast, resolve_dtype, store_weights
+from harness.plot import plot
+from harness.results import ResultsFile, output_path
 from solvers import SOLVERS
-from tokenizer import stop_tokens
+from loading.tokenizer import stop_tokens
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("gsm8k", "arithmetic", "humaneval")

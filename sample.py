@@ -32,13 +32,13 @@ import time
 import torch
 
 from ar2diff import TEMPERATURE, AR2Diff, until_end
-import checkpoint
+from loading import checkpoint
 from configurator import UsageError, configure, duration, fail, resolve_device
 from diffusion import ADAPTIVE_T_END, L2D, L2DConfig
 from lora import merge_lora
-from precision import autocast, resolve_dtype, store_weights
+from loading.precision import autocast, resolve_dtype, store_weights
 from solvers import EVALUATIONS, SOLVERS
-from tokenizer import chat_prompt, has_chat_template, stop_tokens
+from loading.tokenizer import chat_prompt, has_chat_template, stop_tokens
 
 DEFAULTS = dict(
     init_from="smollm2-135m",  # an L2D ckpt.pt, another ckpt.pt (steps=1 only), or a base model name or HF folder

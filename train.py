@@ -34,13 +34,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ar2diff import AR2DiffConfig
-from checkpoint import (base_of, build_model, check_dependencies, file_fingerprint, fingerprint, load_base, model_configs,
+from loading.checkpoint import (base_of, build_model, check_dependencies, file_fingerprint, fingerprint, load_base, model_configs,
                         read_checkpoint, save_checkpoint, trainable_state_dict, NonFiniteWeights)
 from configurator import UsageError, configure, duration, fail, resolve_device
-from dataset import BatchSampler, TokenDataset
+from data.dataset import BatchSampler, TokenDataset
 from diffusion import L2DConfig, answer_positions, at_positions
 from model import GPT, GPTConfig
-from precision import DTYPES, autocast, resolve_dtype, store_weights
+from loading.precision import DTYPES, autocast, resolve_dtype, store_weights
 
 DEFAULTS = dict(
     out_dir="out",             # folder of ckpt.pt, saved at every evaluation

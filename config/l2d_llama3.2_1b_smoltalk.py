@@ -3,7 +3,7 @@
 # weight decay 0.01, clip 1.0, bf16; sigma = 64, d_f = 256, LoRA r = 32, alpha = 32 (docs/method.md).
 # The weights are gated on the hub: accept the licence there, then (with a token, `huggingface-cli login`)
 #   huggingface-cli download meta-llama/Llama-3.2-1B-Instruct --local-dir models/Llama-3.2-1B-Instruct
-#   python data/smoltalk/prepare.py --tokenizer models/Llama-3.2-1B-Instruct       # -> data/smoltalk/Llama-3.2-1B-Instruct/
+#   python -m data.smoltalk.prepare --tokenizer models/Llama-3.2-1B-Instruct       # -> data/smoltalk/Llama-3.2-1B-Instruct/
 #   torchrun --standalone --nproc_per_node=8 train.py config/l2d_llama3.2_1b_smoltalk.py
 #   python eval.py --ckpt out-l2d-llama3.2-1b-smoltalk/ckpt.pt --task gsm8k --steps 1,2,4,8,16 --teacher_forced False
 # batch_size is global: 8 GPUs x micro_batch 4 = 32, 1 GPU accumulates 8 micro-steps. max_iters is one epoch

@@ -1,8 +1,8 @@
 # The quick recipe, step 1 of 2: a tiny Llama-style GPT trained from scratch on synthetic
 # arithmetic with a character vocabulary (a few minutes on 2 CPU cores).
-#   python data/arithmetic/prepare.py --tokenizer char --digits 2
+#   python -m data.arithmetic.prepare --tokenizer char --digits 2
 #   python train.py config/quick.py
-# Step 2 trains its diffusion path: python train.py config/quick_l2d.py
+# Step 2 trains its diffusion path: python train.py harness/experiments/quick_l2d.py
 out_dir = "out-quick"
 init_from = "scratch"
 method = "ar"

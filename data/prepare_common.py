@@ -8,7 +8,7 @@ import argparse
 import os
 
 from configurator import fail
-from dataset import tokenizer_tag, write_dataset
+from data.dataset import tokenizer_tag, write_dataset
 
 OVERWRITE_HELP = "replace a different dataset already prepared in the output folder"
 

@@ -5,19 +5,17 @@ import contextlib
 import io
 import math
 import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ar2diff import AR2Diff, AR2DiffConfig, until_end
-from dataset import TokenDataset
+from data.dataset import TokenDataset
 from model import GPT, GPTConfig, KVCache, attend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "data", "arithmetic"))
-from prepare import prepare  # noqa: E402
+from data.arithmetic.prepare import prepare  # noqa: E402
 
 V = 40  # the model's vocabulary; the tokenizer's is smaller (VOCAB), as with a padded embedding
 VOCAB = 30

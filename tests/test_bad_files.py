@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import tokenizer
-from load_gguf import SMOLLM2_FILE
-from tokenizer import EOT, byte_decoder
+from loading import tokenizer
+from loading.gguf_file import SMOLLM2_FILE
+from loading.tokenizer import EOT, byte_decoder
 from test_train import assert_one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,7 +175,7 @@ def test_corrupted_gguf_tokenizer(tmp_path):
     path = gguf_package(tmp_path)
     path.write_bytes(truncate(path.read_bytes()))
     src = gsm8k_src(tmp_path / "src")
-    result = run("data/gsm8k/prepare.py", "--tokenizer", path, "--src", src, "--out", tmp_path / "out")
+    result = run("-m", "data.gsm8k.prepare", "--tokenizer", path, "--src", src, "--out", tmp_path / "out")
     assert_one_line_error(result, str(path), "truncated or corrupted")
     assert not (tmp_path / "out").exists()
 
@@ -196,7 +196,7 @@ def gsm8k_src(folder, bad_train_line=None):
 
 def test_gsm8k_control(tmp_path):
     src = gsm8k_src(tmp_path / "src")
-    assert_ok(run("data/gsm8k/prepare.py", "--tokenizer", "char", "--src", src, "--out", tmp_path / "out"))
+    assert_ok(run("-m", "data.gsm8k.prepare", "--tokenizer", "char", "--src", src, "--out", tmp_path / "out"))
 
 
 @pytest.mark.parametrize("line", ['{"question": "What is 2 + 3?", "answer": ',
@@ -204,7 +204,7 @@ def test_gsm8k_control(tmp_path):
                          ids=["not_json", "no_question", "no_answer"])
 def test_bad_gsm8k_line(tmp_path, line):
     src = gsm8k_src(tmp_path / "src", bad_train_line=line)
-    result = run("data/gsm8k/prepare.py", "--tokenizer", "char", "--src", src, "--out", tmp_path / "out")
+    result = run("-m", "data.gsm8k.prepare", "--tokenizer", "char", "--src", src, "--out", tmp_path / "out")
     assert_one_line_error(result, f"{src / 'train.jsonl'} line 2")
 
 

@@ -15,11 +15,10 @@ import sys
 import numpy as np
 import pytest
 
-from dataset import write_dataset
+from data.dataset import write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "data", "arithmetic"))
-from prepare import prepare  # noqa: E402
+from data.arithmetic.prepare import prepare  # noqa: E402
 from test_train import assert_one_line_error  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -30,7 +29,7 @@ TINY = ["--init_from=scratch", "--method=ar", "--device=cpu", "--n_layer=1", "--
 
 def run(script, *args, timeout=120):
     """script's (returncode, stdout, stderr); a run past the timeout (a hang) fails the test."""
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
+    return subprocess.run([sys.executable, *script.split(), *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -160,17 +159,17 @@ BENCH_BAD = [("steps", 0), ("batch_sizes", 0), ("prompt_len", 0), ("new_tokens",
 @pytest.mark.parametrize("key, value", BENCH_BAD, ids=[f"{k}={v}" for k, v in BENCH_BAD])
 def test_bench_refuses_bad_values(key, value, tmp_path):
     out = tmp_path / "bench.json"
-    assert_one_line_error(run("bench.py", "--init_from=scratch", f"--out={out}", f"--{key}={value}"), key)
+    assert_one_line_error(run("-m harness.bench", "--init_from=scratch", f"--out={out}", f"--{key}={value}"), key)
     assert not out.exists()
 
 
 @pytest.mark.parametrize("device, words", [("nonsense", "unknown --device 'nonsense'"), ("meta", "not supported"),
                                            ("cuda:99", "cuda:99")])
-@pytest.mark.parametrize("script", ["train.py", "eval.py", "bench.py"])
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "-m harness.bench"])
 def test_an_unavailable_device_is_one_line(script, device, words, data, l2d_ckpt, tmp_path):
     """cuda:99 exists on no machine this runs on (no GPU: not available; one GPU: no such index)."""
     args = {"train.py": [*TINY, f"--datasets={[data]}", "--max_iters=1", f"--out_dir={tmp_path / 'o'}"],
             "eval.py": [f"--ckpt={l2d_ckpt}", f"--data={data}", f"--out={tmp_path / 'e.json'}"],
-            "bench.py": ["--init_from=scratch", f"--out={tmp_path / 'b.json'}"]}[script]
+            "-m harness.bench": ["--init_from=scratch", f"--out={tmp_path / 'b.json'}"]}[script]
     assert_one_line_error(run(script, *args, f"--device={device}"), words)
     assert os.listdir(tmp_path) == []

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-import bench
-import benchmarks
+from harness import bench
+from harness import benchmarks
 from configurator import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,7 +154,7 @@ def test_defaults_and_exit_code():
     cfg = bench.check(bench.configure(bench.DEFAULTS, []))
     assert cfg["steps"] == [1, 2, 4, 8, 16, 32] and cfg["batch_sizes"] == [1, 16] and cfg["what"] == ["gen", "train"]
     assert bench.check(bench.configure(bench.DEFAULTS, ["--steps", "8", "--what", "gen"]))["steps"] == [8]
-    run = subprocess.run([sys.executable, "bench.py", "--what=nothing"], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "harness.bench", "--what=nothing"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.startswith("error: --what")
 
 

@@ -108,7 +108,7 @@ def test_every_recipe_configures_train(path, monkeypatch):
     assert cfg["method"] != other["method"] or name == "lab_ar2diff_n.py"
 
 
-SCRIPTS = ["train.py", "sample.py", "eval.py", "bench.py"]
+SCRIPTS = ["train.py", "sample.py", "eval.py", "-m harness.bench"]
 
 
 def run_script(*args, cwd=ROOT):
@@ -125,8 +125,8 @@ def option_meaning(help_text, key, default):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_lists_every_option_with_default_and_meaning(script):
-    module = importlib.import_module(script[:-3])  # importing a script only defines things: no run
-    result = run_script(script, "--help")
+    module = importlib.import_module(script.split()[-1].removesuffix(".py"))  # importing a script only defines things
+    result = run_script(*script.split(), "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: python {script} ")
     assert module.__doc__.strip().splitlines()[0] in result.stdout  # the docstring's summary

@@ -15,8 +15,8 @@ import sysconfig
 import numpy as np
 import pytest
 
-from dataset import BatchSampler, TokenDataset, write_dataset
-from tokenizer import EOT, get_tokenizer
+from data.dataset import BatchSampler, TokenDataset, write_dataset
+from loading.tokenizer import EOT, get_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(REPO, "..", "shared")
@@ -105,9 +105,9 @@ def test_prepare_never_changes_a_prepared_folder_unasked(tmp_path):
     """The same command again leaves the folder as it is; other settings are refused, files untouched
     (a checkpoint trained on it reads its vocab.json), unless --overwrite, which leaves no stale split."""
     out = str(tmp_path / "data")
-    run = [sys.executable, os.path.join(REPO, "data", "arithmetic", "prepare.py"), "--out", out, "--n_train", "50",
+    run = [sys.executable, "-m", "data.arithmetic.prepare", "--out", out, "--n_train", "50",
            "--n_test", "10", "--digits", "2", "--ops", "+"]
-    assert subprocess.run(run + ["--n_confirm", "5"], capture_output=True).returncode == 0
+    assert subprocess.run(run + ["--n_confirm", "5"], cwd=REPO, capture_output=True).returncode == 0
     before = {name: open(os.path.join(out, name), "rb").read() for name in sorted(os.listdir(out))}
     again = subprocess.run(run + ["--n_confirm", "5"], capture_output=True, text=True)
     assert again.returncode == 0 and "left as it is" in again.stdout
@@ -240,8 +240,8 @@ def test_gsm8k_slice(tmp_path):
     ("gsm8k", ["--src", "/nonexistent"], ["/nonexistent/train.jsonl not found"]),
 ])
 def test_prepare_bad_options_exit_2_with_one_line(task, args, words, tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(REPO, "data", task, "prepare.py"), *args,
-                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", f"data.{task}.prepare", *args,
+                             "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert all(word in lines[0] for word in words)

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-import bench
-from checkpoint import save_checkpoint
+from harness import bench
+from loading.checkpoint import save_checkpoint
 from loading.files import OutputError, check_output, write_atomic
 
 TINY_BENCH = ["--init_from=scratch", "--n_layer=1", "--n_embd=16", "--n_head=2", "--vocab_size=32", "--block_size=32",

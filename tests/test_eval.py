@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
-import results
+from harness import results
 from ar2diff import AR2Diff, AR2DiffConfig, until_end
-from checkpoint import save_checkpoint
+from loading.checkpoint import save_checkpoint
 from configurator import UsageError
 from diffusion import L2D, L2DConfig
 from model import GPT, GPTConfig

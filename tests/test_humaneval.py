@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import eval as ev
-from checkpoint import save_checkpoint
-from execution import completion_code, humaneval_program, run_program
+from loading.checkpoint import save_checkpoint
+from harness.execution import completion_code, humaneval_program, run_program
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

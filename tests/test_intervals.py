@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-import intervals
+from harness import intervals
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,6 +92,6 @@ def test_across_runs_pairs_the_shared_first_examples():
 
 
 def test_cli_error_is_one_line_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "intervals.py"), str(tmp_path / "missing.json")],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "harness.intervals", str(tmp_path / "missing.json")],
+                          cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "missing.json" in proc.stderr

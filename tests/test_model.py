@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from model import GPT, GPTConfig, KVCache
-from pretrained import config_from_hf, gpt2_state_dict, llama_state_dict, read_hf_folder
+from loading.pretrained import config_from_hf, gpt2_state_dict, llama_state_dict, read_hf_folder
 
 torch.manual_seed(0)
 
@@ -235,7 +235,7 @@ def test_too_long_sequence_is_a_clear_error():
 def test_download_file_is_whole_or_absent(tmp_path):
     """pretrained.download_file (weights, and the prepare scripts' data) writes the bytes it fetched under
     the target's name only once they are all there; a failed fetch leaves neither the file nor a .part."""
-    from pretrained import download_file
+    from loading.pretrained import download_file
     source = tmp_path / "source.bin"
     source.write_bytes(bytes(range(256)) * 5000)
     target = tmp_path / "cache" / "copy.bin"
@@ -249,7 +249,7 @@ def test_download_file_is_whole_or_absent(tmp_path):
 def test_gpt2_offline_download_names_the_file(tmp_path, monkeypatch):
     """No network: a one-line error that says which file to put where, and no half-written file."""
     import urllib.request
-    import pretrained as pretrained_module
+    from loading import pretrained as pretrained_module
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")

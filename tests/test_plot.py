@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import plot
+from harness import plot
 from configurator import UsageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ def test_runs_side_by_side(tmp_path):
 def test_bad_input_is_one_line_exit_2(tmp_path):
     with pytest.raises(UsageError):
         plot.main(["--runs", "a.json,b.json", "--labels", "only one"])
-    proc = subprocess.run([sys.executable, "plot.py", "--runs", str(tmp_path / "missing.json")], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "harness.plot", "--runs", str(tmp_path / "missing.json")], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot read eval results from")
     assert len(proc.stderr.strip().splitlines()) == 1

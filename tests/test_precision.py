@@ -8,7 +8,7 @@ import torch
 from diffusion import L2D, L2DConfig
 from lora import add_lora, merge_lora
 from model import GPT, GPTConfig, Norm
-from precision import autocast, cpu_bf16_support, resolve_dtype, store_weights
+from loading.precision import autocast, cpu_bf16_support, resolve_dtype, store_weights
 
 VOCAB = 53
 BF16 = torch.bfloat16

@@ -31,7 +31,7 @@ def perplexity(model, enc, text):
 @pytest.fixture(scope="module")
 def smollm2():
     pytest.importorskip("gguf")
-    from pretrained import load_pretrained
+    from loading.pretrained import load_pretrained
     try:
         return load_pretrained("smollm2-135m")
     except FileNotFoundError as e:
@@ -49,7 +49,7 @@ def test_smollm2_perplexity_natural_vs_shuffled(smollm2):
 
 
 def test_smollm2_answers_a_chat_question(smollm2):
-    from tokenizer import chat_prompt
+    from loading.tokenizer import chat_prompt
     model, enc = smollm2
     idx = torch.tensor([enc.encode(chat_prompt(enc, "What is the capital of France?"), allowed_special="all")])
     tokens = [t.item() for t, _ in model.generate(idx, 8, temperature=0)]
@@ -61,7 +61,7 @@ def test_smollm2_logits_match_transformers_gguf_loader(smollm2):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")  # transformers needs it to load GGUF files
     import os
-    from load_gguf import smollm2_gguf_path
+    from loading.gguf_file import smollm2_gguf_path
     path = smollm2_gguf_path()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()

@@ -16,7 +16,7 @@ import torch
 
 import sample
 from ar2diff import until_end
-from checkpoint import load_model, read_checkpoint, save_checkpoint, trainable_state_dict
+from loading.checkpoint import load_model, read_checkpoint, save_checkpoint, trainable_state_dict
 from diffusion import L2D, L2DConfig
 from solvers import SolverError, dopri5
 from test_eval import tiny_run  # noqa: F401  (a fixture: the tiny checkpoints)

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from tokenizer import END_OF_TURN, get_tokenizer
+from loading.tokenizer import END_OF_TURN, get_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATH = [[{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}],

@@ -1,12 +1,9 @@
 """Tests of solvers.py against closed-form solutions (no reference solver needed)."""
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from solvers import SOLVERS, dopri5, euler, grid, midpoint, rk4  # noqa: E402
 
 F64 = torch.float64

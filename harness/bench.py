@@ -1,14 +1,14 @@
 """
 Speed and memory of L2D next to its base model and the two finetuning baselines (docs/method.md, sec. 4-5).
 
-    python bench.py                                         # SmolLM2-135M, generation and training
-    python bench.py --what gen --batch_sizes 1 --steps 1,8 --new_tokens 8
-    python bench.py --what train --batch 4 --seq 128 --train_reps 3
-    python bench.py --what train --data data/gsm8k/smollm2-135m --batch 8 --seq 512   # a real GSM8K batch
-    python bench.py --init_from scratch --new_tokens 2 --eval_reps 2 --train_reps 1     # smoke test, seconds
-    python bench.py --threads 1 --new_tokens 4 --eval_reps 20 --batch 4 --seq 128 --train_reps 3  # README, ~6 min
-    python bench.py --what ar2diff --threads 1 --answer_lens 16,64,256,1024        # AR2Diff against AR decoding
-    python bench.py --dtypes float32                                                # without the bf16 rows
+    python -m harness.bench                                         # SmolLM2-135M, generation and training
+    python -m harness.bench --what gen --batch_sizes 1 --steps 1,8 --new_tokens 8
+    python -m harness.bench --what train --batch 4 --seq 128 --train_reps 3
+    python -m harness.bench --what train --data data/gsm8k/smollm2-135m --batch 8 --seq 512   # a real GSM8K batch
+    python -m harness.bench --init_from scratch --new_tokens 2 --eval_reps 2 --train_reps 1     # smoke test, seconds
+    python -m harness.bench --threads 1 --new_tokens 4 --eval_reps 20 --batch 4 --seq 128 --train_reps 3  # README, ~6 min
+    python -m harness.bench --what ar2diff --threads 1 --answer_lens 16,64,256,1024        # AR2Diff against AR decoding
+    python -m harness.bench --dtypes float32                                                # without the bf16 rows
 
 Every measurement is taken in each --dtypes number format (default float32 and bfloat16, precision.py), side
 by side and interleaved, each with its own copy of the base stored as the scripts store it: for generation
@@ -52,11 +52,11 @@ import sys
 
 import torch
 
-from benchmarks import (bench_ar2diff, bench_generation, bench_training, frozen_base, load_model, matmul_peak,
+from harness.benchmarks import (bench_ar2diff, bench_generation, bench_training, frozen_base, load_model, matmul_peak,
                         memory_worker, torch_dtype, weight_mb)
 from loading.files import check_output, write_atomic
 from configurator import UsageError, configure, fail, parse_list, resolve_device
-from precision import DTYPES, cpu_bf16_support
+from loading.precision import DTYPES, cpu_bf16_support
 from solvers import SOLVERS
 
 DEFAULTS = dict(
@@ -153,8 +153,8 @@ def machine(device):
 def measure_memory(cfg, method, dtype="float32"):
     """Run this script again as benchmarks.memory_worker for (method, dtype): its memory in MB."""
     args = [f"--{k}={v!r}" for k, v in cfg.items() if k not in ("_memory_worker", "what")]
-    run = subprocess.run([sys.executable, os.path.abspath(__file__), *args, f"--_memory_worker={method}:{dtype}"],
-                         capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "harness.bench", *args, f"--_memory_worker={method}:{dtype}"],
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if run.returncode:
         raise RuntimeError(f"memory worker for {method} in {dtype} failed: {run.stderr.strip()[-500:]}")
     m = json.loads(run.stdout.strip().splitlines()[-1])

@@ -2,7 +2,7 @@
 Plot eval.py's results: accuracy against steps (against path evaluations per token for dopri5), with
 95% intervals. eval.py draws each run's own plot; this compares several runs in one figure.
 
-    python plot.py --runs out-l2d-smollm2-arith/eval_tf.json,out-lora-smollm2-arith/eval_tf.json \
+    python -m harness.plot --runs out-l2d-smollm2-arith/eval_tf.json,out-lora-smollm2-arith/eval_tf.json \
                    --labels "L2D,LoRA" --out assets/compare.png --title "SmolLM2-135M, arithmetic"
 
 A run with a single row (a GPT, LoRA or full finetune: the model itself, steps=1) is drawn as a

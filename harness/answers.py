@@ -14,7 +14,7 @@ import torch
 
 from ar2diff import AR2Diff, until_end
 from diffusion import L2D
-from execution import humaneval_program, run_program
+from harness.execution import humaneval_program, run_program
 
 
 # A number: an optional minus sign (not a hyphen after a word or digit, as in "10-3"), an optional $,

@@ -1,6 +1,6 @@
 # The quick recipe, step 2 of 2: the L2D diffusion path around the tiny GPT of config/quick.py
 # (which stays frozen), on the same arithmetic data.
-#   python train.py config/quick_l2d.py
+#   python train.py harness/experiments/quick_l2d.py
 #   python sample.py --init_from out-quick-l2d/ckpt.pt --steps 16 --start "Question: What is 47 + 85?\nAnswer: "
 out_dir = "out-quick-l2d"
 init_from = "out-quick/ckpt.pt"

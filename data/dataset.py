@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenizer import (CharTokenizer, chat_prompt, chat_start, chat_template, chat_turn, end_token, get_tokenizer,
+from loading.tokenizer import (CharTokenizer, chat_prompt, chat_start, chat_template, chat_turn, end_token, get_tokenizer,
                        has_chat_template)
 
 

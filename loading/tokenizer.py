@@ -109,7 +109,7 @@ def chars_using_bytes(name: str, missing: bytes) -> str:
 
 
 def gpt2_dir() -> str:
-    repo = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return os.environ.get("L2D_GPT2_TOKENIZER_DIR", os.path.join(repo, "..", "shared", "tokenizers", "gpt2"))
 
 
@@ -137,7 +137,7 @@ def tiktoken_gpt2(missing: str) -> tiktoken.Encoding:
 
 def gguf_encoding(path: str, name: str | None = None) -> tiktoken.Encoding:
     from gguf import TokenType
-    from load_gguf import gguf_reader
+    from loading.gguf_file import gguf_reader
     fields = gguf_reader(str(path)).fields
 
     def field(key):  # a GGUF without its tokenizer (or a damaged one) is unusable here: say which key
@@ -224,7 +224,7 @@ def get_tokenizer(name_or_path: str):
     if name in GPT2_MODELS:
         return gpt2_encoding()
     if name == "smollm2-135m":
-        from load_gguf import smollm2_gguf_path
+        from loading.gguf_file import smollm2_gguf_path
         return gguf_encoding(smollm2_gguf_path(), name="smollm2-135m")
     if name.endswith(".gguf") and os.path.isfile(name):
         return gguf_encoding(name)

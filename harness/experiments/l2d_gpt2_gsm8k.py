@@ -1,7 +1,7 @@
 # L2D on GPT-2 (124M) for GSM8K, for users with a GPU (model.safetensors is downloaded once).
-#   python data/gsm8k/prepare.py --tokenizer gpt2
-#   python train.py config/l2d_gpt2_gsm8k.py                       # one GPU
-#   torchrun --standalone --nproc_per_node=8 train.py config/l2d_gpt2_gsm8k.py
+#   python -m data.gsm8k.prepare --tokenizer gpt2
+#   python train.py harness/experiments/l2d_gpt2_gsm8k.py                       # one GPU
+#   torchrun --standalone --nproc_per_node=8 train.py harness/experiments/l2d_gpt2_gsm8k.py
 out_dir = "out-l2d-gpt2-gsm8k"
 init_from = "gpt2"
 method = "l2d"

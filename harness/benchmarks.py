@@ -19,11 +19,11 @@ from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
 import train
 from ar2diff import AR2Diff, AR2DiffConfig
-from checkpoint import load_base
+from loading.checkpoint import load_base
 from diffusion import L2D, L2DConfig
 from lora import add_lora, merge_lora
 from model import GPT, GPTConfig, KVCache
-from precision import autocast, store_weights
+from loading.precision import autocast, store_weights
 
 # torch counts attention on CUDA but not its CPU kernel: count that the same way (dense q k^T and p v).
 aten = torch.ops.aten
@@ -234,7 +234,7 @@ def train_step(model, optimizer, x, y, mixed):
 def training_batch(cfg, vocab_size):
     torch.manual_seed(cfg["seed"])
     if cfg["data"]:  # a real batch: the first --batch examples, targets on answer tokens only
-        from dataset import TokenDataset
+        from data.dataset import TokenDataset
         x, y, _ = TokenDataset(cfg["data"], "train").get_batch(range(cfg["batch"]), cfg["seq"])
         return x.to(cfg["device"]), y.to(cfg["device"])
     # a random batch with a target at every position: the worst case for l2d

@@ -1,8 +1,8 @@
 # L2D on the embedded default, SmolLM2-135M-Instruct, on synthetic arithmetic (CPU-sized budget: 150 steps x 16 examples, ~2.4k problems).
-#   python data/arithmetic/prepare.py --tokenizer smollm2-135m --digits 3
-#   python train.py config/l2d_smollm2_arith.py
+#   python -m data.arithmetic.prepare --tokenizer smollm2-135m --digits 3
+#   python train.py harness/experiments/l2d_smollm2_arith.py
 #   python eval.py --ckpt out-l2d-smollm2-arith/ckpt.pt --task arithmetic --steps 1,2,4,8,16,32
-# The baselines on the same data and budget: config/lora_smollm2_arith.py, config/full_smollm2_arith.py
+# The baselines on the same data and budget: harness/experiments/lora_smollm2_arith.py, harness/experiments/full_smollm2_arith.py
 out_dir = "out-l2d-smollm2-arith"
 init_from = "smollm2-135m"
 method = "l2d"

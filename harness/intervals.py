@@ -8,8 +8,8 @@ on two, every row of the second against every row of the first, on the examples 
 first min(n) of the test split: eval.py always starts at example 0, so a run with --limit 20 shares its
 examples with one with --limit 100):
 
-    python intervals.py out-l2d-smollm2-arith-sigma8/eval_tf_paired.json
-    python intervals.py out-l2d-smollm2-gsm8k/eval_tf_paired.json out-l2d-smollm2-gsm8k/eval_dopri5.json
+    python -m harness.intervals out-l2d-smollm2-arith-sigma8/eval_tf_paired.json
+    python -m harness.intervals out-l2d-smollm2-gsm8k/eval_tf_paired.json out-l2d-smollm2-gsm8k/eval_dopri5.json
 """
 
 import json
@@ -107,7 +107,7 @@ def across_runs(run_a, run_b):
 
 if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):
-        fail("usage: python intervals.py EVAL_JSON [EVAL_JSON_2] (eval.py results files)")
+        fail("usage: python -m harness.intervals EVAL_JSON [EVAL_JSON_2] (eval.py results files)")
     runs = []
     for path in sys.argv[1:]:
         try:
