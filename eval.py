@@ -94,12 +94,12 @@ from harness.answers import final_number, generate_answers, is_correct
 from ar2diff import AR2Diff
 from loading import checkpoint
 import configurator
-from configurator import UsageError, configure, fail, resolve_device
+from configurator import UsageError, configure, fail
 from data.dataset import TokenDataset, tokenizer_tag
 from diffusion import L2D, answer_positions, at_positions
 from harness.intervals import ratio_interval, row_gains, wilson_interval
 from lora import merge_lora
-from loading.precision import autocast, resolve_dtype, store_weights
+from loading.precision import autocast, resolve_device, resolve_dtype, store_weights
 from harness.plot import plot
 from harness.results import ResultsFile, output_path
 from solvers import SOLVERS
@@ -107,36 +107,37 @@ from loading.tokenizer import stop_tokens
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("gsm8k", "arithmetic", "humaneval")
-DEFAULTS = dict(
-    ckpt="",                # required: a ckpt.pt of train.py (or its folder), or a base model name or HF folder
-    task="arithmetic",      # gsm8k, arithmetic or humaneval (pass@1: each completion run against its tests)
-    data="",                # the prepared folder; "": data/<task>/<tokenizer tag>
-    split="test",           # test, or confirm (a second held-out split, to check a gain chosen on test once)
-    limit=0,                # the first N examples only; 0: all
-    max_new_tokens=256,     # generation stops there if the end token has not come
+OPTIONS = dict(
+    ckpt=("", "required: a ckpt.pt of train.py (or its folder), or a base model name or HF folder"),
+    task=("arithmetic", "gsm8k, arithmetic or humaneval (pass@1: each completion run against its tests)"),
+    data=("", 'the prepared folder; "": data/<task>/<tokenizer tag>'),
+    split=("test", "test, or confirm (a second held-out split, to check a gain chosen on test once)"),
+    limit=(0, "the first N examples only; 0: all"),
+    max_new_tokens=(256, "generation stops there if the end token has not come"),
     # the rows: each step count (or dopri5's (atol, rtol) pair) times each guidance weight;
     # one value or a list (1,2,4); None: the list in LIST_DEFAULTS (given after each)
-    steps=None,             # ODE steps per token (fixed-step solvers); None: 1,2,4,8,16,32
-    solver="midpoint",      # euler, midpoint, rk4 (fixed steps), or dopri5 (adaptive)
-    atol=None,              # dopri5's absolute error tolerances; None: 1e-5
-    rtol=None,              # dopri5's relative error tolerances (as many as atol, or one); None: 1e-5
-    guidance=None,          # classifier-free guidance weights (a model trained with guidance_classes); None: 1
-    label="",               # the class to condition on: "" each example's own, null, or a class name (e.g. math)
-    samples=None,           # AR2Diff: candidates refined in parallel, the best scored kept; None: 8
+    steps=(None, "ODE steps per token (fixed-step solvers); None: 1,2,4,8,16,32"),
+    solver=("midpoint", "euler, midpoint, rk4 (fixed steps), or dopri5 (adaptive)"),
+    atol=(None, "dopri5's absolute error tolerances; None: 1e-5"),
+    rtol=(None, "dopri5's relative error tolerances (as many as atol, or one); None: 1e-5"),
+    guidance=(None, "classifier-free guidance weights (a model trained with guidance_classes); None: 1"),
+    label=("", "the class to condition on: \"\" each example's own, null, or a class name (e.g. math)"),
+    samples=(None, "AR2Diff: candidates refined in parallel, the best scored kept; None: 8"),
     # what to measure
-    generate=True,          # greedy generation: accuracy, NFE and tokens/s
-    teacher_forced=True,    # teacher-forced next-token accuracy and NLL of the answer tokens
-    batch_size=8,           # examples per teacher-forced batch
-    gen_batch_size=1,       # prompts generated together, left-padded (faster; see the docstring)
-    x1="argmax",            # the ODE's estimate of the clean token: argmax, sample or mean (see the docstring)
-    probe_t=None,           # t's at which to probe the path with the gold token noised to t (L2D only; see the docstring)
+    generate=(True, "greedy generation: accuracy, NFE and tokens/s"),
+    teacher_forced=(True, "teacher-forced next-token accuracy and NLL of the answer tokens"),
+    batch_size=(8, "examples per teacher-forced batch"),
+    gen_batch_size=(1, "prompts generated together, left-padded (faster; see the docstring)"),
+    x1=("argmax", "the ODE's estimate of the clean token: argmax, sample or mean (see the docstring)"),
+    probe_t=(None, "t's at which to probe the path with the gold token noised to t (L2D only; see the docstring)"),
     # output and bookkeeping
-    out="",                 # the JSON; "": eval_results.json next to the checkpoint, or -2, -3, ... if it exists
-    resume=False,           # go on from the batches a killed run of the same command left in --out
-    overwrite=False,        # replace --out if it exists (else refused)
-    seed=1337,              # of the draws and the noise, reseeded per example or batch (see the docstring)
-    device="auto",          # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
-    dtype="auto",           # auto (cuda: bfloat16; cpu: float32), float32, bfloat16 or float16: every weight stored in it (precision.py)
+    out=("", 'the JSON; "": eval_results.json next to the checkpoint, or -2, -3, ... if it exists'),
+    resume=(False, "go on from the batches a killed run of the same command left in --out"),
+    overwrite=(False, "replace --out if it exists (else refused)"),
+    seed=(1337, "of the draws and the noise, reseeded per example or batch (see the docstring)"),
+    device=("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
+    dtype=("auto", "auto (cuda: bfloat16; cpu: float32), float32, bfloat16 or float16: every weight stored in it "
+           "(precision.py)"),
 )
 LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], atol=[1e-5], rtol=[1e-5], guidance=[1.0], probe_t=[], samples=[8])
 AR2DIFF_STEPS = [1, 2, 5, 10, 20]  # --steps None for an AR2Diff: the issue's grid around the paper's 10
@@ -488,7 +489,7 @@ def plan(cfg, model):
 
 
 def main(argv=None):
-    cfg = configure(DEFAULTS, argv)
+    cfg = configure(OPTIONS, argv)
     if cfg["task"] not in TASKS:
         raise UsageError(f"unknown task {cfg['task']!r}; use one of {', '.join(TASKS)}")
     device = resolve_device(cfg["device"])  # both checked before anything is loaded

@@ -30,37 +30,39 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from ar2diff import TEMPERATURE, AR2Diff, until_end
 from loading import checkpoint
-from configurator import UsageError, configure, duration, fail, resolve_device
+from configurator import UsageError, configure, fail
 from diffusion import ADAPTIVE_T_END, L2D, L2DConfig
 from lora import merge_lora
-from loading.precision import autocast, resolve_dtype, store_weights
+from loading.precision import autocast, resolve_device, resolve_dtype, store_weights
 from solvers import EVALUATIONS, SOLVERS
 from loading.tokenizer import chat_prompt, has_chat_template, stop_tokens
 
-DEFAULTS = dict(
-    init_from="smollm2-135m",  # an L2D ckpt.pt, another ckpt.pt (steps=1 only), or a base model name or HF folder
-    start="\n",                # the prompt; FILE:path reads it from a file; a typed \n is a newline
-    max_new_tokens=64,         # tokens per sample at most (fewer where the context ends or the end token comes)
-    temperature=None,          # of the draw from the logits read at t = 1 (None: 0.8; AR2Diff's step draws: 0.2); 0: argmax
-    top_k=50,                  # draw among the k likeliest tokens only; None: among all
-    num_samples=2,             # samples of the same prompt, one after the other
-    seed=1337,                 # of the token draws and the ODE's noise, set once before the first sample
-    chat=False,                # wrap --start in the tokenizer's chat template (instruct models)
-    device="cpu",              # cpu, cuda, cuda:1, ...
-    dtype="auto",              # auto (cuda: bfloat16; cpu: float32), float32, bfloat16 or float16: every weight stored in it (precision.py)
+OPTIONS = dict(
+    init_from=("smollm2-135m", "an L2D ckpt.pt, another ckpt.pt (steps=1 only), or a base model name or HF folder"),
+    start=("\n", "the prompt; FILE:path reads it from a file; a typed \\n is a newline"),
+    max_new_tokens=(64, "tokens per sample at most (fewer where the context ends or the end token comes)"),
+    temperature=(None, "of the draw from the logits read at t = 1 (None: 0.8; AR2Diff's step draws: 0.2); 0: argmax"),
+    top_k=(50, "draw among the k likeliest tokens only; None: among all"),
+    num_samples=(2, "samples of the same prompt, one after the other"),
+    seed=(1337, "of the token draws and the ODE's noise, set once before the first sample"),
+    chat=(False, "wrap --start in the tokenizer's chat template (instruct models)"),
+    device=("cpu", "cpu, cuda, cuda:1, ..."),
+    dtype=("auto", "auto (cuda: bfloat16; cpu: float32), float32, bfloat16 or float16: every weight stored in it "
+           "(precision.py)"),
     # the diffusion path (an L2D model) or AR2Diff
-    steps=1,                   # ODE steps per token (1: the base model alone); AR2Diff: refinements of the answer
-    samples=8,                 # AR2Diff: candidate answers refined in parallel, the best scored printed (the paper: 8)
-    solver="midpoint",         # euler, midpoint, rk4 (fixed steps on linspace(0, 1, steps)) or dopri5 (adaptive)
-    atol=1e-5,                 # dopri5's absolute error tolerance
-    rtol=1e-5,                 # dopri5's relative error tolerance
-    x1="argmax",               # the ODE's estimate of the clean token: argmax, sample (at temperature 1 - t) or mean
-    guidance=1.0,              # classifier-free guidance weight (with --label); 1: none
-    label="",                  # the class to guide towards (a model trained with --guidance_classes=True)
-    show_steps=False,          # per token, the 5 likeliest tokens at every solver step and at the t = 1 read-out
+    steps=(1, "ODE steps per token (1: the base model alone); AR2Diff: refinements of the answer"),
+    samples=(8, "AR2Diff: candidate answers refined in parallel, the best scored printed (the paper: 8)"),
+    solver=("midpoint", "euler, midpoint, rk4 (fixed steps on linspace(0, 1, steps)) or dopri5 (adaptive)"),
+    atol=(1e-5, "dopri5's absolute error tolerance"),
+    rtol=(1e-5, "dopri5's relative error tolerance"),
+    x1=("argmax", "the ODE's estimate of the clean token: argmax, sample (at temperature 1 - t) or mean"),
+    guidance=(1.0, "classifier-free guidance weight (with --label); 1: none"),
+    label=("", "the class to guide towards (a model trained with --guidance_classes=True)"),
+    show_steps=(False, "per token, the 5 likeliest tokens at every solver step and at the t = 1 read-out"),
 )
 
 
@@ -190,8 +192,8 @@ class Progress:
             return
         self.next = now + self.every
         elapsed = now - self.start
-        self.stream.write(("\n" if self.shared and midline else "") + f"[{done} tokens in {duration(elapsed)}; "
-                          f"at most {left} to go, about {duration(elapsed / done * left)}]\n")
+        self.stream.write(("\n" if self.shared and midline else "") + f"[{done} tokens in {tqdm.format_interval(elapsed)}; "
+                          f"at most {left} to go, about {tqdm.format_interval(elapsed / done * left)}]\n")
         self.stream.flush()
 
 
@@ -255,7 +257,7 @@ def write_samples(model, enc, cfg, start, prompt, max_new_tokens, stop, labels, 
 
 
 def main(argv=None):
-    cfg = configure(DEFAULTS, argv)
+    cfg = configure(OPTIONS, argv)
     dtype = check(cfg)
     start = read_prompt(cfg)
     model, enc, classes = load(cfg)

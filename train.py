@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -36,56 +37,57 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ar2diff import AR2DiffConfig
 from loading.checkpoint import (base_of, build_model, check_dependencies, file_fingerprint, fingerprint, load_base, model_configs,
                         read_checkpoint, save_checkpoint, trainable_state_dict, NonFiniteWeights)
-from configurator import UsageError, configure, duration, fail, resolve_device
+from configurator import UsageError, configure, fail
 from data.dataset import BatchSampler, TokenDataset
 from diffusion import L2DConfig, answer_positions, at_positions
 from model import GPT, GPTConfig
-from loading.precision import DTYPES, autocast, resolve_dtype, store_weights
+from loading.precision import DTYPES, autocast, resolve_device, resolve_dtype, store_weights
 
-DEFAULTS = dict(
-    out_dir="out",             # folder of ckpt.pt, saved at every evaluation
-    init_from="smollm2-135m",  # scratch, smollm2-135m, gpt2..., a HF folder, an ar/full ckpt.pt, or resume (out_dir's run)
-    method="l2d",              # l2d, lora, full, ar or ar2diff (what each trains: see the docstring)
-    seed=1337,                 # initial weights, data order, and every micro-batch's t, noise and label dropout (ar2diff: corruption)
-    datasets=["data/gsm8k/smollm2-135m"],  # prepared folders (data/*/prepare.py); several mix
+OPTIONS = dict(
+    out_dir=("out", "folder of ckpt.pt, saved at every evaluation"),
+    init_from=("smollm2-135m",
+               "scratch, smollm2-135m, gpt2..., a HF folder, an ar/full ckpt.pt, or resume (out_dir's run)"),
+    method=("l2d", "l2d, lora, full, ar or ar2diff (what each trains: see the docstring)"),
+    seed=(1337, "initial weights, data order, and every micro-batch's t, noise and label dropout (ar2diff: corruption)"),
+    datasets=(["data/gsm8k/smollm2-135m"], "prepared folders (data/*/prepare.py); several mix"),
     # the model: its shape from scratch (init_from=scratch), and its context
-    family="llama",            # llama (RMSNorm, RoPE, SwiGLU) or gpt2 (LayerNorm, learned positions, GELU)
-    n_layer=4,                 # transformer blocks
-    n_head=4,                  # attention heads (must divide n_embd)
-    n_kv_head=0,               # key/value heads of grouped-query attention; 0: n_head
-    n_embd=128,                # hidden width
-    block_size=512,            # context in tokens: longer examples are cut, a pretrained base's cropped to it
+    family=("llama", "llama (RMSNorm, RoPE, SwiGLU) or gpt2 (LayerNorm, learned positions, GELU)"),
+    n_layer=(4, "transformer blocks"),
+    n_head=(4, "attention heads (must divide n_embd)"),
+    n_kv_head=(0, "key/value heads of grouped-query attention; 0: n_head"),
+    n_embd=(128, "hidden width"),
+    block_size=(512, "context in tokens: longer examples are cut, a pretrained base's cropped to it"),
     # the diffusion path (method=l2d) and LoRA (method=lora, and the l2d "lora" variant)
-    variant="lora",            # path layers: lora (the frozen base's weights + LoRA) or full (trainable copies)
-    flow_dim=256,              # width d_f of the diffused token space
-    sigma=64.0,                # std of the noise x_0 the path starts from at t = 0
-    t_schedule="uniform",      # training's t per position: uniform in [0, 1], or cosmap-warped (sec. 3)
-    guidance_classes=False,    # condition the path on the data's classes (for --guidance); off, as officially
-    label_dropout=0.2,         # chance a token's class is replaced by null in training (guidance_classes)
-    self_guess=0.0,            # not the paper's: share of positions whose x_t carries the path's own first guess
-    lora_rank=32,              # rank of the LoRA adapters
-    lora_alpha=32.0,           # LoRA scale: the update B A x is multiplied by lora_alpha / lora_rank
+    variant=("lora", "path layers: lora (the frozen base's weights + LoRA) or full (trainable copies)"),
+    flow_dim=(256, "width d_f of the diffused token space"),
+    sigma=(64.0, "std of the noise x_0 the path starts from at t = 0"),
+    t_schedule=("uniform", "training's t per position: uniform in [0, 1], or cosmap-warped (sec. 3)"),
+    guidance_classes=(False, "condition the path on the data's classes (for --guidance); off, as officially"),
+    label_dropout=(0.2, "chance a token's class is replaced by null in training (guidance_classes)"),
+    self_guess=(0.0, "not the paper's: share of positions whose x_t carries the path's own first guess"),
+    lora_rank=(32, "rank of the LoRA adapters"),
+    lora_alpha=(32.0, "LoRA scale: the update B A x is multiplied by lora_alpha / lora_rank"),
     # AR2Diff (method=ar2diff)
-    answer_len=0,              # tokens of the answer span refined as a whole (end-token padded); 0: the longest train answer
+    answer_len=(0, "tokens of the answer span refined as a whole (end-token padded); 0: the longest train answer"),
     # optimisation (the paper: AdamW, peak lr 1e-4, 100 warmup steps, weight decay 0.01, clip 1.0);
     # the lr warms up from min_lr and decays back to it at lr_decay_iters (default: max_iters)
-    batch_size=32,             # examples per optimizer step, over all processes
-    micro_batch=8,             # examples per forward/backward of one process (gradient accumulation)
-    max_iters=1000,            # optimizer steps
-    lr_decay_iters=0,          # the step where the lr is back at min_lr; 0: max_iters
-    learning_rate=1e-4,        # peak lr, reached at the end of the warmup
-    min_lr=1e-6,               # lr at step 0 and at the end of the decay
-    warmup_iters=100,          # steps of (logarithmic) warmup from min_lr to learning_rate
-    weight_decay=0.01,         # AdamW weight decay of matrices (not of biases and norms)
-    grad_clip=1.0,             # largest gradient norm; 0: no clipping
+    batch_size=(32, "examples per optimizer step, over all processes"),
+    micro_batch=(8, "examples per forward/backward of one process (gradient accumulation)"),
+    max_iters=(1000, "optimizer steps"),
+    lr_decay_iters=(0, "the step where the lr is back at min_lr; 0: max_iters"),
+    learning_rate=(1e-4, "peak lr, reached at the end of the warmup"),
+    min_lr=(1e-6, "lr at step 0 and at the end of the decay"),
+    warmup_iters=(100, "steps of (logarithmic) warmup from min_lr to learning_rate"),
+    weight_decay=(0.01, "AdamW weight decay of matrices (not of biases and norms)"),
+    grad_clip=(1.0, "largest gradient norm; 0: no clipping"),
     # bookkeeping and hardware
-    eval_interval=200,         # steps between validation losses and checkpoints (and after the last)
-    eval_examples=64,          # test examples of each validation loss
-    log_interval=10,           # steps between training-loss lines
-    device="auto",             # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
-    dtype="auto",              # auto (cuda: bfloat16, else float16; cpu: float32), float32, bfloat16 or float16 (precision.py)
-    compile=False,             # torch.compile the model: faster steps after a slow start
-    overwrite=False,           # replace a checkpoint already in out_dir (else refused, unless resuming)
+    eval_interval=(200, "steps between validation losses and checkpoints (and after the last)"),
+    eval_examples=(64, "test examples of each validation loss"),
+    log_interval=(10, "steps between training-loss lines"),
+    device=("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
+    dtype=("auto", "auto (cuda: bfloat16, else float16; cpu: float32), float32, bfloat16 or float16 (precision.py)"),
+    compile=(False, "torch.compile the model: faster steps after a slow start"),
+    overwrite=(False, "replace a checkpoint already in out_dir (else refused, unless resuming)"),
 )
 METHODS = ("l2d", "lora", "full", "ar", "ar2diff")
 POSITIVE = ("block_size", "n_layer", "n_head", "n_embd", "flow_dim", "sigma", "lora_rank", "max_iters", "learning_rate",
@@ -194,7 +196,7 @@ def resume_from(cfg, ckpt_path):
                          "cosine lr, per-sequence label dropout); resuming would mix two recipes: train afresh "
                          "(sample.py and eval.py still load it)")
     for key in RUN_SETTINGS + MODEL_SETTINGS:
-        cfg[key] = ckpt["config"].get(key, DEFAULTS[key])  # (answer_len: saved since AR2Diff)
+        cfg[key] = ckpt["config"].get(key, OPTIONS[key][0])  # (answer_len: saved since AR2Diff)
     return ckpt
 
 
@@ -429,7 +431,7 @@ def train(run, train_data, val_data, log):
             elapsed = time.time() - t0
             left = elapsed / (it - first_it) * (cfg["max_iters"] - it)  # evaluations included: they recur
             log(f"iter {it}: loss {loss_sum.item() / (run.grad_accum * run.world_size):.4f}, lr {lr:.2e}, "
-                f"{tokens_seen * run.world_size / elapsed:.0f} tok/s" + (f", {duration(left)} left" if left else ""))
+                f"{tokens_seen * run.world_size / elapsed:.0f} tok/s" + (f", {tqdm.format_interval(left)} left" if left else ""))
         if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
             val, buckets = evaluate(run, val_data)
             by_t = {"l2d": ", by t: ", "ar2diff": " (pass 1), by corruption rate: "}.get(cfg["method"])
@@ -445,7 +447,7 @@ def train(run, train_data, val_data, log):
 
 
 def main(argv=None):
-    cfg = configure(DEFAULTS, argv)
+    cfg = configure(OPTIONS, argv)
     rank, world_size, device = setup_distributed(resolve_device(cfg["device"]))
     check_config(cfg, world_size)
     log = print if rank == 0 else (lambda *a, **k: None)

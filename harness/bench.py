@@ -55,51 +55,51 @@ import torch
 from harness.benchmarks import (bench_ar2diff, bench_generation, bench_training, frozen_base, load_model, matmul_peak,
                         memory_worker, torch_dtype, weight_mb)
 from loading.files import check_output, write_atomic
-from configurator import UsageError, configure, fail, parse_list, resolve_device
-from loading.precision import DTYPES, cpu_bf16_support
+from configurator import UsageError, configure, fail, parse_list
+from loading.precision import DTYPES, cpu_bf16_support, resolve_device
 from solvers import SOLVERS
 
-DEFAULTS = dict(
-    init_from="smollm2-135m",  # the base: a model name, a HF folder, an ar/full ckpt.pt, or scratch (shape below)
-    what="gen,train",          # gen, train, ar2diff, or several (gen,train)
-    device="cpu",              # cpu, cuda, cuda:1, ...
-    dtypes=None,               # number formats to compare side by side (precision.py), one or a list; None: float32,bfloat16
-    threads=0,                 # torch's CPU threads; 0: torch's default
-    out="bench.json",          # the results as JSON; "": none. An earlier bench.py JSON there is replaced
-    overwrite=False,           # replace a file at --out that bench.py did not write
-    seed=1337,                 # of the random weights, prompt and batch
+OPTIONS = dict(
+    init_from=("smollm2-135m", "the base: a model name, a HF folder, an ar/full ckpt.pt, or scratch (shape below)"),
+    what=("gen,train", "gen, train, ar2diff, or several (gen,train)"),
+    device=("cpu", "cpu, cuda, cuda:1, ..."),
+    dtypes=(None, "number formats to compare side by side (precision.py), one or a list; None: float32,bfloat16"),
+    threads=(0, "torch's CPU threads; 0: torch's default"),
+    out=("bench.json", 'the results as JSON; "": none. An earlier bench.py JSON there is replaced'),
+    overwrite=(False, "replace a file at --out that bench.py did not write"),
+    seed=(1337, "of the random weights, prompt and batch"),
     # generation
-    steps=None,                # step counts to decode with, one value or a list (1,8); None: 1,2,4,8,16,32
-    batch_sizes=None,          # batch sizes to decode at; None: 1,16
-    prompt_len=64,             # tokens of the random prompt (its prefill is not timed)
-    new_tokens=32,             # tokens decoded per step count (the median time per token is reported)
-    eval_reps=30,              # timed single decoding steps, base and path interleaved (the median is reported)
-    solver="midpoint",         # a fixed-step solver: euler, midpoint or rk4
+    steps=(None, "step counts to decode with, one value or a list (1,8); None: 1,2,4,8,16,32"),
+    batch_sizes=(None, "batch sizes to decode at; None: 1,16"),
+    prompt_len=(64, "tokens of the random prompt (its prefill is not timed)"),
+    new_tokens=(32, "tokens decoded per step count (the median time per token is reported)"),
+    eval_reps=(30, "timed single decoding steps, base and path interleaved (the median is reported)"),
+    solver=("midpoint", "a fixed-step solver: euler, midpoint or rk4"),
     # AR2Diff against AR decoding (--what ar2diff)
-    answer_lens=None,          # answer lengths L to write; None: 16,64,256,1024
-    ar2diff_steps=10,          # AR2Diff's refinement steps (the paper: 10)
-    ar2diff_samples=None,      # AR2Diff's candidates K; None: 1,8
-    ar2diff_reps=1,            # timed answers per length and decoder (the median is reported)
+    answer_lens=(None, "answer lengths L to write; None: 16,64,256,1024"),
+    ar2diff_steps=(10, "AR2Diff's refinement steps (the paper: 10)"),
+    ar2diff_samples=(None, "AR2Diff's candidates K; None: 1,8"),
+    ar2diff_reps=(1, "timed answers per length and decoder (the median is reported)"),
     # training
-    methods=None,              # which to time, one or a list; None: l2d-lora,l2d-full,lora,full
-    batch=8,                   # examples per training step
-    seq=256,                   # tokens per example
-    train_reps=5,              # timed steps per method (the median is reported)
-    mem_steps=2,               # training steps of each method's memory measurement (in a fresh process)
-    matmul_n=2048,             # size of the square float32 matmul that measures this machine's GFLOP/s
-    data="",                   # a prepared folder (e.g. data/gsm8k/smollm2-135m): its first batch, not random tokens
-    lora_rank=32,              # rank of the LoRA adapters (lora, and the l2d-lora path)
-    lora_alpha=32.0,           # LoRA scale: the update is multiplied by lora_alpha / lora_rank
-    flow_dim=256,              # width d_f of the diffused token space
+    methods=(None, "which to time, one or a list; None: l2d-lora,l2d-full,lora,full"),
+    batch=(8, "examples per training step"),
+    seq=(256, "tokens per example"),
+    train_reps=(5, "timed steps per method (the median is reported)"),
+    mem_steps=(2, "training steps of each method's memory measurement (in a fresh process)"),
+    matmul_n=(2048, "size of the square float32 matmul that measures this machine's GFLOP/s"),
+    data=("", "a prepared folder (e.g. data/gsm8k/smollm2-135m): its first batch, not random tokens"),
+    lora_rank=(32, "rank of the LoRA adapters (lora, and the l2d-lora path)"),
+    lora_alpha=(32.0, "LoRA scale: the update is multiplied by lora_alpha / lora_rank"),
+    flow_dim=(256, "width d_f of the diffused token space"),
     # --init_from scratch: a random GPT of this shape
-    family="llama",            # llama (RMSNorm, RoPE, SwiGLU) or gpt2 (LayerNorm, learned positions, GELU)
-    n_layer=2,                 # transformer blocks
-    n_head=4,                  # attention heads (must divide n_embd)
-    n_kv_head=0,               # key/value heads of grouped-query attention; 0: n_head
-    n_embd=64,                 # hidden width
-    vocab_size=256,            # tokens in the vocabulary
-    block_size=1024,           # positions, at least prompt_len + new_tokens and seq
-    _memory_worker="",         # internal: measure one method's training memory and print it as JSON
+    family=("llama", "llama (RMSNorm, RoPE, SwiGLU) or gpt2 (LayerNorm, learned positions, GELU)"),
+    n_layer=(2, "transformer blocks"),
+    n_head=(4, "attention heads (must divide n_embd)"),
+    n_kv_head=(0, "key/value heads of grouped-query attention; 0: n_head"),
+    n_embd=(64, "hidden width"),
+    vocab_size=(256, "tokens in the vocabulary"),
+    block_size=(1024, "positions, at least prompt_len + new_tokens and seq"),
+    _memory_worker=("", "internal: measure one method's training memory and print it as JSON"),
 )
 LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], batch_sizes=[1, 16], methods=["l2d-lora", "l2d-full", "lora", "full"],
                      answer_lens=[16, 64, 256, 1024], ar2diff_samples=[1, 8], dtypes=["float32", "bfloat16"])
@@ -176,7 +176,7 @@ def table(title, rows, columns):
 
 
 def main(argv=None):
-    cfg = check(configure(DEFAULTS, argv))
+    cfg = check(configure(OPTIONS, argv))
     cfg["device"] = resolve_device(cfg["device"])
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])

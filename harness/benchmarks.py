@@ -23,6 +23,7 @@ from loading.checkpoint import load_base
 from diffusion import L2D, L2DConfig
 from lora import add_lora, merge_lora
 from model import GPT, GPTConfig, KVCache
+from configurator import defaults
 from loading.precision import autocast, store_weights
 
 # torch counts attention on CUDA but not its CPU kernel: count that the same way (dense q k^T and p v).
@@ -218,7 +219,7 @@ def build_trainer(method, base, cfg, dtype=torch.float32):
     else:
         model = copy.deepcopy(base).requires_grad_(True)
     model = store_weights(model.to(cfg["device"]).train(), dtype, frozen_only=True)
-    return model, train.make_optimizer(model, train.DEFAULTS, cfg["device"])
+    return model, train.make_optimizer(model, defaults(train.OPTIONS), cfg["device"])
 
 
 def train_step(model, optimizer, x, y, mixed):
@@ -226,7 +227,7 @@ def train_step(model, optimizer, x, y, mixed):
     with mixed:
         _, loss = model(x, y)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), train.DEFAULTS["grad_clip"])
+    torch.nn.utils.clip_grad_norm_(model.parameters(), train.OPTIONS["grad_clip"][0])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

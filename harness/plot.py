@@ -17,11 +17,11 @@ import numpy as np
 
 from configurator import UsageError, configure, fail
 
-DEFAULTS = dict(
-    runs="",            # eval.py result files, comma-separated
-    labels="",          # one legend label per run, comma-separated ("": lines named by kind only)
-    out="compare.png",  # the figure to write
-    title="",           # the figure's title
+OPTIONS = dict(
+    runs=("", "eval.py result files, comma-separated"),
+    labels=("", 'one legend label per run, comma-separated ("": lines named by kind only)'),
+    out=("compare.png", "the figure to write"),
+    title=("", "the figure's title"),
 )
 
 
@@ -77,7 +77,7 @@ def plot(path, runs, title):
 
 
 def main(argv=None):
-    cfg = configure(DEFAULTS, argv)
+    cfg = configure(OPTIONS, argv)
     paths = [p for p in cfg["runs"].split(",") if p]
     labels = cfg["labels"].split(",") if cfg["labels"] else [""] * len(paths)
     if not paths or len(labels) != len(paths):

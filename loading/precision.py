@@ -25,6 +25,8 @@ from contextlib import nullcontext
 
 import torch
 
+from configurator import UsageError
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -41,12 +43,34 @@ def cpu_bf16_support():
     return "AVX-512 BF16" if "avx512_bf16" in flags else "none"
 
 
+def resolve_device(name):
+    """The torch device --device names ("auto": cuda where there is one, else cpu), checked before anything
+    is loaded onto it: a device this machine lacks is a UsageError, not a traceback from deep inside torch."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return name
+    backend = getattr(torch, device.type) if device.type in ("cuda", "mps", "xpu") else None
+    if backend is None:
+        raise UsageError(f"--device {name} is not supported here; use auto, cpu, cuda, cuda:N or mps")
+    if not backend.is_available():
+        raise UsageError(f"--device {name} is not available on this machine (torch finds no {device.type} device); "
+                         "use --device cpu")
+    if device.index is not None and device.index >= backend.device_count():
+        raise UsageError(f"--device {name}: this machine has {backend.device_count()} {device.type} device(s), "
+                         f"numbered from 0; use --device {device.type}:0")
+    return name
+
+
 def resolve_dtype(name, device, log=print):
     """The torch dtype --dtype names: "auto" is bfloat16 on a GPU that has it (else float16) and float32 on
     a CPU (results then match every machine's; bfloat16 is opt-in, and only fast with AMX or AVX-512 BF16).
     Warns through `log`, in one line, when bf16 on this CPU would be emulated."""
     if name not in DTYPES:
-        from configurator import UsageError
         raise UsageError(f"unknown --dtype {name!r}; use one of {', '.join(DTYPES)}")
     cuda = device.startswith("cuda")
     if name == "auto":

@@ -114,7 +114,7 @@ def test_ar2diff_against_ar_decoding_on_a_tiny_model(one_thread, capsys):
 
 @pytest.mark.parametrize("method", bench.METHODS)
 def test_bf16_trainers_keep_float32_masters_and_store_the_frozen_base_in_bf16(method, one_thread):
-    cfg = bench.check(bench.configure(bench.DEFAULTS, TINY))
+    cfg = bench.check(bench.configure(bench.OPTIONS, TINY))
     base = benchmarks.load_model(cfg)
     dtype = torch.bfloat16
     frozen = benchmarks.frozen_base(base, dtype) if method.startswith("l2d") else base
@@ -131,7 +131,7 @@ def test_flop_count_of_a_full_training_step(family, one_thread):
     """6 FLOPs per matmul weight per token (forward 2, backward 4) plus dense attention: q k^T and p v
     forward (4 B T^2 d per layer) and, as torch counts it, 10 B T^2 d backward (the scores are
     recomputed). Without benchmarks.py's formula for the CPU attention kernel, 14 B T^2 d L would be missing."""
-    cfg = bench.check(bench.configure(bench.DEFAULTS, TINY + [f"--family={family}"]))
+    cfg = bench.check(bench.configure(bench.OPTIONS, TINY + [f"--family={family}"]))
     base = benchmarks.load_model(cfg)
     model, optimizer = benchmarks.build_trainer("full", base, cfg)
     B, T = 2, 64
@@ -147,13 +147,13 @@ def test_flop_count_of_a_full_training_step(family, one_thread):
                                   "--batch_sizes=one", "--eval_reps=0", "--answer_lens=0", "--ar2diff_samples=1,0"])
 def test_bad_flags_are_usage_errors(flag):
     with pytest.raises(UsageError):
-        bench.check(bench.configure(bench.DEFAULTS, [flag]))
+        bench.check(bench.configure(bench.OPTIONS, [flag]))
 
 
 def test_defaults_and_exit_code():
-    cfg = bench.check(bench.configure(bench.DEFAULTS, []))
+    cfg = bench.check(bench.configure(bench.OPTIONS, []))
     assert cfg["steps"] == [1, 2, 4, 8, 16, 32] and cfg["batch_sizes"] == [1, 16] and cfg["what"] == ["gen", "train"]
-    assert bench.check(bench.configure(bench.DEFAULTS, ["--steps", "8", "--what", "gen"]))["steps"] == [8]
+    assert bench.check(bench.configure(bench.OPTIONS, ["--steps", "8", "--what", "gen"]))["steps"] == [8]
     run = subprocess.run([sys.executable, "-m", "harness.bench", "--what=nothing"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.startswith("error: --what")
 
@@ -161,7 +161,7 @@ def test_defaults_and_exit_code():
 def test_memory_workers_see_their_own_training_memory(one_thread):
     """Full finetuning keeps gradients and two AdamW moments of every weight, LoRA of almost none: on
     a ~8M-parameter model that is ~100 MB more. (A peak read from ru_maxrss would be the parent's.)"""
-    cfg = bench.check(bench.configure(bench.DEFAULTS, TINY + ["--n_embd=512", "--threads=1"]))
+    cfg = bench.check(bench.configure(bench.OPTIONS, TINY + ["--n_embd=512", "--threads=1"]))
     lora, full = bench.measure_memory(cfg, "lora"), bench.measure_memory(cfg, "full")
     weights_mb = 4 * benchmarks.load_model(cfg).num_params() / 2**20
     assert full["increase_mb"] - lora["increase_mb"] > 2 * weights_mb

@@ -10,11 +10,13 @@ import textwrap
 
 import pytest
 
-from configurator import UsageError, configure, parse_list
+from configurator import UsageError, configure, defaults, parse_list
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-DEFAULTS = dict(steps=1, lr=1e-4, solver="midpoint", start="\n", chat=False, datasets=["a"], atol=None)
+OPTIONS = {key: (default, f"the {key}") for key, default in dict(steps=1, lr=1e-4, solver="midpoint", start="\n", chat=False,
+                                                                   datasets=["a"], atol=None).items()}
+DEFAULTS = defaults(OPTIONS)
 
 
 def test_parse_list_takes_one_value_a_tuple_or_a_comma_separated_string():
@@ -44,26 +46,26 @@ def test_parse_list_refuses(value, kind, match):
 
 
 def test_both_forms_and_types():
-    cfg = configure(DEFAULTS, ["--steps", "8", "--lr=3e-4", "--solver", "dopri5", "--datasets=['x', 'y']"])
+    cfg = configure(OPTIONS, ["--steps", "8", "--lr=3e-4", "--solver", "dopri5", "--datasets=['x', 'y']"])
     assert cfg == dict(DEFAULTS, steps=8, lr=3e-4, solver="dopri5", datasets=["x", "y"])
 
 
 def test_string_options_keep_what_was_typed():
-    assert configure(DEFAULTS, ["--start", "12"])["start"] == "12"          # not the int 12
-    assert configure(DEFAULTS, ["--solver='euler'"])["solver"] == "euler"  # a quoted literal is unquoted
-    assert configure(DEFAULTS, ["--lr", "1"])["lr"] == 1.0                  # ints widen to float
+    assert configure(OPTIONS, ["--start", "12"])["start"] == "12"          # not the int 12
+    assert configure(OPTIONS, ["--solver='euler'"])["solver"] == "euler"  # a quoted literal is unquoted
+    assert configure(OPTIONS, ["--lr", "1"])["lr"] == 1.0                  # ints widen to float
 
 
 def test_bare_boolean_flag_and_explicit_value():
-    assert configure(DEFAULTS, ["--chat"])["chat"] is True
-    assert configure(DEFAULTS, ["--chat", "--steps", "2"]) == dict(DEFAULTS, chat=True, steps=2)
-    assert configure(DEFAULTS, ["--chat=False"])["chat"] is False
+    assert configure(OPTIONS, ["--chat"])["chat"] is True
+    assert configure(OPTIONS, ["--chat", "--steps", "2"]) == dict(DEFAULTS, chat=True, steps=2)
+    assert configure(OPTIONS, ["--chat=False"])["chat"] is False
 
 
 def test_config_file_then_override(tmp_path):
     path = tmp_path / "c.py"
     path.write_text("steps = 4\nsolver = 'rk4'\n")
-    assert configure(DEFAULTS, [str(path), "--steps=6"]) == dict(DEFAULTS, steps=6, solver="rk4")
+    assert configure(OPTIONS, [str(path), "--steps=6"]) == dict(DEFAULTS, steps=6, solver="rk4")
 
 
 @pytest.mark.parametrize("argv,match", [(["--nonsense=1"], "unknown option --nonsense"),
@@ -74,14 +76,14 @@ def test_config_file_then_override(tmp_path):
                                         (["missing_config.py"], "not found")])
 def test_mistakes_are_usage_errors(argv, match):
     with pytest.raises(UsageError, match=match):
-        configure(DEFAULTS, argv)
+        configure(OPTIONS, argv)
 
 
 def test_config_file_with_unknown_key(tmp_path):
     path = tmp_path / "c.py"
     path.write_text("stepz = 4\n")
     with pytest.raises(UsageError, match="unknown key 'stepz'"):
-        configure(DEFAULTS, [str(path)])
+        configure(OPTIONS, [str(path)])
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "config", "*.py"))))
@@ -90,7 +92,7 @@ def test_every_recipe_configures_train(path, monkeypatch):
     reads another keeps its data, batch and steps."""
     import train
     monkeypatch.chdir(ROOT)  # recipes exec their sibling by a relative path, as from the repo root
-    cfg = configure(train.DEFAULTS, [os.path.relpath(path, ROOT)])
+    cfg = configure(train.OPTIONS, [os.path.relpath(path, ROOT)])
     assert cfg["method"] in train.METHODS
     name = os.path.basename(path)
     same = ("datasets", "init_from", "batch_size", "max_iters", "warmup_iters")
@@ -101,7 +103,7 @@ def test_every_recipe_configures_train(path, monkeypatch):
         assert cfg["init_from"] == "out-lab-ar2diff-pre/ckpt.pt"
     else:
         return
-    other = configure(train.DEFAULTS, [os.path.join("config", sibling)])
+    other = configure(train.OPTIONS, [os.path.join("config", sibling)])
     for key in same:
         assert cfg[key] == other[key], key
     assert cfg["out_dir"] != other["out_dir"]
@@ -130,7 +132,7 @@ def test_help_lists_every_option_with_default_and_meaning(script):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: python {script} ")
     assert module.__doc__.strip().splitlines()[0] in result.stdout  # the docstring's summary
-    for key, default in module.DEFAULTS.items():
+    for key, default in defaults(module.OPTIONS).items():
         if key.startswith("_"):  # internal: not for users
             assert f"--{key}" not in result.stdout
         else:
@@ -146,12 +148,13 @@ def test_help_wins_over_other_arguments_and_needs_no_data(tmp_path):
     assert option_meaning(result.stdout, "max_iters", 1000) == "optimizer steps"
 
 
-def test_help_reads_the_comments_of_the_defaults_block(tmp_path):
-    """Trailing comments are the meaning of the keys on their line, whole-line comments headings;
-    a "#" inside a string is no comment; keys starting with "_" are internal."""
+def test_help_shows_the_declared_table(tmp_path):
+    """The docstring's first paragraph and the example commands after it, then each option with its default
+    and meaning, from the script's OPTIONS; keys starting with "_" are internal."""
     (tmp_path / "tool.py").write_text(textwrap.dedent('''\
         """
         Do a thing.
+
             python tool.py --n 3
 
         Details nobody needs in --help.
@@ -160,22 +163,29 @@ def test_help_reads_the_comments_of_the_defaults_block(tmp_path):
         sys.path.insert(0, sys.argv.pop(1))
         from configurator import configure
 
-        DEFAULTS = dict(
-            n=1,  # how many times
-            # the look of it
-            color="#fff", width=2.5,  # colour and width of the line
-            _secret=0,  # internal
+        OPTIONS = dict(
+            n=(1, "how many times"),
+            color=("#fff", "colour of the line"),  # a "#" inside a string is no comment
+            _secret=(0, "internal"),
         )
-        configure(DEFAULTS)
+        configure(OPTIONS)
     '''))
     result = run_script("tool.py", ROOT, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "Do a thing.\n    python tool.py --n 3" in out and "Details" not in out
+    assert out.startswith("usage: python tool.py ")
+    assert "Do a thing.\n\n    python tool.py --n 3" in out and "Details" not in out
     assert option_meaning(out, "n", 1) == "how many times"
-    assert option_meaning(out, "color", "#fff") == option_meaning(out, "width", 2.5) == "colour and width of the line"
-    assert out.index("  the look of it\n") < out.index("--color")
+    assert option_meaning(out, "color", "#fff") == "colour of the line"
     assert "_secret" not in out and "internal" not in out
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "1e400", "-inf"])
+def test_a_float_option_must_be_finite(text):
+    with pytest.raises(UsageError, match=f"--lr must be a finite number, got"):
+        configure(OPTIONS, ["--lr", text])
+    with pytest.raises(UsageError, match="--steps takes finite numbers"):
+        parse_list("steps", text, float, [1.0])
 
 
 # --- bad config files ---------------------------------------------------------------------------------
@@ -192,20 +202,20 @@ def test_bad_config_file(tmp_path, text, match):
     path = tmp_path / "c.py"
     path.write_text(text)
     with pytest.raises(UsageError, match=match):
-        configure(DEFAULTS, [str(path)])
+        configure(OPTIONS, [str(path)])
 
 
 def test_config_file_types_follow_the_command_line_rules(tmp_path):
     path = tmp_path / "c.py"
     path.write_text("lr = 1\natol = [1e-3, 1e-4]\nchat = True\nsteps = None\n")
-    cfg = configure(DEFAULTS, [str(path)])
+    cfg = configure(OPTIONS, [str(path)])
     assert cfg == dict(DEFAULTS, lr=1.0, atol=[1e-3, 1e-4], chat=True, steps=None)
     assert type(cfg["lr"]) is float  # an int widens to the float default
 
 
 def test_config_file_that_is_a_folder(tmp_path):
     with pytest.raises(UsageError, match=f"config file {tmp_path} is a folder"):
-        configure(DEFAULTS, [str(tmp_path)])
+        configure(OPTIONS, [str(tmp_path)])
 
 
 @pytest.mark.parametrize("text,expect", [("max_iters = 10\nlearning_rate = 1e-3 +\n", ", line 2: "),
