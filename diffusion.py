@@ -10,18 +10,17 @@ The path's hidden state starts from x_t, attends to the base's own keys/values o
 last hidden state with a gate that is exactly zero at t = 0:
     h = h_main + (w(c_t) - w(c_0)) * h_path,    logits = lm_head(final_norm(h)).
 Training is plain cross-entropy at random t (per position). Generating a token integrates
-dx/dt = (x_hat_1 - x_t) / (1 - t) from t=0 to t=1 (L2D.integrate: the field is velocity.py's, the
-solver solvers.py's); one step is exactly the base model.
+    dx/dt = v(x, t) = (x_hat_1 - x) / (1 - t)
+from t=0 to t=1 (L2D.integrate, with the Velocity below and a solver of solvers.py); one step is
+exactly the base model.
 
     l2d = L2D(base, L2DConfig(variant="lora"))
     logits, loss = l2d(idx, targets, labels)                 # training forward
     for token, nfe in l2d.generate(idx, 64, steps=8): ...    # decoding with the ODE
     stats = l2d.teacher_forced(x, y, steps=8)                # the ODE at every answer position at once
 
-Choices made here (docs/method.md, sec. 4-5): the sinusoidal time embedding is 256 wide (128 frequencies, cos
-and sin halves, as in DiT); GPT-2's path input gets no position embedding (positions reach it
-through the base keys it attends to); with guidance the final token is read from the
-class-conditional logits.
+Choices made here (sec. 4-5): GPT-2's path input gets no position embedding (positions reach it
+through the base keys it attends to); with guidance the token is read from the class-conditional logits.
 """
 
 import copy
@@ -35,7 +34,6 @@ import torch.nn.functional as F
 from lora import LoRALinear
 from model import IGNORE_INDEX, KVCache, MLP, apply_rope, attend, sample_token
 from solvers import SOLVERS, dopri5, grid
-from velocity import FlowMemo, PackedRows, VelocityField, guided
 
 
 # Widths the official code fixes, whatever the base (docs/method.md, sec. 4): the sinusoidal features of
@@ -46,9 +44,6 @@ INPUT_HIDDEN = 256
 # (its true limit is x_hat_1 - x_0), fails its error test and the step size collapses. What is
 # left, 1e-4 of the noise, is below what the t=1 read-out can notice.
 ADAPTIVE_T_END = 1 - 1e-4
-# L2DConfig.self_guess: the t of the path's "first guess", x_t still nearly pure noise (the first
-# midpoint of a 16-step solve is at 1/30).
-GUESS_T = 1 / 30
 
 
 @dataclass
@@ -62,11 +57,6 @@ class L2DConfig:
     num_classes: int = 0        # J guidance classes (0, the official default: no class conditioning); J is null
     label_dropout: float = 0.2  # training: probability of replacing a token's label by null
     t_schedule: str = "uniform"  # "uniform" or "cosmap" (sec. 3)
-    # A deviation from the paper, off by default: the share of training positions whose x_t is built
-    # from the path's own first guess (its argmax at t = GUESS_T) instead of the gold token, the target
-    # staying gold. Along a sampling ODE the path reads its own guess back as if it were gold; this
-    # shows it, in training, x_t's that point at a wrong guess (RESULTS.md, "The CPU lab").
-    self_guess: float = 0.0
 
     def __post_init__(self):
         if self.variant not in ("lora", "full"):
@@ -239,15 +229,6 @@ class L2D(nn.Module):
         x_0 = self.config.sigma * torch.randn_like(x_1)
         return (1 - t[..., None]) * x_0 + t[..., None] * x_1
 
-    @torch.no_grad()
-    def own_guesses(self, h_main, cache, targets, labels, pos):
-        """targets (B, P) with a self_guess share of the answer positions replaced by the path's own
-        first guess, its argmax at t = GUESS_T: the token a sampling trajectory then builds x_t from."""
-        t = torch.full(targets.shape, GUESS_T, device=targets.device)
-        guess = self.predict(h_main, cache, self.noisy_targets(targets, t), t, self.conditioning(t, labels), pos).argmax(-1)
-        swap = (torch.rand(targets.shape, device=targets.device) < self.config.self_guess) & (targets != IGNORE_INDEX)
-        return torch.where(swap, guess, targets)
-
     def forward(self, idx, targets, labels=None, t=None, reduction="mean"):
         """Training forward: random t per answer position (unless t (B, T) is given), x_t of the
         next token, and the cross-entropy of the merged logits on targets != -1.
@@ -262,56 +243,38 @@ class L2D(nn.Module):
             labels = None  # an unconditional path: the data's classes are not used
         elif labels is not None and self.training:
             labels = self.drop_labels(labels, pos.shape)
-        tokens = targets if not (self.training and self.config.self_guess > 0) else \
-            self.own_guesses(h_main, cache, targets, labels, pos)
-        logits = self.predict(h_main, cache, self.noisy_targets(tokens, t), t, self.conditioning(t, labels), pos)
+        logits = self.predict(h_main, cache, self.noisy_targets(targets, t), t, self.conditioning(t, labels), pos)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                                reduction=reduction)
         return logits, loss if reduction == "mean" else loss.view(targets.shape)
 
     # --- generation (sec. 5) -------------------------------------------------------------------
     @torch.no_grad()
-    def integrate(self, h_main, cache, x_0=None, steps=8, solver="midpoint", atol=1e-5, rtol=1e-5,
-                  estimate="argmax", guidance=1.0, labels=None, pos=None, callback=None, memo=None):
-        """Integrate dx/dt = (x_hat_1 - x_t) / (1 - t) from noise x_0 (B, P, d_f) at t=0 to t=1 for the
-        diffusion tokens at positions `pos` (B, P) of the cache (default: its last P positions), whose
-        base hidden states are h_main (B, P, d), and read the logits at t=1. Returns those logits
-        (B, P, vocab) and the path evaluations each position took (B, P).
-        One step (fixed-step solvers) is no integration: the t=0 logits, the base's own, bit for bit.
-        x_0 None: drawn from N(0, sigma^2). Every position is its own ODE row (dopri5 adapts per token).
-        estimate: how x_hat_1 is read from the logits (estimate_x1). guidance w != 1: classifier-free,
-        v = w v(class) + (1 - w) v(null). callback(info) after each solver step: the solver's info (t, x
-        after the step, of the B*P rows) plus "logits", every row's latest logits, and "logits_t", the t
-        they were evaluated at (midpoint: the middle of the interval); then once more for the t=1
-        read-out, with "readout": True. memo: a FlowMemo kept across the tokens of one sequence."""
+    def integrate(self, velocity, x_0=None, steps=8, solver="midpoint", atol=1e-5, rtol=1e-5):
+        """The sampling ODE: dx/dt = velocity(x, t) from noise x_0 (B, P, d_f) at t = 0 (None: drawn from
+        N(0, sigma^2)) to t = 1, one row per diffusion token, then the logits read at t = 1 (B, P, vocab) and
+        the path evaluations each token took (B, P). One step of a fixed-step solver is no integration:
+        the base's logits, bit for bit. dopri5 adapts every token's steps and stops at ADAPTIVE_T_END."""
+        h_main = velocity.h_main
         B, P = h_main.shape[:2]
-        if steps == 1 and solver != "dopri5":  # one step is the base (sec. 5): no path evaluation
-            return self.base.head(h_main), torch.zeros(B, P, dtype=torch.long, device=h_main.device)
+        if steps == 1 and solver != "dopri5":
+            return self.base.head(h_main), velocity.evaluations.view(B, P)
         if x_0 is None:
             x_0 = self.config.sigma * torch.randn(B, P, self.config.flow_dim, device=h_main.device)
-        memo = FlowMemo() if memo is None else memo
-        packed = PackedRows(self, h_main, cache, pos) if solver == "dopri5" else None
-        field = VelocityField(self, h_main, cache, labels, pos, estimate, memo, packed)
-        velocity = field if guidance == 1.0 else \
-            guided(field, VelocityField(self, h_main, cache, None, pos, estimate, memo, packed), guidance)
-        x_0 = x_0.flatten(0, 1).double()  # one ODE row per position
-        on_step = callback and (lambda info: callback({**info, "logits": field.logits, "logits_t": field.logits_t}))
+        x_0 = x_0.flatten(0, 1).double()
         if solver == "dopri5":
-            x, nfe = dopri5(velocity, x_0, t1=ADAPTIVE_T_END, atol=atol, rtol=rtol, callback=on_step)
+            x, _ = dopri5(velocity, x_0, t1=ADAPTIVE_T_END, atol=atol, rtol=rtol, callback=velocity.on_step)
         else:
-            x, nfe = SOLVERS[solver](velocity, x_0, grid(steps).to(x_0.device), callback=on_step)
-        t_end = torch.ones(B * P, device=x_0.device)
-        logits = field.path_logits(x, t_end)  # the token is read at t = 1, class-conditional
-        if callback is not None:  # the read-out is no solver step: its own call, flagged
-            callback({"t": t_end, "x": x, "logits": logits, "logits_t": t_end, "readout": True})
-        evaluations_per_velocity = 1 if guidance == 1.0 else 2
-        return logits.view(B, P, -1), (nfe * evaluations_per_velocity + 1).view(B, P)
+            x, _ = SOLVERS[solver](velocity, x_0, grid(steps).to(x_0.device), callback=velocity.on_step)
+        return velocity.readout(x).view(B, P, -1), velocity.evaluations.view(B, P)
 
     @torch.no_grad()
-    def next_token(self, h_last, cache, steps=8, temperature=0.0, top_k=None, **ode):
-        """One new token for each row, from the base's last hidden state h_last (B, 1, d) and its
-        cache; `ode` are integrate()'s settings. Returns (token (B,), nfe (B,))."""
-        logits, nfe = self.integrate(h_last, cache, steps=steps, **ode)
+    def next_token(self, h_last, cache, steps=8, solver="midpoint", atol=1e-5, rtol=1e-5, temperature=0.0,
+                   top_k=None, **field):
+        """One new token for each row, from the base's last hidden state h_last (B, 1, d) and its cache;
+        `field`: Velocity's settings (estimate, guidance, labels, memo, callback). Returns (token (B,), nfe (B,))."""
+        velocity = Velocity(self, h_last, cache, adaptive=solver == "dopri5", **field)
+        logits, nfe = self.integrate(velocity, None, steps, solver, atol, rtol)
         return sample_token(logits[:, 0], temperature, top_k), nfe[:, 0].cpu()
 
     @torch.no_grad()
@@ -327,7 +290,8 @@ class L2D(nn.Module):
             h, _ = self.base.trunk(token[:, None], cache)
 
     @torch.no_grad()
-    def teacher_forced(self, x, y, labels=None, seeds=None, **ode):
+    def teacher_forced(self, x, y, labels=None, seeds=None, steps=8, solver="midpoint", atol=1e-5, rtol=1e-5,
+                       **field):
         """The ODE at every answer position at once, with the gold prefix, as training sees them: x, y
         (B, T) from TokenDataset.get_batch (y = -1 off the answer). The base runs once; the diffusion
         tokens never attend to each other, so all positions integrate in parallel. seeds: one per row,
@@ -346,10 +310,149 @@ class L2D(nn.Module):
                                  for s in seeds])
         x_0 = at_positions(self.config.sigma * noise, pos.cpu()).to(x.device)
         trajectory = []  # fixed-step solvers only: dopri5's rows are at different t's
-        record = None if ode.get("solver") == "dopri5" else (lambda info: info.get("readout") or trajectory.append(
+        record = None if solver == "dopri5" else (lambda info: info.get("readout") or trajectory.append(
             (info["logits_t"][0].item(), info["logits"].argmax(-1).view(pos.shape))))
-        logits, nfe = self.integrate(h_main, cache, x_0, labels=labels, pos=pos, callback=record, **ode)
+        velocity = Velocity(self, h_main, cache, pos, labels, callback=record, adaptive=solver == "dopri5", **field)
+        logits, nfe = self.integrate(velocity, x_0, steps, solver, atol, rtol)
         out = dict(logits=logits, targets=at_positions(y, pos), nfe=nfe.cpu())
         if nfe.any():  # where no path ran there is nothing to tell apart from the base
             out.update(base_tokens=self.base.head(h_main).argmax(-1), trajectory=trajectory or None)
         return out
+
+
+# --- the velocity field of the sampling ODE (sec. 5) ---------------------------------------------
+def estimate_x1(logits, t, how, flow_embed, vocab_flow=None):
+    """x_hat_1, the path's estimate of the clean token's flow embedding, from its logits (n, vocab) at
+    times t (n,): "argmax", V[argmax]; "sample", V of a token drawn at temperature tau(t) = 1 - t
+    (explore early, commit late); "mean", the expected embedding softmax(logits) @ V, in float32
+    (vocab_flow: V for the whole vocabulary)."""
+    if how == "argmax":
+        return flow_embed(logits.argmax(-1))
+    if how == "sample":
+        tau = (1 - t).clamp(min=1e-3)[:, None]
+        return flow_embed(torch.multinomial(F.softmax(logits.float() / tau, -1), 1)[:, 0])
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.softmax(logits.float(), -1) @ vocab_flow
+
+
+class FlowMemo:
+    """What the ODE reuses from one token to the next of a sequence (generate owns one): the (t, label)
+    conditioning, since fixed-step solvers visit the same t's for every token, and V for the whole
+    vocabulary (estimate="mean")."""
+
+    def __init__(self):
+        self.by_t, self.vocab_flow = {}, None
+
+    def shared_conditioning(self, l2d, t, labels):
+        """l2d.conditioning of one row, broadcast over a batch whose rows all share one t and label."""
+        key = (t[0].item(), None if labels is None else labels[0].item())
+        if key not in self.by_t:
+            self.by_t[key] = l2d.conditioning(t[:1].view(1, 1).float(), None if labels is None else labels[:1])
+        return self.by_t[key]
+
+    def flow_table(self, l2d, device):
+        if self.vocab_flow is None:
+            self.vocab_flow = l2d.flow_embed(torch.arange(l2d.base.config.vocab_size, device=device))
+        return self.vocab_flow
+
+
+class Velocity:
+    """v(x, t) = (x_hat_1 - x) / (1 - t) for the B*P diffusion tokens at positions `pos` (B, P) of the cache
+    (default: its last P), whose base hidden states are h_main (B, P, d); in the solvers' shape: x (n, d_f)
+    float64, t (n,), n = B*P rows, and `rows` (n',), the rows dopri5 still integrates (None: all).
+    Layers around the plain field: guidance w != 1, classifier-free, v = w v(x, t | labels) + (1 - w) v(x, t | null);
+    memo, what is reused across tokens (FlowMemo); adaptive (dopri5), the rows still integrating packed into a
+    smaller batch (PackedRows), each at its own t; callback(info) after each solver step (its info, with
+    "logits", every row's latest logits, and "logits_t", the t they were evaluated at), then once more for the
+    t = 1 read-out, with "readout": True. `evaluations` (n,) counts each row's path evaluations, the NFE."""
+
+    def __init__(self, l2d, h_main, cache, pos=None, labels=None, estimate="argmax", guidance=1.0, memo=None,
+                 callback=None, adaptive=False):
+        self.l2d, self.h_main, self.cache, self.pos, self.labels = l2d, h_main, cache, pos, labels
+        self.estimate, self.guidance, self.memo, self.callback = estimate, guidance, memo or FlowMemo(), callback
+        self.packed = PackedRows(l2d, h_main, cache, pos) if adaptive else None
+        self.evaluations = torch.zeros(h_main.shape[0] * h_main.shape[1], dtype=torch.long, device=h_main.device)
+        self.logits = self.logits_t = None
+        self.on_step = None if callback is None else \
+            (lambda info: callback({**info, "logits": self.logits, "logits_t": self.logits_t}))
+
+    def path_logits(self, x, t, rows, labels):
+        """Logits (n, vocab) of the path at x (n, d_f), t (n,)."""
+        if rows is not None:
+            return self.packed(rows, x.float(), t.float(), labels)
+        B, P = self.h_main.shape[:2]
+        t_bp = t.view(B, P).float()
+        one_t = self.packed is None and bool((t == t[0]).all()) and (labels is None or bool((labels == labels[0]).all()))
+        conditioning = self.memo.shared_conditioning(self.l2d, t, labels) if one_t else self.l2d.conditioning(t_bp, labels)
+        return self.l2d.predict(self.h_main, self.cache, x.view(B, P, -1).float(), t_bp, conditioning, self.pos).flatten(0, 1)
+
+    def field(self, x, t, rows, labels):
+        """(v(x, t | labels), the logits it was read from)."""
+        logits = self.path_logits(x, t, rows, labels)
+        self.evaluations[slice(None) if rows is None else rows] += 1
+        vocab_flow = self.memo.flow_table(self.l2d, x.device) if self.estimate == "mean" else None
+        x_hat = estimate_x1(logits, t, self.estimate, self.l2d.flow_embed, vocab_flow).double()
+        v = (x_hat - x) / (1 - t[:, None]).clamp(min=1e-12)
+        return torch.where(t[:, None] >= 1, torch.zeros_like(v), v), logits  # singular at t=1: defined 0
+
+    def __call__(self, x, t, rows=None):
+        rows = None if rows is not None and len(rows) == len(self.evaluations) else rows
+        v, logits = self.field(x, t, rows, self.labels)
+        self.logits = logits if rows is None else self.logits.index_copy(0, rows, logits)
+        self.logits_t = t if rows is None else self.logits_t.index_copy(0, rows, t)
+        if self.guidance == 1.0:
+            return v
+        return self.guidance * v + (1 - self.guidance) * self.field(x, t, rows, None)[0]
+
+    def readout(self, x):
+        """The token's logits at t = 1 (class-conditional under guidance): one more path evaluation."""
+        t = torch.ones(len(x), device=x.device)
+        logits = self.path_logits(x, t, None, self.labels)
+        self.evaluations += 1
+        if self.callback is not None:  # the read-out is no solver step: its own call, flagged
+            self.callback({"t": t, "x": x, "logits": logits, "logits_t": t, "readout": True})
+        return logits
+
+
+# --- dopri5 only: the tokens still integrating ---------------------------------------------------
+# Fixed-step solvers evaluate every token at every step. dopri5 stops each token when its error test
+# passes, so after a while it evaluates only some rows: they are packed into a smaller batch, which
+# costs what those rows cost.
+def pack_positions(rows, P):
+    """Lay out a sorted subset `rows` (n,) of the B*P flattened positions (B, P) as a smaller batch:
+    returns the batch rows they occupy `batch` (B',), `packed` (B', P'), each slot's index into `rows`
+    (P' = the most positions any one batch row keeps; spare slots repeat that row's last position),
+    and where each of the n positions sits in `packed`: (batch slot (n,), position slot (n,))."""
+    batch, row_of = torch.unique_consecutive(rows // P, return_inverse=True)
+    counts = torch.bincount(row_of)
+    first = counts.cumsum(0) - counts  # index in `rows` of each batch row's first position
+    slot_of = torch.arange(len(rows), device=rows.device) - first[row_of]
+    slots = torch.arange(int(counts.max()), device=rows.device)
+    packed = first[:, None] + torch.minimum(slots, counts[:, None] - 1)
+    return batch, packed, (row_of, slot_of)
+
+
+class PackedRows:
+    """The path for some of the B*P diffusion tokens: `rows` (n,), sorted indices into the flattened (B, P),
+    with their x_t (n, d_f) and t (n,) -> logits (n, vocab). Each token reads its own batch row's K/V and
+    padding, so the tokens are packed into the batch rows they belong to; the copy of those rows' K/V is
+    kept while the set of batch rows stays."""
+
+    def __init__(self, l2d, h_main, cache, pos=None):
+        B, P = h_main.shape[:2]
+        self.l2d, self.h_main, self.cache = l2d, h_main, cache
+        self.pos = torch.arange(len(cache) - P, len(cache), device=h_main.device).expand(B, P) if pos is None else pos
+        self.batch, self.batch_cache = None, None
+
+    def __call__(self, rows, x_t, t, labels=None):
+        B, P = self.h_main.shape[:2]
+        batch, packed, (row_of, slot_of) = pack_positions(rows, P)
+        if self.batch != batch.tolist():  # copy the K/V of those batch rows (none while all B remain)
+            self.batch = batch.tolist()
+            self.batch_cache = self.cache if len(batch) == B else self.cache.select(batch)
+        flat = rows[packed]  # (B', P') indices into the flattened (B, P)
+        t = t[packed]
+        conditioning = self.l2d.conditioning(t, None if labels is None else labels[batch])
+        logits = self.l2d.predict(self.h_main.flatten(0, 1)[flat], self.batch_cache, x_t[packed], t, conditioning,
+                                  self.pos.flatten()[flat])
+        return logits[row_of, slot_of]

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion import L2D, L2DConfig
-from velocity import FlowMemo, PackedRows, pack_positions
+from diffusion import L2D, FlowMemo, L2DConfig, PackedRows, Velocity, pack_positions
 from model import GPT, GPTConfig, KVCache
 
 VOCAB = 53
@@ -71,10 +70,11 @@ def test_integrate_with_one_step_is_the_base(family, variant):
         base_logits, _ = l2d.base(idx)
         h_main, cache = l2d.base.trunk(idx)
         for solver in ("euler", "midpoint", "rk4"):
-            logits, nfe = l2d.integrate(h_main, cache, 64 * torch.randn(2, 9, 16), steps=1, solver=solver,
-                                        labels=torch.tensor([0, 1]), guidance=2.0)
+            velocity = Velocity(l2d, h_main, cache, labels=torch.tensor([0, 1]), guidance=2.0)
+            logits, nfe = l2d.integrate(velocity, 64 * torch.randn(2, 9, 16), steps=1, solver=solver)
             assert torch.equal(logits, base_logits) and not nfe.any()
-        logits, nfe = l2d.integrate(h_main[:, -1:], cache, steps=1, solver="dopri5", atol=1e-2, rtol=1e-2)
+        velocity = Velocity(l2d, h_main[:, -1:], cache, adaptive=True)
+        logits, nfe = l2d.integrate(velocity, steps=1, solver="dopri5", atol=1e-2, rtol=1e-2)
         assert (nfe > 1).all() and not torch.equal(logits, base_logits[:, -1:])
 
 
@@ -129,44 +129,6 @@ def test_training_forward_equals_explicit_x_t_forward(family):
     valid = targets != -1
     expected_loss = F.cross_entropy(explicit[valid], targets[valid])
     torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
-
-
-def test_self_guess_builds_x_t_from_the_paths_own_first_guess():
-    """The opt-in deviation, self_guess = 1: in training, x_t is built by hand from the path's argmax at
-    t = GUESS_T (its first guess) instead of the gold token, and the loss still targets the gold token;
-    in eval mode, and with self_guess = 0, the forward is the method's."""
-    from diffusion import GUESS_T
-    l2d = tiny_l2d("llama", "full", num_classes=0)
-    l2d.config.self_guess = 1.0
-    idx, targets = torch.randint(0, VOCAB, (2, 10)), torch.randint(0, VOCAB, (2, 10))
-    targets[:, :3] = -1
-    t = torch.rand(2, 10)
-
-    def x_t_of(tokens, t, eps):  # the method's x_t at the 7 answer positions, by hand
-        with torch.no_grad():
-            x_1 = math.sqrt(16) * F.normalize(l2d.base.wte.weight[tokens] @ l2d.flow_proj.weight.t()
-                                              + l2d.flow_proj.bias, dim=-1)
-        return (1 - t[..., None]) * 64.0 * eps + t[..., None] * x_1
-    torch.manual_seed(7)
-    logits, loss = l2d.train()(idx, targets, t=t)
-    torch.manual_seed(7)
-    eps_guess, _, eps = torch.randn(2, 7, 16), torch.rand(2, 7), torch.randn(2, 7, 16)
-    answer = targets[:, 3:]
-    with torch.no_grad():
-        full = torch.zeros(2, 10, 16)
-        t_guess = torch.full((2, 10), GUESS_T)
-        full[:, 3:] = x_t_of(answer, t_guess[:, 3:], eps_guess)
-        guess = path_logits(l2d, idx, full, t_guess)[:, 3:].argmax(-1)
-        assert (guess != answer).any()  # a random path guesses wrong: the test can tell the two apart
-        full[:, 3:] = x_t_of(guess, t[:, 3:], eps)
-        explicit = path_logits(l2d, idx, full, t)[:, 3:]
-    torch.testing.assert_close(logits, explicit, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(loss, F.cross_entropy(explicit.flatten(0, 1), answer.flatten()), atol=1e-5, rtol=1e-5)
-    torch.manual_seed(7)  # eval mode: the gold token, as with self_guess = 0
-    eval_logits, _ = l2d.eval()(idx, targets, t=t)
-    l2d.config.self_guess = 0.0
-    torch.manual_seed(7)
-    torch.testing.assert_close(eval_logits, l2d.train()(idx, targets, t=t)[0])
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -244,9 +206,10 @@ def test_shared_conditioning_equals_per_row_conditioning():
     assert all(torch.equal(a, b) for a, b in zip(remembered, fresh))
 
 
-@pytest.mark.parametrize("family,ode", [("gpt2", {}), ("llama", {}),
-                                        ("llama", dict(solver="dopri5", estimate="mean", atol=1e-4, rtol=1e-4))])
-def test_left_padded_batch_integrates_each_row_as_alone(family, ode):
+@pytest.mark.parametrize("family,ode,field", [("gpt2", {}, {}), ("llama", {}, {}),
+                                              ("llama", dict(solver="dopri5", atol=1e-4, rtol=1e-4),
+                                               dict(estimate="mean", adaptive=True))])
+def test_left_padded_batch_integrates_each_row_as_alone(family, ode, field):
     """The ODE for the next token of prompts of different lengths, left-padded into one batch (model.KVCache),
     gives each row's logits as an unpadded batch of one does, from the same noise x_0. With dopri5 (and the
     smooth "mean" estimate) rows take different step counts, so the batch goes on without the rows
@@ -260,12 +223,14 @@ def test_left_padded_batch_integrates_each_row_as_alone(family, ode):
     with torch.no_grad():
         h, cache = l2d.base.trunk(idx, KVCache(pad))
         shapes = []  # the callback sees every row's latest logits, also once some rows are done
-        together, nfe = l2d.integrate(h[:, -1:], cache, x_0, steps=4, labels=labels, **ode,
-                                 callback=lambda info: shapes.append(info["logits"].shape))
+        velocity = Velocity(l2d, h[:, -1:], cache, labels=labels, **field,
+                            callback=lambda info: shapes.append(info["logits"].shape))
+        together, nfe = l2d.integrate(velocity, x_0, steps=4, **ode)
         assert shapes and set(shapes) == {(3, VOCAB)}
         for row, prompt in enumerate(prompts):
             h, cache = l2d.base.trunk(prompt[None])
-            alone, alone_nfe = l2d.integrate(h[:, -1:], cache, x_0[row:row + 1], steps=4, labels=labels[row:row + 1], **ode)
+            velocity = Velocity(l2d, h[:, -1:], cache, labels=labels[row:row + 1], **field)
+            alone, alone_nfe = l2d.integrate(velocity, x_0[row:row + 1], steps=4, **ode)
             torch.testing.assert_close(together[row], alone[0], atol=1e-4, rtol=1e-4)
             assert nfe[row] == alone_nfe[0]
     if ode:

@@ -5,7 +5,7 @@ islands (norms, x_t and its c_in scaling, the flow embeddings) computed in float
 import pytest
 import torch
 
-from diffusion import L2D, L2DConfig
+from diffusion import L2D, L2DConfig, Velocity
 from lora import add_lora, merge_lora
 from model import GPT, GPTConfig, Norm
 from loading.precision import autocast, cpu_bf16_support, resolve_dtype, store_weights
@@ -132,11 +132,12 @@ def test_bf16_ode_keeps_a_float64_state_and_follows_the_float32_one(x1):
     x_0 = 64 * torch.randn(2, 1, 16)
     h, cache = l2d.base.trunk(idx)
     states = []
-    want, _ = l2d.integrate(h[:, -1:], cache, x_0, steps=4, estimate=x1)
+    want, _ = l2d.integrate(Velocity(l2d, h[:, -1:], cache, estimate=x1), x_0, steps=4)
     store_weights(l2d, BF16)
     with autocast("cpu", BF16):
         h, cache = l2d.base.trunk(idx)
-        got, _ = l2d.integrate(h[:, -1:], cache, x_0, steps=4, estimate=x1, callback=lambda info: states.append(info["x"]))
+        velocity = Velocity(l2d, h[:, -1:], cache, estimate=x1, callback=lambda info: states.append(info["x"]))
+        got, _ = l2d.integrate(velocity, x_0, steps=4)
     assert all(x.dtype == torch.float64 for x in states)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
