@@ -71,7 +71,7 @@ def generate_answers(model, prompts, max_new_tokens, stop, setting, labels=None)
         firsts = [until_end(span, stop) for span in first[0].tolist()] if first else [None] * len(answers)
         return [(a, min(len(a) + 1, spans.size(1)), passes, f) for a, f in zip(answers, firsts)]  # + 1: the end token
     ode = dict(steps=setting["steps"], solver=setting["solver"], atol=setting["atol"], rtol=setting["rtol"],
-               guidance=setting["guidance"], labels=labels, estimate=setting["x1"]) if isinstance(model, L2D) else {}
+               guidance=setting["guidance"], labels=labels, estimate=setting["estimate"]) if isinstance(model, L2D) else {}
     stream = model.generate(idx, max_new_tokens, temperature=0, pad=pad, **ode)  # (token, nfe) per step, any model
     outs, generated, spent = [[] for _ in prompts], [0] * len(prompts), [0] * len(prompts)
     running = set(range(len(prompts)))

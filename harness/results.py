@@ -1,8 +1,9 @@
 """
-eval.py's results file: one JSON, rewritten atomically after every batch, with the phase in progress
-(a probe time, a row's generation or its teacher-forced pass) under "partial", holding its per-example
-lists so far and the row it belongs to. A killed run goes on from its last saved batch when its command
-is repeated with --resume True, and its rows come out as one whole run's.
+eval.py's rows and the file that keeps them. A row's columns come from its per-example lists (pooled,
+with 95% intervals; the lists stay in the row for harness/intervals.py). The JSON is rewritten atomically
+after every batch, with the phase in progress (a probe time, a row's generation or its teacher-forced
+pass) under "partial": a killed run goes on from its last batch with --resume True, and its rows come
+out as one whole run's.
 
     results = ResultsFile.open(out, dict(config=cfg, rows=[]), resume=True)
     examples = results.resumed("steps=4", fresh=dict(correct=[]))   # what a killed run had saved
@@ -14,7 +15,46 @@ import json
 import os
 
 from configurator import UsageError
-from loading.files import write_atomic
+from harness import diagnostics
+from harness.intervals import ratio_interval, wilson_interval
+from loading.files import check_output, write_atomic
+
+HEADER = (f"{'setting':<24} {'acc':>6} {'95% CI':>15} {'n':>5} {'nfe/tok':>8} {'tok/s':>8} "
+          f"{'tf_acc':>7} {'tf 95% CI':>15} {'tf_nll':>7} {'tf_nfe':>7}")
+
+
+def tf_summary(ex):
+    """A row's teacher-forced columns from its per-example lists (eval.answer_stats's, concatenated)."""
+    count = max(sum(ex["count"]), 1)
+    low, high = ratio_interval(ex["correct"], ex["count"])
+    return dict(tf_accuracy=sum(ex["correct"]) / count, tf_ci_low=low, tf_ci_high=high, tf_nll=sum(ex["nll"]) / count,
+                tf_tokens=sum(ex["count"]), tf_nfe_per_token=sum(ex["nfe"]) / count,
+                **diagnostics.pooled_changes(ex, count), **{f"tf_example_{key}": values for key, values in ex.items()})
+
+
+def generation_summary(ex):
+    """A row's generation columns from its per-example lists (correct, tokens, nfe), seconds and samples."""
+    n, correct, tokens = len(ex["correct"]), sum(ex["correct"]), sum(ex["tokens"])
+    low, high = wilson_interval(correct, n)
+    return dict(accuracy=correct / max(n, 1), correct=correct, n=n, ci_low=low, ci_high=high,
+                nfe_per_token=sum(ex["nfe"]) / max(tokens, 1), tokens=tokens,
+                tokens_per_s=tokens / max(ex["seconds"], 1e-9), seconds=ex["seconds"], samples=ex["samples"],
+                example_correct=ex["correct"], example_tokens=ex["tokens"], example_nfe=ex["nfe"],
+                **diagnostics.first_step_columns(ex))
+
+
+def format_row(row):
+    """A row as eval.py prints it, under HEADER."""
+    dash = "-"
+    gen = (f"{row['accuracy']:6.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] {row['n']:5d} "
+           f"{row['nfe_per_token']:8.1f} {row['tokens_per_s']:8.1f}") if "accuracy" in row else \
+        f"{dash:>6} {dash:>15} {dash:>5} {dash:>8} {dash:>8}"
+    tf = (f"{row['tf_accuracy']:7.3f} [{row['tf_ci_low']:.3f}, {row['tf_ci_high']:.3f}] {row['tf_nll']:7.3f} "
+          f"{row['tf_nfe_per_token']:7.1f}") if "tf_accuracy" in row else f"{dash:>7} {dash:>15} {dash:>7} {dash:>7}"
+    gains = "".join(f"  {key} vs steps=1: {row[key][0]:+.3f} [{row[key][1]:+.3f}, {row[key][2]:+.3f}]"
+                    for key in ("gain", "tf_gain") if key in row)
+    return "\n".join(line for line in [f"{row['setting']:<24} {gen} {tf}", gains, *diagnostics.describe(row)] if line)
+
 
 
 def write_json(path, result):
@@ -42,7 +82,7 @@ def output_path(out, ckpt_path, resume, overwrite):
     if os.path.exists(out) and not (resume or overwrite):
         raise UsageError(f"{out} already exists; go on from it with --resume True, replace it with --overwrite True, "
                          "or pass another --out")
-    return out
+    return check_output(out, "--out", overwrite=True)  # a folder that exists and can be written
 
 
 def resumable(out, result):

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
-from harness import results
+from harness import diagnostics, plan, results
 from ar2diff import AR2Diff, AR2DiffConfig, until_end
 from loading.checkpoint import save_checkpoint
-from configurator import UsageError
-from diffusion import L2D, L2DConfig
+from configurator import UsageError, defaults
+from data.dataset import TokenDataset
+from diffusion import L2D, L2DConfig, Velocity
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,26 +59,26 @@ def test_final_number(text, expected):
 
 
 def test_parse_lists_and_settings():
-    assert ev.parse_list("steps", "1,2,4", int) == [1, 2, 4]
-    assert ev.parse_list("steps", (1, 2, 4), int) == [1, 2, 4]   # what configure makes of --steps 1,2,4
-    assert ev.parse_list("steps", 8, int) == [8]
-    assert ev.parse_list("guidance", "1,1.5", float) == [1.0, 1.5]
-    assert ev.parse_list("steps", None, int) == ev.LIST_DEFAULTS["steps"]
+    assert plan.parse_list("steps", "1,2,4", int) == [1, 2, 4]
+    assert plan.parse_list("steps", (1, 2, 4), int) == [1, 2, 4]   # what configure makes of --steps 1,2,4
+    assert plan.parse_list("steps", 8, int) == [8]
+    assert plan.parse_list("guidance", "1,1.5", float) == [1.0, 1.5]
+    assert plan.parse_list("steps", None, int) == plan.LIST_DEFAULTS["steps"]
     for bad in ("1.5", "a,b", ""):
         with pytest.raises(UsageError):
-            ev.parse_list("steps", bad, int)
-    cfg = dict(ev.DEFAULTS, steps=(1, 8), guidance=(1, 2))
-    names = [ev.setting_name(s) for s in ev.make_settings(cfg, is_l2d=True)]
+            plan.parse_list("steps", bad, int)
+    cfg = dict(defaults(ev.OPTIONS), steps=(1, 8), guidance=(1, 2))
+    names = [plan.setting_name(s) for s in plan.make_settings(cfg, is_l2d=True)]
     assert names == ["steps=1", "steps=8", "steps=8 w=2"]  # steps=1 is the base: no guidance rows
-    cfg = dict(ev.DEFAULTS, solver="dopri5", atol=(1e-3, 1e-4), rtol=1e-3)
-    assert [(s["atol"], s["rtol"], s["steps"]) for s in ev.make_settings(cfg, True)] == [(1e-3, 1e-3, None), (1e-4, 1e-3, None)]
-    assert len(ev.make_settings(cfg, is_l2d=False)) == 1
+    cfg = dict(defaults(ev.OPTIONS), solver="dopri5", atol=(1e-3, 1e-4), rtol=1e-3)
+    assert [(s["atol"], s["rtol"], s["steps"]) for s in plan.make_settings(cfg, True)] == [(1e-3, 1e-3, None), (1e-4, 1e-3, None)]
+    assert len(plan.make_settings(cfg, is_l2d=False)) == 1
     with pytest.raises(UsageError):
-        ev.make_settings(dict(ev.DEFAULTS, steps=0), True)
+        plan.make_settings(dict(defaults(ev.OPTIONS), steps=0), True)
     with pytest.raises(UsageError):
-        ev.make_settings(dict(ev.DEFAULTS, solver="heun"), True)
+        plan.make_settings(dict(defaults(ev.OPTIONS), solver="heun"), True)
     with pytest.raises(UsageError):
-        ev.make_settings(dict(ev.DEFAULTS, x1="mode"), True)
+        plan.make_settings(dict(defaults(ev.OPTIONS), estimate="mode"), True)
 
 
 # --- teacher-forced metrics ------------------------------------------------------------------------
@@ -120,6 +121,11 @@ def by_hand(logits, y):
     return correct, nll, count
 
 
+def all_stats(stats, row=None):
+    """What eval.py keeps of a teacher-forced batch with --diagnostics."""
+    return {**ev.answer_stats(stats["logits"], stats["targets"], stats.get("nfe")), **diagnostics.token_changes(stats, row)}
+
+
 def unpack(stats):
     return stats["logits"], stats["targets"], stats["nfe"]
 
@@ -130,13 +136,13 @@ def test_teacher_forced_gpt_matches_hand_computation(family):
     with torch.no_grad():
         full, _ = model(X)
     correct, nll, count = by_hand(full, Y)
-    logits, targets, nfe = unpack(ev.teacher_forced(model, X, Y, steps=1))
+    logits, targets, nfe = unpack(ev.gold_prefix_logits(model, X, Y, steps=1))
     assert torch.equal(targets, torch.stack([Y[b, POS[b]] for b in range(2)]))
     assert torch.allclose(logits, at_answers(full), atol=1e-6)
     stats = ev.answer_stats(logits, targets, nfe)
     assert (stats["correct"], stats["count"], stats["nfe"]) == (correct, count, [0, 0]) and count == [6, 4]
     assert stats["nll"] == pytest.approx(nll, rel=1e-5)
-    summary = ev.tf_summary(stats)
+    summary = results.tf_summary(stats)
     assert (summary["tf_accuracy"], summary["tf_tokens"]) == (sum(correct) / 10, 10)
     assert summary["tf_nll"] == pytest.approx(F.cross_entropy(full.flatten(0, 1), Y.flatten(), ignore_index=-1).item(), rel=1e-5)
     nfe = torch.tensor([[3, 3, 3, 3, 3, 3], [5, 5, 5, 5, 9, 5]])  # position 4 of row 1 is padding: not counted
@@ -149,9 +155,9 @@ def test_teacher_forced_fresh_l2d_is_the_base_at_any_step_count(solver, steps):
     labels = torch.tensor([0, 1])
     with torch.no_grad():
         base_logits, _ = l2d.base(X)
-    one, targets, nfe1 = unpack(ev.teacher_forced(l2d, X, Y, steps=1, labels=labels))
-    many, targets_many, nfe = unpack(ev.teacher_forced(l2d, X, Y, steps=steps, solver=solver, atol=1e-3, rtol=1e-3,
-                                                       labels=labels, seeds=[0, 1]))
+    one, targets, nfe1 = unpack(ev.gold_prefix_logits(l2d, X, Y, labels, steps=1))
+    many, targets_many, nfe = unpack(ev.gold_prefix_logits(l2d, X, Y, labels, [0, 1], steps=steps, solver=solver, atol=1e-3,
+                                                            rtol=1e-3))
     assert torch.equal(many, one) and torch.equal(targets, targets_many)
     assert torch.allclose(one, at_answers(base_logits), atol=1e-5)
     assert (nfe1 == 0).all()
@@ -172,7 +178,8 @@ def test_integrate_with_one_position_is_next_token(solver, steps, guidance):
                                     guidance=guidance, labels=labels)
         torch.manual_seed(7)
         x_0 = l2d.config.sigma * torch.randn(2, 1, l2d.config.flow_dim)
-        logits, nfe2 = l2d.integrate(h[:, -1:], cache, x_0, steps, solver, 1e-3, 1e-3, "argmax", guidance, labels)
+        velocity = Velocity(l2d, h[:, -1:], cache, labels=labels, guidance=guidance, adaptive=solver == "dopri5")
+        logits, nfe2 = l2d.integrate(velocity, x_0, steps, solver, 1e-3, 1e-3)
     assert torch.equal(logits[:, 0].argmax(-1), token) and torch.equal(nfe2[:, 0], nfe)
 
 
@@ -183,7 +190,7 @@ def test_teacher_forced_all_positions_equal_one_at_a_time(solver, steps, x1):
     own prefix as generation does (same logits; for dopri5 the same per-position step count)."""
     l2d = tiny_l2d(randomize=True)
     labels, seeds, tol = torch.tensor([1, 0]), [3, 4], dict(atol=1e-2, rtol=1e-2)
-    logits, targets, nfe = unpack(ev.teacher_forced(l2d, X, Y, steps, solver, **tol, labels=labels, seeds=seeds, x1=x1))
+    logits, targets, nfe = unpack(ev.gold_prefix_logits(l2d, X, Y, labels, seeds, steps=steps, solver=solver, **tol, estimate=x1))
     with torch.no_grad():
         base_logits, _ = l2d.base(X)
         for b in range(2):
@@ -193,8 +200,9 @@ def test_teacher_forced_all_positions_equal_one_at_a_time(solver, steps, x1):
                 if targets[b, p] == -1:
                     continue
                 h, cache = l2d.base.trunk(X[b:b + 1, :j + 1])
-                alone, alone_nfe = l2d.integrate(h[:, -1:], cache, noise[j:j + 1][None], steps, solver, **tol,
-                                                 estimate=x1, labels=labels[b:b + 1])
+                velocity = Velocity(l2d, h[:, -1:], cache, labels=labels[b:b + 1], estimate=x1,
+                                    adaptive=solver == "dopri5")
+                alone, alone_nfe = l2d.integrate(velocity, noise[j:j + 1][None], steps, solver, **tol)
                 assert torch.allclose(logits[b, p], alone[0, 0], atol=1e-4)
                 assert nfe[b, p] == alone_nfe[0, 0]
     assert not torch.allclose(logits, at_answers(base_logits), atol=1e-3)  # the trained path moves the logits
@@ -203,7 +211,7 @@ def test_teacher_forced_all_positions_equal_one_at_a_time(solver, steps, x1):
     if solver == "dopri5" and x1 == "mean":  # positions finish at different times: the rest go on alone
         assert len(set(nfe[targets != -1].tolist())) > 2, nfe
     if x1 == "mean":  # the estimate matters: argmax gives other logits
-        assert not torch.allclose(logits, ev.teacher_forced(l2d, X, Y, steps, solver, **tol, labels=labels, seeds=seeds)["logits"])
+        assert not torch.allclose(logits, ev.gold_prefix_logits(l2d, X, Y, labels, seeds, steps=steps, solver=solver, **tol)["logits"])
 
 
 def one_hot_logits(tokens, vocab=8):
@@ -215,13 +223,13 @@ def test_diagnostic_counts_changes_corrections_and_spoils_by_hand():
     base = torch.tensor([[1, 0, 3], [0, 0, 7]])
     final = torch.tensor([[1, 2, 0], [0, 1, 6]])  # row 0: one correction, one spoil; row 1: wrong -> wrong
     guesses = [(0.25, torch.tensor([[1, 0, 0], [0, 0, 6]])), (0.75, torch.tensor([[1, 2, 3], [4, 5, 5]]))]
-    stats = ev.answer_stats(one_hot_logits(final), targets, base_tokens=base, trajectory=guesses)
+    stats = all_stats(dict(logits=one_hot_logits(final), targets=targets, base_tokens=base, trajectory=guesses))
     assert stats["correct"] == [2, 0] and stats["count"] == [3, 2]
     assert (stats["changed"], stats["corrected"], stats["spoiled"]) == ([2, 1], [1, 0], [1, 0])
     assert stats["trajectory_correct"] == [[1, 3], [0, 2]]  # per example, per step; padding not counted
     # against step 1's guess: the read-out differs at (0,1) (a correction) and (1,1); padding not counted
     assert (stats["first_changed"], stats["first_corrected"], stats["first_spoiled"]) == ([1, 1], [1, 0], [0, 0])
-    summary = ev.tf_summary(stats)
+    summary = results.tf_summary(stats)
     assert (summary["tf_changed"], summary["tf_corrected"], summary["tf_spoiled"]) == (3 / 5, 1 / 5, 1 / 5)
     assert summary["tf_trajectory_accuracy"] == [1 / 5, 5 / 5] and summary["tf_first_changed"] == 2 / 5
 
@@ -233,18 +241,18 @@ def test_diagnostic_on_a_trained_path_adds_up_to_the_gain_over_the_base():
     with torch.no_grad():
         l2d.merge_gate[2].weight.mul_(30)  # a path strong enough to change some of the base's tokens
     labels, seeds = torch.tensor([1, 0]), [3, 4]
-    base = ev.answer_stats(**ev.teacher_forced(l2d, X, Y, steps=1, labels=labels))
-    stats = ev.teacher_forced(l2d, X, Y, steps=3, labels=labels, seeds=seeds)
+    base = ev.answer_stats(**ev.gold_prefix_logits(l2d, X, Y, labels, steps=1))
+    stats = ev.gold_prefix_logits(l2d, X, Y, labels, seeds, steps=3)
     assert [t for t, _ in stats["trajectory"]] == [0.25, 0.75]
-    assert torch.equal(stats["base_tokens"], ev.teacher_forced(l2d, X, Y, steps=1, labels=labels)["logits"].argmax(-1))
-    row = ev.answer_stats(**stats)
+    assert torch.equal(stats["base_tokens"], ev.gold_prefix_logits(l2d, X, Y, labels, steps=1)["logits"].argmax(-1))
+    row = all_stats(stats)
     assert sum(row["changed"]) > 0
     for b in range(2):
         assert row["corrected"][b] - row["spoiled"][b] == row["correct"][b] - base["correct"][b]
         # and against the first guess: its correct tokens plus what the later steps corrected, less spoiled
         first = row["trajectory_correct"][b][0]
         assert first + row["first_corrected"][b] - row["first_spoiled"][b] == row["correct"][b]
-    assert ev.teacher_forced(l2d, X, Y, None, "dopri5", 1e-2, 1e-2, labels=labels)["trajectory"] is None
+    assert ev.gold_prefix_logits(l2d, X, Y, labels, steps=None, solver="dopri5", atol=1e-2, rtol=1e-2)["trajectory"] is None
 
 
 def test_gold_x_t_reads_the_noised_gold_token():
@@ -252,14 +260,14 @@ def test_gold_x_t_reads_the_noised_gold_token():
     by hand; at t=0 it is the base's logits."""
     l2d = tiny_l2d(randomize=True).eval()
     labels = torch.tensor([0, 1])
-    logits, targets = ev.gold_x_t(l2d, X, Y, 1.0, labels).values()
+    logits, targets = diagnostics.gold_x_t(l2d, X, Y, 1.0, labels).values()
     with torch.no_grad():
         by_hand_all = path_logits(l2d, X, l2d.flow_embed(Y.clamp(min=0)), torch.ones(X.shape), labels)
         base_logits, _ = l2d.base(X)
     assert torch.equal(targets, torch.stack([Y[b, POS[b]] for b in range(2)]))
     mask = targets != -1
     assert torch.allclose(logits[mask], at_answers(by_hand_all)[mask], atol=1e-5)
-    at_zero = ev.gold_x_t(l2d, X, Y, 0.0, labels)["logits"]
+    at_zero = diagnostics.gold_x_t(l2d, X, Y, 0.0, labels)["logits"]
     assert torch.equal(at_zero[mask], at_answers(base_logits)[mask])
 
 
@@ -270,7 +278,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(family):
     and path evaluations as generating it alone does, also when rows stop at different tokens."""
     l2d = tiny_l2d(randomize=True, family=family)
     prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 9, 3, 7)]
-    greedy = dict(steps=1, solver="midpoint", atol=None, rtol=None, guidance=1.0, x1="argmax")
+    greedy = dict(steps=1, solver="midpoint", atol=None, rtol=None, guidance=1.0, estimate="argmax")
     free = [ev.generate_answers(l2d, [p], 8, set(), greedy)[0][0] for p in prompts]
     stop = {free[0][2], free[2][5]}  # row 0 stops at its 3rd token at the latest, row 2 at its 6th
     for model in (l2d, l2d.base):
@@ -331,9 +339,9 @@ def run_main(run, *args):
 def test_end_to_end_l2d(tiny_run):
     rows = run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--steps", "1,2", "--solver=euler")
     assert [r["setting"] for r in rows] == ["steps=1", "steps=2"]
-    assert run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--steps", "2", "--x1", "mean")[0]["setting"] == "steps=2 x1=mean"
-    sampled = [run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--steps", "4", "--x1", "sample")[0] for _ in range(2)]
-    assert sampled[0]["setting"] == "steps=4 x1=sample"
+    assert run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--steps", "2", "--estimate", "mean")[0]["setting"] == "steps=2 estimate=mean"
+    sampled = [run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--steps", "4", "--estimate", "sample")[0] for _ in range(2)]
+    assert sampled[0]["setting"] == "steps=4 estimate=sample"
     keep = ("example_correct", "samples", "tf_example_correct", "tf_example_nll")  # seeded: the same twice
     assert {k: sampled[0][k] for k in keep} == {k: sampled[1][k] for k in keep}
     for r in rows:
@@ -354,6 +362,23 @@ def test_end_to_end_l2d(tiny_run):
     assert {k: again[0][k] for k in keep} == {k: rows[1][k] for k in keep}  # seeded: reproducible rows
 
 
+def test_diagnostics_only_when_asked(tiny_run, capsys):
+    """The research columns (harness/diagnostics.py) come with --diagnostics; without it the rows, their
+    numbers and per-example lists are the same, less those columns."""
+    args = ("--ckpt", tiny_run["l2d"], "--steps", "1,3")
+    plain = run_main(tiny_run, *args)
+    assert "tf tokens changed" not in capsys.readouterr().out
+    diagnosed = run_main(tiny_run, *args, "--diagnostics")
+    printed = capsys.readouterr().out
+    assert "tf tokens changed from the base's" in printed and "tf x_hat_1 accuracy along the ODE: t=0.25 " in printed
+    research = ("tf_changed", "tf_corrected", "tf_spoiled", "tf_trajectory_t", "tf_trajectory_accuracy",
+                "tf_first_changed", "tf_first_corrected", "tf_first_spoiled")
+    assert all(key in diagnosed[1] for key in research) and not any(key in plain[1] for key in research)
+    timeless = lambda row: {k: v for k, v in row.items() if k not in ("seconds", "tokens_per_s") and "changed" not in k
+                            and "corrected" not in k and "spoiled" not in k and "trajectory" not in k}
+    assert [timeless(r) for r in plain] == [timeless(r) for r in diagnosed]
+
+
 def test_end_to_end_bf16(tiny_run, capsys):
     """--dtype bfloat16: the L2D's steps=1 row is its bf16 base's row, example for example (t = 0 exactness in
     bf16), the L2D, GPT and AR2Diff rows all run, and the header names the dtype."""
@@ -366,7 +391,7 @@ def test_end_to_end_bf16(tiny_run, capsys):
     assert fp32["tf_example_nll"] != base["tf_example_nll"]  # (it did run in another number format)
     assert base["tf_nll"] == pytest.approx(fp32["tf_nll"], rel=0.02)
     assert rows[1]["tf_nfe_per_token"] == 3
-    assert run_main(tiny_run, "--ckpt", tiny_run["ar2diff"], "--steps", "2", "--samples", "2", "--dtype", "bfloat16")
+    assert run_main(tiny_run, "--ckpt", tiny_run["ar2diff"], "--steps", "2", "--candidates", "2", "--dtype", "bfloat16")
 
 
 def test_end_to_end_probe_and_tf_interval(tiny_run):
@@ -397,14 +422,14 @@ def test_end_to_end_guidance_dopri5_and_gpt(tiny_run):
 def test_end_to_end_ar2diff(tiny_run):
     """A row per (steps, K), generation only; each answer is the model's own decoding up to its first end
     token (redone here by hand, seeded as eval.py seeds it); passes over the span = (steps + 1) x K, or steps."""
-    rows = run_main(tiny_run, "--ckpt", tiny_run["ar2diff"], "--steps", "1,3", "--samples", "1,2", "--gen_batch_size", "2")
+    rows = run_main(tiny_run, "--ckpt", tiny_run["ar2diff"], "--steps", "1,3", "--candidates", "1,2", "--gen_batch_size", "2", "--diagnostics")
     assert [r["setting"] for r in rows] == ["steps=1 K=1", "steps=3 K=1", "steps=1 K=2", "steps=3 K=2"]
     assert all("tf_accuracy" not in r for r in rows)
     assert [sum(r["example_nfe"]) / r["n"] for r in rows] == [1, 3, 2 * 2, 4 * 2]
     assert "gain" not in rows[0] and "gain" not in rows[2]  # each K's steps=1 row is its reference
     assert rows[3]["gain"][0] == pytest.approx(rows[3]["accuracy"] - rows[2]["accuracy"])
-    model, enc, _ = ev.load(tiny_run["ar2diff"])[:3]
-    data = ev.TokenDataset([tiny_run["data"]], "test")
+    model, enc, _ = ev.load_model_and_tokenizer(tiny_run["ar2diff"])[:3]
+    data = TokenDataset([tiny_run["data"]], "test")
     with open(os.path.join(tiny_run["data"], "test.jsonl")) as f:
         prompts = [enc.encode(json.loads(line)["prompt"]) for line in f][:3]
     for b0 in (0, 2):  # --gen_batch_size 2: the batches eval.py generated, seeded by their first example
@@ -415,8 +440,8 @@ def test_end_to_end_ar2diff(tiny_run):
         spans, _ = model.generate(idx, torch.tensor([length - len(p) for p in batch]), steps=3, samples=2)
         for i, span in enumerate(spans.tolist()):  # the row keeps the outputs of its first 3 examples
             assert rows[3]["samples"][b0 + i]["output"] == enc.decode(until_end(span, {data.eot}))
-    with pytest.raises(UsageError, match="--samples"):
-        run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--samples", "4")  # not an AR2Diff
+    with pytest.raises(UsageError, match="--candidates"):
+        run_main(tiny_run, "--ckpt", tiny_run["l2d"], "--candidates", "4")  # not an AR2Diff
     for row in rows:  # one candidate: what the later steps did to the first step's answers
         assert ("first_accuracy" in row) == (row["candidates"] == 1)
     assert rows[0]["first_accuracy"] == rows[0]["accuracy"] and rows[0]["first_changed"] == 0  # one step: no later ones
@@ -426,10 +451,10 @@ def test_answers_changed_after_the_first_step_by_hand():
     """first accuracy + corrected - spoiled = accuracy; a changed answer may stay wrong."""
     ex = dict(correct=[1, 0, 1, 0, 0], first_correct=[0, 1, 1, 0, 0], first_changed=[1, 1, 0, 1, 0],
               tokens=[1] * 5, nfe=[2] * 5, seconds=1.0, samples=[])
-    s = ev.generation_summary(ex)
+    s = results.generation_summary(ex)
     assert (s["first_accuracy"], s["first_changed"], s["first_corrected"], s["first_spoiled"]) == (0.4, 0.6, 0.2, 0.2)
     assert s["first_accuracy"] + s["first_corrected"] - s["first_spoiled"] == pytest.approx(s["accuracy"])
-    assert "first_accuracy" not in ev.generation_summary(dict(ex, first_correct=[]))
+    assert "first_accuracy" not in results.generation_summary(dict(ex, first_correct=[]))
 
 
 class Killed(Exception):
@@ -521,6 +546,19 @@ def test_resume_errors_name_the_file(tiny_run, capsys):
     out.write_text("{not json")
     with pytest.raises(UsageError, match="cannot resume from .*other.json: not an eval.py JSON"):
         ev.main(args)
+
+
+def test_label_on_a_model_without_classes_is_refused(tiny_run):
+    for ckpt in (tiny_run["base"], tiny_run["ar2diff"]):
+        with pytest.raises(UsageError, match="--label 'bogus': this model was trained without guidance classes"):
+            run_main(tiny_run, "--ckpt", ckpt, "--label", "bogus")
+
+
+def test_out_in_a_missing_folder_is_refused_before_any_work(tiny_run, monkeypatch):
+    monkeypatch.setattr(ev, "generate_answers", lambda *args: pytest.fail("evaluated before --out was checked"))
+    with pytest.raises(ValueError, match="--out .*the folder .*nowhere does not exist"):
+        ev.main(["--data", tiny_run["data"], "--ckpt", tiny_run["l2d"], "--limit", "2", "--steps", "1",
+                 "--out", str(tiny_run["tmp"] / "nowhere" / "r.json")])
 
 
 def test_cli_errors_are_one_line_exit_2():
