@@ -1,15 +1,12 @@
 """
-95% confidence intervals for the accuracies eval.py reports: over n independent answers (Wilson),
-over the tokens of m examples (the ratio estimator, since one answer's tokens are not independent),
-and for the difference of two rows measured on the same examples (paired).
+95% intervals for eval.py's accuracies: over n independent answers (Wilson), over the tokens of m
+examples (the ratio estimator: one answer's tokens are not independent), and for the difference of two
+rows on the same examples (paired). Run on eval.py JSONs: one, each row against the row before it; two,
+every row of the second against every row of the first, on the examples both have (the first min(n):
+eval.py always starts at example 0).
 
-Run on an eval.py JSON, it tests whether each step count beats the one before it, on the same examples;
-on two, every row of the second against every row of the first, on the examples both runs have (the
-first min(n) of the test split: eval.py always starts at example 0, so a run with --limit 20 shares its
-examples with one with --limit 100):
-
-    python -m harness.intervals out-l2d-smollm2-arith-sigma8/eval_tf_paired.json
-    python -m harness.intervals out-l2d-smollm2-gsm8k/eval_tf_paired.json out-l2d-smollm2-gsm8k/eval_dopri5.json
+    python -m harness.intervals out-lab-l2d/eval_results.json
+    python -m harness.intervals out-lab-l2d/eval_results.json out-lab-lora/eval_results.json
 """
 
 import json
@@ -105,11 +102,13 @@ def across_runs(run_a, run_b):
     return [f"on the first {m} examples:"] + [comparison(row, reference) for row in rows_b for reference in rows_a]
 
 
-if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        fail("usage: python -m harness.intervals EVAL_JSON [EVAL_JSON_2] (eval.py results files)")
+def main(paths):
+    if "-h" in paths or "--help" in paths:
+        return print(__doc__.strip())
+    if len(paths) not in (1, 2):
+        fail("usage: python -m harness.intervals EVAL_JSON [EVAL_JSON_2] (eval.py results files; -h: help)")
     runs = []
-    for path in sys.argv[1:]:
+    for path in paths:
         try:
             with open(path) as f:
                 runs.append(json.load(f))
@@ -118,4 +117,8 @@ if __name__ == "__main__":
     try:
         print("\n".join(step_to_step(runs[0]["rows"]) if len(runs) == 1 else across_runs(*runs)))
     except (KeyError, ValueError) as e:
-        fail(f"cannot compare {' and '.join(sys.argv[1:])}: {e}")
+        fail(f"cannot compare {' and '.join(paths)}: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

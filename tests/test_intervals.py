@@ -95,3 +95,11 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "harness.intervals", str(tmp_path / "missing.json")],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "missing.json" in proc.stderr
+
+
+def test_help_is_printed_not_read_as_a_results_file():
+    for flag in ("-h", "--help"):
+        proc = subprocess.run([sys.executable, "-m", "harness.intervals", flag], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stdout.startswith("95% intervals") and not proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "harness.intervals"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: usage: python -m harness.intervals")
