@@ -1,23 +1,20 @@
 """Prepared token data: the on-disk format, its writer (used by data/*/prepare.py) and the batch loader.
 
 A prepared folder data/<task>/<tag>/ (tag from the tokenizer: char, gpt2, smollm2-135m, ...) holds
-  train.npz, test.npz  written with np.savez (no pickles); optionally confirm.npz, a second held-out split:
+  train.npz, test.npz  (np.savez, no pickles; optionally confirm.npz, a second held-out split):
       tokens    int32 (N,)    all examples concatenated: prompt tokens, answer tokens, end token
       loss_mask bool  (N,)    True exactly on the answer tokens and the end token that closes the answer
       offsets   int64 (E+1,)  example e is tokens[offsets[e]:offsets[e+1]]
       labels    int16 (E,)    class of each example, an index into meta["classes"]
-  test.jsonl   (and confirm.jsonl) per held-out example: prompt (the formatted text to encode), answer (reference
-               answer text,
-               no end token), final (gold final answer string for math, else null), label (class name)
-  meta.json    {"tokenizer", "classes", "chat", "vocab_size", "eot"}: "tokenizer" is what get_tokenizer
-               takes (a relative path is resolved inside the folder: char vocabularies live there as
-               vocab.json); "eot" ends every answer (<|im_end|> for chat models) and pads batches.
-Formatting: chat models get chat_prompt(enc, question) and answers end with the template's end of turn
-(<|im_end|>, Llama 3's <|eot_id|>); base models and
-char get "Question: {q}\\nAnswer: " and answers end with the end-of-text token. Prompt and answer are
-encoded separately, so the prompt tokens are exactly what eval.py gets by encoding test.jsonl's prompt.
+  test.jsonl   (and confirm.jsonl) per held-out example: prompt (the text to encode), answer (no end token),
+               final (gold final answer for math, else null), label (class name)
+  meta.json    {"tokenizer", "classes", "chat", "vocab_size", "eot"}: "tokenizer" is what get_tokenizer takes
+               (relative to the folder for a char vocabulary, saved there as vocab.json); "eot" ends every
+               answer (<|im_end|> for chat models) and pads batches.
+Chat models get chat_prompt(enc, question), answers ending in the template's end of turn; base models and
+char get "Question: {q}\nAnswer: ", answers ending in the end-of-text token. Prompt and answer are encoded
+separately, so the prompt tokens are exactly what eval.py gets by encoding test.jsonl's prompt.
 
-Loading (python -m pytest tests/test_data.py tests it):
     ds = TokenDataset(["data/arithmetic/char"], "train")
     sampler = BatchSampler(len(ds), batch_size=64, seed=0, rank=rank, world_size=world_size)
     for ix in np.split(sampler.next_batch(), grad_accum):  # this rank's share of one optimizer step
@@ -27,13 +24,15 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from loading.files import OutputError, write_error
 from loading.tokenizer import (CharTokenizer, chat_prompt, chat_start, chat_template, chat_turn, end_token, get_tokenizer,
-                       has_chat_template)
+                               has_chat_template, read_json)
 
 
 def format_prompt(enc, question):
@@ -84,72 +83,75 @@ def tokenizer_tag(name):
 
 
 def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=False):
-    """Tokenize splits = {"train": [ex, ...], "test": [...]}, ex = dict(question, answer, label[, final]) or
-    dict(turns, label) (encode_example; an optional "fields" dict is copied into the held-out row, e.g. a
-    problem's tests).
-    tokenizer "char" builds a character vocabulary from all the text (an existing vocab .json is reused);
-    either way it is saved as out_dir/vocab.json. max_len drops longer train examples (held-out splits are kept whole).
-    A split left with no examples raises ValueError before anything is written. A folder that already holds
-    a prepared dataset is left as it is when the new one is the same, and refused (ValueError) when it would
-    change, unless overwrite: a checkpoint trained on it reads its vocabulary."""
+    """Tokenize splits = {"train": [ex, ...], "test": [...]} (ex as encode_example takes it, plus a label and
+    optionally "final" and "fields", copied into the held-out row) into the folder out_dir, written whole or
+    not at all. tokenizer "char" builds a character vocabulary from all the text, saved as vocab.json (as
+    is an existing vocab .json passed instead). max_len drops longer train examples. A split left empty is
+    refused (ValueError) before anything is written; an existing dataset is kept when the new one is the
+    same and refused when it differs, unless overwrite: a checkpoint trained on it reads its vocabulary."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"--out {out_dir} is a file; name a folder for the prepared dataset")
     if tokenizer == "char":
         text = (ex["question"] + ex["answer"] for exs in splits.values() for ex in exs)  # (no conversations)
         enc = CharTokenizer("".join(set("Question: \nAnswer: ").union(*text)))
-    else:  # another folder's char vocabulary (so the two can be mixed), or a model's tokenizer; an unknown
-        if os.path.exists(tokenizer):  # name fails here, before anything is written
-            tokenizer = os.path.abspath(tokenizer)  # a .gguf file or HF folder: any working directory finds it
-        enc = get_tokenizer(tokenizer)
-    chat = has_chat_template(enc)
-    end = end_token(enc)
-    encoded = {}  # every split is encoded and checked before anything is written: no half-prepared folder
-    for split, examples in splits.items():
-        tokens, mask, offsets, labels, rows = [], [], [0], [], []
-        for ex in examples:
-            prompt, ids, answer_mask, answer = encode_example(enc, ex, end)
-            if max_len and split == "train" and len(ids) > max_len:
-                continue
-            tokens += ids
-            mask += answer_mask
-            offsets.append(len(tokens))
-            labels.append(classes.index(ex["label"]))
-            rows.append(dict(prompt=prompt, answer=answer, final=ex.get("final"), label=ex["label"], **ex.get("fields", {})))
-        if not rows:  # training would wait forever for a batch, evaluation would have nothing to score
-            raise ValueError(f"the {split} split of {out_dir} would have no examples: " + (
-                f"all {len(examples)} are longer than max_len={max_len} tokens, raise --max_len" if examples else
-                "the source gave none for it, check the source data and the split sizes asked for"))
-        encoded[split] = tokens, mask, offsets, labels, rows
+    else:  # an unknown name fails here, before anything is written; a path is found from any working directory
+        enc = get_tokenizer(os.path.abspath(tokenizer) if os.path.exists(tokenizer) else tokenizer)
+    encoded = {split: encode_split(enc, split, exs, classes, max_len, out_dir) for split, exs in splits.items()}
     parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".prepare-", dir=parent)  # written whole, then compared and moved in
     try:
-        if isinstance(enc, CharTokenizer):  # saved beside the data, which names it relatively
-            enc.save(os.path.join(staging, "vocab.json"))
-            tokenizer = "vocab.json"
-        for split, (tokens, mask, offsets, labels, rows) in encoded.items():
-            np.savez(os.path.join(staging, f"{split}.npz"), tokens=np.array(tokens, np.int32), loss_mask=np.array(mask, bool),
-                     offsets=np.array(offsets, np.int64), labels=np.array(labels, np.int16))
-            if split != "train":  # a held-out split: eval.py reads its prompts and answers as text
-                with open(os.path.join(staging, f"{split}.jsonl"), "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in rows)
-        meta = dict(tokenizer=tokenizer, classes=classes, chat=chat, vocab_size=enc.n_vocab, eot=end)
-        with open(os.path.join(staging, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        if not install(staging, out_dir, overwrite):
-            print(f"{out_dir}: already prepared with these settings, left as it is")
-            return
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".prepare-", dir=parent)  # written whole, then compared and moved in
+        try:
+            meta = dict(tokenizer=tokenizer, classes=classes, chat=has_chat_template(enc), vocab_size=enc.n_vocab,
+                        eot=end_token(enc))
+            if isinstance(enc, CharTokenizer):  # saved beside the data, which names it relatively
+                enc.save(os.path.join(staging, "vocab.json"))
+                meta["tokenizer"] = "vocab.json"
+            for split, (tokens, mask, offsets, labels, rows) in encoded.items():
+                np.savez(os.path.join(staging, f"{split}.npz"), tokens=np.array(tokens, np.int32),
+                         loss_mask=np.array(mask, bool), offsets=np.array(offsets, np.int64),
+                         labels=np.array(labels, np.int16))
+                if split != "train":  # a held-out split: eval.py reads its prompts and answers as text
+                    Path(staging, f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            Path(staging, "meta.json").write_text(json.dumps(meta, indent=1))
+            installed = install(staging, out_dir, overwrite)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as e:  # a full disk, a read-only folder: one line, the previous dataset kept
+        raise write_error(out_dir, e) from None
+    if not installed:
+        print(f"{out_dir}: already prepared with these settings, left as it is")
+        return
     for split, (tokens, _, offsets, _, rows) in encoded.items():
         lens = np.diff(offsets)
         print(f"{out_dir}/{split}.npz: {len(rows)} examples ({len(splits[split]) - len(rows)} dropped over "
               f"max_len={max_len}), {len(tokens)} tokens, length mean {lens.mean():.0f} max {lens.max()}")
 
 
+def encode_split(enc, split, examples, classes, max_len, out_dir):
+    """(tokens, loss mask, offsets, labels, held-out rows) of one split; ValueError if it would be empty
+    (training would wait forever for a batch, evaluation would have nothing to score)."""
+    tokens, mask, offsets, labels, rows, end = [], [], [0], [], [], end_token(enc)
+    for ex in examples:
+        prompt, ids, answer_mask, answer = encode_example(enc, ex, end)
+        if max_len and split == "train" and len(ids) > max_len:
+            continue
+        tokens += ids
+        mask += answer_mask
+        offsets.append(len(tokens))
+        labels.append(classes.index(ex["label"]))
+        rows.append(dict(prompt=prompt, answer=answer, final=ex.get("final"), label=ex["label"], **ex.get("fields", {})))
+    if not rows:
+        raise ValueError(f"the {split} split of {out_dir} would have no examples: " + (
+            f"all {len(examples)} are longer than max_len={max_len} tokens, raise --max_len" if examples else
+            "the source gave none for it, check the source data and the split sizes asked for"))
+    return tokens, mask, offsets, labels, rows
+
+
 def install(staging, out_dir, overwrite):
-    """Move the prepared files of `staging` into out_dir. A dataset already there is kept when it is the
-    same (returns False), refused when it differs unless overwrite (a checkpoint trained on it reads its
-    vocabulary), else removed first, so that no stale split stays behind. meta.json goes last: it marks
-    a whole folder."""
+    """Move the files of `staging` into out_dir; False (nothing moved) when out_dir already holds the same
+    dataset. A different one is refused unless overwrite, then removed first, so no stale split stays
+    behind. meta.json goes last: it marks a whole folder."""
     if os.path.isfile(os.path.join(out_dir, "meta.json")):
         if same_dataset(out_dir, staging):
             return False
@@ -166,19 +168,44 @@ def install(staging, out_dir, overwrite):
 
 
 def same_dataset(old_dir, new_dir):
-    """Whether the prepared folder old_dir holds exactly the files of new_dir (npz compared by their arrays:
-    the zip's own bytes carry timestamps)."""
+    """Whether old_dir holds exactly the files of new_dir (npz compared by their arrays: the zip's own bytes
+    carry timestamps; a damaged old one differs)."""
     for name in os.listdir(new_dir):
         old, new = os.path.join(old_dir, name), os.path.join(new_dir, name)
         if not os.path.isfile(old):
             return False
         if name.endswith(".npz"):
-            with np.load(old) as a, np.load(new) as b:
-                if sorted(a.files) != sorted(b.files) or not all(np.array_equal(a[k], b[k]) for k in b.files):
-                    return False
+            try:
+                a, b = read_npz(old), read_npz(new)
+            except ValueError:
+                return False
+            if a.keys() != b.keys() or not all(np.array_equal(a[k], b[k]) for k in b):
+                return False
         elif Path(old).read_bytes() != Path(new).read_bytes():
             return False
     return True
+
+
+def read_npz(path):
+    """The arrays of a prepared .npz file; a truncated or damaged one is a ValueError naming it."""
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, EOFError, KeyError, ValueError) as e:
+        raise ValueError(f"{path} is truncated or damaged ({type(e).__name__}); re-run the prepare script that "
+                         "wrote it, with --overwrite") from None
+
+
+def read_prepared(folder, split):
+    """meta.json and the arrays of {split}.npz of a prepared folder; one line naming what is missing."""
+    if not os.path.isfile(os.path.join(folder, "meta.json")):
+        why = "holds no meta.json" if os.path.isdir(folder) else "does not exist"
+        raise FileNotFoundError(f"the dataset folder {folder} {why}: write it with python -m data.<task>.prepare "
+                                "(its --out), or name a prepared folder")
+    path = os.path.join(folder, f"{split}.npz")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {folder} has no {split} split; name a folder prepared with one")
+    return read_json(os.path.join(folder, "meta.json")), read_npz(path)
 
 
 class TokenDataset:
@@ -189,11 +216,10 @@ class TokenDataset:
         data_dirs = [data_dirs] if isinstance(data_dirs, str) else list(data_dirs)
         self.classes, parts = [], []
         for d in data_dirs:
-            with open(os.path.join(d, "meta.json")) as f:
-                meta = json.load(f)
+            meta, z = read_prepared(d, split)
             path = os.path.join(d, meta["tokenizer"])
             tok = path if os.path.exists(path) else meta["tokenizer"]
-            key = (Path(tok).read_text() if os.path.isfile(tok) else tok, meta["chat"], meta["eot"])
+            key = (Path(tok).read_bytes() if os.path.isfile(tok) else tok, meta["chat"], meta["eot"])
             if not parts:
                 self.key, self.tokenizer_path, self.meta = key, tok, meta
             elif key != self.key:
@@ -201,7 +227,6 @@ class TokenDataset:
                                  f"{self.tokenizer_path!r}: prepare every folder with the same --tokenizer (for char, "
                                  f"pass the first folder's vocab.json as the --tokenizer of the others)")
             self.classes += [c for c in meta["classes"] if c not in self.classes]
-            z = np.load(os.path.join(d, f"{split}.npz"))
             if not len(z["labels"]):  # written by hand or before write_dataset refused empty splits
                 raise ValueError(f"{d}/{split}.npz has no examples: prepare {d} again with more examples "
                                  "(or a larger --max_len)")

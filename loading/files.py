@@ -1,7 +1,6 @@
-"""The one writer for every file the tools write: a temp file beside the target, flushed to disk,
-then renamed over it (readers see the old file or the new one, never half of one; a full disk or an
-interrupt leaves the old file and no temp file), and the check of a user-named output path made
-before any work, so that a long run never ends in a refused or failed write.
+"""The one writer: a temp file beside the target, flushed to disk, then renamed over it (readers see the
+old file or the new one, never half of one), and the check of a user-named output path made before any
+work, so that a long run never ends in a refused or failed write.
 
     check_output(path, "--out", overwrite, ours=is_bench_json)   # before the work
     write_atomic(path, lambda f: f.write(text.encode()))         # after it
@@ -15,9 +14,8 @@ class OutputError(ValueError):
 
 
 def check_output(path, option, overwrite=False, ours=None):
-    """Refuse `path` (given as `option`) before any work: a folder, a folder that does not exist or
-    cannot be written, or an existing file that is not this tool's output (ours(path) is False) unless
-    overwrite is asked for. Returns path."""
+    """Refuse `path` (given as `option`) before any work: a folder, a missing or read-only folder, or an
+    existing file that is not this tool's output (ours(path) is False) unless overwrite. Returns path."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise OutputError(f"{option} {path} is a folder; name a file in it")
@@ -31,10 +29,18 @@ def check_output(path, option, overwrite=False, ours=None):
     return path
 
 
+def write_error(path, e):
+    """The OutputError for an OSError `e` met while writing `path` (a file or a folder), which is kept."""
+    why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+           errno.EACCES: "permission denied"}.get(e.errno, e.strerror or str(e))
+    kept = f"the previous {'folder' if os.path.isdir(path) else 'file'} is unchanged" if os.path.exists(path) \
+        else "nothing was written"
+    return OutputError(f"cannot write {path}: {why}; {kept}")
+
+
 def write_atomic(path, write):
-    """Call write(f) on a binary temp file beside `path`, flush it to disk and rename it over `path`.
-    An OSError (a full disk, a read-only file system) becomes one OutputError naming the file; the
-    old file, if any, is kept and the temp file removed, also on Ctrl-C."""
+    """Call write(f) on a binary temp file beside `path`, flush it to disk and rename it over `path`. On
+    an OSError (write_error) or Ctrl-C the old file is kept and the temp file removed."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -46,8 +52,5 @@ def write_atomic(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-                   errno.EACCES: "permission denied"}.get(e.errno, e.strerror or str(e))
-            kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
-            raise OutputError(f"cannot write {path}: {why}; {kept}") from None
+            raise write_error(path, e) from None
         raise

@@ -238,6 +238,10 @@ def test_gsm8k_slice(tmp_path):
     ("arithmetic", ["--n_test", "0"], ["--n_test must be >= 1"]),
     ("pycode", ["--tokenizer", "nonsense"], ["unknown tokenizer 'nonsense'"]),
     ("gsm8k", ["--src", "/nonexistent"], ["/nonexistent/train.jsonl not found"]),
+    ("gsm8k", ["--limit", "-3"], ["--limit must be >= 1, not -3"]),
+    ("arithmetic", ["--digits", "-1"], ["--digits must be >= 1, not -1"]),
+    ("pycode", ["--max_lines", "0"], ["--max_lines must be >= 1, not 0"]),
+    ("pycode", ["--max_lines", "2"], ["--max_lines 2", "raise --max_lines"]),
 ])
 def test_prepare_bad_options_exit_2_with_one_line(task, args, words, tmp_path):
     result = subprocess.run([sys.executable, "-m", f"data.{task}.prepare", *args,
@@ -246,3 +250,85 @@ def test_prepare_bad_options_exit_2_with_one_line(task, args, words, tmp_path):
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert all(word in lines[0] for word in words)
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("task, default", [("arithmetic", "max digits per operand (default: 3)"),
+                                           ("gsm8k", "(default: 1024)"), ("humaneval", "(default: smollm2-135m)"),
+                                           ("pycode", "(default: 40)"), ("smoltalk", "(default: 100)")])
+def test_prepare_help_shows_the_defaults(task, default):
+    result = subprocess.run([sys.executable, "-m", f"data.{task}.prepare", "-h"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and default in " ".join(result.stdout.split()), result.stdout
+
+
+def test_prepare_out_naming_a_file_is_one_line(tmp_path):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    result = subprocess.run([sys.executable, "-m", "data.arithmetic.prepare", "--out", str(mine)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr == f"error: --out {mine} is a file; name a folder for the prepared dataset\n"
+    assert mine.read_text() == "mine"
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    return arithmetic.prepare("char", out=str(tmp_path / "data"), n_train=20, n_test=5, digits=1, ops="+")
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("missing_folder", ["the dataset folder", "does not exist", "python -m data.<task>.prepare"]),
+    ("no_meta", ["holds no meta.json"]),
+    ("truncated_npz", ["train.npz is truncated or damaged (BadZipFile); re-run the prepare script"]),
+    ("vocab_not_utf8", ["vocab.json is not valid JSON (not UTF-8 text)"]),
+    ("meta_not_json", ["meta.json is not valid JSON"]),
+])
+def test_a_missing_or_damaged_prepared_folder_is_named(prepared, damage, words):
+    """train.py's --datasets and eval.py's --data read folders through TokenDataset: one line, naming the file."""
+    folder = prepared + "-gone" if damage == "missing_folder" else prepared
+    if damage == "no_meta":
+        os.remove(os.path.join(prepared, "meta.json"))
+    if damage == "truncated_npz":
+        path = os.path.join(prepared, "train.npz")
+        open(path, "r+b").truncate(os.path.getsize(path) // 2)
+    if damage == "vocab_not_utf8":
+        open(os.path.join(prepared, "vocab.json"), "wb").write(b"\xff\xfe{")
+    if damage == "meta_not_json":
+        open(os.path.join(prepared, "meta.json"), "w").write('{"tokenizer":')
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        TokenDataset([folder], "train")
+    assert all(word in str(e.value) for word in words), str(e.value)
+
+
+def test_train_names_a_dataset_folder_that_does_not_exist(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--init_from=scratch", "--method=ar", "--n_layer=1",
+                             "--n_embd=16", "--n_head=2", f"--out_dir={tmp_path / 'out'}",
+                             f"--datasets=['{tmp_path / 'nope'}']"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"error: the dataset folder {tmp_path / 'nope'} does not exist") \
+        and result.stderr.count("\n") == 1
+
+
+def test_prepare_again_replaces_a_truncated_split_only_with_overwrite(prepared):
+    path = os.path.join(prepared, "train.npz")
+    open(path, "r+b").truncate(os.path.getsize(path) // 2)
+    with pytest.raises(ValueError, match="pass --overwrite"):
+        arithmetic.prepare("char", out=prepared, n_train=20, n_test=5, digits=1, ops="+")
+    arithmetic.prepare("char", out=prepared, n_train=20, n_test=5, digits=1, ops="+", overwrite=True)
+    assert len(TokenDataset([prepared], "train")) == 20
+
+
+def test_ctrl_c_in_prepare_is_one_line_exit_130_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from data import dataset, prepare_common
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataset.np, "savez", interrupt)  # mid-write
+    out = tmp_path / "data"
+    monkeypatch.setattr(sys, "argv", ["prepare.py", "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        prepare_common.run(prepare_common.command_line("", "arithmetic", "char", "t"),
+                           lambda **options: arithmetic.prepare(n_train=20, n_test=5, **options))
+    assert e.value.code == 130 and capsys.readouterr().err == "error: interrupted; nothing was written\n"
+    assert os.listdir(tmp_path) == []  # no staging folder either

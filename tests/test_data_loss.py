@@ -77,3 +77,22 @@ def test_a_checkpoint_with_a_non_finite_weight_is_never_written(tmp_path):
     with pytest.raises(ValueError, match="no checkpoint was written"):
         save_checkpoint(str(tmp_path / "new.pt"), dict(state_dict={"w": torch.tensor([float("inf")])}))
     assert not (tmp_path / "new.pt").exists()
+
+
+def test_a_full_disk_during_prepare_keeps_the_prepared_folder(tmp_path, monkeypatch):
+    """data/dataset.py stages the folder beside it and moves it in whole: a failed write is one line and
+    leaves the previous dataset as it was (simulated: np.savez writes half a file, then ENOSPC)."""
+    from data import dataset
+    from test_data import arithmetic
+    out = arithmetic.prepare("char", out=str(tmp_path / "data"), n_train=20, n_test=5, digits=1, ops="+")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()}
+
+    def full_disk(path, **arrays):
+        open(path, "wb").write(b"half of it")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dataset.np, "savez", full_disk)
+    with pytest.raises(OutputError, match=f"^cannot write {out}: the disk is full; the previous folder is unchanged$"):
+        arithmetic.prepare("char", out=out, n_train=30, n_test=5, digits=1, ops="+", overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()} == before
+    assert os.listdir(tmp_path) == ["data"]

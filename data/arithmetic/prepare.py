@@ -17,7 +17,7 @@ import os
 import random
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-from data.prepare_common import command_line, run, write_prepared
+from data.prepare_common import at_least, command_line, run, write_prepared
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
@@ -51,8 +51,8 @@ def make_problems(n, rng, digits, ops, exclude=frozenset()):
 def prepare(tokenizer="char", out=None, n_train=10000, n_test=500, n_confirm=0, digits=3, ops="+-*", seed=0,
             overwrite=False):
     """Generate, tokenize and write data/arithmetic/<tag>/ (or out). Returns the output folder."""
-    if min(n_train, n_test) < 1 or n_confirm < 0:
-        raise ValueError("--n_train and --n_test must be >= 1, --n_confirm >= 0")
+    at_least(1, n_train=n_train, n_test=n_test, digits=digits)
+    at_least(0, n_confirm=n_confirm)
     if not ops or not set(ops) <= set(OPS):
         raise ValueError(f"--ops {ops!r} must be some of {''.join(OPS)}")
     rng = random.Random(seed)
@@ -67,11 +67,11 @@ def prepare(tokenizer="char", out=None, n_train=10000, n_test=500, n_confirm=0, 
 
 if __name__ == "__main__":
     p = command_line(__doc__, HERE, "char", "char, gpt2, smollm2-135m, a HF tokenizer folder or a char vocab .json")
-    p.add_argument("--n_train", type=int, default=10000)
-    p.add_argument("--n_test", type=int, default=500)
+    p.add_argument("--n_train", type=int, default=10000, help="train problems")
+    p.add_argument("--n_test", type=int, default=500, help="test problems")
     p.add_argument("--n_confirm", type=int, default=0, help="size of a second held-out split, confirm, to check "
                    "a gain found on test (eval.py --split confirm)")
     p.add_argument("--digits", type=int, default=3, help="max digits per operand")
     p.add_argument("--ops", default="+-*", help="operators to use, a subset of +-*")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the draw of problems")
     run(p, prepare)

@@ -16,7 +16,7 @@ import os
 import re
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-from data.prepare_common import command_line, run, write_prepared
+from data.prepare_common import at_least, command_line, run, write_prepared
 from loading.pretrained import download_file
 
 URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
@@ -72,6 +72,8 @@ def to_example(row):
 
 def prepare(tokenizer="smollm2-135m", out=None, src=None, max_len=1024, limit=None, overwrite=False):
     """Tokenize GSM8K into data/gsm8k/<tag>/ (or out). Returns the output folder."""
+    at_least(0, max_len=max_len)
+    at_least(1, limit=limit)
     splits = {s: [to_example(r) for r in read_split(s, src)[:limit]] for s in ("train", "test")}
     return write_prepared(HERE, out, tokenizer, splits, classes=["math"], max_len=max_len, overwrite=overwrite)
 

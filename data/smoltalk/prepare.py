@@ -21,7 +21,7 @@ import os
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-from data.prepare_common import add_out, command_line, run, write_prepared
+from data.prepare_common import add_out, at_least, command_line, run, write_prepared
 from loading.pretrained import download_file
 
 REPO_ID = "HuggingFaceTB/smoltalk"
@@ -89,6 +89,8 @@ def prepare(tokenizer="smollm2-135m", subsets=tuple(SUBSETS), out=None, src=None
             limit=None, n_test=100, overwrite=False):
     """Tokenize the subsets into data/smoltalk/<tag>/ (or out): train = their train splits (the first `limit`
     of each), test = the first n_test of each test split. Returns the output folder."""
+    at_least(0, max_len=max_len)
+    at_least(1, limit=limit, n_test=n_test)
     unknown = [s for s in subsets if s not in SUBSETS]
     if unknown:
         raise ValueError(f"unknown --subsets {', '.join(unknown)}; known: {', '.join(SUBSETS)}")
