@@ -1,47 +1,20 @@
 """
 Speed and memory of L2D next to its base model and the two finetuning baselines (docs/method.md, sec. 4-5).
 
-    python -m harness.bench                                         # SmolLM2-135M, generation and training
-    python -m harness.bench --what gen --batch_sizes 1 --steps 1,8 --new_tokens 8
-    python -m harness.bench --what train --batch 4 --seq 128 --train_reps 3
-    python -m harness.bench --what train --data data/gsm8k/smollm2-135m --batch 8 --seq 512   # a real GSM8K batch
-    python -m harness.bench --init_from scratch --new_tokens 2 --eval_reps 2 --train_reps 1     # smoke test, seconds
-    python -m harness.bench --threads 1 --new_tokens 4 --eval_reps 20 --batch 4 --seq 128 --train_reps 3  # README, ~6 min
+    python -m harness.bench --threads 1                                                    # SmolLM2-135M: gen and train
+    python -m harness.bench --init_from scratch --new_tokens 2 --eval_reps 2 --train_reps 1    # smoke test, seconds
     python -m harness.bench --what ar2diff --threads 1 --answer_lens 16,64,256,1024        # AR2Diff against AR decoding
-    python -m harness.bench --dtypes float32                                                # without the bf16 rows
 
-Every measurement is taken in each --dtypes number format (default float32 and bfloat16, precision.py), side
-by side and interleaved, each with its own copy of the base stored as the scripts store it: for generation
-every weight in that dtype, for training the frozen ones (what trains stays float32). The first line names
-the CPU and its bf16 matmul instructions (AMX, AVX-512 BF16, or none: bf16 emulated, tens of times slower).
-
-Generation (greedy, --solver midpoint): the diffusion path around the frozen base, its zero-initialised
-heads (merge gate, modulation, LoRA B) set to small random values so that nothing is trivially zero
-(compute does not depend on the values anyway), its LoRA then merged into its weights as sample.py and
-eval.py do. A random prompt of --prompt_len tokens, repeated over the batch; per generated token: the
-ODE plus one base step (steps=1: the base alone, NFE 0). One decoding per step count, advanced one token
-at a time round-robin; the median over the --new_tokens tokens is reported (the prefill is not timed).
-  decode step: one base decoding step (trunk on one token + head) and one path evaluation (predict at
-               the last position, its (t, label) conditioning cached as generation does) on the same
-               cache, interleaved; path/base is the cost of one NFE; "merged" is the path evaluation with
-               its LoRA folded into its weights (lora.merge_lora), as sample.py and eval.py generate;
-               "x fp32" divides by the float32 path evaluation at that batch size.
-Training: forward + backward + clip + AdamW as train.py does it, on one random batch, for the L2D path
-(variants lora and full, sharing one frozen base), LoRA on the base and the full base (own copies),
-timed round-robin. FLOPs per step come from FlopCounterMode (matmuls and attention, the latter dense,
-not halved for causality); achieved GFLOP/s is compared to a large matmul in the same dtype on this
-machine; "x fp32" is the step's time over the same method's float32 step.
-AR2Diff (--what ar2diff): the seconds to write an answer of L tokens after the random prompt, batch 1, the
-same model: AR decoding (greedy, KV cache, L steps of one token) against AR2Diff (--ar2diff_steps passes
-over the whole L-token span, for each of --ar2diff_samples K candidates, + 1 scoring pass when K > 1),
-interleaved, the median of --ar2diff_reps; speed-up = AR's time / AR2Diff's. (The weights do not matter
-for speed: they are the base's, not a trained AR2Diff's.)
-Peak memory: each method and dtype in a fresh subprocess (peak RSS over the RSS before the first step on CPU,
-torch.cuda.max_memory_allocated on CUDA). Timings on a shared machine are noisy: read the ratios; on
-an oversubscribed CPU, --threads 1 avoids the stalls of multi-threaded kernels waiting for each other.
-
-This file is the command line: the options and their checks, the machine's description, the memory
-worker's subprocess and the tables; the measurements themselves are in benchmarks.py.
+Every measurement is taken in each --dtypes format side by side, interleaved, each with its own copy of
+the base stored as the scripts store it; the first line names the CPU and its bf16 matmul instructions
+(none: bf16 is emulated, tens of times slower). The tables (how each is measured: benchmarks.py):
+  decode step   one base decoding step against one path evaluation (the cost of one NFE), the latter also
+                with its LoRA merged into its weights, as sample.py and eval.py generate.
+  generation    time per new token at each --steps (greedy, --solver): the ODE plus one base step.
+  ar2diff       seconds to write an L-token answer: AR decoding against AR2Diff's passes over the span.
+  training      one train.py step per method: its time, FLOPs (FlopCounterMode) against a large matmul's
+                GFLOP/s, and its peak memory, each method and dtype in a fresh process.
+Timings on a shared machine are noisy: read the ratios; --threads 1 avoids multi-threaded stalls.
 """
 
 import gc
@@ -52,10 +25,11 @@ import sys
 
 import torch
 
-from harness.benchmarks import (bench_ar2diff, bench_generation, bench_training, frozen_base, load_model, matmul_peak,
-                        memory_worker, torch_dtype, weight_mb)
+from harness.benchmarks import (base_model, bench_ar2diff, bench_generation, bench_training, frozen_base, matmul_peak,
+                                memory_worker, torch_dtype, weight_mb)
 from loading.files import check_output, write_atomic
 from configurator import UsageError, configure, fail, parse_list
+from data.dataset import TokenDataset
 from loading.precision import DTYPES, cpu_bf16_support, resolve_device
 from solvers import SOLVERS
 
@@ -78,8 +52,7 @@ OPTIONS = dict(
     # AR2Diff against AR decoding (--what ar2diff)
     answer_lens=(None, "answer lengths L to write; None: 16,64,256,1024"),
     ar2diff_steps=(10, "AR2Diff's refinement steps (the paper: 10)"),
-    ar2diff_samples=(None, "AR2Diff's candidates K; None: 1,8"),
-    ar2diff_reps=(1, "timed answers per length and decoder (the median is reported)"),
+    ar2diff_candidates=(None, "AR2Diff's candidates K; None: 1,8"),
     # training
     methods=(None, "which to time, one or a list; None: l2d-lora,l2d-full,lora,full"),
     batch=(8, "examples per training step"),
@@ -89,34 +62,32 @@ OPTIONS = dict(
     matmul_n=(2048, "size of the square float32 matmul that measures this machine's GFLOP/s"),
     data=("", "a prepared folder (e.g. data/gsm8k/smollm2-135m): its first batch, not random tokens"),
     lora_rank=(32, "rank of the LoRA adapters (lora, and the l2d-lora path)"),
-    lora_alpha=(32.0, "LoRA scale: the update is multiplied by lora_alpha / lora_rank"),
     flow_dim=(256, "width d_f of the diffused token space"),
     # --init_from scratch: a random GPT of this shape
     family=("llama", "llama (RMSNorm, RoPE, SwiGLU) or gpt2 (LayerNorm, learned positions, GELU)"),
     n_layer=(2, "transformer blocks"),
     n_head=(4, "attention heads (must divide n_embd)"),
-    n_kv_head=(0, "key/value heads of grouped-query attention; 0: n_head"),
     n_embd=(64, "hidden width"),
     vocab_size=(256, "tokens in the vocabulary"),
     block_size=(1024, "positions, at least prompt_len + new_tokens and seq"),
     _memory_worker=("", "internal: measure one method's training memory and print it as JSON"),
 )
 LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], batch_sizes=[1, 16], methods=["l2d-lora", "l2d-full", "lora", "full"],
-                     answer_lens=[16, 64, 256, 1024], ar2diff_samples=[1, 8], dtypes=["float32", "bfloat16"])
+                     answer_lens=[16, 64, 256, 1024], ar2diff_candidates=[1, 8], dtypes=["float32", "bfloat16"])
 METHODS = LIST_DEFAULTS["methods"]
 
 
 def check(cfg):
     cfg["what"] = parse_list("what", cfg["what"], str, []) if cfg["what"] else []
-    for key, kind in (("steps", int), ("batch_sizes", int), ("methods", str), ("answer_lens", int), ("ar2diff_samples", int),
+    for key, kind in (("steps", int), ("batch_sizes", int), ("methods", str), ("answer_lens", int), ("ar2diff_candidates", int),
                       ("dtypes", str)):
         cfg[key] = parse_list(key, cfg[key], kind, LIST_DEFAULTS[key])
     if unknown := set(cfg["dtypes"]) - set(DTYPES[1:]):
         raise UsageError(f"unknown --dtypes {sorted(unknown)}; use {', '.join(DTYPES[1:])}")
     if not set(cfg["what"]) <= {"gen", "train", "ar2diff"} or not cfg["what"]:
         raise UsageError(f"--what takes gen, train, ar2diff or several (gen,train), got {cfg['what']}")
-    if min(cfg["answer_lens"] + cfg["ar2diff_samples"] + [cfg["ar2diff_steps"], cfg["ar2diff_reps"]]) < 1:
-        raise UsageError("--answer_lens, --ar2diff_samples, --ar2diff_steps and --ar2diff_reps must be >= 1")
+    if min(cfg["answer_lens"] + cfg["ar2diff_candidates"] + [cfg["ar2diff_steps"]]) < 1:
+        raise UsageError("--answer_lens, --ar2diff_candidates and --ar2diff_steps must be >= 1")
     if unknown := set(cfg["methods"]) - set(METHODS):
         raise UsageError(f"unknown --methods {sorted(unknown)}; use {', '.join(METHODS)}")
     if cfg["solver"] not in SOLVERS or cfg["solver"] == "dopri5":
@@ -127,6 +98,10 @@ def check(cfg):
         raise UsageError("--eval_reps, --train_reps and --mem_steps must be >= 1")
     if min(cfg["matmul_n"], cfg["lora_rank"], cfg["flow_dim"]) < 1 or cfg["threads"] < 0:
         raise UsageError("--matmul_n, --lora_rank and --flow_dim must be >= 1, --threads >= 0 (0: torch's default)")
+    examples = len(TokenDataset(cfg["data"], "train")) if cfg["data"] else cfg["batch"]  # --data: its first batch
+    if examples < cfg["batch"]:
+        raise UsageError(f"--data {cfg['data']} has {examples} training examples, fewer than --batch {cfg['batch']}: "
+                         "lower --batch or prepare more examples")
     if cfg["out"] and not cfg["_memory_worker"]:
         check_output(cfg["out"], "--out", cfg["overwrite"], ours=is_bench_json)
     return cfg
@@ -188,7 +163,7 @@ def main(argv=None):
     if "bfloat16" in cfg["dtypes"] and not cfg["device"].startswith("cuda") and info["cpu_bf16"] == "none":
         print("warning: this CPU has no bf16 matmul instructions: the bfloat16 rows are emulated and take tens of "
               "times longer than the float32 ones; --dtypes float32 leaves them out")
-    base = load_model(cfg).eval()
+    base = base_model(cfg).eval()
     longest = cfg["prompt_len"] + max([cfg["new_tokens"]] + (cfg["answer_lens"] if "ar2diff" in cfg["what"] else []))
     if longest > base.config.block_size or cfg["seq"] > base.config.block_size:
         raise UsageError(f"--prompt_len + --new_tokens (or --answer_lens) and --seq must fit the model's "
@@ -212,9 +187,9 @@ def main(argv=None):
                              ("x steps=1", "vs_steps1", "{:.2f}"), ("1+NFE*merged/base", "predicted_vs_steps1", "{:.2f}")])
     if "ar2diff" in cfg["what"]:
         results["ar2diff"] = rows = bench_ar2diff(base, cfg)
-        table(f"Writing an answer of L tokens, batch 1 (prompt {cfg['prompt_len']} tokens; median of {cfg['ar2diff_reps']}, "
+        table(f"Writing an answer of L tokens, batch 1 (prompt {cfg['prompt_len']} tokens, "
               f"interleaved): AR decoding against AR2Diff, {cfg['ar2diff_steps']} steps", rows,
-              [("L", "answer_len", "{}"), ("K", "samples", "{}"), ("passes", "passes", "{}"), ("AR s", "ar_s", "{:.3f}"),
+              [("L", "answer_len", "{}"), ("K", "candidates", "{}"), ("passes", "passes", "{}"), ("AR s", "ar_s", "{:.3f}"),
                ("AR2Diff s", "ar2diff_s", "{:.3f}"), ("AR tok/s", "ar_tokens_per_s", "{:.1f}"),
                ("AR2Diff tok/s", "ar2diff_tokens_per_s", "{:.1f}"), ("speed-up", "speedup", "{:.2f}")])
     if "train" in cfg["what"]:

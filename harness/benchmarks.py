@@ -1,9 +1,7 @@
 """
-The measurements behind bench.py: generation (one decoding step, time per token), AR2Diff against AR
-decoding, training steps and their FLOPs, and the memory worker bench.py runs in a fresh process per
-method and dtype. bench.py keeps the command line, its checks, the machine's description and the tables;
-what is measured and how (docs in bench.py's docstring) lives here, each function taking bench.py's
-checked config `cfg`, so that a test or a notebook can time one thing without the command line.
+The measurements behind bench.py (its command line and tables): generation, AR2Diff against AR decoding,
+training steps with their FLOPs, and the memory worker bench.py runs in a fresh process per method and
+dtype. Each takes bench.py's checked config `cfg`, so a test can time one thing without the command line.
 """
 
 import copy
@@ -19,12 +17,13 @@ from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
 import train
 from ar2diff import AR2Diff, AR2DiffConfig
-from loading.checkpoint import load_base
+from configurator import defaults
+from data.dataset import TokenDataset
 from diffusion import L2D, L2DConfig
+from loading.checkpoint import load_base
+from loading.precision import autocast, store_weights
 from lora import add_lora, merge_lora
 from model import GPT, GPTConfig, KVCache
-from configurator import defaults
-from loading.precision import autocast, store_weights
 
 # torch counts attention on CUDA but not its CPU kernel: count that the same way (dense q k^T and p v).
 aten = torch.ops.aten
@@ -67,17 +66,17 @@ def weight_mb(model):
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
-def load_model(cfg):
+def base_model(cfg):
+    """The base to measure: --init_from by name or path, or (scratch) a random GPT of the given shape."""
     if cfg["init_from"] != "scratch":
         return load_base(cfg["init_from"])[0].to(cfg["device"])
     torch.manual_seed(cfg["seed"])
     return GPT(GPTConfig(family=cfg["family"], block_size=cfg["block_size"], vocab_size=cfg["vocab_size"],
-                         n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_kv_head=cfg["n_kv_head"],
-                         n_embd=cfg["n_embd"])).to(cfg["device"])
+                         n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"])).to(cfg["device"])
 
 
 def l2d_config(cfg, variant):
-    return L2DConfig(variant=variant, flow_dim=cfg["flow_dim"], lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"])
+    return L2DConfig(variant=variant, flow_dim=cfg["flow_dim"], lora_rank=cfg["lora_rank"])
 
 
 # --- generation --------------------------------------------------------------------------------------
@@ -183,21 +182,18 @@ def bench_ar2diff(base, cfg):
     def writers(L):  # each decoder of an L-token answer, by name: "ar", or AR2Diff's K
         model = AR2Diff(base, AR2DiffConfig(answer_len=L, vocab_size=base.config.vocab_size)).eval()
         named = {"ar": lambda: sum(1 for _ in base.generate(prompt, L, temperature=0))}
-        return named | {K: lambda K=K: model.generate(prompt, steps=steps, samples=K) for K in cfg["ar2diff_samples"]}
+        return named | {K: lambda K=K: model.generate(prompt, steps=steps, samples=K) for K in cfg["ar2diff_candidates"]}
 
     rows = []
     with torch.inference_mode():
         for write in writers(min(cfg["answer_lens"])).values():  # warm-up
             write()
         for L in cfg["answer_lens"]:
-            times = {name: [] for name in writers(L)}
-            for _ in range(cfg["ar2diff_reps"]):
-                for name, write in writers(L).items():  # interleaved
-                    times[name].append(timed(write, device)[0])
-            ar_s = statistics.median(times["ar"])
-            for K in cfg["ar2diff_samples"]:
-                s = statistics.median(times[K])
-                rows.append(dict(answer_len=L, samples=K, steps=steps, passes=steps + (K > 1), ar_s=ar_s, ar2diff_s=s,
+            seconds = {name: timed(write, device)[0] for name, write in writers(L).items()}  # interleaved
+            ar_s = seconds["ar"]
+            for K in cfg["ar2diff_candidates"]:
+                s = seconds[K]
+                rows.append(dict(answer_len=L, candidates=K, steps=steps, passes=steps + (K > 1), ar_s=ar_s, ar2diff_s=s,
                                  ar_tokens_per_s=L / ar_s, ar2diff_tokens_per_s=L / s, speedup=ar_s / s))
     return rows
 
@@ -215,7 +211,7 @@ def build_trainer(method, base, cfg, dtype=torch.float32):
     if method.startswith("l2d"):
         model = L2D(base, l2d_config(cfg, method.split("-")[1]))
     elif method == "lora":
-        model = add_lora(copy.deepcopy(base), cfg["lora_rank"], cfg["lora_alpha"])
+        model = add_lora(copy.deepcopy(base), cfg["lora_rank"])
     else:
         model = copy.deepcopy(base).requires_grad_(True)
     model = store_weights(model.to(cfg["device"]).train(), dtype, frozen_only=True)
@@ -235,7 +231,6 @@ def train_step(model, optimizer, x, y, mixed):
 def training_batch(cfg, vocab_size):
     torch.manual_seed(cfg["seed"])
     if cfg["data"]:  # a real batch: the first --batch examples, targets on answer tokens only
-        from data.dataset import TokenDataset
         x, y, _ = TokenDataset(cfg["data"], "train").get_batch(range(cfg["batch"]), cfg["seq"])
         return x.to(cfg["device"]), y.to(cfg["device"])
     # a random batch with a target at every position: the worst case for l2d
@@ -283,7 +278,7 @@ def memory_worker(cfg):
     """Build one method's model, then its peak memory over a few training steps (bytes, as JSON)."""
     method, dtype = cfg["_memory_worker"].split(":")
     dtype = torch_dtype(dtype)
-    base = load_model(cfg)
+    base = base_model(cfg)
     model, optimizer = build_trainer(method, frozen_base(base, dtype) if method.startswith("l2d") else base, cfg, dtype)
     x, y = training_batch(cfg, base.config.vocab_size)
     mixed = autocast(cfg["device"], dtype)

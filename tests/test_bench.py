@@ -97,12 +97,12 @@ def test_ar2diff_against_ar_decoding_on_a_tiny_model(one_thread, capsys):
 
     benchmarks.AR2Diff.denoise, benchmarks.AR2Diff.generate = counting, checked
     try:
-        rows = bench.main(TINY + ["--what=ar2diff", "--answer_lens=2,6", "--ar2diff_samples=1,3", "--ar2diff_steps=2",
+        rows = bench.main(TINY + ["--what=ar2diff", "--answer_lens=2,6", "--ar2diff_candidates=1,3", "--ar2diff_steps=2",
                                   "--out="])["ar2diff"]
     finally:
         benchmarks.AR2Diff.denoise, benchmarks.AR2Diff.generate = denoise, generate
     assert "AR decoding against AR2Diff" in capsys.readouterr().out
-    assert [(r["answer_len"], r["samples"], r["passes"]) for r in rows] == [(2, 1, 2), (2, 3, 3), (6, 1, 2), (6, 3, 3)]
+    assert [(r["answer_len"], r["candidates"], r["passes"]) for r in rows] == [(2, 1, 2), (2, 3, 3), (6, 1, 2), (6, 3, 3)]
     # K = 1 makes 2 passes over 1 row, K = 3 makes 2 + 1 (the score) over 3 rows: a warm-up at L = 2, then each L
     per_answer = lambda L: [torch.Size([1, L])] * 2 + [torch.Size([3, L])] * 3
     assert counted == per_answer(2) + per_answer(2) + per_answer(6)
@@ -115,7 +115,7 @@ def test_ar2diff_against_ar_decoding_on_a_tiny_model(one_thread, capsys):
 @pytest.mark.parametrize("method", bench.METHODS)
 def test_bf16_trainers_keep_float32_masters_and_store_the_frozen_base_in_bf16(method, one_thread):
     cfg = bench.check(bench.configure(bench.OPTIONS, TINY))
-    base = benchmarks.load_model(cfg)
+    base = benchmarks.base_model(cfg)
     dtype = torch.bfloat16
     frozen = benchmarks.frozen_base(base, dtype) if method.startswith("l2d") else base
     model, _ = benchmarks.build_trainer(method, frozen, cfg, dtype)
@@ -132,7 +132,7 @@ def test_flop_count_of_a_full_training_step(family, one_thread):
     forward (4 B T^2 d per layer) and, as torch counts it, 10 B T^2 d backward (the scores are
     recomputed). Without benchmarks.py's formula for the CPU attention kernel, 14 B T^2 d L would be missing."""
     cfg = bench.check(bench.configure(bench.OPTIONS, TINY + [f"--family={family}"]))
-    base = benchmarks.load_model(cfg)
+    base = benchmarks.base_model(cfg)
     model, optimizer = benchmarks.build_trainer("full", base, cfg)
     B, T = 2, 64
     x, y = torch.randint(0, 64, (2, B, T))
@@ -144,7 +144,7 @@ def test_flop_count_of_a_full_training_step(family, one_thread):
 
 
 @pytest.mark.parametrize("flag", ["--what=sample", "--dtypes=bf16", "--methods=l2d,full", "--steps=0,2", "--solver=dopri5",
-                                  "--batch_sizes=one", "--eval_reps=0", "--answer_lens=0", "--ar2diff_samples=1,0"])
+                                  "--batch_sizes=one", "--eval_reps=0", "--answer_lens=0", "--ar2diff_candidates=1,0"])
 def test_bad_flags_are_usage_errors(flag):
     with pytest.raises(UsageError):
         bench.check(bench.configure(bench.OPTIONS, [flag]))
@@ -163,9 +163,18 @@ def test_memory_workers_see_their_own_training_memory(one_thread):
     a ~8M-parameter model that is ~100 MB more. (A peak read from ru_maxrss would be the parent's.)"""
     cfg = bench.check(bench.configure(bench.OPTIONS, TINY + ["--n_embd=512", "--threads=1"]))
     lora, full = bench.measure_memory(cfg, "lora"), bench.measure_memory(cfg, "full")
-    weights_mb = 4 * benchmarks.load_model(cfg).num_params() / 2**20
+    weights_mb = 4 * benchmarks.base_model(cfg).num_params() / 2**20
     assert full["increase_mb"] - lora["increase_mb"] > 2 * weights_mb
     assert full["peak_mb"] < full["before_mb"] + 10 * weights_mb
     # LoRA's frozen base stored in bf16: half its bytes, before the first step (the rest of the process is alike)
     lora_bf16 = bench.measure_memory(cfg, "lora", "bfloat16")
     assert lora["before_mb"] - lora_bf16["before_mb"] == pytest.approx(weights_mb / 2, rel=0.25)
+
+
+def test_data_with_fewer_examples_than_the_batch_is_one_line(tmp_path):
+    from data.arithmetic.prepare import prepare
+    data = prepare("char", out=str(tmp_path / "arith"), n_train=5, n_test=2, digits=1)
+    run = subprocess.run([sys.executable, "-m", "harness.bench", *TINY, "--what=train", f"--data={data}", "--batch=8",
+                          "--out="], cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr[-2000:]
+    assert run.stderr.startswith(f"error: --data {data} has 5 training examples, fewer than --batch 8")
