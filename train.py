@@ -15,36 +15,36 @@ init_from: scratch (a small GPT from the settings below), gpt2[-medium|-large|-x
            a local Hugging Face folder, the ckpt.pt of an ar/full/ar2diff run (as a base), or resume.
 batch_size is the global batch (examples per optimizer step), whatever the number of processes:
 each process runs batch_size / (micro_batch * world_size) micro-steps of gradient accumulation.
---init_from=resume continues out_dir's run: the model is its checkpoint's (rebuilt from the model keys),
-the base, data, seed and model settings its config's, the rest (lr, max_iters, ...) the command line's.
+--init_from=resume continues out_dir's run: its model is the checkpoint's, its MODEL_SETTINGS (base,
+data, seed, model shape) the checkpoint's config's, the rest (lr, max_iters, ...) the command line's.
 
-The steps, top to bottom: check_config, resume_from, load_data, build (the base and the method's model,
-from the command line or a checkpoint), restore, then train: train_step, evaluate, checkpoint_state.
+main() reads top to bottom: check the settings, build the model (fresh or from the checkpoint), then
+one loop: lr, micro-steps, update, log, and every eval_interval steps a validation loss and a checkpoint.
 """
 
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
-from tqdm import tqdm
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from ar2diff import AR2DiffConfig
-from loading.checkpoint import (base_of, build_model, check_dependencies, file_fingerprint, fingerprint, load_base, model_configs,
-                        read_checkpoint, save_checkpoint, trainable_state_dict, NonFiniteWeights)
 from configurator import UsageError, configure, fail
 from data.dataset import BatchSampler, TokenDataset
 from diffusion import L2DConfig, answer_positions, at_positions
-from model import GPT, GPTConfig
+from loading.checkpoint import (MODEL_KEYS, NonFiniteWeights, base_of, build_model, check_dependencies, file_fingerprint,
+                                fingerprint, load_base, read_checkpoint, save_checkpoint, trainable_state_dict)
 from loading.precision import DTYPES, autocast, resolve_device, resolve_dtype, store_weights
+from model import GPT, GPTConfig
 
-OPTIONS = dict(
-    out_dir=("out", "folder of ckpt.pt, saved at every evaluation"),
+# The settings that define a model and its run: a resumed run takes them from its checkpoint's config.
+MODEL_SETTINGS = dict(
     init_from=("smollm2-135m",
                "scratch, smollm2-135m, gpt2..., a HF folder, an ar/full ckpt.pt, or resume (out_dir's run)"),
     method=("l2d", "l2d, lora, full, ar or ar2diff (what each trains: see the docstring)"),
@@ -64,11 +64,14 @@ OPTIONS = dict(
     t_schedule=("uniform", "training's t per position: uniform in [0, 1], or cosmap-warped (sec. 3)"),
     guidance_classes=(False, "condition the path on the data's classes (for --guidance); off, as officially"),
     label_dropout=(0.2, "chance a token's class is replaced by null in training (guidance_classes)"),
-    self_guess=(0.0, "not the paper's: share of positions whose x_t carries the path's own first guess"),
     lora_rank=(32, "rank of the LoRA adapters"),
     lora_alpha=(32.0, "LoRA scale: the update B A x is multiplied by lora_alpha / lora_rank"),
     # AR2Diff (method=ar2diff)
     answer_len=(0, "tokens of the answer span refined as a whole (end-token padded); 0: the longest train answer"),
+)
+OPTIONS = dict(
+    MODEL_SETTINGS,
+    out_dir=("out", "folder of ckpt.pt, saved at every evaluation"),
     # optimisation (the paper: AdamW, peak lr 1e-4, 100 warmup steps, weight decay 0.01, clip 1.0);
     # the lr warms up from min_lr and decays back to it at lr_decay_iters (default: max_iters)
     batch_size=(32, "examples per optimizer step, over all processes"),
@@ -113,9 +116,8 @@ def check_config(cfg, world_size):
     if cfg["min_lr"] > cfg["learning_rate"]:
         raise UsageError(f"--min_lr {cfg['min_lr']:g} is above --learning_rate {cfg['learning_rate']:g}: the lr warms "
                          "up from min_lr to learning_rate; lower --min_lr")
-    for key in ("label_dropout", "self_guess"):
-        if not 0 <= cfg[key] <= 1:
-            raise UsageError(f"--{key} is a probability, in [0, 1]; got {cfg[key]}")
+    if not 0 <= cfg["label_dropout"] <= 1:
+        raise UsageError(f"--label_dropout is a probability, in [0, 1]; got {cfg['label_dropout']}")
     if cfg["dtype"] not in DTYPES:
         raise UsageError(f"unknown --dtype {cfg['dtype']!r}; use one of {', '.join(DTYPES)}")
     per_step = cfg["micro_batch"] * world_size
@@ -125,11 +127,13 @@ def check_config(cfg, world_size):
     # use them; built here from the command line, they refuse a bad value before anything is loaded.
     L2DConfig(variant=cfg["variant"], t_schedule=cfg["t_schedule"])
     GPTConfig(family=cfg["family"], n_head=cfg["n_head"], n_kv_head=cfg["n_kv_head"], n_embd=cfg["n_embd"])
-    existing = cfg["out_dir"]  # a file at out_dir, or above it, would only fail the first save, after training
+    existing = cfg["out_dir"]  # out_dir or its closest existing parent: a save there must not fail after training
     while existing and not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if existing and not os.path.isdir(existing):
         raise UsageError(f"out_dir {cfg['out_dir']}: {existing} is a file; pass a folder as --out_dir")
+    if not os.access(existing or ".", os.W_OK):
+        raise UsageError(f"out_dir {cfg['out_dir']}: {existing or '.'} is not writable; pass another --out_dir")
 
 
 def setup_distributed(device):
@@ -142,6 +146,84 @@ def setup_distributed(device):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return rank, world_size, device
+
+
+def resume(cfg, ckpt_path):
+    """The checkpoint a resumed run continues, its MODEL_SETTINGS copied into cfg; None for a fresh run
+    (which refuses to write over a checkpoint unless told to)."""
+    if cfg["init_from"] != "resume":
+        if os.path.exists(ckpt_path) and not cfg["overwrite"]:
+            raise UsageError(f"{ckpt_path} already exists; continue it with --init_from=resume, replace it with "
+                             "--overwrite=True, or pass another --out_dir")
+        return None
+    ckpt = read_checkpoint(ckpt_path)
+    if "guidance_classes" not in ckpt["config"]:  # saved before training followed the official code
+        raise UsageError(f"{ckpt_path} was trained with the earlier defaults (AdamW beta2 0.999, cosine lr, "
+                         "per-sequence label dropout); resuming would mix two recipes: train afresh "
+                         "(sample.py and eval.py still load it)")
+    for key, (default, _) in MODEL_SETTINGS.items():
+        cfg[key] = ckpt["config"].get(key, default)  # (a setting added after the checkpoint: its default)
+    return ckpt
+
+
+def load_data(cfg):
+    train_data, val_data = TokenDataset(cfg["datasets"], "train"), TokenDataset(cfg["datasets"], "test")
+    if len(train_data) < cfg["batch_size"]:  # (an empty split TokenDataset refuses itself)
+        raise UsageError(f"{len(train_data)} train examples in {', '.join(cfg['datasets'])}, fewer than one batch "
+                         f"(--batch_size {cfg['batch_size']}): each step would repeat examples; prepare more, or "
+                         "lower --batch_size")
+    return train_data, val_data
+
+
+def local_path(p):
+    return os.path.abspath(p) if os.path.exists(p) else p  # loadable from any directory
+
+
+def build(cfg, train_data, ckpt, ckpt_path):
+    """(model, spec, the base's parameter count). spec is what the model is, the checkpoint's MODEL_KEYS:
+    a resumed run's are its checkpoint's, a fresh run's come from the settings, the base and the data.
+    Either way the model is build_model(spec, base), as checkpoint.load builds it."""
+    if ckpt is not None:
+        spec = {key: ckpt.get(key) for key in MODEL_KEYS}
+        base = base_of(ckpt)[0]
+    else:
+        base = GPT(GPTConfig(family=cfg["family"], block_size=cfg["block_size"], vocab_size=train_data.vocab_size,
+                             n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_kv_head=cfg["n_kv_head"],
+                             n_embd=cfg["n_embd"])) if cfg["init_from"] == "scratch" else \
+            load_base(cfg["init_from"], cfg["block_size"])[0]
+        classes = train_data.classes if cfg["guidance_classes"] else []  # the class embedding's, if any
+        l2d = L2DConfig(variant=cfg["variant"], flow_dim=cfg["flow_dim"], sigma=cfg["sigma"], lora_rank=cfg["lora_rank"],
+                        lora_alpha=cfg["lora_alpha"], num_classes=len(classes), label_dropout=cfg["label_dropout"],
+                        t_schedule=cfg["t_schedule"]) if cfg["method"] == "l2d" else None
+        ar2diff = AR2DiffConfig(answer_len=cfg["answer_len"] or int(train_data.answer_lengths().max()),
+                                vocab_size=train_data.vocab_size, end_token=train_data.eot) \
+            if cfg["method"] == "ar2diff" else None
+        spec = dict(method=cfg["method"], init_from=local_path(cfg["init_from"]), model_config=asdict(base.config),
+                    l2d_config=l2d and asdict(l2d), ar2diff_config=ar2diff and asdict(ar2diff),
+                    lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], classes=classes)
+    spec["classes"] = spec["classes"] or []
+    check_fits(spec, train_data, cfg)
+    spec["base_fingerprint"] = fingerprint(base) if spec["method"] in ("l2d", "lora") else None  # a frozen base
+    if ckpt is not None:
+        check_dependencies(ckpt, ckpt_path, base if spec["base_fingerprint"] else None)
+    n_base = base.num_params()  # before LoRA wraps the base in place
+    return build_model(spec, base), spec, n_base
+
+
+def check_fits(spec, train_data, cfg):
+    """Refuse data the model cannot take: a larger vocabulary, or (ar2diff) a prompt and answer span longer
+    than its context."""
+    block_size, vocab_size = spec["model_config"]["block_size"], spec["model_config"]["vocab_size"]
+    if vocab_size < train_data.vocab_size:
+        raise UsageError(f"{cfg['datasets']} uses a vocabulary of {train_data.vocab_size} tokens but the model has "
+                         f"{vocab_size}; prepare the data with this model's tokenizer")
+    if spec["method"] == "ar2diff":
+        answer_len = spec["ar2diff_config"]["answer_len"]
+        longest_prompt = int((np.diff(train_data.offsets) - train_data.answer_lengths()).max())
+        if longest_prompt + answer_len > block_size:
+            raise UsageError(f"the longest train prompt ({longest_prompt} tokens) and the answer span (--answer_len "
+                             f"{answer_len}) do not fit block_size {block_size}: lower --answer_len, or raise "
+                             "--block_size")
 
 
 def lr_at(it, cfg):
@@ -172,150 +254,13 @@ def step_seed(cfg, it, micro):
     return cfg["seed"] * 1_000_003 + it * 1009 + micro
 
 
-# What a resumed run takes from its checkpoint's config rather than the command line: the run's base, data
-# and order, and the settings that shaped its model (kept so the saved config stays the run's; the model
-# itself is rebuilt from the checkpoint's model keys, see build).
-RUN_SETTINGS = ("method", "init_from", "datasets", "seed")
-MODEL_SETTINGS = ("family", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "variant", "flow_dim", "sigma",
-                  "t_schedule", "guidance_classes", "label_dropout", "self_guess", "lora_rank", "lora_alpha", "answer_len")
-# What a checkpoint says the model is (checkpoint.py rebuilds it from these); build adds base_fingerprint.
-MODEL_KEYS = ("method", "init_from", "model_config", "l2d_config", "ar2diff_config", "lora_rank", "lora_alpha", "classes")
-
-
-def resume_from(cfg, ckpt_path):
-    """The checkpoint a resumed run continues, its settings copied into cfg; None for a fresh run (which
-    refuses to write over a checkpoint unless told to)."""
-    if cfg["init_from"] != "resume":
-        if os.path.exists(ckpt_path) and not cfg["overwrite"]:
-            raise UsageError(f"{ckpt_path} already exists; continue it with --init_from=resume, replace it with "
-                             "--overwrite=True, or pass another --out_dir")
-        return None
-    ckpt = read_checkpoint(ckpt_path)
-    if "guidance_classes" not in ckpt["config"]:  # saved before training followed the official code
-        raise UsageError(f"{cfg['out_dir']}/ckpt.pt was trained with the earlier defaults (AdamW beta2 0.999, "
-                         "cosine lr, per-sequence label dropout); resuming would mix two recipes: train afresh "
-                         "(sample.py and eval.py still load it)")
-    for key in RUN_SETTINGS + MODEL_SETTINGS:
-        cfg[key] = ckpt["config"].get(key, OPTIONS[key][0])  # (answer_len: saved since AR2Diff)
-    return ckpt
-
-
-def load_data(cfg):
-    train_data = TokenDataset(cfg["datasets"], "train")
-    val_data = TokenDataset(cfg["datasets"], "test")
-    if len(train_data) < cfg["batch_size"]:  # (an empty split TokenDataset refuses itself)
-        raise UsageError(f"{len(train_data)} train examples in {', '.join(cfg['datasets'])}, fewer than one batch "
-                         f"(--batch_size {cfg['batch_size']}): each step would repeat examples; prepare more, or "
-                         "lower --batch_size")
-    return train_data, val_data
-
-
-def local_path(p):
-    return os.path.abspath(p) if os.path.exists(p) else p  # loadable from any directory
-
-
-def fresh_base(cfg, train_data):
-    """A fresh run's base: a small random GPT (scratch), or a pretrained one or an ar/full/ar2diff ckpt.pt's."""
-    if cfg["init_from"] == "scratch":
-        return GPT(GPTConfig(family=cfg["family"], block_size=cfg["block_size"], vocab_size=train_data.vocab_size,
-                             n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_kv_head=cfg["n_kv_head"], n_embd=cfg["n_embd"]))
-    return load_base(cfg["init_from"], cfg["block_size"])[0]
-
-
-def describe(cfg, train_data, base):
-    """A fresh run's model keys (MODEL_KEYS): what the method builds around `base`, from the command line
-    and the data."""
-    method = cfg["method"]
-    classes = train_data.classes if cfg["guidance_classes"] else []  # the class embedding's, if any
-    l2d_config = ar2diff_config = None
-    if method == "l2d":
-        l2d_config = L2DConfig(variant=cfg["variant"], flow_dim=cfg["flow_dim"], sigma=cfg["sigma"],
-                               lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], num_classes=len(classes),
-                               label_dropout=cfg["label_dropout"], t_schedule=cfg["t_schedule"],
-                               self_guess=cfg["self_guess"])
-    if method == "ar2diff":
-        ar2diff_config = AR2DiffConfig(answer_len=cfg["answer_len"] or int(train_data.answer_lengths().max()),
-                                       vocab_size=train_data.vocab_size, end_token=train_data.eot)
-    return dict(method=method, init_from=local_path(cfg["init_from"]), model_config=asdict(base.config),
-                l2d_config=asdict(l2d_config) if l2d_config else None,
-                ar2diff_config=asdict(ar2diff_config) if ar2diff_config else None,
-                lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], classes=classes)
-
-
-def check_fits(spec, train_data, cfg):
-    """Refuse data the model cannot take: a larger vocabulary, or (ar2diff) a prompt and answer span longer
-    than its context."""
-    block_size, vocab_size = spec["model_config"]["block_size"], spec["model_config"]["vocab_size"]
-    if vocab_size < train_data.vocab_size:
-        raise UsageError(f"{cfg['datasets']} uses a vocabulary of {train_data.vocab_size} tokens but the model has "
-                         f"{vocab_size}; prepare the data with this model's tokenizer")
-    if spec["method"] == "ar2diff":
-        answer_len = spec["ar2diff_config"]["answer_len"]
-        longest_prompt = int((np.diff(train_data.offsets) - train_data.answer_lengths()).max())
-        if longest_prompt + answer_len > block_size:
-            raise UsageError(f"the longest train prompt ({longest_prompt} tokens) and the answer span (--answer_len "
-                             f"{answer_len}) do not fit block_size {block_size}: lower --answer_len, or raise "
-                             "--block_size")
-
-
-def build(cfg, train_data, ckpt=None, ckpt_path=None):
-    """(model, spec, the base's parameter count). spec holds what the model is, the keys a checkpoint
-    stores about it: a fresh run describes it from the command line and the data, a resumed one takes
-    the checkpoint's as they are (restore loads its weights). Either way the model is built from spec."""
-    if ckpt is None:
-        base = fresh_base(cfg, train_data)
-        spec = describe(cfg, train_data, base)
-    else:
-        spec = {key: ckpt.get(key) for key in MODEL_KEYS}
-        spec["classes"] = spec["classes"] or []
-        base, _ = base_of(ckpt)
-    check_fits(spec, train_data, cfg)
-    spec["base_fingerprint"] = fingerprint(base) if spec["method"] in ("l2d", "lora") else None  # a frozen base
-    if ckpt is not None:
-        check_dependencies(ckpt, ckpt_path, base if spec["base_fingerprint"] else None)
-    n_base = base.num_params()  # before LoRA wraps the base in place
-    return build_model(spec["method"], base, *model_configs(spec)), spec, n_base
-
-
-@dataclass
-class Run:
-    """What the steps of training share: the settings, this process's place, the model and its state."""
-    cfg: dict
-    spec: dict               # what the model is (build)
-    device: str
-    rank: int
-    world_size: int
-    mixed: object            # autocast for the forward passes (precision.py)
-    raw_model: torch.nn.Module
-    model: torch.nn.Module   # raw_model, compiled and wrapped in DDP as asked: what training steps through
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    sampler: BatchSampler
-    it: int = 0              # optimizer steps done
-
-    @property
-    def grad_accum(self):
-        return self.cfg["batch_size"] // (self.cfg["micro_batch"] * self.world_size)
-
-
-def restore(run, ckpt):
-    """Put a resumed run where its checkpoint left it: weights, optimiser, data order, scaler, RNG."""
-    run.raw_model.load_state_dict(ckpt["state_dict"], strict=False)
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.sampler.load_state_dict(ckpt["sampler"])
-    if ckpt.get("scaler"):  # empty when saved by a disabled (not float16) scaler
-        run.scaler.load_state_dict(ckpt["scaler"])
-    run.it = ckpt["iter_num"]
-    torch.set_rng_state(ckpt["rng"])
-
-
-def batch(run, data, indices):
-    """The tensors a forward of the method takes, on the device: (x, y[, labels]), next-token inputs
+def batch(data, indices, spec, device):
+    """The tensors a forward of spec's method takes, on the device: (x, y[, labels]), next-token inputs
     and targets (the path's class labels for l2d), or AR2Diff's (prompt, pad, answer span)."""
-    if run.cfg["method"] == "ar2diff":
-        return [v.to(run.device) for v in data.prompt_answer_batch(indices, run.spec["ar2diff_config"]["answer_len"])]
-    x, y, labels = data.get_batch(indices, run.spec["model_config"]["block_size"])
-    return [x.to(run.device), y.to(run.device)] + ([labels.to(run.device)] if run.cfg["method"] == "l2d" else [])
+    if spec["method"] == "ar2diff":
+        return [v.to(device) for v in data.prompt_answer_batch(indices, spec["ar2diff_config"]["answer_len"])]
+    x, y, labels = data.get_batch(indices, spec["model_config"]["block_size"])
+    return [x.to(device), y.to(device)] + ([labels.to(device)] if spec["method"] == "l2d" else [])
 
 
 def token_losses(method, model, inputs, mixed):
@@ -344,106 +289,26 @@ def token_losses(method, model, inputs, mixed):
 
 
 @torch.no_grad()
-def evaluate(run, data):
-    """Validation loss on the first eval_examples test examples (split over the ranks), and for l2d
-    the loss in t-buckets [0, .25), ..., [.75, 1]: it should fall as t rises. For ar2diff the loss of
-    the first pass (L1), by corruption rate r in the same buckets: it should rise with r."""
-    cfg, model = run.cfg, run.raw_model
+def evaluate(model, val_batches, method, mixed):
+    """Validation loss over val_batches ({seed: inputs}, this process's share of the test examples), and
+    for l2d the loss in t-buckets [0, .25), ..., [.75, 1]: it should fall as t rises. For ar2diff the loss
+    of the first pass (L1), by corruption rate r in the same buckets: it should rise with r."""
     model.eval()
     edges = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0001])
     sums = torch.zeros(2, len(edges))  # (loss sum, token count): bucket columns + overall last
-    n = min(cfg["eval_examples"], len(data))
-    for start in range(run.rank * cfg["micro_batch"], n, cfg["micro_batch"] * run.world_size):
-        inputs = batch(run, data, np.arange(start, min(start + cfg["micro_batch"], n)))
-        torch.manual_seed(start)
-        nll, t, valid = token_losses(cfg["method"], model, inputs, run.mixed)
+    for seed, inputs in val_batches.items():
+        torch.manual_seed(seed)
+        nll, t, valid = token_losses(method, model, inputs, mixed)
         bucket = torch.bucketize(t, edges, right=True) - 1
         for b in range(len(edges) - 1):
             sel = valid & (bucket == b)
             sums[:, b] += torch.stack([nll[sel].sum(), sel.sum()])
         sums[:, -1] += torch.stack([nll[valid].sum(), valid.sum()])
-    if run.world_size > 1:
+    if dist.is_initialized():
         dist.all_reduce(sums)
     model.train()
     losses = (sums[0] / sums[1].clamp(min=1)).tolist()
     return losses[-1], losses[:-1]
-
-
-def checkpoint_state(run, train_data):
-    """What a checkpoint holds: the model's keys (spec), its weights (l2d, lora: only what trains; the
-    base comes from init_from), the data's vocabulary, the state a resume restores, and the run's config."""
-    cfg, model = run.cfg, run.raw_model
-    return dict(run.spec, tokenizer=local_path(train_data.tokenizer_path),
-                tokenizer_fingerprint=file_fingerprint(train_data.tokenizer_path),
-                state_dict=trainable_state_dict(model) if cfg["method"] in ("l2d", "lora") else model.state_dict(),
-                optimizer=run.optimizer.state_dict(), sampler=run.sampler.state_dict(), scaler=run.scaler.state_dict(),
-                iter_num=run.it, config=cfg, rng=torch.get_rng_state())
-
-
-def train_step(run, data):
-    """One optimizer step on the next global batch, in micro-batches; returns (summed micro-batch losses,
-    lr, tokens this process saw). Stops, before the update, at a non-finite loss."""
-    cfg, it = run.cfg, run.it
-    lr = lr_at(it, cfg)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    loss_sum, tokens = torch.zeros((), device=run.device), 0
-    for micro, indices in enumerate(np.split(run.sampler.next_batch(), run.grad_accum)):
-        inputs = batch(run, data, indices)
-        if run.world_size > 1:  # all-reduce gradients only on the last micro-step
-            run.model.require_backward_grad_sync = micro == run.grad_accum - 1
-        torch.manual_seed(step_seed(cfg, it, run.rank * run.grad_accum + micro))
-        with run.mixed:
-            _, loss = run.model(*inputs)
-        run.scaler.scale(loss / run.grad_accum).backward()
-        loss_sum += loss.detach()
-        tokens += inputs[0].numel() + (inputs[2].numel() if cfg["method"] == "ar2diff" else 0)
-    finite = torch.isfinite(loss_sum).float()
-    if run.world_size > 1:  # every rank stops together
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not finite.item():  # before the update: the weights, and the checkpoint, stay as they were
-        raise UsageError(f"the loss became {loss_sum.item()} at iter {it + 1} (lr {lr:.2e}); stopped before the "
-                         f"update, so {os.path.join(cfg['out_dir'], 'ckpt.pt')} is the last good checkpoint, if any: "
-                         "lower --learning_rate")
-    if cfg["grad_clip"]:
-        run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg["grad_clip"])
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.it += 1
-    return loss_sum, lr, tokens
-
-
-def train(run, train_data, val_data, log):
-    """Step to max_iters, logging the training loss every log_interval steps, and the validation loss
-    (then saving a checkpoint) every eval_interval steps and after the last."""
-    cfg = run.cfg
-    run.model.train()
-    tokens_seen, t0, first_it = 0, time.time(), run.it  # this process's rate, for tok/s and the time left
-    while run.it < cfg["max_iters"]:
-        loss_sum, lr, tokens = train_step(run, train_data)
-        tokens_seen += tokens
-        it = run.it
-        if it % cfg["log_interval"] == 0 or it == cfg["max_iters"]:
-            if run.world_size > 1:  # the mean over the global batch, so logs do not depend on the process count
-                dist.all_reduce(loss_sum)
-            elapsed = time.time() - t0
-            left = elapsed / (it - first_it) * (cfg["max_iters"] - it)  # evaluations included: they recur
-            log(f"iter {it}: loss {loss_sum.item() / (run.grad_accum * run.world_size):.4f}, lr {lr:.2e}, "
-                f"{tokens_seen * run.world_size / elapsed:.0f} tok/s" + (f", {tqdm.format_interval(left)} left" if left else ""))
-        if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
-            val, buckets = evaluate(run, val_data)
-            by_t = {"l2d": ", by t: ", "ar2diff": " (pass 1), by corruption rate: "}.get(cfg["method"])
-            by_t = "" if by_t is None else by_t + " ".join(f"{b:.3f}" for b in buckets)
-            log(f"iter {it}: val loss {val:.4f}{by_t}")
-            if run.rank == 0:
-                os.makedirs(cfg["out_dir"], exist_ok=True)
-                try:
-                    save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), checkpoint_state(run, train_data))
-                except NonFiniteWeights as e:
-                    raise UsageError(f"{e}: the weights diverged by iter {it} (lr {lr:.2e}); lower --learning_rate") \
-                        from None
 
 
 def main(argv=None):
@@ -453,8 +318,9 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
     dtype = resolve_dtype(cfg["dtype"], device, log)
 
+    # the model: fresh, or the checkpoint's (and then its settings) when resuming
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    ckpt = resume_from(cfg, ckpt_path)
+    ckpt = resume(cfg, ckpt_path)
     train_data, val_data = load_data(cfg)
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank
     raw_model, spec, n_base = build(cfg, train_data, ckpt, ckpt_path)
@@ -463,20 +329,85 @@ def main(argv=None):
     n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     log(f"{cfg['method']}: {n_train / 1e6:.2f}M trainable parameters ({100 * n_train / n_base:.1f}% of the "
         f"{n_base / 1e6:.1f}M-parameter base), {world_size} process(es) on {device}, {str(dtype)[6:]}")
-
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    model = torch.compile(raw_model) if cfg["compile"] else raw_model
+    model = torch.compile(raw_model) if cfg["compile"] else raw_model  # what training steps through
     if world_size > 1:
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
-    run = Run(cfg, spec, device, rank, world_size, mixed=autocast(device, dtype), raw_model=raw_model, model=model,
-              optimizer=make_optimizer(raw_model, cfg, device),
-              scaler=torch.amp.GradScaler(device_type, enabled=dtype == torch.float16),  # what trains stays float32
-              sampler=BatchSampler(len(train_data), cfg["batch_size"], cfg["seed"], rank, world_size))
-    if ckpt is not None:
-        restore(run, ckpt)
-        log(f"resuming {ckpt_path} from iter {run.it} of {cfg['max_iters']}" +
-            ("" if run.it < cfg["max_iters"] else ": nothing left to train, raise --max_iters to go on"))
-    train(run, train_data, val_data, log)
+    optimizer = make_optimizer(raw_model, cfg, device)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)  # what trains stays float32
+    sampler = BatchSampler(len(train_data), cfg["batch_size"], cfg["seed"], rank, world_size)
+    mixed = autocast(device, dtype)
+    grad_accum = cfg["batch_size"] // (cfg["micro_batch"] * world_size)
+    n_val, micro_batch = min(cfg["eval_examples"], len(val_data)), cfg["micro_batch"]
+    val_batches = {start: batch(val_data, np.arange(start, min(start + micro_batch, n_val)), spec, device)
+                   for start in range(rank * micro_batch, n_val, micro_batch * world_size)}  # this rank's share
+    it = 0  # optimizer steps done
+    if ckpt is not None:  # go on where the checkpoint left off: weights, optimiser, data order, scaler, RNG
+        raw_model.load_state_dict(ckpt["state_dict"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        sampler.load_state_dict(ckpt["sampler"])
+        if ckpt.get("scaler"):  # empty when saved by a disabled (not float16) scaler
+            scaler.load_state_dict(ckpt["scaler"])
+        it = ckpt["iter_num"]
+        torch.set_rng_state(ckpt["rng"])
+        log(f"resuming {ckpt_path} from iter {it} of {cfg['max_iters']}" +
+            ("" if it < cfg["max_iters"] else ": nothing left to train, raise --max_iters to go on"))
+
+    model.train()
+    tokens_seen, t0, first_it = 0, time.time(), it  # this process's rate, for tok/s and the time left
+    while it < cfg["max_iters"]:
+        lr = lr_at(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro, indices in enumerate(np.split(sampler.next_batch(), grad_accum)):
+            inputs = batch(train_data, indices, spec, device)
+            if world_size > 1:  # all-reduce gradients only on the last micro-step
+                model.require_backward_grad_sync = micro == grad_accum - 1
+            torch.manual_seed(step_seed(cfg, it, rank * grad_accum + micro))
+            with mixed:
+                _, loss = model(*inputs)
+            scaler.scale(loss / grad_accum).backward()
+            loss_sum += loss.detach()
+            tokens_seen += inputs[0].numel() + (inputs[2].numel() if cfg["method"] == "ar2diff" else 0)
+        finite = torch.isfinite(loss_sum).float()
+        if world_size > 1:  # every rank stops together
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():  # before the update: the weights, and the checkpoint, stay as they were
+            raise UsageError(f"the loss became {loss_sum.item()} at iter {it + 1} (lr {lr:.2e}); stopped before the "
+                             f"update, so {ckpt_path} is the last good checkpoint, if any: lower --learning_rate")
+        if cfg["grad_clip"]:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        it += 1
+
+        if it % cfg["log_interval"] == 0 or it == cfg["max_iters"]:
+            if world_size > 1:  # the mean over the global batch, so logs do not depend on the process count
+                dist.all_reduce(loss_sum)
+            elapsed = time.time() - t0
+            left = elapsed / (it - first_it) * (cfg["max_iters"] - it)  # evaluations included: they recur
+            log(f"iter {it}: loss {loss_sum.item() / (grad_accum * world_size):.4f}, lr {lr:.2e}, "
+                f"{tokens_seen * world_size / elapsed:.0f} tok/s" + (f", {tqdm.format_interval(left)} left" if left else ""))
+        if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
+            val, buckets = evaluate(raw_model, val_batches, cfg["method"], mixed)
+            by_t = {"l2d": ", by t: ", "ar2diff": " (pass 1), by corruption rate: "}.get(cfg["method"])
+            log(f"iter {it}: val loss {val:.4f}" + ("" if by_t is None else by_t + " ".join(f"{b:.3f}" for b in buckets)))
+            if rank == 0:  # the model's spec, its weights (l2d, lora: only what trains), what a resume restores
+                os.makedirs(cfg["out_dir"], exist_ok=True)
+                state = dict(spec, tokenizer=local_path(train_data.tokenizer_path),
+                             tokenizer_fingerprint=file_fingerprint(train_data.tokenizer_path),
+                             state_dict=trainable_state_dict(raw_model) if spec["method"] in ("l2d", "lora")
+                             else raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                             sampler=sampler.state_dict(), scaler=scaler.state_dict(), iter_num=it, config=cfg,
+                             rng=torch.get_rng_state())
+                try:
+                    save_checkpoint(ckpt_path, state)
+                except NonFiniteWeights as e:
+                    raise UsageError(f"{e}: the weights diverged by iter {it} (lr {lr:.2e}); lower --learning_rate") \
+                        from None
     if world_size > 1:
         dist.barrier()  # let the master finish its checkpoint: gloo aborts if a peer leaves first
         dist.destroy_process_group()

@@ -14,9 +14,8 @@ kill at any moment leaves the previous checkpoint intact.
     model, tokenizer, ckpt = load("smollm2-135m")             # a pretrained name or HF folder: ckpt is None
     base, tokenizer = load_base("out-quick/ckpt.pt")          # a GPT to finetune: load's, or an ar2diff run's GPT
 
-What a checkpoint's model is comes from its model keys alone: `method`, `init_from`, `model_config`,
-`l2d_config`, `ar2diff_config`, `lora_rank`, `lora_alpha` (model_configs turns them into configs).
-`config` is the command line of the run, whose training settings a resume reads back.
+What a checkpoint's model is comes from its MODEL_KEYS alone (build_model reads them); `config` is
+the settings of the run, which a resume reads back.
 """
 
 import hashlib
@@ -33,6 +32,7 @@ from loading.tokenizer import get_tokenizer
 from loading.files import write_atomic
 
 WHOLE = ("ar", "full", "ar2diff")  # methods whose checkpoint holds the whole model (l2d, lora: what trained)
+MODEL_KEYS = ("method", "init_from", "model_config", "l2d_config", "ar2diff_config", "lora_rank", "lora_alpha", "classes")
 
 
 def save_checkpoint(path, ckpt):
@@ -127,27 +127,22 @@ def load_base(init_from, block_size=None):
     return (model.base if ckpt["method"] == "ar2diff" else model), tokenizer
 
 
-def build_model(method, base, l2d_config=None, lora_rank=32, lora_alpha=32.0, ar2diff_config=None):
-    """The model a training method trains: the diffusion path around the frozen base (l2d), the base
-    with LoRA (lora), the base as a discrete diffusion model (ar2diff), or the base itself (full, ar)."""
-    if method == "l2d":
-        return L2D(base, l2d_config)
-    if method == "ar2diff":
-        return AR2Diff(base, ar2diff_config)
-    if method == "lora":
-        return add_lora(base, lora_rank, lora_alpha)
+def build_model(spec, base):
+    """The model `spec` (a checkpoint's MODEL_KEYS) describes around `base`: the diffusion path around the
+    frozen base (l2d), the base with LoRA (lora), the base as a discrete diffusion model (ar2diff), or the
+    base itself (full, ar)."""
+    if spec["method"] == "l2d":
+        fields = {k: v for k, v in spec["l2d_config"].items() if k != "self_guess"}  # (some checkpoints': it only shaped training)
+        return L2D(base, L2DConfig(**fields))
+    if spec["method"] == "ar2diff":
+        return AR2Diff(base, AR2DiffConfig(**spec["ar2diff_config"]))
+    if spec["method"] == "lora":
+        return add_lora(base, spec.get("lora_rank", 32), spec.get("lora_alpha", 32.0))
     return base
 
 
 def trainable_state_dict(model):
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def model_configs(ckpt):
-    """build_model's configs from a checkpoint's model keys: (l2d_config, lora_rank, lora_alpha, ar2diff_config)."""
-    l2d_config = L2DConfig(**ckpt["l2d_config"]) if ckpt.get("l2d_config") else None
-    ar2diff_config = AR2DiffConfig(**ckpt["ar2diff_config"]) if ckpt.get("ar2diff_config") else None
-    return l2d_config, ckpt.get("lora_rank", 32), ckpt.get("lora_alpha", 32.0), ar2diff_config
 
 
 def base_of(ckpt):
@@ -166,7 +161,7 @@ def load_model(path):
     base, tokenizer = base_of(ckpt)
     if ckpt["method"] not in WHOLE:
         check_dependencies(ckpt, path, base)
-    model = build_model(ckpt["method"], base, *model_configs(ckpt))
+    model = build_model(ckpt, base)
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     if unexpected or trainable & set(missing):

@@ -47,7 +47,7 @@ TRAIN_BAD = [("sigma", 0.0), ("sigma", -1.0), ("flow_dim", 0), ("block_size", 0)
              ("learning_rate", 0.0), ("min_lr", -1e-6), ("min_lr", 1.0),  # above learning_rate
              ("batch_size", 0), ("micro_batch", 0), ("batch_size", 5),  # not a multiple of micro_batch=2
              ("eval_interval", 0), ("log_interval", 0), ("eval_examples", 0), ("lora_rank", 0),
-             ("label_dropout", -0.1), ("label_dropout", 1.5), ("self_guess", 1.5), ("grad_clip", -1.0),
+             ("label_dropout", -0.1), ("label_dropout", 1.5), ("grad_clip", -1.0),
              ("dtype", "float8"), ("t_schedule", "linear"), ("variant", "nonsense"), ("family", "gpt3")]
 
 
@@ -67,6 +67,20 @@ def test_train_refuses_an_out_dir_in_a_file(under, data, tmp_path):
     assert_one_line_error(run("train.py", *TINY, f"--datasets={[data]}", "--max_iters=1", f"--out_dir={out}"),
                    "is a file", "--out_dir")
     assert (tmp_path / "file").read_text() == ""
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_train_refuses_a_read_only_out_dir(under, data, tmp_path):
+    """out_dir, or the folder it would be made in, read-only: refused before training (issue #29)."""
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    if os.access(read_only, os.W_OK):
+        pytest.skip("root ignores folder permissions here")
+    out = read_only / under if under else read_only
+    assert_one_line_error(run("train.py", *TINY, f"--datasets={[data]}", "--max_iters=1", f"--out_dir={out}"),
+                          "not writable", "--out_dir")
+    assert os.listdir(read_only) == []
 
 
 # --- empty and tiny splits ------------------------------------------------------------------------

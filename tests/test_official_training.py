@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
+from configurator import defaults
 from diffusion import L2D, L2DConfig
 from lora import LoRALinear, add_lora
 from model import GPT, GPTConfig
@@ -77,7 +78,7 @@ def test_lora_a_is_normal_with_std_one_over_rank_and_b_is_zero():
 
 def test_no_class_embedding_unless_guidance_classes_are_asked():
     assert L2D(random_base(), L2DConfig(flow_dim=64)).class_embed is None
-    assert train.DEFAULTS["guidance_classes"] is False
+    assert defaults(train.OPTIONS)["guidance_classes"] is False
     l2d = L2D(random_base(), L2DConfig(flow_dim=64, num_classes=3))
     w = l2d.class_embed.weight
     assert w.shape == (4, 256) and abs(w.std().item() / 0.02 - 1) < 0.1  # N(0, 0.02), J classes + null
@@ -114,10 +115,10 @@ def test_training_forward_drops_labels():
 
 def test_adamw_settings():
     l2d = L2D(random_base(), L2DConfig(variant="lora", flow_dim=64))
-    optimizer = train.make_optimizer(l2d, train.DEFAULTS, "cpu")
+    optimizer = train.make_optimizer(l2d, defaults(train.OPTIONS), "cpu")
     decay, no_decay = optimizer.param_groups
     assert all(g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8 for g in optimizer.param_groups)
-    assert decay["weight_decay"] == train.DEFAULTS["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert decay["weight_decay"] == defaults(train.OPTIONS)["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in l2d.named_parameters()}
     assert all(not names[id(p)].endswith(".bias") for p in decay["params"])
     assert all(names[id(p)].endswith(".bias") for p in no_decay["params"])  # the path trains no norms
@@ -126,7 +127,7 @@ def test_adamw_settings():
 
 def test_lr_schedule_is_deepspeed_warmup_decay():
     peak, low, warmup, total = 1e-4, 1e-6, 100, 1000
-    cfg = dict(train.DEFAULTS, learning_rate=peak, max_iters=total, lr_decay_iters=0)
+    cfg = dict(defaults(train.OPTIONS), learning_rate=peak, max_iters=total, lr_decay_iters=0)
     assert cfg["min_lr"] == low and cfg["warmup_iters"] == warmup
 
     def warm(it):

@@ -156,25 +156,33 @@ def test_resume_is_bit_exact(method, data, base_ckpt, tmp_path):
 
 def test_a_diverged_run_never_saves_non_finite_weights(data, base_ckpt, tmp_path):
     """Weights that turn non-finite in an update whose loss was still finite (Adam's inf/inf after an
-    overflow; simulated here by poisoning one weight after the 3rd step) are never saved: the run stops
+    overflow; simulated here by poisoning one weight in the 3rd optimizer step) are never saved: the run stops
     with one line, and the checkpoint of the last good step stays."""
     args = method_args("l2d", data, base_ckpt) + [f"--out_dir={tmp_path}", "--eval_interval=1"]
-    step = train.train_step
+    make_optimizer = train.make_optimizer
 
-    def overflowing_step(run, data):
-        out = step(run, data)
-        if run.it == 3:
-            with torch.no_grad():
-                run.raw_model.trainable_parameters()[0].fill_(float("nan"))
-        return out
+    def overflowing_optimizer(model, cfg, device):
+        optimizer = make_optimizer(model, cfg, device)
+        step, steps = optimizer.step, []
 
-    train.train_step = overflowing_step
+        def overflowing_step(*a, **k):
+            out = step(*a, **k)
+            steps.append(1)
+            if len(steps) == 3:
+                with torch.no_grad():
+                    optimizer.param_groups[0]["params"][0].fill_(float("nan"))
+            return out
+
+        optimizer.step = overflowing_step
+        return optimizer
+
+    train.make_optimizer = overflowing_optimizer
     try:
         with pytest.raises(train.UsageError, match=r"not saving .*ckpt.pt: .* not finite .*keeps the last good "
                                                    r"checkpoint.*lower --learning_rate"):
             run_train(*args, "--max_iters=5")
     finally:
-        train.train_step = step
+        train.make_optimizer = make_optimizer
     left = read_checkpoint(str(tmp_path / "ckpt.pt"))
     assert left["iter_num"] == 2 and all(torch.isfinite(w).all() for w in left["state_dict"].values())
 
