@@ -1,13 +1,9 @@
 """
-The command line of train.py, sample.py, eval.py and the harness scripts (nanoGPT style).
-
-Each script declares its options once, as OPTIONS = dict(key=(default, "meaning"), ...). The command
-line may name config files (plain Python files whose top-level assignments override defaults) and
-`--key=value` or `--key value` overrides, applied in order. Values are Python literals of the
-default's type (a bare word is a string, a bare --flag sets a boolean); a default of None takes any
-type. -h prints the script's docstring summary and the table. Any mistake is one line, exit code 2.
-
-    python train.py config/quick.py --max_iters=100 --device cpu
+The command line of every script (nanoGPT style). A script declares OPTIONS = dict(key=(default,
+"meaning")); the command line names config files (Python files of `key = value` lines) and --key=value
+or --key value overrides, applied in order, each a Python literal of the default's type (a bare word is
+a string, a bare --flag True; a None default takes any type). -h prints the table. A mistake is one
+line and exit code 2:  python train.py config/quick.py --max_iters=100
 """
 
 import ast
@@ -33,12 +29,10 @@ def typed(what, value, default):
     """`value` checked against `default`'s type (an int widens to a float; floats must be finite)."""
     if default is None or value is None:
         return value
-    if isinstance(default, bool) != isinstance(value, bool):
-        raise UsageError(f"{what} must be True or False, got {value!r}" if isinstance(default, bool) else
-                         f"{what} must be of type {type(default).__name__}, got {value!r}")
-    if isinstance(default, float) and isinstance(value, int):
-        value = float(value)
-    if not isinstance(value, type(default)):
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise UsageError(f"{what} must be True or False, got {value!r}")
+    value = float(value) if isinstance(default, float) and type(value) is int else value
+    if not isinstance(value, type(default)) or isinstance(value, bool) != isinstance(default, bool):
         raise UsageError(f"{what} must be of type {type(default).__name__}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise UsageError(f"{what} must be a finite number, got {value!r}")
@@ -46,8 +40,7 @@ def typed(what, value, default):
 
 
 def parse_list(key, value, kind, default):
-    """The list option --key as a list of `kind` (int, float or str), from one value, a tuple/list or a
-    comma-separated string; None is a copy of `default`. Whole numbers for int, no booleans, not empty."""
+    """--key as a list of `kind` from one value, a tuple/list or "1,2,4"; None: a copy of `default`."""
     if value is None:
         return list(default)
     items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
@@ -110,8 +103,7 @@ def help_text(options, caller):
 
 
 def configure(options, argv=None):
-    """The settings: OPTIONS' defaults updated by the config files and --key options in argv (default
-    sys.argv[1:]); -h or --help anywhere prints the calling script's help and exits."""
+    """OPTIONS' defaults updated by argv (default sys.argv[1:]); -h anywhere prints the help and exits."""
     args = list(sys.argv[1:] if argv is None else argv)
     if "-h" in args or "--help" in args:
         print(help_text(options, sys._getframe(1).f_globals), flush=True)
