@@ -1,29 +1,29 @@
 """
 The GPU check: what only a CUDA machine can show, in one command of at most 8 minutes, made to run
-unattended in the few minutes a GPU is lent for.
+unattended in the few minutes a GPU is lent for (issue #32).
 
-    python -m harness.gpu_check --out gpu-check                   # one CUDA machine
+    python -m harness.gpu_check --out gpu-check                   # on one CUDA machine
     python -m harness.gpu_check --out /tmp/gpu-check --dry_run    # every part on the CPU, tiny, < 1 minute
     python -m harness.gpu_check --out gpu-check-2 --parts 4,5     # some parts only (a rerun after a stop)
 
-The parts, in this order; gpu_check.json and gpu_check.md in --out are rewritten after each, so an early
-stop still leaves the parts done (a part that fails is recorded under "errors" and the next one runs):
+The parts, in order. gpu_check.json and gpu_check.md in --out are rewritten after each, so an early stop
+keeps what was done; a part that fails is recorded under "errors" and the next one runs.
   1 machine      GPU name and memory, torch and CUDA versions.
   2 correctness  random weights in SmolLM2-135M's and GPT-2's shapes (no weights travel to the machine):
-                 logits on the device in float32 against the CPU's (max |diff|), the argmax agreement in
-                 bfloat16; and in both, steps=1 is the base exactly: L2D's logits at t = 0 and its greedy
-                 tokens with one ODE step equal the base's, bit for bit (docs/method.md, sec. 4-5).
+                 the device's float32 logits against the CPU's, the argmax agreement in bfloat16, and in
+                 both that steps=1 is the base bit for bit: L2D's logits at t = 0 and its greedy tokens with
+                 one step equal the base's (docs/method.md, sec. 4-5).
   3 speed        at SmolLM2's shape: generation ms/token at B = 1 and 16, steps 1 and 8, float32 against
-                 bfloat16 weights (one path evaluation = the difference over its NFE); the L2D train step
-                 (lora variant) in float32 and bf16 autocast, eager and torch.compile'd, fused and unfused
-                 AdamW; a base train step's tokens/s and MFU against the bf16 datasheet peak and a measured
-                 matmul (FLOPs per token 6 N + 12 L d T, as nanoGPT counts them).
-  4 ddp          a short L2D run (train.py, float32) under torchrun with every GPU (nccl) against one
-                 process: the logged losses agree within DDP_TOLERANCE. On one GPU the world size is 1 and
-                 train.py wraps nothing in DDP: this then checks torchrun and nccl's start only.
+                 bfloat16 weights (one path evaluation: the difference over the NFE); the L2D train step in
+                 float32 and bf16 autocast, fused and unfused AdamW, eager and torch.compile'd (bf16, the
+                 GPU default; a compile of the 30 layers takes minutes); a base train step's tokens/s and MFU
+                 against the bf16 datasheet peak and a measured matmul (FLOPs 6 N + 12 L d T per token).
+  4 ddp          a short L2D run of train.py (float32) under torchrun on every GPU (nccl) against one
+                 process: their logged losses agree within DDP_TOLERANCE. On one GPU the world size is 1,
+                 which train.py does not wrap in DDP: then only torchrun's and nccl's start are checked.
   5 lab          the CPU lab (config/lab_*.py) at a GPU's scale: a 34M-parameter base pretrained from scratch
-                 on 1-2-digit + and -, then L2D and LoRA on x at equal data and steps, both evaluated on the
-                 500 test problems (L2D at 1/2/4/8/16 steps), each row against LoRA's, paired (intervals.py).
+                 on 1-2-digit + and -, then L2D and LoRA on x at equal data and steps, each evaluated on 500
+                 test problems (L2D at 1/2/4/8/16 steps), every row against LoRA's, paired (intervals.py).
 """
 
 import copy
@@ -75,21 +75,17 @@ def random_gpt(name, S):
     return GPT(GPTConfig(**{**SHAPES[name], **(TINY[name] if S is DRY else {})}))
 
 
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed(fn, device, reps, warmup=1):
     """Median seconds of fn() over reps calls after warmup calls, the device synchronised around each."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
-        sync(device)
+        sync()
         start = time.perf_counter()
         fn()
-        sync(device)
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -156,53 +152,49 @@ def generation_speed(S, device):
     return rows
 
 
-def train_step(model, optimizer, params, x, y, mixed):
+def train_step(model, optimizer, x, mixed):
+    """Forward, backward, clip and AdamW, as train.py's step (next-token targets, every position counted)."""
     with mixed:
-        loss = model(x, y)[1]
+        loss = model(x, x.roll(-1, 1))[1]
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
 def training_speed(S, device):
-    """L2D train steps as train.py takes them (the frozen base stored in the dtype, float32 master weights);
-    the compiled rows last, as they take longest."""
-    base = random_gpt("smollm2", S)
+    """L2D train steps (lora variant) as train.py takes them: the frozen base stored in the dtype, float32
+    master weights. The compiled row last: it takes longest."""
+    base, rows = random_gpt("smollm2", S), []
     x = torch.randint(base.config.vocab_size, (S["batch"], S["seq"]), device=device)
-    rows = []
-    for compiled, dtype, fused in [(False, torch.float32, True), (False, torch.bfloat16, True),
-                                   (False, torch.bfloat16, False), (True, torch.float32, True), (True, torch.bfloat16, True)]:
+    for dtype, fused, compiled in [(torch.float32, True, False), (torch.bfloat16, True, False),
+                                   (torch.bfloat16, False, False), (torch.bfloat16, True, True)]:
         l2d = store_weights(random_l2d(copy.deepcopy(base)).to(device), dtype, frozen_only=True)
-        params = l2d.trainable_parameters()
-        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused)
+        optimizer = torch.optim.AdamW(l2d.trainable_parameters(), lr=1e-4, fused=fused)
         model = torch.compile(l2d, backend=S["compile_backend"]) if compiled else l2d
         start = time.perf_counter()
-        seconds = timed(lambda: train_step(model, optimizer, params, x, x.roll(-1, 1), autocast(device, dtype)), device,
-                        S["reps"], warmup=3)
-        rows.append(dict(model="l2d-lora", dtype=str(dtype)[6:], compiled=compiled, fused_adamw=fused, step_s=seconds,
+        seconds = timed(lambda: train_step(model, optimizer, x, autocast(device, dtype)), device, S["reps"], warmup=3)
+        rows.append(dict(model="l2d-lora", dtype=str(dtype)[6:], fused_adamw=fused, compiled=compiled, step_s=seconds,
                          tokens_per_s=x.numel() / seconds, warmup_s=time.perf_counter() - start - S["reps"] * seconds))
     return rows
 
 
 def base_mfu(S, device, info):
-    """A base train step (all weights trained, bf16 autocast): its FLOP/s against the datasheet's bf16 peak
+    """A base train step (every weight trained, bf16 autocast): its FLOP/s against the datasheet's bf16 peak
     (MFU) and against a large bf16 matmul measured here."""
-    base, n = random_gpt("smollm2", S), S["matmul"]
-    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    n = S["matmul"]
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     matmul_tflops = 2 * n**3 / timed(lambda: a @ b, device, S["reps"]) / 1e12
-    model = copy.deepcopy(base).to(device).requires_grad_(True)
-    params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    x = torch.randint(base.config.vocab_size, (S["batch"], S["mfu_seq"]), device=device)
-    seconds = timed(lambda: train_step(model, optimizer, params, x, x.roll(-1, 1), autocast(device, torch.bfloat16)),
-                    device, S["reps"], warmup=2)
-    c = base.config
-    tflops = (6 * base.num_params() + 12 * c.n_layer * c.n_embd * S["mfu_seq"]) * x.numel() / seconds / 1e12
+    model = random_gpt("smollm2", S).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(model.config.vocab_size, (S["batch"], S["mfu_seq"]), device=device)
+    seconds = timed(lambda: train_step(model, optimizer, x, autocast(device, torch.bfloat16)), device, S["reps"], warmup=2)
+    c = model.config
+    tflops = (6 * model.num_params() + 12 * c.n_layer * c.n_embd * S["mfu_seq"]) * x.numel() / seconds / 1e12
     peak = next((p for chip, p in BF16_PEAK_TFLOPS.items() if chip in info.get("name", "")), None)
-    return dict(batch=S["batch"], seq=S["mfu_seq"], step_s=seconds,
-                tokens_per_s=x.numel() / seconds, tflops=tflops, datasheet_bf16_tflops=peak,
-                mfu=tflops / peak if peak else None, matmul_bf16_tflops=matmul_tflops, of_matmul=tflops / matmul_tflops)
+    return dict(batch=S["batch"], seq=S["mfu_seq"], step_s=seconds, tokens_per_s=x.numel() / seconds, tflops=tflops,
+                datasheet_bf16_tflops=peak, mfu=tflops / peak if peak else None, matmul_bf16_tflops=matmul_tflops,
+                of_matmul=tflops / matmul_tflops)
 
 
 # --- parts 4 and 5: the command lines users run, in subprocesses ------------------------------------------
@@ -300,21 +292,22 @@ def cell(value):
 
 def markdown(results):
     """Each part's rows as tables, its other values as a list."""
-    lines = ["# GPU check"]
+    lines = []
     for part, value in results.items():
-        lines += ["", f"## {part}", ""]
-        for key, v in value.items() if isinstance(value, dict) else [("rows", value)]:
+        lines += [f"## {part}", ""]
+        for key, v in value.items() if isinstance(value, dict) else [("", value)]:
             if isinstance(v, list) and v and isinstance(v[0], dict):
-                lines += ["", f"{key}:", "", "| " + " | ".join(v[0]) + " |", "|" + " --- |" * len(v[0])]
+                lines += ([f"{key}:", ""] if key else []) + ["| " + " | ".join(v[0]) + " |", "|" + " --- |" * len(v[0])]
                 lines += ["| " + " | ".join(cell(row[k]) for k in v[0]) + " |" for row in v] + [""]
             else:
                 lines.append(f"- {key}: {cell(v)}")
-    return "\n".join(lines) + "\n"
+        lines.append("")
+    return "\n".join(lines)
 
 
 def save(out, results):
     write_atomic(os.path.join(out, "gpu_check.json"), lambda f: f.write(json.dumps(results, indent=1).encode()))
-    write_atomic(os.path.join(out, "gpu_check.md"), lambda f: f.write(markdown(results).encode()))
+    write_atomic(os.path.join(out, "gpu_check.md"), lambda f: f.write(f"# GPU check\n\n{markdown(results)}\n".encode()))
 
 
 def main(argv=None):
@@ -323,9 +316,10 @@ def main(argv=None):
     if not cfg["out"] or not set(parts) <= {1, 2, 3, 4, 5}:
         raise UsageError("--out FOLDER is required, and --parts takes some of 1,2,3,4,5")
     out = os.path.abspath(cfg["out"])  # the subprocesses run from the repository's root
-    if os.path.isfile(out) or os.path.isdir(out) and os.listdir(out) and not cfg["overwrite"]:
-        raise UsageError(f"--out {out} is a file, or a folder with files in it; pass an empty or new folder, "
-                         "or add --overwrite to replace what is there")
+    if os.path.isfile(out):
+        raise UsageError(f"--out {out} is a file; pass a folder")
+    if os.path.isdir(out) and os.listdir(out) and not cfg["overwrite"]:
+        raise UsageError(f"--out {out} has files in it; pass an empty or new folder, or add --overwrite to replace them")
     if not cfg["dry_run"] and not torch.cuda.is_available():
         raise UsageError("torch finds no CUDA device here; --dry_run runs every part on the CPU")
     os.makedirs(out, exist_ok=True)
@@ -344,12 +338,13 @@ def main(argv=None):
             start = time.perf_counter()
             try:
                 results[name] = step()
+                print(markdown({name: results[name]}), flush=True)
             except Exception as e:  # the next part still runs: the lease is too short to stop at the first failure
                 errors[name] = f"{type(e).__name__}: {e}"
                 print(f"error: part {part} ({name}) failed: {errors[name]}", file=sys.stderr, flush=True)
             seconds[name] = time.perf_counter() - start
             save(out, dict(results, seconds=seconds, errors=errors))
-    print(markdown(dict(results, seconds=seconds, errors=errors)))
+    print(markdown(dict(seconds=seconds, errors=errors)))
     return 1 if errors else 0
 
 
