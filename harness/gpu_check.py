@@ -1,6 +1,6 @@
 """
 The GPU check: what only a CUDA machine can show, in one command of at most 8 minutes, made to run
-unattended in the few minutes a GPU is lent for (issue #32).
+unattended in the few minutes a GPU is lent for.
 
     python -m harness.gpu_check --out gpu-check                   # on one CUDA machine
     python -m harness.gpu_check --out /tmp/gpu-check --dry_run    # every part on the CPU, tiny, < 1 minute
@@ -49,7 +49,7 @@ from model import GPT, GPTConfig
 OPTIONS = dict(
     out=("", "required: the folder for gpu_check.json, gpu_check.md, the lab's eval JSONs and the log"),
     dry_run=(False, "every part on the CPU with a tiny random model and data (what the test suite runs)"),
-    parts=("1,2,3,4,5", "which parts to run (see above), one or a list"),
+    parts=("1,2,3,4,5", "which parts to run (1 machine, 2 correctness, 3 speed, 4 ddp, 5 lab), one or a list"),
     overwrite=(False, "replace the results of an earlier check in --out"),
 )
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +76,8 @@ def random_gpt(name, S):
 
 
 def timed(fn, device, reps, warmup=1):
-    """Median seconds of fn() over reps calls after warmup calls, the device synchronised around each."""
+    """(median seconds of fn() over reps calls after warmup calls, the device synchronised around each;
+    the last call's result)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     for _ in range(warmup):
         fn()
@@ -84,10 +85,10 @@ def timed(fn, device, reps, warmup=1):
     for _ in range(reps):
         sync()
         start = time.perf_counter()
-        fn()
+        result = fn()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), result
 
 
 def random_l2d(base, **config):
@@ -109,13 +110,14 @@ def machine(device):
 
 
 def correctness(S, device):
+    """Per shape and dtype: the device's logits against the CPU's float32 ones, and steps=1 against the base."""
     rows = []
     for name in SHAPES:
         cpu = random_gpt(name, S).eval()
         idx = torch.randint(cpu.config.vocab_size, (2, S["prompt"]))
         with torch.no_grad():
             reference = cpu(idx)[0]
-        x, y = idx.to(device), idx.roll(-1, 1).to(device)  # every position an answer: the path runs at all
+        x, y = idx.to(device), idx.roll(-1, 1).to(device)  # every position an answer: the path runs at each
         for dtype in (torch.float32, torch.bfloat16):
             l2d = store_weights(random_l2d(copy.deepcopy(cpu)).to(device).eval(), dtype)
             with torch.no_grad(), autocast(device, dtype):
@@ -134,6 +136,7 @@ def correctness(S, device):
 
 
 def generation_speed(S, device):
+    """ms per generated token (the prefill included) and the cost of one path evaluation, at SmolLM2's shape."""
     base, rows = random_gpt("smollm2", S), []
     for dtype in (torch.float32, torch.bfloat16):  # every weight stored in it, LoRA merged, as eval.py generates
         l2d = store_weights(merge_lora(random_l2d(copy.deepcopy(base))).to(device).eval(), dtype)
@@ -141,11 +144,10 @@ def generation_speed(S, device):
             idx = torch.randint(base.config.vocab_size, (batch, S["prompt"]), device=device)
             ms = {}
             for steps in (1, 8):
-                nfe = []
-                def decode():
-                    with torch.no_grad(), autocast(device, dtype):
-                        nfe[:] = [n.float().mean().item() for _, n in l2d.generate(idx, S["new_tokens"], steps=steps)]
-                ms[steps] = 1000 * timed(decode, device, max(1, S["reps"] // 4)) / S["new_tokens"]
+                with torch.no_grad(), autocast(device, dtype):
+                    seconds, nfe = timed(lambda: [n.float().mean().item() for _, n in l2d.generate(
+                        idx, S["new_tokens"], steps=steps)], device, max(1, S["reps"] // 4))
+                ms[steps] = 1000 * seconds / S["new_tokens"]
                 rows.append(dict(dtype=str(dtype)[6:], batch=batch, steps=steps, ms_per_token=ms[steps],
                                  nfe_per_token=statistics.mean(nfe), path_eval_ms=None))
             rows[-1]["path_eval_ms"] = (ms[8] - ms[1]) / rows[-1]["nfe_per_token"]  # the prefill cancels
@@ -173,7 +175,8 @@ def training_speed(S, device):
         optimizer = torch.optim.AdamW(l2d.trainable_parameters(), lr=1e-4, fused=fused)
         model = torch.compile(l2d, backend=S["compile_backend"]) if compiled else l2d
         start = time.perf_counter()
-        seconds = timed(lambda: train_step(model, optimizer, x, autocast(device, dtype)), device, S["reps"], warmup=3)
+        seconds, _ = timed(lambda: train_step(model, optimizer, x, autocast(device, dtype)), device, S["reps"],
+                           warmup=3)
         rows.append(dict(model="l2d-lora", dtype=str(dtype)[6:], fused_adamw=fused, compiled=compiled, step_s=seconds,
                          tokens_per_s=x.numel() / seconds, warmup_s=time.perf_counter() - start - S["reps"] * seconds))
     return rows
@@ -184,11 +187,12 @@ def base_mfu(S, device, info):
     (MFU) and against a large bf16 matmul measured here."""
     n = S["matmul"]
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    matmul_tflops = 2 * n**3 / timed(lambda: a @ b, device, S["reps"]) / 1e12
+    matmul_tflops = 2 * n**3 / timed(lambda: a @ b, device, S["reps"])[0] / 1e12
     model = random_gpt("smollm2", S).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(model.config.vocab_size, (S["batch"], S["mfu_seq"]), device=device)
-    seconds = timed(lambda: train_step(model, optimizer, x, autocast(device, torch.bfloat16)), device, S["reps"], warmup=2)
+    seconds, _ = timed(lambda: train_step(model, optimizer, x, autocast(device, torch.bfloat16)), device, S["reps"],
+                       warmup=2)
     c = model.config
     tflops = (6 * model.num_params() + 12 * c.n_layer * c.n_embd * S["mfu_seq"]) * x.numel() / seconds / 1e12
     peak = next((p for chip, p in BF16_PEAK_TFLOPS.items() if chip in info.get("name", "")), None)
@@ -243,8 +247,8 @@ def ddp(S, device, work, log):
     l2d = [f"--init_from={base}/ckpt.pt", "--method=l2d", f"--datasets=['{mul}']", "--flow_dim=64", "--dtype=float32",
            f"--max_iters={iters}", f"--eval_interval={iters}", "--log_interval=1", "--batch_size=16", "--micro_batch=2"]
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}")
-    one, many = map(losses, run(train("config/quick.py", f"{work}/ddp-1", *l2d, device=device),
-                                train("config/quick.py", f"{work}/ddp-{n}", *l2d, device=device, launch=torchrun), log=log))
+    one, many = map(losses, run(train("config/quick.py", f"{work}/ddp-1", *l2d, device=device), train(
+        "config/quick.py", f"{work}/ddp-{n}", *l2d, device=device, launch=torchrun), log=log))
     if len(one) != iters + 1 or len(many) != len(one):
         raise RuntimeError(f"expected {iters} training losses and a validation loss, got {one} and {many}")
     diff = max(abs(a - b) for a, b in zip(one, many))
@@ -256,29 +260,32 @@ def ddp(S, device, work, log):
 def lab(S, device, work, out, log):
     addsub, mul = prepare_data(work, S, log)
     layers, width, heads, batch, steps = S["lab"]
-    size = [f"--n_layer={layers}", f"--n_embd={width}", f"--n_head={heads}", f"--batch_size={batch}", "--learning_rate=1e-3",
-            f"--micro_batch={batch}", f"--max_iters={steps}", f"--eval_interval={steps}", f"--log_interval={max(1, steps // 10)}"]
-    start = time.perf_counter()
-    base_log, = run(train("config/lab_base.py", f"{work}/lab-base", f"--datasets=['{addsub}']", *size, device=device), log=log)
+    size = [f"--n_layer={layers}", f"--n_embd={width}", f"--n_head={heads}", "--learning_rate=1e-3",
+            f"--batch_size={batch}", f"--micro_batch={batch}", f"--max_iters={steps}", f"--eval_interval={steps}",
+            f"--log_interval={max(1, steps // 10)}"]
+    base, start = f"{work}/lab-base", time.perf_counter()
+    base_log, = run(train("config/lab_base.py", base, f"--datasets=['{addsub}']", *size, device=device), log=log)
     seconds = {"base": time.perf_counter() - start}
-    run(*[train(f"config/lab_{name}.py", f"{work}/lab-{name}", f"--datasets=['{mul}']", f"--init_from={work}/lab-base/ckpt.pt",
-                *size, device=device) for name in ("l2d", "lora")], log=log)
+    finetune = [f"--datasets=['{mul}']", f"--init_from={base}/ckpt.pt", *size]
+    run(*[train(f"config/lab_{name}.py", f"{work}/lab-{name}", *finetune, device=device) for name in ("l2d", "lora")],
+        log=log)
     seconds["l2d and lora, side by side"] = time.perf_counter() - start - seconds["base"]
-    evals = {name: [sys.executable, "eval.py", f"--ckpt={work}/lab-{name}/ckpt.pt", f"--data={mul}", "--task=arithmetic",
-                    f"--out={out}/eval_{name}.json", "--overwrite", "--gen_batch_size=100", "--max_new_tokens=8",
-                    f"--device={device}"] for name in ("l2d", "lora")}
-    run(evals["l2d"] + ["--steps=1,2,4,8,16"], evals["lora"], log=log)
+    evaluate = [sys.executable, "eval.py", f"--data={mul}", "--task=arithmetic", "--gen_batch_size=100",
+                "--max_new_tokens=8", f"--device={device}", "--overwrite"]
+    run(evaluate + [f"--ckpt={work}/lab-l2d/ckpt.pt", f"--out={out}/eval_l2d.json", "--steps=1,2,4,8,16"],
+        evaluate + [f"--ckpt={work}/lab-lora/ckpt.pt", f"--out={out}/eval_lora.json"], log=log)
     results = {}
-    for name in evals:
+    for name in ("l2d", "lora"):
         with open(f"{out}/eval_{name}.json") as f:
             results[name] = json.load(f)["rows"]
     lora = results["lora"][0]
-    rows = [dict(model=name, setting=row["setting"], accuracy=row["accuracy"], ci_low=row["ci_low"], ci_high=row["ci_high"],
-                 n=row["n"], nfe_per_token=row["nfe_per_token"], tf_accuracy=row.get("tf_accuracy"),
-                 **{f"vs_lora_{k}": v for k, v in zip(("diff", "low", "high"), row_gains(row, lora)["gain"])})
+    rows = [dict(model=name, setting=row["setting"], accuracy=row["accuracy"], ci_low=row["ci_low"],
+                 ci_high=row["ci_high"], n=row["n"], nfe_per_token=row["nfe_per_token"],
+                 tf_accuracy=row.get("tf_accuracy"),
+                 **dict(zip(("vs_lora_diff", "vs_lora_low", "vs_lora_high"), row_gains(row, lora)["gain"])))
             for name in ("l2d", "lora") for row in results[name]]
-    params = re.search(r"([\d.]+)M trainable", base_log).group(1)
-    return dict(base_params_m=float(params), batch=batch, steps=steps, train_seconds=seconds, rows=rows)
+    params = float(re.search(r"([\d.]+)M trainable", base_log).group(1))
+    return dict(base_params_m=params, batch=batch, steps=steps, train_seconds=seconds, rows=rows)
 
 
 # --- output ---------------------------------------------------------------------------------------------
@@ -319,7 +326,8 @@ def main(argv=None):
     if os.path.isfile(out):
         raise UsageError(f"--out {out} is a file; pass a folder")
     if os.path.isdir(out) and os.listdir(out) and not cfg["overwrite"]:
-        raise UsageError(f"--out {out} has files in it; pass an empty or new folder, or add --overwrite to replace them")
+        raise UsageError(f"--out {out} has files in it; pass an empty or new folder, or add --overwrite to replace "
+                         "them")
     if not cfg["dry_run"] and not torch.cuda.is_available():
         raise UsageError("torch finds no CUDA device here; --dry_run runs every part on the CPU")
     os.makedirs(out, exist_ok=True)
@@ -329,7 +337,8 @@ def main(argv=None):
         info = machine(device)
         steps = [(1, "machine", lambda: info), (2, "correctness", lambda: correctness(S, device)),
                  (3, "generation_speed", lambda: generation_speed(S, device)),
-                 (3, "base_mfu", lambda: [base_mfu(S, device, info)]), (3, "training_speed", lambda: training_speed(S, device)),
+                 (3, "base_mfu", lambda: [base_mfu(S, device, info)]),
+                 (3, "training_speed", lambda: training_speed(S, device)),
                  (4, "ddp", lambda: ddp(S, device, work, log)), (5, "lab", lambda: lab(S, device, work, out, log))]
         for part, name, step in steps:
             if part not in parts:

@@ -38,7 +38,8 @@ def test_every_part_ran_and_wrote_its_results(dry_run):
 
 def test_correctness_steps1_is_the_base_exactly(dry_run):
     rows = dry_run[1]["correctness"]
-    assert {(r["model"], r["dtype"]) for r in rows} == {(m, d) for m in ("smollm2", "gpt2") for d in ("float32", "bfloat16")}
+    assert {(r["model"], r["dtype"]) for r in rows} == {(m, d) for m in ("smollm2", "gpt2")
+                                                        for d in ("float32", "bfloat16")}
     for row in rows:
         assert row["t0_is_base"] and row["steps1_is_base"] and row["steps1_nfe"] == 0
         assert row["t05_differs"]  # the path is not trivially zero: t = 0 is the base because of the gate
