@@ -1,21 +1,16 @@
 """
 Checkpoints: written by train.py, read by train.py (resume), sample.py, eval.py and bench.py.
 
-A checkpoint is one torch.save'd dict of plain data (tensors, numbers, strings, dicts), loaded with
-weights_only=True (nothing is unpickled). For `l2d` and `lora` it holds only the trainable tensors
-plus what rebuilds the rest: the base model's name or path (`init_from`) and every config. For
-`full`, `ar` and `ar2diff` it holds the whole model. It also holds fingerprints of what it depends on, the base's
-weights (`base_fingerprint`) and a vocabulary file (`tokenizer_fingerprint`), and refuses to load
-against a changed one: an L2D path on another base, or ids read through another vocabulary, would
-generate garbage without a word. Files are written atomically (temp file + rename), so a
-kill at any moment leaves the previous checkpoint intact.
+One torch.save'd dict of plain data, loaded with weights_only=True (nothing is unpickled): the
+MODEL_KEYS that say what the model is (build_model reads them), its weights (l2d, lora: only what
+trains, the base coming from `init_from`; ar, full, ar2diff: the whole model), fingerprints of the
+base's weights and of the vocabulary file (a changed one is refused: an L2D path on another base, or ids
+read through another vocabulary, would generate garbage without a word), the run's `config` and what a
+resume restores. Written atomically, so a kill at any moment leaves the previous checkpoint intact.
 
     model, tokenizer, ckpt = load("out-quick-l2d/ckpt.pt")   # an L2D, an AR2Diff or a GPT, and its checkpoint
     model, tokenizer, ckpt = load("smollm2-135m")             # a pretrained name or HF folder: ckpt is None
     base, tokenizer = load_base("out-quick/ckpt.pt")          # a GPT to finetune: load's, or an ar2diff run's GPT
-
-What a checkpoint's model is comes from its MODEL_KEYS alone (build_model reads them); `config` is
-the settings of the run, which a resume reads back.
 """
 
 import hashlib
@@ -32,7 +27,8 @@ from loading.tokenizer import get_tokenizer
 from loading.files import write_atomic
 
 WHOLE = ("ar", "full", "ar2diff")  # methods whose checkpoint holds the whole model (l2d, lora: what trained)
-MODEL_KEYS = ("method", "init_from", "model_config", "l2d_config", "ar2diff_config", "lora_rank", "lora_alpha", "classes")
+MODEL_KEYS = ("method", "init_from", "model_config", "l2d_config", "ar2diff_config", "lora_rank", "lora_alpha",
+              "classes")  # what a checkpoint's model is
 
 
 def save_checkpoint(path, ckpt):
@@ -100,7 +96,8 @@ def checkpoint_path(name_or_path):
     inside = os.path.join(name_or_path, "ckpt.pt")
     if os.path.isfile(inside):
         return inside
-    return name_or_path if name_or_path.endswith(".pt") or os.path.isfile(name_or_path) else None
+    gguf = name_or_path.endswith(".gguf")  # pretrained weights: load_pretrained reads them
+    return name_or_path if name_or_path.endswith(".pt") or os.path.isfile(name_or_path) and not gguf else None
 
 
 def load(name_or_path, block_size=None):
@@ -132,7 +129,8 @@ def build_model(spec, base):
     frozen base (l2d), the base with LoRA (lora), the base as a discrete diffusion model (ar2diff), or the
     base itself (full, ar)."""
     if spec["method"] == "l2d":
-        fields = {k: v for k, v in spec["l2d_config"].items() if k != "self_guess"}  # (some checkpoints': it only shaped training)
+        # some checkpoints' l2d_config holds self_guess, a setting of their training, not of the model
+        fields = {k: v for k, v in spec["l2d_config"].items() if k != "self_guess"}
         return L2D(base, L2DConfig(**fields))
     if spec["method"] == "ar2diff":
         return AR2Diff(base, AR2DiffConfig(**spec["ar2diff_config"]))
@@ -157,10 +155,8 @@ def load_model(path):
     """Rebuild the model the checkpoint at `path` describes, with its weights: load's ckpt.pt half.
     Returns (model, tokenizer, ckpt)."""
     ckpt = read_checkpoint(path)
-    check_dependencies(ckpt, path)
     base, tokenizer = base_of(ckpt)
-    if ckpt["method"] not in WHOLE:
-        check_dependencies(ckpt, path, base)
+    check_dependencies(ckpt, path, None if ckpt["method"] in WHOLE else base)
     model = build_model(ckpt, base)
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}

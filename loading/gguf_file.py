@@ -13,6 +13,7 @@ import gguf
 from gguf.quants import dequantize
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+READABLE = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K or an IQ type"  # what gguf.quants dequantizes
 
 
 def smollm2_gguf_path() -> str:
@@ -27,6 +28,8 @@ def smollm2_gguf_path() -> str:
 @functools.lru_cache(maxsize=2)
 def gguf_reader(path: str) -> gguf.GGUFReader:
     # parsing the metadata (~100k vocabulary strings) takes a few seconds: do it once per file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file {path} not found")
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # whatever the parser trips on (magic, short read, sizes past the end), the file is unusable
@@ -112,7 +115,11 @@ def load_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     state_dict = {}
     for t in reader.tensors:
         # numpy shape = GGUF dims reversed = (out_features, in_features), HF's nn.Linear layout
-        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # copy out of the mmap
+        try:
+            w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # copy out of the mmap
+        except NotImplementedError:
+            raise ValueError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which the gguf package cannot "
+                             f"read; convert the model to one of {READABLE}") from None
         if t.name.endswith("attn_q.weight"):
             w = permute_to_rotate_half(w, n_head)
         elif t.name.endswith("attn_k.weight"):

@@ -21,9 +21,10 @@ def load_pretrained(name_or_path, block_size=None):
     """(model, tokenizer) for a pretrained name or a local Hugging Face folder: the tokenizer
     travels with the weights."""
     # weights / config_file: what error messages name, so the user knows which file to fix or replace
-    if name_or_path == "smollm2-135m":
+    if name_or_path == "smollm2-135m" or name_or_path.endswith(".gguf"):
         from loading.gguf_file import load_gguf, smollm2_gguf_path
-        weights, config_file = smollm2_gguf_path(), "its metadata"  # a GGUF file holds its own config
+        weights = smollm2_gguf_path() if name_or_path == "smollm2-135m" else name_or_path
+        config_file = "its metadata"  # a GGUF file holds its own config
         hf_config, state_dict = load_gguf(weights)
     elif name_or_path in GPT2_SIZES:
         weights, config_file = gpt2_file(name_or_path), f"the {name_or_path} config"
@@ -36,7 +37,7 @@ def load_pretrained(name_or_path, block_size=None):
         hf_config, state_dict = read_hf_folder(name_or_path)
     else:
         raise ValueError(f"unknown model {name_or_path!r}: use smollm2-135m, "
-                         f"{', '.join(GPT2_SIZES)}, or a local Hugging Face folder")
+                         f"{', '.join(GPT2_SIZES)}, a .gguf file or a local Hugging Face folder")
     config = config_from_hf(hf_config, config_file)
     if block_size:
         config.block_size = min(config.block_size, block_size)
@@ -144,27 +145,37 @@ def read_hf_folder(folder):
 
 
 def config_from_hf(c, path="config.json"):
-    """GPTConfig from the keys of a Hugging Face config.json (gpt2, llama, qwen2, mistral); `path`
-    names the file in errors."""
-    def need(key):  # a key without a default: name it and the file, rather than a bare KeyError
-        if key not in c:
-            raise ValueError(f"{path} lacks {key!r}, which a {c.get('model_type')} config needs; "
-                             "copy config.json again from the model's repository")
-        return c[key]
+    """GPTConfig from the keys of a Hugging Face config.json (gpt2, llama, qwen2, mistral); a missing key, a
+    value of the wrong type and heads that do not divide the width are errors naming `path` and the keys."""
+    def get(key, default=None, kind=int):  # default None: the key is required
+        value = c.get(key)
+        if value is None and default is None:
+            raise ValueError(f"{path} lacks {key!r}, which a {c.get('model_type')} config needs; {fix}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind) or value <= 0):
+            raise ValueError(f"{path}: {key} is {value!r}, not a positive {'whole ' if kind is int else ''}number; {fix}")
+        return default if value is None else value
 
+    fix, number = "copy config.json again from the model's repository", (int, float)
     if c.get("model_type") == "gpt2":
-        return GPTConfig(family="gpt2", block_size=c.get("n_positions", 1024), vocab_size=c.get("vocab_size", 50257),
-                         n_layer=need("n_layer"), n_head=need("n_head"), n_embd=need("n_embd"),
-                         ffn_hidden=c.get("n_inner") or 0, norm_eps=c.get("layer_norm_epsilon", 1e-5))
-    if c.get("model_type") not in ("llama", "qwen2", "mistral"):
+        keys = "n_embd", "n_head", None
+        kw = dict(family="gpt2", block_size=get("n_positions", 1024), vocab_size=get("vocab_size", 50257),
+                  n_layer=get("n_layer"), n_head=get("n_head"), n_embd=get("n_embd"), ffn_hidden=get("n_inner", 0),
+                  norm_eps=get("layer_norm_epsilon", 1e-5, number))
+    elif c.get("model_type") in ("llama", "qwen2", "mistral"):
+        keys = "hidden_size", "num_attention_heads", "num_key_value_heads"
+        kw = dict(family="llama", block_size=get("max_position_embeddings", 2048), vocab_size=get("vocab_size"),
+                  n_layer=get("num_hidden_layers"), n_head=get("num_attention_heads"),
+                  n_kv_head=get("num_key_value_heads", 0), n_embd=get("hidden_size"),
+                  ffn_hidden=get("intermediate_size"), qkv_bias=c["model_type"] == "qwen2" or c.get("attention_bias", False),
+                  norm_eps=get("rms_norm_eps", 1e-6, number), rope_theta=get("rope_theta", 10000.0, number),
+                  rope_scaling=c.get("rope_scaling"), tie_embeddings=c.get("tie_word_embeddings", False))
+    else:
         raise ValueError(f"{path}: unsupported model_type {c.get('model_type')!r}; use gpt2, llama, qwen2 or mistral")
-    return GPTConfig(family="llama", block_size=c.get("max_position_embeddings", 2048),
-                     vocab_size=need("vocab_size"), n_layer=need("num_hidden_layers"),
-                     n_head=need("num_attention_heads"), n_kv_head=c.get("num_key_value_heads", 0),
-                     n_embd=need("hidden_size"), ffn_hidden=need("intermediate_size"),
-                     qkv_bias=c.get("model_type") == "qwen2" or c.get("attention_bias", False),
-                     norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", 10000.0),
-                     rope_scaling=c.get("rope_scaling"), tie_embeddings=c.get("tie_word_embeddings", False))
+    width, heads, kv_heads = kw["n_embd"], kw["n_head"], kw.get("n_kv_head") or kw["n_head"]
+    if width % heads or heads % kv_heads:
+        raise ValueError(f"{path}: {keys[0]} {width} must divide by {keys[1]} {heads}"
+                         + (f", and {keys[1]} by {keys[2]} {kv_heads}" if c.get(keys[2]) else "") + f"; {fix}")
+    return GPTConfig(**kw)
 
 
 def gpt2_state_dict(sd, config):

@@ -8,6 +8,7 @@ plus chat helpers for instruct models (SmolLM2's ChatML template).
 import json
 import os
 import re
+from pathlib import Path
 
 import tiktoken
 
@@ -119,8 +120,10 @@ def gpt2_encoding() -> tiktoken.Encoding:
     if missing:
         return tiktoken_gpt2(missing[0])
     vocab = read_json(paths[0])
-    with open(paths[1], encoding="utf-8") as f:
-        merges = [line for line in f.read().split("\n")[1:] if line]  # first line: "#version: 0.2"
+    try:
+        merges = [line for line in Path(paths[1]).read_text("utf-8").split("\n")[1:] if line]  # first: "#version: 0.2"
+    except UnicodeDecodeError:
+        raise ValueError(f"{paths[1]} is not UTF-8 text; download it again") from None
     return bpe_encoding("gpt2", vocab, merges, {EOT: vocab[EOT]}, GPT2_PATTERN)
 
 
@@ -163,16 +166,17 @@ def hf_encoding(folder: str) -> tiktoken.Encoding:
         raise FileNotFoundError(f"{path} not found: a Hugging Face model folder needs its tokenizer.json "
                                 "(copy it from the model's repository)")
     tok = read_json(path)
-    model = tok.get("model")
-    if not isinstance(model, dict) or not {"type", "vocab", "merges"} <= model.keys():
-        raise ValueError(f"{path} has no \"model\" entry with type, vocab and merges: not a Hugging Face "
-                         "tokenizer file, or a damaged one; copy it again from the model's repository")
+    model, added = tok.get("model"), tok.get("added_tokens", [])
+    if not (isinstance(model, dict) and isinstance(model.get("vocab"), dict) and isinstance(model.get("merges"), list)
+            and isinstance(added, list) and all(isinstance(t, dict) and {"content", "id"} <= t.keys() for t in added)):
+        raise ValueError(f"{path} has no \"model\" entry with a vocab object and a merges list, or added_tokens "
+                         "not a list of {content, id}: a damaged Hugging Face tokenizer file; copy it again")
     pre = json.dumps(tok.get("pre_tokenizer"))
-    if model["type"] != "BPE" or '"ByteLevel"' not in pre:
+    if model.get("type") != "BPE" or '"ByteLevel"' not in pre:
         raise ValueError(f"{folder}: only byte-level BPE tokenizers are supported")
     split = re.search(r'"type": "Split", "pattern": \{"Regex": ("(?:[^"\\]|\\.)*")', pre)  # Llama 3's own regex
     pattern = json.loads(split[1]) if split else SMOLLM_PATTERN if '"individual_digits": true' in pre else GPT2_PATTERN
-    special = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    special = {t["content"]: t["id"] for t in added}
     return bpe_encoding(folder, model["vocab"], model["merges"], special, pattern)
 
 

