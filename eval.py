@@ -41,14 +41,13 @@ from diffusion import L2D, answer_positions, at_positions
 from harness import diagnostics
 from harness.answers import final_number, generate_answers, is_correct
 from harness.intervals import row_gains
+from harness.plan import Task, load_task, plan, setting_name
 from harness.plot import plot
 from harness.results import HEADER, ResultsFile, format_row, generation_summary, output_path, tf_summary
-from harness.plan import Task, load_task, plan, setting_name
 from loading import checkpoint
 from loading.precision import autocast, resolve_device, resolve_dtype, store_weights
 from lora import merge_lora
 
-REPO = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("gsm8k", "arithmetic", "humaneval")
 OPTIONS = dict(
     ckpt=("", "required: a ckpt.pt of train.py (or its folder), or a base model name or HF folder"),
@@ -57,7 +56,7 @@ OPTIONS = dict(
     split=("test", "test, or confirm (a second held-out split, to check a gain chosen on test once)"),
     limit=(0, "the first N examples only; 0: all"),
     max_new_tokens=(256, "generation stops there if the end token has not come"),
-    # the rows; one value or a list (1,2,4); None: the list in LIST_DEFAULTS
+    # the rows; one value or a list (1,2,4); None: harness/plan.py's LIST_DEFAULTS
     steps=(None, "ODE steps per token (fixed-step solvers); None: 1,2,4,8,16,32 (AR2Diff: 1,2,5,10,20)"),
     solver=("midpoint", "euler, midpoint, rk4 (fixed steps), or dopri5 (adaptive)"),
     atol=(None, "dopri5's absolute error tolerances; None: 1e-5"),
@@ -81,7 +80,7 @@ OPTIONS = dict(
     device=("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
     dtype=("auto", "auto (cuda: bfloat16; cpu: float32), float32, bfloat16 or float16 (precision.py)"),
 )
-ODE = ("steps", "solver", "atol", "rtol", "estimate", "guidance")  # a setting's keys that L2D.integrate takes
+ODE = ("steps", "solver", "atol", "rtol", "estimate", "guidance")  # a setting's keys for L2D.teacher_forced
 
 
 @torch.no_grad()

@@ -54,7 +54,6 @@ OPTIONS = dict(
     ar2diff_steps=(10, "AR2Diff's refinement steps (the paper: 10)"),
     ar2diff_candidates=(None, "AR2Diff's candidates K; None: 1,8"),
     # training
-    methods=(None, "which to time, one or a list; None: l2d-lora,l2d-full,lora,full"),
     batch=(8, "examples per training step"),
     seq=(256, "tokens per example"),
     train_reps=(5, "timed steps per method (the median is reported)"),
@@ -72,15 +71,13 @@ OPTIONS = dict(
     block_size=(1024, "positions, at least prompt_len + new_tokens and seq"),
     _memory_worker=("", "internal: measure one method's training memory and print it as JSON"),
 )
-LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], batch_sizes=[1, 16], methods=["l2d-lora", "l2d-full", "lora", "full"],
-                     answer_lens=[16, 64, 256, 1024], ar2diff_candidates=[1, 8], dtypes=["float32", "bfloat16"])
-METHODS = LIST_DEFAULTS["methods"]
+LIST_DEFAULTS = dict(steps=[1, 2, 4, 8, 16, 32], batch_sizes=[1, 16], answer_lens=[16, 64, 256, 1024],
+                     ar2diff_candidates=[1, 8], dtypes=["float32", "bfloat16"])
 
 
 def check(cfg):
     cfg["what"] = parse_list("what", cfg["what"], str, []) if cfg["what"] else []
-    for key, kind in (("steps", int), ("batch_sizes", int), ("methods", str), ("answer_lens", int), ("ar2diff_candidates", int),
-                      ("dtypes", str)):
+    for key, kind in (("steps", int), ("batch_sizes", int), ("answer_lens", int), ("ar2diff_candidates", int), ("dtypes", str)):
         cfg[key] = parse_list(key, cfg[key], kind, LIST_DEFAULTS[key])
     if unknown := set(cfg["dtypes"]) - set(DTYPES[1:]):
         raise UsageError(f"unknown --dtypes {sorted(unknown)}; use {', '.join(DTYPES[1:])}")
@@ -88,8 +85,6 @@ def check(cfg):
         raise UsageError(f"--what takes gen, train, ar2diff or several (gen,train), got {cfg['what']}")
     if min(cfg["answer_lens"] + cfg["ar2diff_candidates"] + [cfg["ar2diff_steps"]]) < 1:
         raise UsageError("--answer_lens, --ar2diff_candidates and --ar2diff_steps must be >= 1")
-    if unknown := set(cfg["methods"]) - set(METHODS):
-        raise UsageError(f"unknown --methods {sorted(unknown)}; use {', '.join(METHODS)}")
     if cfg["solver"] not in SOLVERS or cfg["solver"] == "dopri5":
         raise UsageError(f"--solver must be a fixed-step solver (euler, midpoint, rk4), got {cfg['solver']!r}")
     if min(cfg["steps"] + cfg["batch_sizes"]) < 1 or min(cfg["prompt_len"], cfg["new_tokens"], cfg["batch"], cfg["seq"]) < 1:

@@ -112,7 +112,7 @@ def test_ar2diff_against_ar_decoding_on_a_tiny_model(one_thread, capsys):
     assert rows[0]["ar_s"] == rows[1]["ar_s"] and rows[2]["ar_s"] == rows[3]["ar_s"]
 
 
-@pytest.mark.parametrize("method", bench.METHODS)
+@pytest.mark.parametrize("method", benchmarks.METHODS)
 def test_bf16_trainers_keep_float32_masters_and_store_the_frozen_base_in_bf16(method, one_thread):
     cfg = bench.check(bench.configure(bench.OPTIONS, TINY))
     base = benchmarks.base_model(cfg)
@@ -143,7 +143,7 @@ def test_flop_count_of_a_full_training_step(family, one_thread):
     assert counted == pytest.approx(expected, rel=0.02)
 
 
-@pytest.mark.parametrize("flag", ["--what=sample", "--dtypes=bf16", "--methods=l2d,full", "--steps=0,2", "--solver=dopri5",
+@pytest.mark.parametrize("flag", ["--what=sample", "--dtypes=bf16", "--steps=0,2", "--solver=dopri5",
                                   "--batch_sizes=one", "--eval_reps=0", "--answer_lens=0", "--ar2diff_candidates=1,0"])
 def test_bad_flags_are_usage_errors(flag):
     with pytest.raises(UsageError):
