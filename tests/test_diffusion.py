@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion import L2D, FlowMemo, L2DConfig, PackedRows, Velocity, pack_positions
+from diffusion import L2D, L2DConfig, Velocity, pack_positions
 from model import GPT, GPTConfig, KVCache
 
 VOCAB = 53
@@ -192,7 +192,7 @@ def test_shared_conditioning_equals_per_row_conditioning():
     x_t, t = torch.randn(3, 1, 16) * 30, torch.full((3, 1), 0.37)
     with torch.no_grad():
         per_row = l2d.predict(h[:, -1:], cache, x_t, t, l2d.conditioning(t, labels))
-        shared = l2d.predict(h[:, -1:], cache, x_t, t, FlowMemo().shared_conditioning(l2d, t.flatten(), labels))
+        shared = l2d.predict(h[:, -1:], cache, x_t, t, Velocity(l2d, h[:, -1:], cache).shared_conditioning(t.flatten(), labels))
     torch.testing.assert_close(shared, per_row, atol=1e-5, rtol=1e-5)
     torch.manual_seed(5)
     remembered = [tok for tok, _ in l2d.generate(idx, 4, steps=5, labels=labels)]
@@ -200,7 +200,7 @@ def test_shared_conditioning_equals_per_row_conditioning():
     cache, fresh = KVCache(), []
     h, _ = l2d.base.trunk(idx, cache)
     for _ in range(4):  # a new memo for every token: nothing carried over
-        tok, _ = l2d.next_token(h[:, -1:], cache, steps=5, labels=labels, memo=FlowMemo())
+        tok, _ = l2d.next_token(h[:, -1:], cache, steps=5, labels=labels, memo={})
         fresh.append(tok)
         h, _ = l2d.base.trunk(tok[:, None], cache)
     assert all(torch.equal(a, b) for a, b in zip(remembered, fresh))
@@ -262,10 +262,10 @@ def test_packed_rows_equal_predict_at_those_positions(family, explicit_pos):
         h, cache = l2d.base.trunk(idx, KVCache(pad))
         h_main = h[:, -P:] if pos is None else h.gather(1, pos[..., None].expand(-1, -1, h.size(-1)))
         every = l2d.predict(h_main, cache, x_t, t, l2d.conditioning(t, labels), pos).flatten(0, 1)
-        packed_rows = PackedRows(l2d, h_main, cache, pos)
+        velocity = Velocity(l2d, h_main, cache, pos, adaptive=True)
         for rows in ([1, 2, 6, 8], [3, 4, 5], [5], [0, 4, 8], list(range(B * P))):
             rows = torch.tensor(rows)
-            some = packed_rows(rows, x_t.flatten(0, 1)[rows], t.flatten()[rows], labels)
+            some = velocity.packed_logits(rows, x_t.flatten(0, 1)[rows], t.flatten()[rows], labels)
             torch.testing.assert_close(some, every[rows], atol=1e-5, rtol=1e-5)
 
 
