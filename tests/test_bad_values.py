@@ -154,7 +154,7 @@ def l2d_ckpt(data, tmp_path_factory):
 
 
 EVAL_BAD = [("limit", -1), ("max_new_tokens", 0), ("batch_size", 0), ("gen_batch_size", 0), ("steps", 0),
-            ("atol", 0.0)]
+            ("atol", 0.0), ("label", "bogus")]  # label: the model was trained without guidance classes
 
 
 @pytest.mark.parametrize("key, value", EVAL_BAD, ids=[f"{k}={v}" for k, v in EVAL_BAD])
