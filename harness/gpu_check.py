@@ -239,6 +239,8 @@ def train(config, out_dir, *options, device, launch=(sys.executable,)):
 
 
 def ddp(S, device, work, log):
+    """A base (quick.py's shape, a few steps on + and -), then the same short L2D run on x in one process and
+    under torchrun, side by side: every logged loss compared."""
     addsub, mul = prepare_data(work, S, log)
     n = torch.cuda.device_count() if device.startswith("cuda") else 2  # gloo, 2 processes, on the CPU
     iters, base = S["ddp_iters"], os.path.join(work, "ddp-base")
@@ -247,8 +249,8 @@ def ddp(S, device, work, log):
     l2d = [f"--init_from={base}/ckpt.pt", "--method=l2d", f"--datasets=['{mul}']", "--flow_dim=64", "--dtype=float32",
            f"--max_iters={iters}", f"--eval_interval={iters}", "--log_interval=1", "--batch_size=16", "--micro_batch=2"]
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}")
-    one, many = map(losses, run(train("config/quick.py", f"{work}/ddp-1", *l2d, device=device), train(
-        "config/quick.py", f"{work}/ddp-{n}", *l2d, device=device, launch=torchrun), log=log))
+    one, many = map(losses, run(train("config/quick.py", f"{work}/ddp-one", *l2d, device=device), train(
+        "config/quick.py", f"{work}/ddp-torchrun", *l2d, device=device, launch=torchrun), log=log))
     if len(one) != iters + 1 or len(many) != len(one):
         raise RuntimeError(f"expected {iters} training losses and a validation loss, got {one} and {many}")
     diff = max(abs(a - b) for a, b in zip(one, many))
@@ -258,6 +260,8 @@ def ddp(S, device, work, log):
 
 
 def lab(S, device, work, out, log):
+    """The lab's three trainings (L2D and LoRA side by side) and their evaluations, read back from eval.py's
+    JSONs into one table: each row's accuracy, its Wilson interval, and its paired difference from LoRA."""
     addsub, mul = prepare_data(work, S, log)
     layers, width, heads, batch, steps = S["lab"]
     size = [f"--n_layer={layers}", f"--n_embd={width}", f"--n_head={heads}", "--learning_rate=1e-3",
