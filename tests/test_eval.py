@@ -561,6 +561,18 @@ def test_out_in_a_missing_folder_is_refused_before_any_work(tiny_run, monkeypatc
                  "--out", str(tiny_run["tmp"] / "nowhere" / "r.json")])
 
 
+def test_out_on_a_read_only_folder_is_refused_before_any_work(tiny_run, monkeypatch):
+    """(os.access stands in for a read-only file system, which root's test run cannot make.)"""
+    folder = str(tiny_run["tmp"])
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: mode != os.W_OK and real_access(path, mode)
+                        if os.path.abspath(path) == folder else real_access(path, mode))
+    monkeypatch.setattr(ev, "generate_answers", lambda *args: pytest.fail("evaluated before --out was checked"))
+    with pytest.raises(ValueError, match="--out .*the folder .* is not writable"):
+        ev.main(["--data", tiny_run["data"], "--ckpt", tiny_run["l2d"], "--limit", "2", "--steps", "1",
+                 "--out", os.path.join(folder, "r.json")])
+
+
 def test_cli_errors_are_one_line_exit_2():
     proc = subprocess.run([sys.executable, "eval.py", "--bogus", "1"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown option --bogus")
