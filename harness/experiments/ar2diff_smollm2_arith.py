@@ -3,7 +3,7 @@
 # answer span is the longest train answer and its end token (<|im_end|>).
 #   python -m data.arithmetic.prepare --tokenizer smollm2-135m --digits 3
 #   python train.py harness/experiments/ar2diff_smollm2_arith.py
-#   python eval.py --ckpt out-ar2diff-smollm2-arith/ckpt.pt --task arithmetic --limit 200 --steps 1,2,5,10,20 --samples 1,4,8 --gen_batch_size 16
+#   python eval.py --ckpt out-ar2diff-smollm2-arith/ckpt.pt --task arithmetic --limit 200 --steps 1,2,5,10,20 --candidates 1,4,8 --gen_batch_size 16
 exec(open("harness/experiments/l2d_smollm2_arith.py").read())
 out_dir = "out-ar2diff-smollm2-arith"
 method = "ar2diff"

@@ -5,7 +5,7 @@
 #   python train.py harness/experiments/l2d_smollm2_smoltalk.py                      # or torchrun --nproc_per_node=N
 #   python -m data.humaneval.prepare && python -m data.gsm8k.prepare
 #   python eval.py --ckpt out-l2d-smollm2-smoltalk/ckpt.pt --task gsm8k --steps 1,2,4,8,16 --limit 200 --gen_batch_size 16
-#   python eval.py --ckpt out-l2d-smollm2-smoltalk/ckpt.pt --task humaneval --steps 1,2,4,8 --x1 sample --max_new_tokens 384 --gen_batch_size 16
+#   python eval.py --ckpt out-l2d-smollm2-smoltalk/ckpt.pt --task humaneval --steps 1,2,4,8 --estimate sample --max_new_tokens 384 --gen_batch_size 16
 exec(open("config/l2d_llama3.2_1b_smoltalk.py").read())
 out_dir = "out-l2d-smollm2-smoltalk"
 init_from = "smollm2-135m"
