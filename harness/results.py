@@ -56,7 +56,6 @@ def format_row(row):
     return "\n".join(line for line in [f"{row['setting']:<24} {gen} {tf}", gains, *diagnostics.describe(row)] if line)
 
 
-
 def write_json(path, result):
     write_atomic(path, lambda f: f.write(json.dumps(result, indent=1).encode()))
 
