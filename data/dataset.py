@@ -6,8 +6,8 @@ A prepared folder data/<task>/<tag>/ (tag from the tokenizer: char, gpt2, smollm
       loss_mask bool  (N,)    True exactly on the answer tokens and the end token that closes the answer
       offsets   int64 (E+1,)  example e is tokens[offsets[e]:offsets[e+1]]
       labels    int16 (E,)    class of each example, an index into meta["classes"]
-  test.jsonl   (and confirm.jsonl) per held-out example: prompt (the text to encode), answer (no end token),
-               final (gold final answer for math, else null), label (class name)
+  test.jsonl   (and confirm.jsonl) per held-out example: prompt, answer (no end token), final (math's gold
+               answer, else null), label
   meta.json    {"tokenizer", "classes", "chat", "vocab_size", "eot"}: "tokenizer" is what get_tokenizer takes
                (relative to the folder for a char vocabulary, saved there as vocab.json); "eot" ends every
                answer (<|im_end|> for chat models) and pads batches.
@@ -83,12 +83,11 @@ def tokenizer_tag(name):
 
 
 def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=False):
-    """Tokenize splits = {"train": [ex, ...], "test": [...]} (ex as encode_example takes it, plus a label and
-    optionally "final" and "fields", copied into the held-out row) into the folder out_dir, written whole or
-    not at all. tokenizer "char" builds a character vocabulary from all the text, saved as vocab.json (as
-    is an existing vocab .json passed instead). max_len drops longer train examples. A split left empty is
-    refused (ValueError) before anything is written; an existing dataset is kept when the new one is the
-    same and refused when it differs, unless overwrite: a checkpoint trained on it reads its vocabulary."""
+    """Tokenize splits = {"train": [ex, ...], "test": [...]} (ex as encode_example takes it, plus a label,
+    optionally "final" and "fields" for the held-out row) into out_dir, written whole or not at all.
+    tokenizer "char" builds a character vocabulary from the text, saved as vocab.json. max_len drops longer
+    train examples. An existing dataset is kept when the same, refused when it differs unless overwrite (a
+    checkpoint trained on it reads its vocabulary)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise OutputError(f"--out {out_dir} is a file; name a folder for the prepared dataset")
     if tokenizer == "char":
@@ -149,9 +148,8 @@ def encode_split(enc, split, examples, classes, max_len, out_dir):
 
 
 def install(staging, out_dir, overwrite):
-    """Move the files of `staging` into out_dir; False (nothing moved) when out_dir already holds the same
-    dataset. A different one is refused unless overwrite, then removed first, so no stale split stays
-    behind. meta.json goes last: it marks a whole folder."""
+    """Move the files of `staging` into out_dir (False: it holds the same dataset already). A different one is
+    refused unless overwrite, then removed first (no stale split stays). meta.json, last, marks a whole folder."""
     if os.path.isfile(os.path.join(out_dir, "meta.json")):
         if same_dataset(out_dir, staging):
             return False
@@ -278,10 +276,9 @@ class TokenDataset:
 
 
 class BatchSampler:
-    """Infinite, deterministic, resumable example order. Each optimizer step takes the next batch_size
-    (the global batch) indices of a seeded per-epoch permutation, running on into the next epoch when
-    one ends; rank r of world_size gets the r-th contiguous slice, so the global batch does not depend
-    on the number of processes. state_dict() is {"epoch", "pos"}: save it in checkpoints to resume."""
+    """Infinite, deterministic, resumable example order: each optimizer step takes the next batch_size (the
+    global batch) indices of a seeded per-epoch permutation, rank r of world_size the r-th slice of it, so
+    the global batch does not depend on the number of processes. state_dict() resumes it."""
 
     def __init__(self, n, batch_size, seed=0, rank=0, world_size=1):
         assert batch_size % world_size == 0, "global batch must split evenly over the ranks"

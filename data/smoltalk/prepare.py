@@ -6,15 +6,10 @@ with its guidance class (math, coding, general_qa).
     python -m data.smoltalk.prepare --subsets self-oss-instruct --limit 1000 --out /tmp/st   # a quick slice
     python -m data.smoltalk.prepare --src DIR                         # offline: DIR/<subset>/*.parquet (or .jsonl)
 
-Each example is one conversation, a list of {"role", "content"} messages (system, user, assistant), laid
-out in the tokenizer's chat template (dataset.conversation_segments), with the loss on every assistant
-turn and its end token only. A held-out row's prompt is the conversation up to the last assistant turn,
-its answer that turn. Train examples longer than --max_len tokens are dropped.
-
-Downloads (when online): the subset's files are listed through the Hugging Face hub's API and fetched
-with urllib into --cache (default data/smoltalk/raw/<subset>/), once, with a progress bar; nothing to
-install for that. Reading .parquet files needs pyarrow (pip install pyarrow), imported only here: it is
-the reference reader of the format the hub stores. Offline, the error names the files to put where.
+Each example is one conversation ({"role", "content"} messages) in the tokenizer's chat template, the loss
+on every assistant turn and its end token; a held-out row's answer is the last assistant turn. Train
+examples longer than --max_len tokens are dropped. Online, each subset's .parquet files are fetched once
+into --cache (reading them needs pip install pyarrow); offline, the error names the files to put where.
 """
 import json
 import os
@@ -80,11 +75,6 @@ def check_messages(messages, path, n):
     return [dict(role=m["role"], content=m["content"]) for m in messages]
 
 
-def subset_names(text):
-    """--subsets as a list (argparse applies it to the default too): "a, b," -> ["a", "b"]."""
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
 def prepare(tokenizer="smollm2-135m", subsets=tuple(SUBSETS), out=None, src=None, cache=None, max_len=2048,
             limit=None, n_test=100, overwrite=False):
     """Tokenize the subsets into data/smoltalk/<tag>/ (or out): train = their train splits (the first `limit`
@@ -109,7 +99,7 @@ def prepare(tokenizer="smollm2-135m", subsets=tuple(SUBSETS), out=None, src=None
 
 if __name__ == "__main__":
     p = command_line(__doc__, HERE, "smollm2-135m", "smollm2-135m, a HF tokenizer folder, ...", out=False)
-    p.add_argument("--subsets", default=",".join(SUBSETS), type=subset_names, help="comma-separated SmolTalk subsets")
+    p.add_argument("--subsets", default=",".join(SUBSETS), type=lambda text: [s.strip() for s in text.split(",") if s.strip()], help="comma-separated SmolTalk subsets")
     add_out(p, HERE)
     p.add_argument("--src", default=None, help="offline: a folder with <subset>/ folders of .parquet or .jsonl files")
     p.add_argument("--cache", default=None, help="where downloads go (default data/smoltalk/raw)")
