@@ -487,14 +487,15 @@ def test_an_earlier_result_is_never_replaced_unasked(tiny_run, tmp_path):
             os.remove(os.path.join(os.path.dirname(tiny_run["l2d"]), name))
 
 
-def test_a_run_killed_at_any_write_and_resumed_is_the_whole_run(tiny_run, monkeypatch):
+@pytest.mark.parametrize("diagnose", [[], ["--diagnostics"]])
+def test_a_run_killed_at_any_write_and_resumed_is_the_whole_run(tiny_run, monkeypatch, diagnose):
     """Kill a run at its k-th JSON write (before writing), resume it with --resume True: for every k the
     probe, rows and per-example lists are those of one uninterrupted run (timings aside), the "partial"
     entry is gone, and at most one batch (the one the kill lost) is computed twice."""
-    out = str(tiny_run["tmp"] / "resume.json")
+    out = str(tiny_run["tmp"] / f"resume{len(diagnose)}.json")
     args = ["--data", tiny_run["data"], "--ckpt", tiny_run["l2d"], "--limit", "3", "--max_new_tokens", "3",
             "--batch_size", "2", "--gen_batch_size", "2", "--steps", "1,2", "--solver", "euler", "--probe_t", "0.5",
-            "--out", out]
+            "--out", out, *diagnose]
     batches, kill_at, real_write = [], [None], results.write_json  # batches: computed, as the function called
 
     def counted(name):
