@@ -6,15 +6,12 @@ The frozen base: one decoder-only transformer that covers two families by config
 - "llama": RMSNorm, rotary positions (RoPE), SwiGLU MLP, grouped-query attention, optional
            q/k/v bias (Qwen2), tied or untied head (SmolLM2, Llama-3.x, Qwen2.5, TinyLlama).
 
-Besides logits, the model exposes exactly what the L2D diffusion path reuses (diffusion.py):
-`trunk()` returns the last hidden state *before* the final norm (h_main_L in the paper's merge)
-and a KVCache holding every layer's keys (after RoPE) and values.
+Besides logits it exposes what the L2D diffusion path reuses (diffusion.py): `trunk()` returns the last
+hidden state *before* the final norm (h_main in the merge) and a KVCache of every layer's keys (after
+RoPE) and values. Weights: loading/pretrained.py, or loading/checkpoint.py's load(name_or_path).
 
     model = GPT(GPTConfig(family="llama", n_layer=4, n_head=4, n_embd=128))  # random weights
     logits, loss = model(idx, targets)                                        # targets: -1 = ignored position
-
-Pretrained weights come from pretrained.py (`load_pretrained("smollm2-135m")`, a GPT-2 name, a Hugging Face
-folder), and any model, a train.py checkpoint included, from checkpoint.py's `load(name_or_path)`.
 """
 
 import math
@@ -57,10 +54,9 @@ class GPTConfig:
 
 
 class Norm(nn.Module):
-    """LayerNorm (gpt2) or RMSNorm (llama). `modulated` is the diffusion path's adaLN variant:
-    the same frozen norm with weight (w_norm + delta) and an extra shift (DiT adaLN-Zero).
-    Always computed in float32, as the official code does, on float32 weights (precision.py keeps
-    them so); the result comes back in the input's dtype (bf16 activations stay bf16)."""
+    """LayerNorm (gpt2) or RMSNorm (llama); `modulated`, the diffusion path's adaLN: the same frozen norm
+    with weight (w_norm + delta) and a shift (DiT adaLN-Zero). Computed in float32, as the official code,
+    on float32 weights (precision.py keeps them so); returned in the input's dtype."""
 
     def __init__(self, dim, eps, rms):
         super().__init__()
@@ -105,22 +101,19 @@ def rope_frequencies(config):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate (B, H, T, hd) queries or keys by position. Hugging Face's "rotate_half" layout:
-    dimension j is paired with j + hd/2 (GGUF's interleaved pairs are undone in load_gguf.py)."""
+    """Rotate (B, H, T, hd) queries or keys by position, in Hugging Face's "rotate_half" layout: dimension j
+    is paired with j + hd/2 (loading/gguf_file.py undoes GGUF's interleaved pairs)."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # the float32 tables, in bf16 for bf16 queries (as Hugging Face)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def attend(q, k, v, q_pos=None, pad=None, bidirectional=False):
-    """Attention of queries q over the cached keys k and values v, causal unless `bidirectional`:
-    query i sees keys at cache slots <= its own. By default the T queries are the last T of the
-    S key slots; `q_pos` (B, T) places them anywhere (the diffusion path's answer positions).
-    `pad` (B,): each row's left-padding slots (KVCache.pad), which no real query sees (a padding
-    query sees the padding before it, only so that its row of the softmax is not empty).
-    `bidirectional`: every query sees every slot but the padding, the T new ones included (AR2Diff's
-    answer span, refined as a whole: ar2diff.py).
-    Used by the base, by the diffusion path (whose queries attend to the base's K/V) and by AR2Diff."""
+    """Queries q over the cached keys k and values v, causal unless `bidirectional`: query i sees the slots
+    <= its own. The T queries are the last T of the S slots, or at `q_pos` (B, T) (the path's answer
+    positions). `pad` (B,): each row's left padding (KVCache.pad), seen by no real query (a padding query
+    sees the padding before it, so that its softmax row is not empty). `bidirectional`: every query sees
+    every slot but the padding (AR2Diff's answer span, refined as a whole)."""
     T, S = q.size(-2), k.size(-2)
     gqa = q.size(1) != k.size(1)
     if bidirectional:
@@ -144,11 +137,10 @@ def attend(q, k, v, q_pos=None, pad=None, bidirectional=False):
 
 
 class KVCache:
-    """Each layer's keys (after RoPE) and values for all positions seen so far, (B, H_kv, S, hd).
-    Filled by one forward over a whole sequence (training) or token by token (decoding).
-    `pad` (B,) or None: how many slots each row begins with that are left padding, so that prompts
-    of different lengths decode as one batch. A row's token positions count from its first real
-    token, and no real token attends to its padding: each row decodes as it would alone."""
+    """Each layer's keys (after RoPE) and values so far, (B, H_kv, S, hd), filled by one forward or token by
+    token. `pad` (B,) or None: each row's leading left-padding slots, so that prompts of different lengths
+    decode as one batch; positions count from a row's first real token and no real token attends to its
+    padding: each row decodes as it would alone."""
 
     def __init__(self, pad=None):
         self.keys, self.values = [], []
@@ -162,8 +154,8 @@ class KVCache:
         return self.keys[0].size(2) if self.keys else 0
 
     def fork(self):
-        """A cache that starts where this one is and grows on its own: they share the tensors, safely,
-        since update() never writes in place (one prompt's K/V under several continuations)."""
+        """A cache that grows on its own from here, sharing the tensors safely (update() never writes in
+        place): one prompt's K/V under several continuations."""
         new = KVCache()
         new.pad, new.keys, new.values = self.pad, list(self.keys), list(self.values)
         return new
@@ -211,8 +203,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU MLP (gpt2): down(gelu(up(x))), or SwiGLU (llama): down(silu(gate(x)) * up(x)).
-    Built from its linear layers so the diffusion path can reuse the formula with its own."""
+    """down(gelu(up(x))) (gpt2) or SwiGLU down(silu(gate(x)) * up(x)) (llama), built from its linear layers
+    so that the diffusion path reuses the formula with its own."""
 
     def __init__(self, up_proj, down_proj, gate_proj=None):
         super().__init__()
@@ -275,16 +267,14 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def rope(self, pos):
-        """(cos, sin) for positions `pos` (T,) or per row (B, T), broadcastable over (B, H, T, hd);
-        None for gpt2."""
+        """(cos, sin) for positions `pos` (T,) or (B, T), broadcastable over (B, H, T, hd); None for gpt2."""
         if self.wpe is not None:
             return None
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         return (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])
 
     def trunk(self, idx, cache=None, bidirectional=False):
-        """Run the blocks on tokens `idx` (B, T) that follow the cached positions: causally, or with
-        `bidirectional` each of the T sees all T and everything cached (AR2Diff's answer span).
+        """The blocks on tokens `idx` (B, T) after the cached ones (causal; `bidirectional`: AR2Diff's span).
         Returns h (B, T, d), the last hidden state before the final norm, and the KVCache."""
         cache = KVCache() if cache is None else cache
         start, T = len(cache), idx.size(1)
@@ -304,8 +294,7 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(h))
 
     def forward(self, idx, targets=None, cache=None):
-        """Logits for every position (B, T, vocab); the mean cross-entropy if targets are given
-        (positions whose target is IGNORE_INDEX = -1 are left out)."""
+        """Logits (B, T, vocab), and the mean cross-entropy over targets != IGNORE_INDEX if targets are given."""
         h, _ = self.trunk(idx, cache)
         logits = self.head(h)
         loss = None
@@ -315,10 +304,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, pad=None):
-        """Yield (next token (B,), nfe (B,)) at each step, decoding with the KV cache: the prompt is
-        run once, then each step runs the model on one new token only. nfe, the diffusion-path
-        evaluations the token cost, is 0 here: the stream has the shape of L2D.generate's. `pad`
-        (B,): rows of idx left-padded to one length (KVCache)."""
+        """Yield (token (B,), nfe (B,)) per step with the KV cache: the prompt runs once, then one token a step.
+        nfe (path evaluations) is 0: the stream of L2D.generate. `pad` (B,): left padding (KVCache)."""
         cache = KVCache(pad)
         h, _ = self.trunk(idx, cache)
         no_path = torch.zeros(idx.size(0), dtype=torch.long)

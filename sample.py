@@ -1,29 +1,22 @@
-"""
+r"""
 Generate text, spending `--steps` diffusion steps on every new token.
     python sample.py --steps 8                                    # embedded default, fresh path
     python sample.py --init_from out-quick-l2d/ckpt.pt --steps 16 --start "Question: What is 47 + 85?\nAnswer: "
-    python sample.py --steps 16 --solver dopri5 --show_steps --max_new_tokens 8
+    python sample.py --init_from out-quick-l2d/ckpt.pt --steps 16 --solver dopri5 --show_steps --max_new_tokens 8
     python sample.py --init_from gpt2 --start FILE:prompt.txt --temperature 0.8 --top_k 50 --num_samples 2
     python sample.py --chat --start "What is the capital of France?"   # instruct chat template
-    python sample.py --init_from out-lab-ar2diff/ckpt.pt --steps 10 --samples 8 --start "Question: What is 12 * 34?\nAnswer: "
+    python sample.py --init_from out-lab-ar2diff/ckpt.pt --steps 10 --candidates 8 --start "Question: What is 12 * 34?\nAnswer: "
 
 --init_from: an L2D checkpoint (train.py, method=l2d), an AR2Diff checkpoint (method=ar2diff), another
-checkpoint (lora/full/ar: a plain GPT, steps=1 only), or a base model (smollm2-135m, gpt2..., a Hugging Face folder). A base model
-gets a freshly initialised diffusion path, whose merge gate is exactly zero: it then generates
-exactly like the base at any number of steps (the output says so).
---steps 1 is the base model itself; N > 1 integrates the ODE on linspace(0, 1, N) with --solver
-(midpoint: 2 evaluations per interval), or adaptively with --solver dopri5 (--atol/--rtol).
-Per generated token, the number of path evaluations (NFE) is printed; --show_steps prints, for each
-token, the prediction at every solver step and the t = 1 read-out the token is drawn from (each
-sample's header says what --steps means for the solver). A run that takes more than a few seconds
-reports its progress and an ETA on stderr.
-The token is drawn from the logits read at t = 1 with --temperature / --top_k (0: argmax, what the
-paper's math rows use); the official code samples it at temperature 1.0 by default.
---guidance W (with --label NAME) needs a model trained with --guidance_classes=True.
-AR2Diff (ar2diff.py) writes its whole answer span at once: --steps refinements of --samples candidates
-in parallel, each step redrawing every token at --temperature (default 0.2, the paper's), and the one
-the model scores best is printed, up to its first end token; --show_steps prints every candidate after
-each step. --max_new_tokens, --top_k, --solver and --x1 do not apply (the span is the model's answer_len).
+checkpoint (a plain GPT: steps=1 only), or a base model (smollm2-135m, gpt2..., a Hugging Face folder),
+which gets a fresh diffusion path: its merge gate is exactly zero, so it generates as the base does at
+any number of steps (the output says so). --steps 1 is the base itself; N > 1 integrates the ODE on
+linspace(0, 1, N) with --solver, or adaptively with --solver dopri5 (--atol/--rtol). Each token's path
+evaluations (NFE) are printed; --show_steps prints the prediction at every solver step and at the t = 1
+read-out the token is drawn from (--temperature / --top_k; 0: argmax). Long runs report progress on stderr.
+AR2Diff (ar2diff.py) refines its whole answer span --steps times, --candidates in parallel, each step
+redrawing every token at --temperature (default 0.2, the paper's), and prints the best scored one;
+--max_new_tokens, --top_k, --solver and --estimate do not apply to it.
 """
 
 import sys
@@ -55,11 +48,11 @@ OPTIONS = dict(
            "(precision.py)"),
     # the diffusion path (an L2D model) or AR2Diff
     steps=(1, "ODE steps per token (1: the base model alone); AR2Diff: refinements of the answer"),
-    samples=(8, "AR2Diff: candidate answers refined in parallel, the best scored printed (the paper: 8)"),
+    candidates=(8, "AR2Diff: candidate answers refined in parallel, the best scored printed (the paper: 8)"),
     solver=("midpoint", "euler, midpoint, rk4 (fixed steps on linspace(0, 1, steps)) or dopri5 (adaptive)"),
     atol=(1e-5, "dopri5's absolute error tolerance"),
     rtol=(1e-5, "dopri5's relative error tolerance"),
-    x1=("argmax", "the ODE's estimate of the clean token: argmax, sample (at temperature 1 - t) or mean"),
+    estimate=("argmax", "the ODE's estimate x_hat_1 of the clean token: argmax, sample (at temperature 1 - t) or mean"),
     guidance=(1.0, "classifier-free guidance weight (with --label); 1: none"),
     label=("", "the class to guide towards (a model trained with --guidance_classes=True)"),
     show_steps=(False, "per token, the 5 likeliest tokens at every solver step and at the t = 1 read-out"),
@@ -73,13 +66,13 @@ def check(cfg):
         raise UsageError(f"unknown --solver {cfg['solver']!r}; use one of {', '.join(SOLVERS)}")
     if cfg["atol"] <= 0 or cfg["rtol"] <= 0:
         raise UsageError("--atol and --rtol must be positive")
-    if cfg["x1"] not in ("argmax", "sample", "mean"):
-        raise UsageError(f"unknown --x1 {cfg['x1']!r}; use argmax, sample or mean")
+    if cfg["estimate"] not in ("argmax", "sample", "mean"):
+        raise UsageError(f"unknown --estimate {cfg['estimate']!r}; use argmax, sample or mean")
     if cfg["temperature"] is not None and cfg["temperature"] < 0:
         raise UsageError(f"--temperature must be >= 0 (0: argmax), got {cfg['temperature']}")
     if cfg["top_k"] is not None and cfg["top_k"] < 1:
         raise UsageError(f"--top_k must be at least 1 (or None: no cut), got {cfg['top_k']}")
-    for key in ("max_new_tokens", "num_samples", "samples"):
+    for key in ("max_new_tokens", "num_samples", "candidates"):
         if cfg[key] < 1:
             raise UsageError(f"--{key} must be at least 1, got {cfg[key]}")
     if cfg["guidance"] != 1.0 and not cfg["label"]:
@@ -115,15 +108,13 @@ def read_prompt(cfg):
 
 
 def untrained(model):
-    """True when the diffusion path cannot change a single logit: the last layer of the merge gate w(c)
-    is exactly zero (adaLN-Zero, as L2D initialises it), so w(c_t) - w(c_0) = 0 at every t and the merged
-    state is the base's own, h = h_main, whatever x_t is."""
+    """True when the path cannot change a logit: the merge gate's last layer is exactly zero (adaLN-Zero,
+    as L2D initialises it), so w(c_t) - w(c_0) = 0 at every t and h = h_main."""
     return not model.merge_gate[-1].weight.any()
 
 
-def describe(cfg, is_l2d):
-    """The header of each sample: the solver, what --steps means for it, and the path evaluations per
-    token (NFE, as L2D.next_token counts them: every velocity evaluation, then the read-out at t = 1)."""
+def sample_header(cfg, is_l2d):
+    """Each sample's header: the solver, what --steps means for it, and the path evaluations per token."""
     if not is_l2d:
         return f"{cfg['init_from']} itself (a GPT: no diffusion path)"
     solver, n = cfg["solver"], cfg["steps"]
@@ -148,10 +139,9 @@ def top_tokens(enc, logits, k=5):
 
 
 class StepPrinter:
-    """--show_steps, as L2D.flow's callback: for each token, a line per solver step with the prediction
-    that step integrated towards (the logits of its last path evaluation, and the t they were evaluated
-    at: midpoint's is the middle of the step), then the t = 1 read-out the token is drawn from; then
-    (token()) the token."""
+    """--show_steps, as the Velocity's callback: per token, a line per solver step with the prediction it
+    integrated towards (its last path evaluation's logits and their t: midpoint's is mid-step), then the
+    t = 1 read-out the token is drawn from, then (token()) the token."""
 
     def __init__(self, enc, cfg):
         self.enc, self.steps, self.t = enc, 0, 0.0
@@ -198,8 +188,8 @@ class Progress:
 
 
 def sample_ar2diff(model, enc, cfg, start, prompt, stop):
-    """AR2Diff: --num_samples answers, each the best scored of --samples candidates after --steps refinements."""
-    steps, K, L = cfg["steps"], cfg["samples"], model.config.answer_len
+    """AR2Diff: --num_samples answers, each the best scored of --candidates after --steps refinements."""
+    steps, K, L = cfg["steps"], cfg["candidates"], model.config.answer_len
     if len(prompt) + L > model.base.config.block_size:
         raise UsageError(f"the prompt has {len(prompt)} tokens and the answer span {L}, more than the model's context "
                          f"{model.base.config.block_size}; shorten --start")
@@ -226,16 +216,17 @@ def sample_ar2diff(model, enc, cfg, start, prompt, stop):
         print(f"[{len(answer)} tokens before the end token; score {score.item():.3f}; {seconds:.2f} s]")
 
 
-def write_samples(model, enc, cfg, start, prompt, max_new_tokens, stop, labels, printer):
+def write_samples(model, enc, cfg, start, prompt, max_new_tokens, stop, labels):
     """Print --num_samples continuations of the prompt, token by token, with each token's NFE."""
     is_l2d = isinstance(model, L2D)
+    printer = StepPrinter(enc, cfg) if cfg["show_steps"] else None
     torch.manual_seed(cfg["seed"])
     idx = torch.tensor([prompt], device=cfg["device"])
     progress, done = Progress(), 0
     for sample in range(cfg["num_samples"]):
-        print(f"--- sample {sample + 1} of {cfg['num_samples']}: {describe(cfg, is_l2d)}")
+        print(f"--- sample {sample + 1} of {cfg['num_samples']}: {sample_header(cfg, is_l2d)}")
         print(start, end="\n" if printer else "", flush=True)
-        ode = dict(steps=cfg["steps"], solver=cfg["solver"], atol=cfg["atol"], rtol=cfg["rtol"], estimate=cfg["x1"],
+        ode = dict(steps=cfg["steps"], solver=cfg["solver"], atol=cfg["atol"], rtol=cfg["rtol"], estimate=cfg["estimate"],
                    guidance=cfg["guidance"], labels=labels, callback=printer.step if printer else None) if is_l2d else {}
         tokens = model.generate(idx, max_new_tokens, temperature=cfg["temperature"], top_k=cfg["top_k"], **ode)
         out, nfes, printed = [], [], ""
@@ -256,6 +247,22 @@ def write_samples(model, enc, cfg, start, prompt, max_new_tokens, stop, labels, 
         print(f"\n[{len(out)} tokens; NFE per token: {nfes}; mean {sum(nfes) / max(1, len(nfes)):.1f}]")
 
 
+def guidance_labels(model, cfg, classes):
+    """The --label's class (1,), or None; one line where the model cannot take --steps/--guidance/--label."""
+    if isinstance(model, AR2Diff) and (cfg["guidance"] != 1.0 or cfg["label"]):
+        raise UsageError(f"{cfg['init_from']} is an AR2Diff model, which has no classes; drop --guidance/--label")
+    if not isinstance(model, (L2D, AR2Diff)) and (cfg["steps"] > 1 or cfg["guidance"] != 1.0):
+        raise UsageError(f"{cfg['init_from']} has no diffusion path; use --steps 1, or an L2D checkpoint")
+    if not cfg["label"]:
+        return None
+    if not classes:
+        raise UsageError(f"{cfg['init_from']} was trained without guidance classes; drop --label/--guidance, "
+                         "or train with --guidance_classes=True")
+    if cfg["label"] not in classes:
+        raise UsageError(f"unknown --label {cfg['label']!r}; this model knows {', '.join(classes)}")
+    return torch.full((1,), classes.index(cfg["label"]), device=cfg["device"])
+
+
 def main(argv=None):
     cfg = configure(OPTIONS, argv)
     dtype = check(cfg)
@@ -265,20 +272,7 @@ def main(argv=None):
     store_weights(model, dtype)  # nothing trains here: every weight in dtype, but the norms
     if cfg["temperature"] is None:
         cfg["temperature"] = TEMPERATURE if isinstance(model, AR2Diff) else 0.8
-    is_l2d = isinstance(model, L2D)
-    if isinstance(model, AR2Diff) and (cfg["guidance"] != 1.0 or cfg["label"]):
-        raise UsageError(f"{cfg['init_from']} is an AR2Diff model, which has no classes; drop --guidance/--label")
-    if not is_l2d and not isinstance(model, AR2Diff) and (cfg["steps"] > 1 or cfg["guidance"] != 1.0):
-        raise UsageError(f"{cfg['init_from']} has no diffusion path; use --steps 1, or an L2D checkpoint")
-    labels = None
-    if cfg["label"]:
-        if not classes:
-            raise UsageError(f"{cfg['init_from']} was trained without guidance classes; drop --label/--guidance, "
-                             "or train with --guidance_classes=True")
-        if cfg["label"] not in classes:
-            raise UsageError(f"unknown --label {cfg['label']!r}; this model knows {', '.join(classes)}")
-        labels = torch.full((1,), classes.index(cfg["label"]), device=cfg["device"])
-
+    labels = guidance_labels(model, cfg, classes)
     if cfg["chat"]:
         if not has_chat_template(enc):
             raise UsageError(f"{cfg['init_from']}'s tokenizer has no chat template; drop --chat")
@@ -288,18 +282,15 @@ def main(argv=None):
     if isinstance(model, AR2Diff):
         with autocast(cfg["device"], dtype):
             return sample_ar2diff(model, enc, cfg, start, prompt, stop)
-    context = (model.base if is_l2d else model).config.block_size
+    context = (model.base if isinstance(model, L2D) else model).config.block_size
     if len(prompt) >= context:
         raise UsageError(f"the prompt has {len(prompt)} tokens but the model's context is {context}; shorten --start")
-    max_new_tokens = min(cfg["max_new_tokens"], context - len(prompt))  # stop where the context ends
-    if is_l2d and untrained(model):
-        print("note: this diffusion path is untrained (its merge gate is exactly zero): every solver step and the "
-              "t = 1 read-out give the base model's own logits, so --steps, --solver and the tolerances change "
-              "nothing; it generates as the base does")
-    printer = StepPrinter(enc, cfg) if cfg["show_steps"] else None
+    if isinstance(model, L2D) and untrained(model):
+        print("note: this diffusion path is untrained (fresh, its merge gate exactly zero): it generates as the base "
+              "does at any --steps; train one with train.py")
+    with autocast(cfg["device"], dtype):  # stop where the context ends
+        write_samples(model, enc, cfg, start, prompt, min(cfg["max_new_tokens"], context - len(prompt)), stop, labels)
 
-    with autocast(cfg["device"], dtype):
-        write_samples(model, enc, cfg, start, prompt, max_new_tokens, stop, labels, printer)
 
 if __name__ == "__main__":
     try:

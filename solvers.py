@@ -1,28 +1,18 @@
 """Hand-rolled ODE solvers for the L2D sampling ODE  dx/dt = v(x, t),  t: 0 (noise) -> 1 (data).
 
-Every row of the batch x (B, D) is an independent token with its own ODE. The API follows
-k-diffusion's samplers: one plain function per method, all with the same shape of call,
-and an optional `callback(info)` after every accepted step (to watch the prediction refine).
+As k-diffusion's samplers: one plain function per method, the same call, an optional callback(info)
+after every accepted step. Every row of x (B, D) is its own token's ODE; the state is kept in float64;
+`nfe` (B,) counts each row's velocity evaluations.
 
-    velocity(x, t, rows=None) -> (n, D)   x: (n, D) float64, t: (n,) float64 (one time per row)
-    euler / midpoint / rk4(velocity, x, ts, callback=None) -> (x, nfe)
+    velocity(x, t, rows=None) -> (n, D)   x (n, D), t (n,): one time per row
+    euler / midpoint / rk4(velocity, x, ts, callback=None) -> (x, nfe)      ts: the grid, e.g. grid(steps)
     dopri5(velocity, x, t0=0., t1=1., atol=1e-5, rtol=1e-5, callback=None, max_steps=1000) -> (x, nfe)
 
-The fixed-step solvers evaluate all B rows at once (n = B, rows=None). dopri5 evaluates only the
-rows still integrating and says which they are: `rows` (n,) indexes them in the batch of B, so a
-velocity whose rows differ (per-token context, say) can look up what belongs to each.
-
-`nfe` is a (B,) LongTensor: the velocity evaluations each row cost. State is kept in float64.
-dopri5 raises SolverError (a RuntimeError and a ValueError) when it cannot finish: a tolerance finer
-than float64 resolves, a non-finite velocity, or max_steps attempted steps.
-
-The L2D field (x_hat_1 - x) / (1 - t) is singular at t = 1 and is *defined* as 0 there, so a
-stage that lands exactly on t = 1 (rk4's last stage, dopri5's last two) sees v = 0. Results
-stay finite, but such stages are biased: rk4 ends h/6 * v short of the straight-line answer on
-the last interval. Euler and midpoint never evaluate at t = 1 and are exact on straight paths.
-For dopri5 the jump to v = 0 at t = 1 looks like a large local error to every step that ends
-on t1, so it creeps up to t = 1 with many rejected steps: on a straight L2D-like path
-(sigma = 64, tol 1e-5) it spends ~370 evaluations with t1 = 1 but ~20 with t1 = 1 - 1e-6.
+Fixed-step solvers evaluate all B rows at once (rows=None); dopri5 only the rows still integrating, with
+`rows` (n,) their indices in the batch. The L2D field is singular at t = 1 and *defined* as 0 there: euler
+and midpoint never evaluate at t = 1 and are exact on straight paths; rk4's last stage sees v = 0 (it ends
+h/6 * v short); dopri5 would creep up to t = 1 through rejected steps (~370 evaluations instead of ~20 on a
+straight path with sigma = 64), so L2D stops it just short (diffusion.ADAPTIVE_T_END).
 """
 import torch
 
@@ -35,7 +25,7 @@ def grid(steps):
 
 
 def _bc(v, x):
-    """Reshape a per-row (B,) tensor so it broadcasts against x (B, ...)."""
+    """A per-row (B,) tensor shaped to broadcast against x (B, ...)."""
     return v.view(-1, *([1] * (x.dim() - 1)))
 
 
@@ -44,10 +34,8 @@ def _rms(z):
     return z.flatten(1).pow(2).mean(1).sqrt()
 
 
-# ----------------------------------------------------------------------------- fixed step
-# Each step function advances every row from t to t_next (both (B,)) and returns the new x.
-# Stage times are built so they never leave [t, t_next]: the last stage uses t_next itself
-# rather than t + h, which could round past the end of the grid.
+# --- fixed step: each step advances every row from t to t_next (both (B,)); the last stage uses t_next
+# itself rather than t + h, which could round past the end of the grid.
 
 def _euler_step(v, x, t, t_next):
     # Butcher tableau:  0 | ;  b = [1].   x' = x + h v(x, t)
@@ -105,7 +93,7 @@ def rk4(velocity, x, ts, callback=None):
     return _fixed(_rk4_step, EVALUATIONS["rk4"], velocity, x, ts, callback)
 
 
-# ----------------------------------------------------------------------------- adaptive
+# --- adaptive
 # Dormand-Prince 5(4) tableau (Dormand & Prince 1980; Hairer I, Table II.5.2).
 _C = [0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0]
 _A = [
@@ -157,24 +145,45 @@ def _below_rounding(x, atol, rtol):
     return _rms(ROUNDING * x.abs() / (atol + rtol * x.abs())) > 1
 
 
+def _initial_step(f, x, t, T1, span, atol, rtol):
+    """Hairer's initial step and k1 = v(x, t): h0 from the size of x and v, refined by one probe Euler step
+    so that h^5 * (size of the 2nd derivative) ~ 0.01; clamped to the span, so the probe stays <= t1."""
+    active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    k1 = f(x, t, active)
+    scale = atol + rtol * x.abs()
+    d0, d1 = _rms(x / scale), _rms(k1 / scale)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1).clamp(max=span)
+    k_probe = f(x + _bc(h0, x) * k1, torch.minimum(t + h0, T1), active)
+    d2 = _rms((k_probe - k1) / scale) / h0
+    dmax = torch.maximum(d1, d2)
+    h1 = torch.where(dmax <= 1e-15, (h0 * 1e-3).clamp(min=1e-6), (0.01 / dmax) ** (1 / 5))
+    return torch.minimum(100 * h0, h1).clamp(max=span), k1
+
+
+def _dopri5_step(f, x, k1, t, h, t_new, T1, active):
+    """One step of size h (B,) from (t, x): the 5th-order x5, k7 = v(x5, t_new) (the next step's k1: FSAL)
+    and the error estimate x5 - x4 = h sum E_i k_i."""
+    hb = _bc(h, x)
+    ks = [k1]
+    for i in range(1, 7):
+        y = x + hb * sum(a * k for a, k in zip(_A[i], ks))
+        ti = t_new if _C[i] == 1.0 else torch.minimum(t + _C[i] * h, T1)
+        ks.append(f(y, ti, active))
+    return y, ks[6], hb * sum(e * k for e, k in zip(_E, ks))  # the input of stage 7 is x5
+
+
 def dopri5(velocity, x, t0=0.0, t1=1.0, atol=1e-5, rtol=1e-5, callback=None, max_steps=1000):
     """Adaptive Dormand-Prince 5(4) with FSAL, each row stepping on its own (own t and h).
 
-    Step: 7 stages k_i = v(x + h sum_j A_ij k_j, t + C_i h); the new state is the 5th-order
-    x5 = x + h sum B5_i k_i, and x5 - x4 = h sum E_i k_i estimates the local error. Since
-    B5 equals the 7th row of A, k7 = v(x5, t + h) is the next step's k1 (First Same As Last),
-    so a step costs 6 new evaluations, accepted or not.
-    Error norm per row: RMS over coordinates of err / (atol + rtol * max(|x|, |x5|)); accept if
-    <= 1. New h = h * clamp(0.9 * err^(-1/5), 0.2, 10) (never grows after a rejection).
-    Initial h: Hairer, Norsett & Wanner, Solving ODEs I, sec. II.4 (2 evaluations).
-    The last step is clipped to land exactly on t1; velocity is never called outside [t0, t1].
-    Finished rows are frozen and no longer evaluated: velocity gets only the rows still running
-    (with their indices), so a batch costs about what its rows cost together, not B times what
-    its slowest row costs. (L2D: one token may need 300 evaluations where the median needs 15.)
-    Raises SolverError, saying what failed, at which t and what to do: at once where a row's tolerance
-    is finer than float64 resolves for its x, or its step would be shorter than H_MIN_SPACINGS float64
-    spacings of t (a non-finite velocity), rather than spin on (6 evaluations a try); and after
-    `max_steps` attempted steps.
+    Step: 7 stages k_i = v(x + h sum_j A_ij k_j, t + C_i h); x5 = x + h sum B5_i k_i, and h sum E_i k_i
+    = x5 - x4 estimates the local error. B5 is A's 7th row, so k7 = v(x5, t + h) is the next k1 (FSAL):
+    6 new evaluations a step, accepted or not. Accept where the RMS of err / (atol + rtol * max(|x|, |x5|))
+    is <= 1; h *= clamp(0.9 err^(-1/5), 0.2, 10), never growing after a rejection. Initial h: Hairer,
+    Norsett & Wanner, Solving ODEs I, sec. II.4. The last step lands exactly on t1. Finished rows are frozen
+    and no longer evaluated, so a batch costs what its rows cost together, not B times its slowest row's
+    (an L2D token may need 300 evaluations where the median needs 15). Raises SolverError, saying at which
+    t and what to do, where a tolerance is finer than float64 resolves, a velocity is not finite (h below
+    H_MIN_SPACINGS spacings of t), or after max_steps attempted steps.
     """
     x = x.to(torch.float64)
     B, dev = x.shape[0], x.device
@@ -197,19 +206,7 @@ def dopri5(velocity, x, t0=0.0, t1=1.0, atol=1e-5, rtol=1e-5, callback=None, max
         v[rows] = velocity(y[rows], tt[rows], rows)
         return v
 
-    # Hairer's initial step: h0 from the size of x and v, then refine with one probe Euler
-    # step so that h^5 * (size of the 2nd derivative) ~ 0.01. Clamped to the span so the
-    # probe time t0 + h0 stays <= t1.
-    active = torch.ones(B, dtype=torch.bool, device=dev)
-    k1 = f(x, t, active)
-    scale = atol + rtol * x.abs()
-    d0, d1 = _rms(x / scale), _rms(k1 / scale)
-    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1).clamp(max=span)
-    k_probe = f(x + _bc(h0, x) * k1, torch.minimum(t + h0, T1), active)
-    d2 = _rms((k_probe - k1) / scale) / h0
-    dmax = torch.maximum(d1, d2)
-    h1 = torch.where(dmax <= 1e-15, (h0 * 1e-3).clamp(min=1e-6), (0.01 / dmax) ** (1 / 5))
-    h = torch.minimum(100 * h0, h1).clamp(max=span)
+    h, k1 = _initial_step(f, x, t, T1, span, atol, rtol)
 
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     ratio = torch.zeros(B, dtype=torch.float64, device=dev)  # each row's last error test (inf: not finite)
@@ -229,21 +226,14 @@ def dopri5(velocity, x, t0=0.0, t1=1.0, atol=1e-5, rtol=1e-5, callback=None, max
         if stuck.any():
             raise _stuck(stuck, h, ratio, atol, rtol, h_min, t, nfe)
         t_new = torch.where(last, T1, t + h)  # snap onto t1 instead of trusting t + h
-        hb = _bc(h, x)
-        ks = [k1]
-        for i in range(1, 7):
-            y = x + hb * sum(a * k for a, k in zip(_A[i], ks))
-            ti = t_new if _C[i] == 1.0 else torch.minimum(t + _C[i] * h, T1)
-            ks.append(f(y, ti, active))
-        x5 = y  # the input of stage 7 is the 5th-order solution
-        err = hb * sum(e * k for e, k in zip(_E, ks))
+        x5, k7, err = _dopri5_step(f, x, k1, t, h, t_new, T1, active)
         ratio = _rms(err / (atol + rtol * torch.maximum(x.abs(), x5.abs())))
         ratio = torch.nan_to_num(ratio, nan=float("inf"))  # NaN error -> reject, shrink
         accept = active & (ratio <= 1)
         factor = (0.9 * ratio ** -0.2).clamp(0.2, 10.0)  # err^(-1/(q+1)), q = 4
         factor = torch.where(accept, factor, factor.clamp(max=1.0))
         x = torch.where(_bc(accept, x), x5, x)
-        k1 = torch.where(_bc(accept, x), ks[6], k1)
+        k1 = torch.where(_bc(accept, x), k7, k1)
         t = torch.where(accept, t_new, t)
         h = h * factor
         done = done | (accept & last)

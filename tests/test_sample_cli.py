@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import sample
+from configurator import defaults
 from ar2diff import until_end
 from loading.checkpoint import load_model, read_checkpoint, save_checkpoint, trainable_state_dict
 from diffusion import L2D, L2DConfig
@@ -75,6 +76,14 @@ def test_settings_are_checked_before_loading_anything():
     # a checkpoint that does not exist: the mistake in the settings is what gets reported
     assert_one_line_error(run_sample("missing/ckpt.pt", "--device", "gpu"), "--device")
     assert_one_line_error(run_sample("missing/ckpt.pt", "--top_k", "0"), "--top_k")
+
+
+def test_help_prints_the_examples_whole():
+    """-h prints the docstring's examples, each on its one line: a typed \\n in a prompt stays two characters."""
+    result = run("sample.py", "-h")
+    assert result.returncode == 0 and '--start "Question: What is 47 + 85?\\nAnswer: "' in result.stdout
+    examples = [line for line in result.stdout.splitlines() if line.startswith("    python sample.py")]
+    assert len(examples) == 6 and all(line.count('"') % 2 == 0 for line in examples)
 
 
 # --- dopri5 that cannot meet its tolerance ----------------------------------------------------------
@@ -178,7 +187,7 @@ def test_a_base_models_fresh_path_is_the_same_every_run(monkeypatch):
 
     def fresh_w_v(seed):
         torch.manual_seed(torch.seed())  # whatever state came before
-        model, _, classes = sample.load(dict(sample.DEFAULTS, init_from="some-base", seed=seed))
+        model, _, classes = sample.load(dict(defaults(sample.OPTIONS), init_from="some-base", seed=seed))
         assert isinstance(model, L2D) and classes == []
         return model.flow_proj.weight.detach().clone()
     assert torch.equal(fresh_w_v(5), fresh_w_v(5)) and not torch.equal(fresh_w_v(5), fresh_w_v(6))
@@ -201,12 +210,12 @@ def test_progress_only_for_long_runs():
     assert stream.getvalue() == ""
     clock.now += 2  # 6 s for 12 tokens: 0.5 s a token
     progress.update(done=12, left=60)
-    assert stream.getvalue() == "[12 tokens in 6s; at most 60 to go, about 30s]\n"
+    assert stream.getvalue() == "[12 tokens in 00:06; at most 60 to go, about 00:30]\n"
     clock.now += 5
     progress.update(done=20, left=52)  # within `every` of the last line: nothing new
     clock.now += 109  # 120 s for 200 tokens
     progress.update(done=200, left=150)
-    assert stream.getvalue().splitlines()[-1] == "[200 tokens in 2m00s; at most 150 to go, about 1m30s]"
+    assert stream.getvalue().splitlines()[-1] == "[200 tokens in 02:00; at most 150 to go, about 01:30]"
     clock.now += 60
     progress.update(done=350, left=0)  # finished: no ETA to give
     assert len(stream.getvalue().splitlines()) == 2
@@ -214,9 +223,9 @@ def test_progress_only_for_long_runs():
 
 # --- AR2Diff ---------------------------------------------------------------------------------------
 def test_ar2diff_prints_the_best_candidate_and_its_steps(ckpts):
-    """--steps 3 --samples 2: a line per step with both candidates, then the answer; the printed answer is
+    """--steps 3 --candidates 2: a line per step with both candidates, then the answer; the printed answer is
     AR2Diff.generate's, seeded as sample.py seeds it, up to its first end token; bad settings exit 2."""
-    result = run_sample(ckpts["ar2diff"], "--steps", 3, "--samples", 2, "--show_steps")
+    result = run_sample(ckpts["ar2diff"], "--steps", 3, "--candidates", 2, "--show_steps")
     assert result.returncode == 0, result.stderr
     assert "AR2Diff, 3 refinement steps of the 4-token answer span, 2 candidates in parallel, drawn at " \
            "temperature 0.2: 4 passes over the span" in result.stdout
@@ -227,9 +236,9 @@ def test_ar2diff_prints_the_best_candidate_and_its_steps(ckpts):
     torch.manual_seed(1337)
     span, _ = model.generate(torch.tensor([enc.encode(PROMPT)]), steps=3, samples=2)
     assert answer == repr(enc.decode(until_end(span[0].tolist(), {model.config.end_token, enc.eot_token})))
-    plain = run_sample(ckpts["ar2diff"], "--steps", 3, "--samples", 2)
+    plain = run_sample(ckpts["ar2diff"], "--steps", 3, "--candidates", 2)
     assert f"{PROMPT}{ast.literal_eval(answer)}\n[" in plain.stdout  # the same answer, after the prompt
-    assert_one_line_error(run_sample(ckpts["ar2diff"], "--samples", 0), "--samples")
+    assert_one_line_error(run_sample(ckpts["ar2diff"], "--candidates", 0), "--candidates")
     assert_one_line_error(run_sample(ckpts["ar2diff"], "--guidance", 2, "--label", "math"), "no classes")
 
 
