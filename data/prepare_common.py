@@ -31,18 +31,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{action.help} (default: {action.default})" if shown else action.help
 
 
-def command_line(doc, here, tokenizer, tokenizer_help, out=True):
+def command_line(doc, here, tokenizer, tokenizer_help):
     """The script's parser, its docstring `doc` as the description, with --tokenizer (default `tokenizer`)
-    and, unless out=False (the script adds it itself, after options of its own), --out."""
+    and --out."""
     p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
     p.add_argument("--tokenizer", default=tokenizer, help=tokenizer_help)
-    if out:
-        add_out(p, here)
-    return p
-
-
-def add_out(p, here):
     p.add_argument("--out", default=None, help=f"output folder (default data/{os.path.basename(here)}/<tokenizer tag>)")
+    return p
 
 
 def run(p, prepare, overwrite_help="replace a different dataset already prepared in the output folder"):

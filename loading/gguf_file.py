@@ -40,14 +40,8 @@ def gguf_reader(path: str) -> gguf.GGUFReader:
 # llama.cpp pairs (2j, 2j + 1) ("interleaved"). llama.cpp's converter reorders the rows of q_proj and k_proj
 # inside every head to match; undoing that gives back the exact HF weights.
 
-def permute_to_interleaved(w, n_head: int):
-    """HF rotate_half layout -> GGUF interleaved layout (what llama.cpp's converter does)."""
-    n_out = w.shape[0]
-    return w.reshape(n_head, 2, n_out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def permute_to_rotate_half(w, n_head: int):
-    """GGUF interleaved layout -> HF rotate_half layout (inverse of permute_to_interleaved)."""
+    """GGUF interleaved layout -> HF rotate_half layout (undoes llama.cpp's converter)."""
     n_out = w.shape[0]
     return w.reshape(n_head, n_out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -86,7 +80,6 @@ def load_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     names = {t.name for t in reader.tensors}
     config = {
         "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
         "vocab_size": meta("llama.vocab_size") or len(need("tokenizer.ggml.tokens")),
         "hidden_size": n_embd,
         "intermediate_size": need("llama.feed_forward_length"),
@@ -94,15 +87,11 @@ def load_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv_head,
         "head_dim": n_embd // n_head,
-        "hidden_act": "silu",
         # stored as float32 in the file: 1e-5 comes back as 9.9999997e-06, so round to 6 digits
         "rms_norm_eps": float(f"{need('llama.attention.layer_norm_rms_epsilon'):.6g}"),
         "rope_theta": float(meta("llama.rope.freq_base") or 10000.0),
         "max_position_embeddings": need("llama.context_length"),
         "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": meta("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta("tokenizer.ggml.padding_token_id"),
     }
     state_dict = {}
     for t in reader.tensors:

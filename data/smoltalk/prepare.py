@@ -16,7 +16,7 @@ import os
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-from data.prepare_common import add_out, at_least, command_line, run, write_prepared
+from data.prepare_common import at_least, command_line, run, write_prepared
 from loading.pretrained import download_file
 
 REPO_ID = "HuggingFaceTB/smoltalk"
@@ -98,9 +98,8 @@ def prepare(tokenizer="smollm2-135m", subsets=tuple(SUBSETS), out=None, src=None
 
 
 if __name__ == "__main__":
-    p = command_line(__doc__, HERE, "smollm2-135m", "smollm2-135m, a HF tokenizer folder, ...", out=False)
+    p = command_line(__doc__, HERE, "smollm2-135m", "smollm2-135m, a HF tokenizer folder, ...")
     p.add_argument("--subsets", default=",".join(SUBSETS), type=lambda text: [s.strip() for s in text.split(",") if s.strip()], help="comma-separated SmolTalk subsets")
-    add_out(p, HERE)
     p.add_argument("--src", default=None, help="offline: a folder with <subset>/ folders of .parquet or .jsonl files")
     p.add_argument("--cache", default=None, help="where downloads go (default data/smoltalk/raw)")
     p.add_argument("--max_len", type=int, default=2048, help="drop train conversations longer than this (tokens); 0 keeps all")
