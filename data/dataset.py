@@ -93,7 +93,8 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=F
     if tokenizer == "char":
         text = (ex["question"] + ex["answer"] for exs in splits.values() for ex in exs)  # (no conversations)
         enc = CharTokenizer("".join(set("Question: \nAnswer: ").union(*text)))
-    else:  # an unknown name fails here, before anything is written; a path is found from any working directory
+    else:  # a model's tokenizer or another folder's vocab.json (so the two mix); an unknown name fails here,
+        # before anything is written; a path is made absolute, found from any working directory
         enc = get_tokenizer(os.path.abspath(tokenizer) if os.path.exists(tokenizer) else tokenizer)
     encoded = {split: encode_split(enc, split, exs, classes, max_len, out_dir) for split, exs in splits.items()}
     parent = os.path.dirname(os.path.abspath(out_dir))
