@@ -88,8 +88,7 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=F
     tokenizer "char" builds a character vocabulary from the text, saved as vocab.json. max_len drops longer
     train examples. An existing dataset is kept when the same, refused when it differs unless overwrite (a
     checkpoint trained on it reads its vocabulary)."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutputError(f"--out {out_dir} is a file; name a folder for the prepared dataset")
+    check_out(out_dir)
     if tokenizer == "char":
         text = (ex["question"] + ex["answer"] for exs in splits.values() for ex in exs)  # (no conversations)
         enc = CharTokenizer("".join(set("Question: \nAnswer: ").union(*text)))
@@ -126,6 +125,12 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=F
         lens = np.diff(offsets)
         print(f"{out_dir}/{split}.npz: {len(rows)} examples ({len(splits[split]) - len(rows)} dropped over "
               f"max_len={max_len}), {len(tokens)} tokens, length mean {lens.mean():.0f} max {lens.max()}")
+
+
+def check_out(out_dir):
+    """Refuse an output folder that is a file: prepare scripts call it before any work, write_dataset again."""
+    if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"--out {out_dir} is a file; name a folder for the prepared dataset")
 
 
 def encode_split(enc, split, examples, classes, max_len, out_dir):

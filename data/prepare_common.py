@@ -7,7 +7,7 @@ import os
 import sys
 
 from configurator import fail
-from data.dataset import tokenizer_tag, write_dataset
+from data.dataset import check_out, tokenizer_tag, write_dataset
 
 
 def write_prepared(here, out, tokenizer, splits, **options):
@@ -45,6 +45,7 @@ def run(p, prepare, overwrite_help="replace a different dataset already prepared
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     args = vars(p.parse_args())
     try:
+        check_out(args["out"])
         prepare(**args)
     except (ValueError, FileNotFoundError) as e:  # bad options or files
         fail(e)
