@@ -4,18 +4,14 @@ eval.py's research columns: why an L2D row differs from its base, and what the p
     python eval.py --ckpt out-lab-l2d/ckpt.pt --data data/arithmetic/lab-mul --steps 1,4,16 --diagnostics
     python eval.py --ckpt out-lab-l2d/ckpt.pt --data data/arithmetic/lab-mul --probe_t 0,0.5,0.9,1 --generate False
 
---diagnostics adds, under each row:
-  tf changed    the fraction of answer tokens whose t = 1 read-out differs from the base's argmax, and the
-                corrections (base wrong, now right) and spoils (base right, now wrong) among them:
-                corrected - spoiled is the tf gain.
-  tf x_hat_1    (fixed-step solvers) the accuracy of the path's own guess argmax x_hat_1 at each solver
-                step, at the t it was evaluated (midpoint: the middle of each interval), and the tokens the
-                read-out changed from the first of those guesses: what the later steps did.
-  first step    (AR2Diff, one candidate) the accuracy after its first refinement, and the answers the
-                later steps changed, corrected and spoiled.
---probe_t (L2D only): for each t, the teacher-forced accuracy and NLL when the path is given the *gold*
-next token noised to t, as in training: a path that reads x_t goes to NLL ~0 at t = 1; one that does
-not stays flat in t. Its noise is seeded per batch, so these rows depend on --batch_size.
+--diagnostics prints under each row: the answer tokens whose t = 1 read-out differs from the base's argmax,
+with the corrections (base wrong, now right) and spoils among them (corrected - spoiled is the tf gain);
+for fixed-step solvers the accuracy of the path's own guess x_hat_1 at each solver step (at the t it was
+evaluated), and what the later steps changed from the first guess; for AR2Diff with one candidate, the
+accuracy after its first refinement and the answers the later steps changed.
+--probe_t: for each t, the teacher-forced accuracy and NLL when the path is given the *gold* next token
+noised to t, as in training: a path that reads x_t goes to NLL ~0 at t = 1; one that does not stays flat
+in t. Its noise is seeded per batch, so these rows depend on --batch_size.
 """
 
 import torch
