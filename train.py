@@ -1,25 +1,19 @@
 """
-Train the L2D diffusion path (or a baseline) on prepared data. One process:
-    python train.py config/quick.py
-    python train.py config/l2d_smollm2_gsm8k.py --max_iters=200 --batch_size=16
-Data-parallel on one machine (gloo on CPU, nccl on GPU):
+Train the L2D diffusion path (or a baseline) on prepared data. One process, or data-parallel
+(gloo on CPU, nccl on GPU; several machines: torchrun's --nnodes, --node_rank, --master_addr):
+    python train.py config/quick.py --max_iters=200
     torchrun --standalone --nproc_per_node=2 train.py config/quick.py
-Several machines: run on each node, with its --node_rank (0 is the master):
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py ...
 
 method:    l2d  - train the diffusion path; the base stays frozen (the paper's method)
            lora - LoRA on the base's attention and MLP (the paper's weight-finetuning baseline)
            full - all base weights;  ar - the same, used for next-token training from scratch
            ar2diff - all base weights, as a discrete diffusion model of the whole answer (ar2diff.py)
-init_from: scratch (a small GPT from the settings below), gpt2[-medium|-large|-xl], smollm2-135m,
-           a local Hugging Face folder, the ckpt.pt of an ar/full/ar2diff run (as a base), or resume.
-batch_size is the global batch (examples per optimizer step), whatever the number of processes:
-each process runs batch_size / (micro_batch * world_size) micro-steps of gradient accumulation.
---init_from=resume continues out_dir's run: its model is the checkpoint's, its MODEL_SETTINGS (base,
-data, seed, model shape) the checkpoint's config's, the rest (lr, max_iters, ...) the command line's.
+batch_size is the global batch: each of the world_size processes runs batch_size / (micro_batch *
+world_size) micro-steps of gradient accumulation. --init_from=resume continues out_dir's run: its
+model and MODEL_SETTINGS are the checkpoint's, the rest (lr, max_iters, ...) the command line's.
 
-main() reads top to bottom: check the settings, build the model (fresh or from the checkpoint), then
-one loop: lr, micro-steps, update, log, and every eval_interval steps a validation loss and a checkpoint.
+main() reads top to bottom: check the settings, build the model (fresh, or the checkpoint's), then one
+loop: lr, micro-steps, update, log, and every eval_interval steps a validation loss and a checkpoint.
 """
 
 import math
@@ -38,8 +32,9 @@ from ar2diff import AR2DiffConfig
 from configurator import UsageError, configure, fail
 from data.dataset import BatchSampler, TokenDataset
 from diffusion import L2DConfig, answer_positions, at_positions
-from loading.checkpoint import (MODEL_KEYS, NonFiniteWeights, base_of, build_model, check_dependencies, file_fingerprint,
-                                fingerprint, load_base, read_checkpoint, save_checkpoint, trainable_state_dict)
+from loading.checkpoint import (MODEL_KEYS, NonFiniteWeights, base_of, build_model, check_dependencies,
+                                file_fingerprint, fingerprint, load_base, read_checkpoint, save_checkpoint,
+                                trainable_state_dict)
 from loading.precision import DTYPES, autocast, resolve_device, resolve_dtype, store_weights
 from model import GPT, GPTConfig
 
@@ -192,9 +187,10 @@ def build(cfg, train_data, ckpt, ckpt_path):
                              n_embd=cfg["n_embd"])) if cfg["init_from"] == "scratch" else \
             load_base(cfg["init_from"], cfg["block_size"])[0]
         classes = train_data.classes if cfg["guidance_classes"] else []  # the class embedding's, if any
-        l2d = L2DConfig(variant=cfg["variant"], flow_dim=cfg["flow_dim"], sigma=cfg["sigma"], lora_rank=cfg["lora_rank"],
-                        lora_alpha=cfg["lora_alpha"], num_classes=len(classes), label_dropout=cfg["label_dropout"],
-                        t_schedule=cfg["t_schedule"]) if cfg["method"] == "l2d" else None
+        l2d = L2DConfig(variant=cfg["variant"], flow_dim=cfg["flow_dim"], sigma=cfg["sigma"],
+                        lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], num_classes=len(classes),
+                        label_dropout=cfg["label_dropout"], t_schedule=cfg["t_schedule"]) \
+            if cfg["method"] == "l2d" else None
         ar2diff = AR2DiffConfig(answer_len=cfg["answer_len"] or int(train_data.answer_lengths().max()),
                                 vocab_size=train_data.vocab_size, end_token=train_data.eot) \
             if cfg["method"] == "ar2diff" else None
@@ -246,12 +242,6 @@ def make_optimizer(model, cfg, device):
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(0.9, 0.95), eps=1e-8,
                              fused=device.startswith("cuda"))
-
-
-def step_seed(cfg, it, micro):
-    """t, noise and label dropout of each micro-batch come from a seed fixed by its place in the
-    global batch, so runs agree whatever the number of processes, and resume bit for bit."""
-    return cfg["seed"] * 1_000_003 + it * 1009 + micro
 
 
 def batch(data, indices, spec, device):
@@ -364,7 +354,9 @@ def main(argv=None):
             inputs = batch(train_data, indices, spec, device)
             if world_size > 1:  # all-reduce gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == grad_accum - 1
-            torch.manual_seed(step_seed(cfg, it, rank * grad_accum + micro))
+            # t, noise and label dropout seeded by the micro-batch's place in the global batch: runs agree
+            # whatever the number of processes, and resume bit for bit
+            torch.manual_seed(cfg["seed"] * 1_000_003 + it * 1009 + rank * grad_accum + micro)
             with mixed:
                 _, loss = model(*inputs)
             scaler.scale(loss / grad_accum).backward()
@@ -394,7 +386,7 @@ def main(argv=None):
         if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
             val, buckets = evaluate(raw_model, val_batches, cfg["method"], mixed)
             by_t = {"l2d": ", by t: ", "ar2diff": " (pass 1), by corruption rate: "}.get(cfg["method"])
-            log(f"iter {it}: val loss {val:.4f}" + ("" if by_t is None else by_t + " ".join(f"{b:.3f}" for b in buckets)))
+            log(f"iter {it}: val loss {val:.4f}" + (by_t + " ".join(f"{b:.3f}" for b in buckets) if by_t else ""))
             if rank == 0:  # the model's spec, its weights (l2d, lora: only what trains), what a resume restores
                 os.makedirs(cfg["out_dir"], exist_ok=True)
                 state = dict(spec, tokenizer=local_path(train_data.tokenizer_path),

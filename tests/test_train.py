@@ -97,7 +97,7 @@ def max_abs_diff(a, b):
 @pytest.mark.parametrize("method,dtype", [("l2d", "float32"), ("ar", "float32"), ("ar2diff", "float32"), ("l2d", "bfloat16")])
 def test_ddp_matches_one_process(method, dtype, data, base_ckpt, tmp_path):
     """2 processes x 2 micro-steps each = 1 process x 4 micro-steps on the same global batch: the same
-    examples, the same t/noise/label dropout per example (step_seed), gradients averaged alike.
+    examples, the same t/noise/label dropout per example (seeded by its place), gradients averaged alike.
     Only the order of summing micro-batch gradients differs. Adam turns that rounding into update
     differences of up to ~1% of lr where a gradient is near its eps (e.g. the zero-initialised merge
     gate), hence a small lr: the runs then agree to ~1e-8, while a wrong t/noise, batch or gradient
