@@ -19,6 +19,7 @@ redrawing every token at --temperature (default 0.2, the paper's), and prints th
 --max_new_tokens, --top_k, --solver and --estimate do not apply to it.
 """
 
+import math
 import sys
 import time
 
@@ -68,8 +69,9 @@ def check(cfg):
         raise UsageError("--atol and --rtol must be positive")
     if cfg["estimate"] not in ("argmax", "sample", "mean"):
         raise UsageError(f"unknown --estimate {cfg['estimate']!r}; use argmax, sample or mean")
-    if cfg["temperature"] is not None and cfg["temperature"] < 0:
-        raise UsageError(f"--temperature must be >= 0 (0: argmax), got {cfg['temperature']}")
+    t = cfg["temperature"]  # None (the default) takes any type: check it is a number here
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < math.inf):
+        raise UsageError(f"--temperature must be a finite number >= 0 (0: argmax), got {t!r}")
     if cfg["top_k"] is not None and cfg["top_k"] < 1:
         raise UsageError(f"--top_k must be at least 1 (or None: no cut), got {cfg['top_k']}")
     for key in ("max_new_tokens", "num_samples", "candidates"):

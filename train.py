@@ -18,6 +18,7 @@ loop: lr, micro-steps, update, log, and every eval_interval steps a validation l
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 
@@ -410,3 +411,7 @@ if __name__ == "__main__":
         main()
     except (UsageError, ValueError, FileNotFoundError) as e:
         fail(e)
+    except KeyboardInterrupt:  # checkpoints are written atomically: the last one saved is whole
+        print("error: interrupted; the last checkpoint in out_dir, if any, is intact: --init_from=resume goes on "
+              "from it", file=sys.stderr)
+        sys.exit(130)

@@ -9,6 +9,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -57,6 +58,24 @@ def test_train_refuses_bad_values(key, value, data, tmp_path):
     assert_one_line_error(run("train.py", *TINY, f"--datasets={[data]}", "--max_iters=1", f"--out_dir={out}",
                        f"--{key}={value}"), key)
     assert not out.exists()
+
+
+def test_ctrl_c_during_training_is_one_line_exit_130_and_keeps_the_checkpoint(data, tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "train.py", *TINY, f"--datasets={[data]}", f"--out_dir={out}", "--log_interval=1",
+            "--eval_interval=2", "--eval_examples=4"]
+    proc = subprocess.Popen(args + ["--max_iters=100000"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # interrupt once iter 2's checkpoint has been written
+        if line.startswith("iter 3:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines() == ["error: interrupted; the last checkpoint in out_dir, if any, is intact: "
+                                           "--init_from=resume goes on from it"]
+    resumed = run("train.py", "--init_from=resume", f"--out_dir={out}", "--max_iters=3", "--device=cpu")
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
 
 
 @pytest.mark.parametrize("under", ["", "sub"])

@@ -57,6 +57,9 @@ BAD = [
     (["--steps", "-2"], "--steps"),
     (["--max_new_tokens", "0"], "--max_new_tokens"),
     (["--temperature", "-0.5"], "--temperature"),
+    (["--temperature", "abc"], "--temperature must be a finite number"),
+    (["--temperature", "nan"], "--temperature must be a finite number"),
+    (["--temperature", "1e400"], "--temperature must be a finite number"),
     (["--device", "gpu"], "--device"),
     (["--device", "cuda:99"], "--device cuda:99"),  # no such CUDA device here, with or without CUDA
     (["--device", "meta"], "--device"),
