@@ -1,0 +1,205 @@
+"""
+The CPU lab over training seeds: pretrain a base per base seed (config/lab_base.py), finetune each
+base with each method per path seed (config/lab_<method>.py), evaluate every run on the test and
+confirm splits, and summarise across seeds. Runs `jobs` trainings or evaluations at once, one thread
+each; a killed grid resumes where it stopped (a finished job leaves OUT/<job>.done; a killed training
+goes on from its last checkpoint).
+
+    python -m harness.seeds --bases 1,2,3 --paths 1                # 3 bases, L2D and LoRA on each
+    python -m harness.seeds --bases 1 --paths 1,2,3,4,5 --methods l2d
+
+Across seeds, a mean comes with a 95% t-interval over the seeds (n seeds, n - 1 degrees of freedom);
+"beyond its own interval" counts the seeds whose paired interval over the 500 examples is above 0.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from configurator import UsageError, configure, fail, parse_list
+from harness.intervals import paired_difference
+
+OPTIONS = dict(
+    bases=("1337", "seeds of the base's pretraining (initial weights and data order)"),
+    paths=("1337", "seeds of each finetuning run (initial weights, data order, t and noise)"),
+    methods=("l2d,lora", "finetuning configs, config/lab_<method>.py: l2d, lora"),
+    steps=("1,2,4,8,16", "L2D's ODE steps per token at evaluation"),
+    splits=("test,confirm", "held-out splits each run is evaluated on"),
+    data=("data/arithmetic", "the folder holding the lab's prepared lab-addsub (base) and lab-mul (finetuning)"),
+    limit=(0, "evaluate on the first N examples only; 0: all"),
+    train_args=("", "extra options for every train.py run, e.g. '--max_iters=500' (a smaller lab)"),
+    jobs=(2, "trainings or evaluations at once, one thread each"),
+    out=("out-seeds", "the grid's folder: one run folder per job, logs, summary.md"),
+)
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t, df = 1..10
+
+
+def plan(cfg):
+    """The jobs {name: (prerequisite job or None, argv)}, in the order they may start."""
+    out, data, jobs = cfg["out"], cfg["data"], {}
+    for b in cfg["bases"]:
+        jobs[f"base-{b}"] = None, ["train.py", "config/lab_base.py", f"--seed={b}", f"--out_dir={out}/base-{b}",
+                                   f"--datasets={[data + '/lab-addsub']}"]
+        for method in cfg["methods"]:
+            for p in cfg["paths"]:
+                run = f"{method}-{b}-{p}"
+                jobs[run] = f"base-{b}", ["train.py", f"config/lab_{method}.py", f"--init_from={out}/base-{b}/ckpt.pt",
+                                          f"--seed={p}", f"--out_dir={out}/{run}", f"--datasets={[data + '/lab-mul']}"]
+                steps = ",".join(map(str, cfg["steps"])) if method == "l2d" else "1"
+                for split in cfg["splits"]:
+                    jobs[f"{run}-{split}"] = run, ["eval.py", f"--ckpt={out}/{run}/ckpt.pt", f"--data={data}/lab-mul",
+                                                   f"--split={split}", f"--steps={steps}", f"--limit={cfg['limit']}",
+                                                   "--gen_batch_size=50", "--max_new_tokens=8",
+                                                   f"--out={out}/{run}/eval_{split}.json", "--overwrite=True"]
+    for name, (_, argv) in jobs.items():
+        if argv[0] == "train.py":
+            argv += cfg["train_args"].split()
+            if os.path.exists(f"{out}/{name}/ckpt.pt") and not os.path.exists(f"{out}/{name}.done"):
+                argv.append("--init_from=resume")  # a killed training goes on from its last checkpoint
+    return jobs
+
+
+def run_all(jobs, out, parallel):
+    """Run every job whose prerequisite is done, `parallel` at a time; True when all succeeded."""
+    done = {name for name in jobs if os.path.exists(f"{out}/{name}.done")}
+    pending = [name for name in jobs if name not in done]
+    running, failed = {}, set()
+    while pending or running:
+        for name in [n for n in pending if jobs[n][0] in done | {None}][:parallel - len(running)]:
+            pending.remove(name)
+            log = open(f"{out}/{name}.log", "w")
+            print(f"start {name}: python {' '.join(jobs[name][1])}", flush=True)
+            running[name] = subprocess.Popen([sys.executable, *jobs[name][1]], stdout=log, stderr=subprocess.STDOUT,
+                                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+        for name, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                if proc.returncode == 0:
+                    open(f"{out}/{name}.done", "w").close()
+                    done.add(name)
+                    print(f"done  {name}", flush=True)
+                else:
+                    failed.add(name)
+                    print(f"FAILED {name} (exit {proc.returncode}): see {out}/{name}.log", flush=True)
+        blocked = [n for n in pending if jobs[n][0] in failed]
+        for name in blocked:  # its prerequisite failed: it cannot start
+            pending.remove(name)
+            failed.add(name)
+        if running and not blocked:
+            time.sleep(2)
+    return not failed
+
+
+def mean_interval(values):
+    """(mean, 95% low, high) over seeds: a t-interval (a single seed has no interval: nan)."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        return float(v.mean()), math.nan, math.nan
+    half = (T_975[len(v) - 2] if len(v) <= 11 else 1.96) * v.std(ddof=1) / math.sqrt(len(v))
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
+
+
+def fmt(m, lo, hi, sign="+"):
+    """In points: 'mean [low, high]' (a gain signed), or the mean alone for a single seed."""
+    return f"{m * 100:{sign}.1f}" + (f" [{lo * 100:{sign}.1f}, {hi * 100:{sign}.1f}]" if not math.isnan(lo) else "")
+
+
+def summarize(cfg):
+    """summary.md: per split, each run's exact match and tf by steps, then the across-seed means of the
+    accuracies, of the gains over 1 step and 16 over 4 (with the share of seeds whose own paired interval
+    is above 0), and of L2D - LoRA, paired on each (base, path) seed."""
+    out, lines = cfg["out"], []
+    for split in cfg["splits"]:
+        rows = {}  # (method, base, path) -> {steps: row}
+        for b in cfg["bases"]:
+            for method in cfg["methods"]:
+                for p in cfg["paths"]:
+                    with open(f"{out}/{method}-{b}-{p}/eval_{split}.json") as f:
+                        rows[method, b, p] = {r["steps"]: r for r in json.load(f)["rows"]}
+        seeds = [(b, p) for b in cfg["bases"] for p in cfg["paths"]]
+        lines += [f"## {split} split: {len(seeds)} seed pairs (base, path), "
+                  f"n = {next(iter(next(iter(rows.values())).values()))['n']} examples each", ""]
+        for key, name in (("accuracy", "exact match"), ("tf_accuracy", "teacher-forced")):
+            lines += [f"| {name}, % | " + " | ".join(f"{m} @{s}" for m in cfg["methods"] for s in steps_of(m, cfg)) + " |",
+                      "|---" * (1 + sum(len(steps_of(m, cfg)) for m in cfg["methods"])) + "|"]
+            for b, p in seeds:
+                lines.append(f"| base {b}, path {p} | " + " | ".join(
+                    f"{rows[m, b, p][s][key] * 100:.1f}" for m in cfg["methods"] for s in steps_of(m, cfg)) + " |")
+            lines.append("| mean [95% over seeds] | " + " | ".join(
+                fmt(*mean_interval([rows[m, b, p][s][key] for b, p in seeds]), sign="")
+                for m in cfg["methods"] for s in steps_of(m, cfg)) + " |")
+            lines.append("")
+        lines += gains(rows, seeds, cfg) + [""]
+    text = "\n".join(lines)
+    with open(f"{out}/summary.md", "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+def steps_of(method, cfg):
+    return cfg["steps"] if method == "l2d" else [1]
+
+
+def paired(row, reference, key):
+    """(difference, low, high) of row - reference on the same examples: exact match or tf."""
+    if key == "accuracy":
+        a, b = row["example_correct"], reference["example_correct"]
+        return paired_difference(a, b, [1] * len(a))
+    return paired_difference(row["tf_example_correct"], reference["tf_example_correct"], row["tf_example_count"])
+
+
+def gains(rows, seeds, cfg):
+    """Table lines: each gain's mean [95% over seeds] and the seeds whose own interval is above 0."""
+    comparisons = []
+    if "l2d" in cfg["methods"]:
+        steps = cfg["steps"]
+        comparisons += [(f"L2D {s} over 1 step", ("l2d", s), ("l2d", 1)) for s in steps if s != 1]
+        if 4 in steps and 16 in steps:
+            comparisons.append(("L2D 16 over 4 steps", ("l2d", 16), ("l2d", 4)))
+        if "lora" in cfg["methods"]:
+            comparisons += [(f"L2D @{s} - LoRA", ("l2d", s), ("lora", 1)) for s in steps]
+    lines = ["| gain, points | exact match | seeds > 0 | teacher-forced | seeds > 0 |", "|---|---|---|---|---|"]
+    for name, (m, s), (m0, s0) in comparisons:
+        cells = []
+        for key in ("accuracy", "tf_accuracy"):
+            each = [paired(rows[m, b, p][s], rows[m0, b, p][s0], key) for b, p in seeds]
+            cells += [fmt(*mean_interval([d for d, _, _ in each])), f"{sum(lo > 0 for _, lo, _ in each)}/{len(each)}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv=None):
+    cfg = configure(OPTIONS, argv)
+    for key, kind in (("bases", int), ("paths", int), ("steps", int), ("methods", str), ("splits", str)):
+        cfg[key] = parse_list(key, cfg[key], kind, OPTIONS[key][0])
+    for method in cfg["methods"]:
+        if not os.path.exists(f"config/lab_{method}.py"):
+            raise UsageError(f"--methods: no config/lab_{method}.py (the methods are l2d, lora)")
+    for name in ("lab-addsub", "lab-mul"):
+        if not os.path.isdir(f"{cfg['data']}/{name}"):
+            raise UsageError(f"--data {cfg['data']} has no {name}/: run the prepare commands of config/lab_base.py "
+                             "(the README's quick start), or name the folder that holds them")
+    if cfg["jobs"] < 1:
+        raise UsageError(f"--jobs must be >= 1, not {cfg['jobs']}")
+    os.makedirs(cfg["out"], exist_ok=True)
+    try:
+        ok = run_all(plan(cfg), cfg["out"], cfg["jobs"])
+    except KeyboardInterrupt:
+        print("interrupted; finished jobs are kept, and the same command goes on from them", file=sys.stderr)
+        sys.exit(130)
+    if not ok:
+        print(f"error: some jobs failed (their logs are in {cfg['out']}); the same command retries them", file=sys.stderr)
+        sys.exit(1)
+    summarize(cfg)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as e:
+        fail(str(e))
