@@ -18,7 +18,6 @@ from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 import train
 from ar2diff import AR2Diff, AR2DiffConfig
 from configurator import defaults
-from data.dataset import TokenDataset
 from diffusion import L2D, L2DConfig
 from loading.checkpoint import load_base
 from loading.precision import autocast, store_weights
@@ -34,11 +33,6 @@ if aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:
         lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v))
     register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)(
         lambda grad_out, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad_out, q, k, v))
-
-
-def torch_dtype(name):
-    """The torch dtype a --dtypes name (precision.DTYPES but auto) stands for: torch_dtype("bfloat16")."""
-    return getattr(torch, name)
 
 
 def timed(fn, device):
@@ -62,10 +56,6 @@ def matmul_peak(n, device, dtype, reps=5):
             break
         m *= 2
     return 2 * m**3 / min(timed(lambda: torch.mm(a, b), device)[0] for _ in range(reps)) / 1e9
-
-
-def weight_mb(model):
-    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
 def base_model(cfg):
@@ -92,7 +82,7 @@ def generation_models(base, cfg):
         for p in l2d.trainable_parameters():
             if not p.any():  # zero-initialised heads
                 p.normal_(0, 0.02)
-    stored = lambda model, dtype: store_weights(model, torch_dtype(dtype))
+    stored = lambda model, dtype: store_weights(model, getattr(torch, dtype))
     return {dtype: (stored(copy.deepcopy(l2d), dtype), stored(merge_lora(copy.deepcopy(l2d)), dtype))
             for dtype in cfg["dtypes"]}
 
@@ -105,7 +95,7 @@ def decode_step_costs(models, prefills, token, reps, device):
     for dtype, (l2d, _) in models.items():
         B = token.size(0)
         t = torch.full((B, 1), 0.5, device=device)
-        with autocast(device, torch_dtype(dtype)):
+        with autocast(device, getattr(torch, dtype)):
             inputs[dtype] = (l2d.config.sigma * torch.randn(B, 1, l2d.config.flow_dim, device=device), t,
                              l2d.conditioning(t[:1]))
     times = {dtype: ([], [], []) for dtype in models}
@@ -113,7 +103,7 @@ def decode_step_costs(models, prefills, token, reps, device):
         for dtype, (l2d, merged) in models.items():
             (h, cache), (x_t, t, conditioning) = prefills[dtype], inputs[dtype]
             step_cache = cache.fork()  # the base step appends a position; the path eval adds none
-            with autocast(device, torch_dtype(dtype)):
+            with autocast(device, getattr(torch, dtype)):
                 base_s, _ = timed(lambda: l2d.base.head(l2d.base.trunk(token[:, None], step_cache)[0][:, -1]), device)
                 path_s, _ = timed(lambda: l2d.predict(h[:, -1:], cache, x_t, t, conditioning), device)
                 merged_s, _ = timed(lambda: merged.predict(h[:, -1:], cache, x_t, t, conditioning), device)
@@ -123,12 +113,12 @@ def decode_step_costs(models, prefills, token, reps, device):
     return {dtype: tuple(statistics.median(kept) for kept in kept3) for dtype, kept3 in times.items()}
 
 
-def decoder(l2d, h, cache, steps, solver, device):
+def decoder(l2d, h, cache, steps, device):
     """Greedy decoding as L2D.generate does it, from a prefilled cache, one token per next(): yields
     (seconds of the token's ODE and base step, its mean NFE)."""
     cache = cache.fork()
     while True:
-        ode_s, (token, nfe) = timed(lambda: l2d.next_token(h[:, -1:], cache, steps=steps, solver=solver), device)
+        ode_s, (token, nfe) = timed(lambda: l2d.next_token(h[:, -1:], cache, steps=steps, solver="midpoint"), device)
         base_s, (h, _) = timed(lambda: l2d.base.trunk(token[:, None], cache), device)
         yield ode_s + base_s, nfe.float().mean().item()
 
@@ -143,7 +133,7 @@ def bench_generation(base, cfg):
             batch = prompt.expand(B, -1).contiguous()
             prefills = {}
             for dtype, (l2d, _) in models.items():  # one prefill per dtype, shared by every decoding below
-                with autocast(device, torch_dtype(dtype)):
+                with autocast(device, getattr(torch, dtype)):
                     cache = KVCache()
                     prefills[dtype] = l2d.base.trunk(batch, cache)[0], cache
             step_costs = decode_step_costs(models, prefills, batch[:, -1], cfg["eval_reps"], device)
@@ -153,12 +143,12 @@ def bench_generation(base, cfg):
                                   ratio=path_s / base_s, merged_path_eval_ms=1e3 * merged_s, merged_ratio=merged_s / base_s,
                                   path_vs_fp32=fp32_path and path_s / fp32_path,
                                   merged_vs_fp32=fp32_path and merged_s / fp32_path))
-            decoders = {(d, s): decoder(models[d][1], *prefills[d], s, cfg["solver"], device)  # merged, as sample.py
+            decoders = {(d, s): decoder(models[d][1], *prefills[d], s, device)  # merged, as sample.py
                         for d in dtypes for s in cfg["steps"]}
             times, nfe = {key: [] for key in decoders}, {}
             for _ in range(cfg["new_tokens"]):  # round-robin: one token of each (dtype, step count) in turn
                 for (d, s), tokens in decoders.items():
-                    with autocast(device, torch_dtype(d)):
+                    with autocast(device, getattr(torch, d)):
                         seconds, nfe[d, s] = next(tokens)
                     times[d, s].append(seconds)
             for d in dtypes:
@@ -231,11 +221,8 @@ def train_step(model, optimizer, x, y, mixed):
 
 
 def training_batch(cfg, vocab_size):
+    """A random batch (x, y) with a target at every position."""
     torch.manual_seed(cfg["seed"])
-    if cfg["data"]:  # a real batch: the first --batch examples, targets on answer tokens only
-        x, y, _ = TokenDataset(cfg["data"], "train").get_batch(range(cfg["batch"]), cfg["seq"])
-        return x.to(cfg["device"]), y.to(cfg["device"])
-    # a random batch with a target at every position: the worst case for l2d
     return tuple(torch.randint(0, vocab_size, (cfg["batch"], cfg["seq"]), device=cfg["device"]) for _ in range(2))
 
 
@@ -248,10 +235,10 @@ def count_flops(model, optimizer, x, y, mixed):
 def bench_training(base, cfg, peaks):
     device, dtypes = cfg["device"], cfg["dtypes"]
     x, y = training_batch(cfg, base.config.vocab_size)
-    bases = {d: frozen_base(base, torch_dtype(d)) for d in dtypes}
-    models = {(m, d): build_trainer(m, bases[d] if m.startswith("l2d") else base, cfg, torch_dtype(d))
+    bases = {d: frozen_base(base, getattr(torch, d)) for d in dtypes}
+    models = {(m, d): build_trainer(m, bases[d] if m.startswith("l2d") else base, cfg, getattr(torch, d))
               for d in dtypes for m in METHODS}
-    mixed = {d: autocast(device, torch_dtype(d)) for d in dtypes}
+    mixed = {d: autocast(device, getattr(torch, d)) for d in dtypes}
     flops = {(m, d): count_flops(*models[m, d], x, y, mixed[d]) for m, d in models}  # also the warm-up step
     times = {key: [] for key in models}
     for _ in range(cfg["train_reps"]):  # round-robin over the methods and dtypes
@@ -269,6 +256,7 @@ def bench_training(base, cfg, peaks):
     return rows
 
 
+# --- peak memory, measured in a fresh process per method and dtype (bench.measure_memory) -----------
 def rss(field):
     """VmRSS (now) or VmHWM (peak) of this process in bytes. Not ru_maxrss: after fork + exec that
     also counts the parent's peak, and a reset of the peak (clear_refs) does not reach it."""
@@ -279,7 +267,7 @@ def rss(field):
 def memory_worker(cfg):
     """Build one method's model, then its peak memory over a few training steps (bytes, as JSON)."""
     method, dtype = cfg["_memory_worker"].split(":")
-    dtype = torch_dtype(dtype)
+    dtype = getattr(torch, dtype)
     base = base_model(cfg)
     model, optimizer = build_trainer(method, frozen_base(base, dtype) if method.startswith("l2d") else base, cfg, dtype)
     x, y = training_batch(cfg, base.config.vocab_size)
