@@ -11,9 +11,6 @@ method:    l2d  - train the diffusion path; the base stays frozen (the paper's m
 batch_size is the global batch: each of the world_size processes runs batch_size / (micro_batch *
 world_size) micro-steps of gradient accumulation. --init_from=resume continues out_dir's run: its
 model and MODEL_SETTINGS are the checkpoint's, the rest (lr, max_iters, ...) the command line's.
-
-main() reads top to bottom: check the settings, build the model (fresh, or the checkpoint's), then one
-loop: lr, micro-steps, update, log, and every eval_interval steps a validation loss and a checkpoint.
 """
 
 import math
@@ -33,10 +30,10 @@ from ar2diff import AR2DiffConfig
 from configurator import UsageError, configure, fail
 from data.dataset import BatchSampler, TokenDataset
 from diffusion import L2DConfig, answer_positions, at_positions
-from loading.checkpoint import (MODEL_KEYS, NonFiniteWeights, base_of, build_model, check_dependencies,
-                                file_fingerprint, fingerprint, load_base, read_checkpoint, save_checkpoint,
+from loading.checkpoint import (MODEL_KEYS, WHOLE, NonFiniteWeights, base_of, build_model, check_dependencies, file_fingerprint,
+                                fingerprint, load_base, load_weights, read_checkpoint, save_checkpoint,
                                 trainable_state_dict)
-from loading.precision import DTYPES, autocast, resolve_device, resolve_dtype, store_weights
+from loading.precision import autocast, resolve_device, resolve_dtype, store_weights
 from model import GPT, GPTConfig
 
 # The settings that define a model and its run: a resumed run takes them from its checkpoint's config.
@@ -93,6 +90,8 @@ POSITIVE = ("block_size", "n_layer", "n_head", "n_embd", "flow_dim", "sigma", "l
             "batch_size", "micro_batch", "eval_interval", "log_interval", "eval_examples")
 NON_NEGATIVE = dict(n_kv_head=" (0: n_head)", warmup_iters="", lr_decay_iters=" (0: max_iters)", min_lr="",
                     grad_clip=" (0: no clipping)", answer_len=" (0: the longest train answer)")
+BETAS = (0.9, 0.95)  # AdamW's, as the official code
+DIVERGED = 1.5  # a val loss above DIVERGED x the best (+ 0.1) is no noise of the estimate: the run diverged
 
 
 def check_config(cfg, world_size):
@@ -112,10 +111,12 @@ def check_config(cfg, world_size):
     if cfg["min_lr"] > cfg["learning_rate"]:
         raise UsageError(f"--min_lr {cfg['min_lr']:g} is above --learning_rate {cfg['learning_rate']:g}: the lr warms "
                          "up from min_lr to learning_rate; lower --min_lr")
+    largest = torch.finfo(torch.float32).max * (1 - BETAS[0])  # Adam's first step is lr / (1 - beta1), a float32
+    if cfg["learning_rate"] > largest:
+        raise UsageError(f"--learning_rate {cfg['learning_rate']:g} overflows AdamW's float32 step (at most "
+                         f"{largest:.3g}); the paper's is 1e-4")
     if not 0 <= cfg["label_dropout"] <= 1:
         raise UsageError(f"--label_dropout is a probability, in [0, 1]; got {cfg['label_dropout']}")
-    if cfg["dtype"] not in DTYPES:
-        raise UsageError(f"unknown --dtype {cfg['dtype']!r}; use one of {', '.join(DTYPES)}")
     per_step = cfg["micro_batch"] * world_size
     if cfg["batch_size"] % per_step:
         raise UsageError(f"batch_size {cfg['batch_size']} must be a multiple of micro_batch x processes = {per_step}")
@@ -132,56 +133,35 @@ def check_config(cfg, world_size):
         raise UsageError(f"out_dir {cfg['out_dir']}: {existing or '.'} is not writable; pass another --out_dir")
 
 
-def setup_distributed(device):
-    """(rank, world_size, device) from torchrun's environment; one process when it is absent."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world_size, device
+def local_path(p):
+    return os.path.abspath(p) if os.path.exists(p) else p  # loadable from any directory
 
 
-def resume(cfg, ckpt_path):
-    """The checkpoint a resumed run continues, its MODEL_SETTINGS copied into cfg; None for a fresh run
-    (which refuses to write over a checkpoint unless told to)."""
-    if cfg["init_from"] != "resume":
-        if os.path.exists(ckpt_path) and not cfg["overwrite"]:
-            raise UsageError(f"{ckpt_path} already exists; continue it with --init_from=resume, replace it with "
-                             "--overwrite=True, or pass another --out_dir")
-        return None
-    ckpt = read_checkpoint(ckpt_path)
-    if "guidance_classes" not in ckpt["config"]:  # saved before training followed the official code
-        raise UsageError(f"{ckpt_path} was trained with the earlier defaults (AdamW beta2 0.999, cosine lr, "
-                         "per-sequence label dropout); resuming would mix two recipes: train afresh "
-                         "(sample.py and eval.py still load it)")
-    for key, (default, _) in MODEL_SETTINGS.items():
-        cfg[key] = ckpt["config"].get(key, default)  # (a setting added after the checkpoint: its default)
-    return ckpt
-
-
-def load_data(cfg):
+def build(cfg, ckpt_path):
+    """(model, spec, ckpt, train data, val data, the base's parameter count). A resumed run's model and
+    MODEL_SETTINGS are its checkpoint's (ckpt); a fresh one's (ckpt None) come from the settings, the base
+    and the data. spec, the checkpoint's MODEL_KEYS, says what the model is: build_model(spec, base), as
+    checkpoint.load builds it."""
+    ckpt = None
+    if cfg["init_from"] == "resume":
+        ckpt = read_checkpoint(ckpt_path)
+        if "guidance_classes" not in ckpt["config"]:  # saved before training followed the official code
+            raise UsageError(f"{ckpt_path} was trained with the earlier defaults (AdamW beta2 0.999, cosine lr, "
+                             "per-sequence label dropout); resuming would mix two recipes: train afresh "
+                             "(sample.py and eval.py still load it)")
+        for key, (default, _) in MODEL_SETTINGS.items():
+            cfg[key] = ckpt["config"].get(key, default)  # (a setting added after the checkpoint: its default)
+    elif os.path.exists(ckpt_path) and not cfg["overwrite"]:
+        raise UsageError(f"{ckpt_path} already exists; continue it with --init_from=resume, replace it with "
+                         "--overwrite=True, or pass another --out_dir")
     train_data, val_data = TokenDataset(cfg["datasets"], "train"), TokenDataset(cfg["datasets"], "test")
     if len(train_data) < cfg["batch_size"]:  # (an empty split TokenDataset refuses itself)
         raise UsageError(f"{len(train_data)} train examples in {', '.join(cfg['datasets'])}, fewer than one batch "
                          f"(--batch_size {cfg['batch_size']}): each step would repeat examples; prepare more, or "
                          "lower --batch_size")
-    return train_data, val_data
-
-
-def local_path(p):
-    return os.path.abspath(p) if os.path.exists(p) else p  # loadable from any directory
-
-
-def build(cfg, train_data, ckpt, ckpt_path):
-    """(model, spec, the base's parameter count). spec is what the model is, the checkpoint's MODEL_KEYS:
-    a resumed run's are its checkpoint's, a fresh run's come from the settings, the base and the data.
-    Either way the model is build_model(spec, base), as checkpoint.load builds it."""
+    torch.manual_seed(cfg["seed"])  # same initial weights on every rank
     if ckpt is not None:
-        spec = {key: ckpt.get(key) for key in MODEL_KEYS}
-        base = base_of(ckpt)[0]
+        spec, base = {key: ckpt.get(key) for key in MODEL_KEYS}, base_of(ckpt, ckpt_path)[0]
     else:
         base = GPT(GPTConfig(family=cfg["family"], block_size=cfg["block_size"], vocab_size=train_data.vocab_size,
                              n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_kv_head=cfg["n_kv_head"],
@@ -199,17 +179,6 @@ def build(cfg, train_data, ckpt, ckpt_path):
                     l2d_config=l2d and asdict(l2d), ar2diff_config=ar2diff and asdict(ar2diff),
                     lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], classes=classes)
     spec["classes"] = spec["classes"] or []
-    check_fits(spec, train_data, cfg)
-    spec["base_fingerprint"] = fingerprint(base) if spec["method"] in ("l2d", "lora") else None  # a frozen base
-    if ckpt is not None:
-        check_dependencies(ckpt, ckpt_path, base if spec["base_fingerprint"] else None)
-    n_base = base.num_params()  # before LoRA wraps the base in place
-    return build_model(spec, base), spec, n_base
-
-
-def check_fits(spec, train_data, cfg):
-    """Refuse data the model cannot take: a larger vocabulary, or (ar2diff) a prompt and answer span longer
-    than its context."""
     block_size, vocab_size = spec["model_config"]["block_size"], spec["model_config"]["vocab_size"]
     if vocab_size < train_data.vocab_size:
         raise UsageError(f"{cfg['datasets']} uses a vocabulary of {train_data.vocab_size} tokens but the model has "
@@ -221,13 +190,17 @@ def check_fits(spec, train_data, cfg):
             raise UsageError(f"the longest train prompt ({longest_prompt} tokens) and the answer span (--answer_len "
                              f"{answer_len}) do not fit block_size {block_size}: lower --answer_len, or raise "
                              "--block_size")
+    spec["base_fingerprint"] = None if spec["method"] in WHOLE else fingerprint(base)  # of a frozen base
+    if ckpt is not None:
+        check_dependencies(ckpt, ckpt_path, base if spec["base_fingerprint"] else None)
+    n_base = base.num_params()  # before LoRA wraps the base in place
+    return build_model(spec, base), spec, ckpt, train_data, val_data, n_base
 
 
 def lr_at(it, cfg):
-    """The lr of step `it` (from 0), as DeepSpeed's WarmupDecayLR in the official code: warmup from min_lr
-    to the peak over warmup_iters steps spaced logarithmically, min + (peak - min) log(it + 1) / log(warmup)
-    (52% of the peak at step 10 of 100, 85% at 50), then linear decay, reaching min_lr at lr_decay_iters
-    (default max_iters, one past the last step)."""
+    """The lr of step `it` (from 0), as DeepSpeed's WarmupDecayLR in the official code: from min_lr to the peak
+    over warmup_iters steps spaced logarithmically (52% of the peak at step 10 of 100, 85% at 50), then linear
+    decay to min_lr at lr_decay_iters (default max_iters, one past the last step)."""
     peak, low, warmup = cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"]
     total = cfg["lr_decay_iters"] or cfg["max_iters"]
     if it < warmup:
@@ -236,13 +209,12 @@ def lr_at(it, cfg):
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW on the trainable parameters only, as the official code: betas (0.9, 0.95), eps 1e-8, weight
-    decay on matrices, not on biases and norms (the only vectors a model here trains)."""
+    """AdamW on the trainable parameters only, as the official code: eps 1e-8, weight decay on matrices,
+    not on biases and norms (the only vectors a model here trains)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(0.9, 0.95), eps=1e-8,
-                             fused=device.startswith("cuda"))
+    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=BETAS, eps=1e-8, fused=device.startswith("cuda"))
 
 
 def batch(data, indices, spec, device):
@@ -304,17 +276,20 @@ def evaluate(model, val_batches, method, mixed):
 
 def main(argv=None):
     cfg = configure(OPTIONS, argv)
-    rank, world_size, device = setup_distributed(resolve_device(cfg["device"]))
+    rank, world_size, device = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), \
+        resolve_device(cfg["device"])
+    if "RANK" in os.environ:  # launched by torchrun: one process per device
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     check_config(cfg, world_size)
     log = print if rank == 0 else (lambda *a, **k: None)
     dtype = resolve_dtype(cfg["dtype"], device, log)
 
     # the model: fresh, or the checkpoint's (and then its settings) when resuming
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    ckpt = resume(cfg, ckpt_path)
-    train_data, val_data = load_data(cfg)
-    torch.manual_seed(cfg["seed"])  # same initial weights on every rank
-    raw_model, spec, n_base = build(cfg, train_data, ckpt, ckpt_path)
+    raw_model, spec, ckpt, train_data, val_data, n_base = build(cfg, ckpt_path)
     raw_model.to(device)
     store_weights(raw_model, dtype, frozen_only=True)  # (after the fingerprint, which is of the float32 base)
     n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
@@ -332,21 +307,48 @@ def main(argv=None):
     n_val, micro_batch = min(cfg["eval_examples"], len(val_data)), cfg["micro_batch"]
     val_batches = {start: batch(val_data, np.arange(start, min(start + micro_batch, n_val)), spec, device)
                    for start in range(rank * micro_batch, n_val, micro_batch * world_size)}  # this rank's share
-    it = 0  # optimizer steps done
+    it, best, saved = 0, None, None  # optimizer steps done; the best (val loss, iter); the iter ckpt.pt holds
     if ckpt is not None:  # go on where the checkpoint left off: weights, optimiser, data order, scaler, RNG
-        raw_model.load_state_dict(ckpt["state_dict"], strict=False)
+        load_weights(raw_model, ckpt, ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         sampler.load_state_dict(ckpt["sampler"])
         if ckpt.get("scaler"):  # empty when saved by a disabled (not float16) scaler
             scaler.load_state_dict(ckpt["scaler"])
-        it = ckpt["iter_num"]
+        it = saved = ckpt["iter_num"]
+        best = (ckpt["val_loss"], it) if "val_loss" in ckpt else None
         torch.set_rng_state(ckpt["rng"])
         log(f"resuming {ckpt_path} from iter {it} of {cfg['max_iters']}" +
             ("" if it < cfg["max_iters"] else ": nothing left to train, raise --max_iters to go on"))
 
     model.train()
     tokens_seen, t0, first_it = 0, time.time(), it  # this process's rate, for tok/s and the time left
-    while it < cfg["max_iters"]:
+    while True:
+        # every eval_interval steps, after the last, and before the first of a fresh run (where it starts from)
+        if (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]) and (it > first_it or ckpt is None):
+            val, buckets = evaluate(raw_model, val_batches, cfg["method"], mixed)
+            by_t = {"l2d": ", by t: ", "ar2diff": " (pass 1), by corruption rate: "}.get(cfg["method"])
+            log(f"iter {it}: val loss {val:.4f}" + (by_t + " ".join(f"{b:.3f}" for b in buckets) if by_t else ""))
+            if rank == 0 and it > 0:  # the model's spec, its weights (l2d, lora: only what trains), what a resume restores
+                weights = raw_model.state_dict() if spec["method"] in WHOLE else trainable_state_dict(raw_model)
+                if best is not None and val > DIVERGED * best[0] + 0.1:  # (nan: save_checkpoint refuses the weights)
+                    log(f"warning: iter {it}: val loss {val:.4f} is far above the best, {best[0]:.4f} at iter {best[1]}: "
+                        f"the run diverged (lower --learning_rate); {ckpt_path} not saved" +
+                        (f", it keeps iter {saved}" if saved else ""))
+                else:
+                    os.makedirs(cfg["out_dir"], exist_ok=True)
+                    try:
+                        save_checkpoint(ckpt_path, dict(
+                            spec, tokenizer=local_path(train_data.tokenizer_path), state_dict=weights, config=cfg,
+                            tokenizer_fingerprint=file_fingerprint(train_data.tokenizer_path), val_loss=val,
+                            optimizer=optimizer.state_dict(), sampler=sampler.state_dict(),
+                            scaler=scaler.state_dict(), iter_num=it, rng=torch.get_rng_state()))
+                    except NonFiniteWeights as e:
+                        raise UsageError(f"{e}: the weights diverged by iter {it} (lr {lr:.2e}); lower --learning_rate") \
+                            from None
+                    saved = it
+            best = (val, it) if best is None or val < best[0] else best
+        if it >= cfg["max_iters"]:
+            break
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -376,7 +378,6 @@ def main(argv=None):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         it += 1
-
         if it % cfg["log_interval"] == 0 or it == cfg["max_iters"]:
             if world_size > 1:  # the mean over the global batch, so logs do not depend on the process count
                 dist.all_reduce(loss_sum)
@@ -384,23 +385,6 @@ def main(argv=None):
             left = elapsed / (it - first_it) * (cfg["max_iters"] - it)  # evaluations included: they recur
             log(f"iter {it}: loss {loss_sum.item() / (grad_accum * world_size):.4f}, lr {lr:.2e}, "
                 f"{tokens_seen * world_size / elapsed:.0f} tok/s" + (f", {tqdm.format_interval(left)} left" if left else ""))
-        if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
-            val, buckets = evaluate(raw_model, val_batches, cfg["method"], mixed)
-            by_t = {"l2d": ", by t: ", "ar2diff": " (pass 1), by corruption rate: "}.get(cfg["method"])
-            log(f"iter {it}: val loss {val:.4f}" + (by_t + " ".join(f"{b:.3f}" for b in buckets) if by_t else ""))
-            if rank == 0:  # the model's spec, its weights (l2d, lora: only what trains), what a resume restores
-                os.makedirs(cfg["out_dir"], exist_ok=True)
-                state = dict(spec, tokenizer=local_path(train_data.tokenizer_path),
-                             tokenizer_fingerprint=file_fingerprint(train_data.tokenizer_path),
-                             state_dict=trainable_state_dict(raw_model) if spec["method"] in ("l2d", "lora")
-                             else raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                             sampler=sampler.state_dict(), scaler=scaler.state_dict(), iter_num=it, config=cfg,
-                             rng=torch.get_rng_state())
-                try:
-                    save_checkpoint(ckpt_path, state)
-                except NonFiniteWeights as e:
-                    raise UsageError(f"{e}: the weights diverged by iter {it} (lr {lr:.2e}); lower --learning_rate") \
-                        from None
     if world_size > 1:
         dist.barrier()  # let the master finish its checkpoint: gloo aborts if a peer leaves first
         dist.destroy_process_group()

@@ -1,12 +1,11 @@
 """
 Checkpoints: written by train.py, read by train.py (resume), sample.py, eval.py and bench.py.
 
-One torch.save'd dict of plain data, loaded with weights_only=True (nothing is unpickled): the
-MODEL_KEYS that say what the model is (build_model reads them), its weights (l2d, lora: only what
-trains, the base coming from `init_from`; ar, full, ar2diff: the whole model), fingerprints of the
-base's weights and of the vocabulary file (a changed one is refused: an L2D path on another base, or ids
-read through another vocabulary, would generate garbage without a word), the run's `config` and what a
-resume restores. Written atomically, so a kill at any moment leaves the previous checkpoint intact.
+One torch.save'd dict of plain data, loaded with weights_only=True: the MODEL_KEYS that say what the
+model is, its weights (l2d, lora: only what trains, the base coming from `init_from`; ar, full, ar2diff:
+the whole model), fingerprints of the base's weights and of the vocabulary file (a changed one is
+refused: an L2D path on another base, or ids read through another vocabulary, would generate garbage
+without a word), the run's `config` and what a resume restores.
 
     model, tokenizer, ckpt = load("out-quick-l2d/ckpt.pt")   # an L2D, an AR2Diff or a GPT, and its checkpoint
     model, tokenizer, ckpt = load("smollm2-135m")             # a pretrained name or HF folder: ckpt is None
@@ -29,11 +28,14 @@ from loading.files import write_atomic
 WHOLE = ("ar", "full", "ar2diff")  # methods whose checkpoint holds the whole model (l2d, lora: what trained)
 MODEL_KEYS = ("method", "init_from", "model_config", "l2d_config", "ar2diff_config", "lora_rank", "lora_alpha",
               "classes")  # what a checkpoint's model is
+BUILT_FROM = dict(model_config=dict, tokenizer=str)  # what building a method's model reads from its checkpoint
+NEEDS = dict(ar=BUILT_FROM, full=BUILT_FROM, ar2diff=dict(BUILT_FROM, ar2diff_config=dict),
+             l2d=dict(BUILT_FROM, l2d_config=dict, init_from=str), lora=dict(BUILT_FROM, init_from=str))
 
 
 def save_checkpoint(path, ckpt):
-    """Write ckpt to path atomically (loading.files.write_atomic). A checkpoint with a non-finite weight
-    is never written: a diverged run keeps its last good checkpoint."""
+    """Write ckpt to path atomically (a kill at any moment leaves the previous file intact), unless a
+    weight is not finite: a diverged run keeps its last good checkpoint."""
     bad = [name for name, w in ckpt["state_dict"].items() if w.is_floating_point() and not torch.isfinite(w).all()]
     if bad:
         kept = f"{path} keeps the last good checkpoint" if os.path.exists(path) else "no checkpoint was written"
@@ -70,8 +72,8 @@ def fingerprint(model):
 
 
 def file_fingerprint(path):
-    """A short hash of a file's bytes (a char vocabulary), or None when `path` names no file (a tokenizer
-    by name, whose vocabulary comes with the base's weights)."""
+    """A short hash of a file's bytes (a char vocabulary); None for a tokenizer by name (its vocabulary
+    comes with the base's weights)."""
     if not os.path.isfile(path):
         return None
     with open(path, "rb") as f:
@@ -101,9 +103,9 @@ def checkpoint_path(name_or_path):
 
 
 def load(name_or_path, block_size=None):
-    """The one way to a model: (model, tokenizer, ckpt) for a ckpt.pt of train.py (or a folder holding
-    one), the model it describes with its weights; (model, tokenizer, None) for a pretrained name or a
-    Hugging Face folder, cropped to block_size if given. The model is in eval mode."""
+    """The one way to a model, in eval mode: (model, tokenizer, ckpt) for a ckpt.pt of train.py (or a
+    folder holding one); (model, tokenizer, None) for a pretrained name or a Hugging Face folder, cropped
+    to block_size if given."""
     path = checkpoint_path(name_or_path)
     if path is None:
         model, tokenizer = load_pretrained(name_or_path, block_size)
@@ -112,9 +114,8 @@ def load(name_or_path, block_size=None):
 
 
 def load_base(init_from, block_size=None):
-    """A frozen-to-be base GPT and its tokenizer: a pretrained name or HF folder, or the ckpt.pt of
-    a model trained with method=ar/full (e.g. the quick recipe's tiny GPT) or ar2diff (its GPT: AR2Diff_N,
-    the diffusion loss carried on before the task's finetuning)."""
+    """A base GPT to finetune and its tokenizer: a pretrained name or HF folder, or the ckpt.pt of a
+    method=ar/full run (e.g. the quick recipe's tiny GPT) or of an ar2diff run (its GPT: AR2Diff_N)."""
     model, tokenizer, ckpt = load(init_from, block_size)
     if ckpt is None:
         return model, tokenizer
@@ -130,8 +131,7 @@ def build_model(spec, base):
     base itself (full, ar)."""
     if spec["method"] == "l2d":
         # some checkpoints' l2d_config holds self_guess, a setting of their training, not of the model
-        fields = {k: v for k, v in spec["l2d_config"].items() if k != "self_guess"}
-        return L2D(base, L2DConfig(**fields))
+        return L2D(base, L2DConfig(**{k: v for k, v in spec["l2d_config"].items() if k != "self_guess"}))
     if spec["method"] == "ar2diff":
         return AR2Diff(base, AR2DiffConfig(**spec["ar2diff_config"]))
     if spec["method"] == "lora":
@@ -143,24 +143,42 @@ def trainable_state_dict(model):
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def base_of(ckpt):
+def base_of(ckpt, path):
     """The GPT a checkpoint's model is built on, and its tokenizer: for ar/full/ar2diff a fresh GPT of its
-    model_config (the weights are in the checkpoint), for l2d/lora the frozen base, from init_from."""
+    model_config (the weights are in the checkpoint), for l2d/lora the frozen base, from init_from. A
+    checkpoint without what its model needs is refused in one line."""
+    if ckpt["method"] not in NEEDS:
+        raise ValueError(f"checkpoint {path} holds an unknown method {ckpt['method']!r}; was it written by train.py?")
+    missing = [key for key, kind in NEEDS[ckpt["method"]].items() if not isinstance(ckpt.get(key), kind)]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}, which its {ckpt['method']} model needs: it is "
+                         "damaged or not from train.py; use another checkpoint or retrain")
     if ckpt["method"] in WHOLE:
         return GPT(GPTConfig(**ckpt["model_config"])), get_tokenizer(ckpt["tokenizer"])
     return load_base(ckpt["init_from"], ckpt["model_config"]["block_size"])
+
+
+def load_weights(model, ckpt, path):
+    """Copy the checkpoint's weights into `model` (l2d, lora: only what trains), or refuse in one line
+    weights missing, unexpected or of another shape."""
+    state, own = ckpt["state_dict"], model.state_dict()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    problems = dict(missing=sorted(trainable - state.keys()), unexpected=sorted(state.keys() - own.keys()),
+                    shape=[f"{k} {tuple(v.shape)}, the model's {tuple(own[k].shape)}" for k, v in state.items()
+                           if k in own and v.shape != own[k].shape])
+    if any(problems.values()):
+        raise ValueError(f"checkpoint {path} does not match its model (" + "; ".join(
+            f"{what}: {', '.join(names[:3])}" for what, names in problems.items() if names) + "): it is damaged or "
+            "from another version; use another checkpoint or retrain")
+    model.load_state_dict(state, strict=False)
 
 
 def load_model(path):
     """Rebuild the model the checkpoint at `path` describes, with its weights: load's ckpt.pt half.
     Returns (model, tokenizer, ckpt)."""
     ckpt = read_checkpoint(path)
-    base, tokenizer = base_of(ckpt)
+    base, tokenizer = base_of(ckpt, path)
     check_dependencies(ckpt, path, None if ckpt["method"] in WHOLE else base)
     model = build_model(ckpt, base)
-    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    if unexpected or trainable & set(missing):
-        raise ValueError(f"checkpoint {path} does not match its model: missing {sorted(trainable & set(missing))[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+    load_weights(model, ckpt, path)
     return model.eval(), tokenizer, ckpt

@@ -7,6 +7,7 @@ checks run train.py as a subprocess (torch.distributed.run, gloo on CPU)."""
 import contextlib
 import errno
 import io
+import math
 import os
 import re
 import shutil
@@ -121,9 +122,10 @@ def test_ddp_matches_one_process(method, dtype, data, base_ckpt, tmp_path):
     assert ddp_steps.keys() == one_steps.keys() == {1, 2, 3}
     for i in ddp_steps:  # logged loss is the global batch's mean, whatever the process count
         assert ddp_steps[i][0] == pytest.approx(one_steps[i][0], abs=2e-4) and ddp_steps[i][1] == one_steps[i][1]
-    assert len(ddp_val) == len(one_val) == 1
-    assert [float(v) for v in re.findall(r"\d+\.\d+", ddp_val[0])] == \
-        pytest.approx([float(v) for v in re.findall(r"\d+\.\d+", one_val[0])], abs=2e-4)
+    assert len(ddp_val) == len(one_val) == 2  # where it starts (iter 0) and after the last step
+    for ddp_line, one_line in zip(ddp_val, one_val):
+        assert [float(v) for v in re.findall(r"\d+\.\d+", ddp_line)] == \
+            pytest.approx([float(v) for v in re.findall(r"\d+\.\d+", one_line)], abs=2e-4)
 
 
 # --- resume -----------------------------------------------------------------------------------------
@@ -143,7 +145,8 @@ def test_resume_is_bit_exact(method, data, base_ckpt, tmp_path):
     assert logged(second)[0].keys() == {3, 4}
     assert split_steps == straight_steps  # losses and lr, as printed
     assert float(straight_steps[4][1]) < float(straight_steps[3][1])  # linear decay, to lr_decay_iters=4
-    assert logged(second)[1] == straight_val
+    assert logged(first)[1][0] == straight_val[0]  # iter 0's: where a fresh run starts
+    assert logged(second)[1] == straight_val[1:]
     a = read_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
     b = read_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
     assert a["iter_num"] == b["iter_num"] == 4 and a["sampler"] == b["sampler"]
@@ -453,3 +456,51 @@ def test_a_changed_base_or_vocabulary_is_refused(data, base_ckpt, tmp_path):
     vocab.write_text(vocab.read_text().replace("1", "!", 1))  # e.g. prepare.py re-run on other text
     with pytest.raises(ValueError, match="vocabulary .* has changed"):
         load_model(str(tmp_path / "ar" / "ckpt.pt"))
+
+
+# --- a diverged run, an lr beyond float32, a damaged --init_from (issue #29) ----------------------------
+
+def test_a_collapsed_run_warns_and_never_saves_over_a_better_checkpoint(data, tmp_path):
+    """--learning_rate 1e6 collapses the model to uniform (val loss ln V, far above where it started): one
+    warning line, and the better checkpoint is kept, resumed or not."""
+    args = TINY + [f"--datasets={[data]}", f"--out_dir={tmp_path / 'ar'}"]
+    run_train(*args, "--method=ar", "--init_from=scratch", "--max_iters=30", "--learning_rate=1e-2")
+    good_path = tmp_path / "ar" / "ckpt.pt"
+    good = good_path.read_bytes()
+    _, log = run_train(*args, "--init_from=resume", "--max_iters=32", "--learning_rate=1e6")
+    val = float(re.findall(r"iter 32: val loss ([\d.]+)", log)[0])
+    assert val == pytest.approx(math.log(TokenDataset([data], "test").vocab_size), abs=1e-3)  # uniform
+    warnings = [line for line in log.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "far above the best" in warnings[0] and "lower --learning_rate" in warnings[0]
+    assert warnings[0].endswith(f"{good_path} not saved, it keeps iter 30")
+    assert good_path.read_bytes() == good
+
+    _, log = run_train(*TINY, f"--datasets={[data]}", f"--init_from={good_path}", "--method=full", "--max_iters=2",
+                       "--learning_rate=1e6", f"--out_dir={tmp_path / 'full'}")  # a fresh run: its iter 0 is the best
+    assert re.search(r"^warning: iter 2: .*far above the best, [\d.]+ at iter 0: .*ckpt.pt not saved$", log, re.M)
+    assert not (tmp_path / "full" / "ckpt.pt").exists()
+
+
+def test_a_learning_rate_beyond_float32_is_one_line(data, tmp_path):
+    result = run_script(*TINY, f"--datasets={[data]}", "--method=ar", "--init_from=scratch", "--max_iters=1",
+                        "--learning_rate=1e39", f"--out_dir={tmp_path}")  # Adam's step would overflow float32
+    assert_one_line_error(result, "--learning_rate", "float32", "1e-4")
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("damage, words", [("no_tokenizer", ["lacks tokenizer"]),
+                                           ("wrong_shape", ["does not match its model", "shape: wte.weight"])])
+def test_a_damaged_init_from_is_one_line(damage, words, data, base_ckpt, tmp_path):
+    """A checkpoint without a key its model needs, or with a weight of another shape: one line naming the
+    file, from the loader, so train.py, sample.py and eval.py all say it."""
+    ckpt, path = read_checkpoint(base_ckpt), str(tmp_path / "damaged.pt")
+    if damage == "no_tokenizer":
+        del ckpt["tokenizer"]
+    else:
+        ckpt["state_dict"]["wte.weight"] = ckpt["state_dict"]["wte.weight"][:3]
+    save_checkpoint(path, ckpt)
+    with pytest.raises(ValueError, match="|".join(words)):
+        load_model(path)
+    result = run_script(*TINY, f"--datasets={[data]}", "--method=l2d", f"--init_from={path}", "--max_iters=1",
+                        f"--out_dir={tmp_path / 'out'}", "--device=cpu")
+    assert_one_line_error(result, path, *words)
