@@ -30,9 +30,8 @@ from ar2diff import AR2DiffConfig
 from configurator import UsageError, configure, fail
 from data.dataset import BatchSampler, TokenDataset
 from diffusion import L2DConfig, answer_positions, at_positions
-from loading.checkpoint import (MODEL_KEYS, WHOLE, NonFiniteWeights, base_of, build_model, check_dependencies, file_fingerprint,
-                                fingerprint, load_base, load_weights, read_checkpoint, save_checkpoint,
-                                trainable_state_dict)
+from loading.checkpoint import (MODEL_KEYS, WHOLE, NonFiniteWeights, build_model, file_fingerprint, fingerprint,
+                                load_base, load_model, save_checkpoint, trainable_state_dict)
 from loading.precision import autocast, resolve_device, resolve_dtype, store_weights
 from model import GPT, GPTConfig
 
@@ -64,7 +63,7 @@ MODEL_SETTINGS = dict(
 )
 OPTIONS = dict(
     MODEL_SETTINGS,
-    out_dir=("out", "folder of ckpt.pt, saved at every evaluation"),
+    out_dir=("out", "folder of ckpt.pt, saved at every evaluation (not one far worse than the best)"),
     # optimisation (the paper: AdamW, peak lr 1e-4, 100 warmup steps, weight decay 0.01, clip 1.0);
     # the lr warms up from min_lr and decays back to it at lr_decay_iters (default: max_iters)
     batch_size=(32, "examples per optimizer step, over all processes"),
@@ -138,19 +137,20 @@ def local_path(p):
 
 
 def build(cfg, ckpt_path):
-    """(model, spec, ckpt, train data, val data, the base's parameter count). A resumed run's model and
-    MODEL_SETTINGS are its checkpoint's (ckpt); a fresh one's (ckpt None) come from the settings, the base
-    and the data. spec, the checkpoint's MODEL_KEYS, says what the model is: build_model(spec, base), as
-    checkpoint.load builds it."""
+    """(model, spec, ckpt, train data, val data). A resumed run's model is its checkpoint's, loaded as
+    sample.py and eval.py load it, and its MODEL_SETTINGS replace cfg's; a fresh run's (ckpt None) comes
+    from the settings, the base and the data: build_model(spec, base), spec being the MODEL_KEYS (and the
+    base's fingerprint) that its checkpoints will hold."""
     ckpt = None
     if cfg["init_from"] == "resume":
-        ckpt = read_checkpoint(ckpt_path)
+        model, _, ckpt = load_model(ckpt_path)
         if "guidance_classes" not in ckpt["config"]:  # saved before training followed the official code
             raise UsageError(f"{ckpt_path} was trained with the earlier defaults (AdamW beta2 0.999, cosine lr, "
                              "per-sequence label dropout); resuming would mix two recipes: train afresh "
                              "(sample.py and eval.py still load it)")
         for key, (default, _) in MODEL_SETTINGS.items():
             cfg[key] = ckpt["config"].get(key, default)  # (a setting added after the checkpoint: its default)
+        spec = {key: ckpt.get(key) for key in MODEL_KEYS + ("base_fingerprint",)}
     elif os.path.exists(ckpt_path) and not cfg["overwrite"]:
         raise UsageError(f"{ckpt_path} already exists; continue it with --init_from=resume, replace it with "
                          "--overwrite=True, or pass another --out_dir")
@@ -159,10 +159,8 @@ def build(cfg, ckpt_path):
         raise UsageError(f"{len(train_data)} train examples in {', '.join(cfg['datasets'])}, fewer than one batch "
                          f"(--batch_size {cfg['batch_size']}): each step would repeat examples; prepare more, or "
                          "lower --batch_size")
-    torch.manual_seed(cfg["seed"])  # same initial weights on every rank
-    if ckpt is not None:
-        spec, base = {key: ckpt.get(key) for key in MODEL_KEYS}, base_of(ckpt, ckpt_path)[0]
-    else:
+    if ckpt is None:
+        torch.manual_seed(cfg["seed"])  # same initial weights on every rank
         base = GPT(GPTConfig(family=cfg["family"], block_size=cfg["block_size"], vocab_size=train_data.vocab_size,
                              n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_kv_head=cfg["n_kv_head"],
                              n_embd=cfg["n_embd"])) if cfg["init_from"] == "scratch" else \
@@ -177,8 +175,9 @@ def build(cfg, ckpt_path):
             if cfg["method"] == "ar2diff" else None
         spec = dict(method=cfg["method"], init_from=local_path(cfg["init_from"]), model_config=asdict(base.config),
                     l2d_config=l2d and asdict(l2d), ar2diff_config=ar2diff and asdict(ar2diff),
-                    lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], classes=classes)
-    spec["classes"] = spec["classes"] or []
+                    lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], classes=classes,
+                    base_fingerprint=None if cfg["method"] in WHOLE else fingerprint(base))  # of a frozen base
+        model = build_model(spec, base)
     block_size, vocab_size = spec["model_config"]["block_size"], spec["model_config"]["vocab_size"]
     if vocab_size < train_data.vocab_size:
         raise UsageError(f"{cfg['datasets']} uses a vocabulary of {train_data.vocab_size} tokens but the model has "
@@ -190,11 +189,7 @@ def build(cfg, ckpt_path):
             raise UsageError(f"the longest train prompt ({longest_prompt} tokens) and the answer span (--answer_len "
                              f"{answer_len}) do not fit block_size {block_size}: lower --answer_len, or raise "
                              "--block_size")
-    spec["base_fingerprint"] = None if spec["method"] in WHOLE else fingerprint(base)  # of a frozen base
-    if ckpt is not None:
-        check_dependencies(ckpt, ckpt_path, base if spec["base_fingerprint"] else None)
-    n_base = base.num_params()  # before LoRA wraps the base in place
-    return build_model(spec, base), spec, ckpt, train_data, val_data, n_base
+    return model, spec, ckpt, train_data, val_data
 
 
 def lr_at(it, cfg):
@@ -276,8 +271,8 @@ def evaluate(model, val_batches, method, mixed):
 
 def main(argv=None):
     cfg = configure(OPTIONS, argv)
-    rank, world_size, device = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), \
-        resolve_device(cfg["device"])
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(cfg["device"])
     if "RANK" in os.environ:  # launched by torchrun: one process per device
         if device.startswith("cuda"):
             device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -287,12 +282,13 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
     dtype = resolve_dtype(cfg["dtype"], device, log)
 
-    # the model: fresh, or the checkpoint's (and then its settings) when resuming
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    raw_model, spec, ckpt, train_data, val_data, n_base = build(cfg, ckpt_path)
+    raw_model, spec, ckpt, train_data, val_data = build(cfg, ckpt_path)
     raw_model.to(device)
     store_weights(raw_model, dtype, frozen_only=True)  # (after the fingerprint, which is of the float32 base)
     n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    base = getattr(raw_model, "base", raw_model)  # the GPT (lora: with its adapters, not counted)
+    n_base = sum(p.numel() for name, p in base.named_parameters() if "lora_" not in name)
     log(f"{cfg['method']}: {n_train / 1e6:.2f}M trainable parameters ({100 * n_train / n_base:.1f}% of the "
         f"{n_base / 1e6:.1f}M-parameter base), {world_size} process(es) on {device}, {str(dtype)[6:]}")
     device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -309,7 +305,6 @@ def main(argv=None):
                    for start in range(rank * micro_batch, n_val, micro_batch * world_size)}  # this rank's share
     it, best, saved = 0, None, None  # optimizer steps done; the best (val loss, iter); the iter ckpt.pt holds
     if ckpt is not None:  # go on where the checkpoint left off: weights, optimiser, data order, scaler, RNG
-        load_weights(raw_model, ckpt, ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         sampler.load_state_dict(ckpt["sampler"])
         if ckpt.get("scaler"):  # empty when saved by a disabled (not float16) scaler
@@ -328,11 +323,11 @@ def main(argv=None):
             val, buckets = evaluate(raw_model, val_batches, cfg["method"], mixed)
             by_t = {"l2d": ", by t: ", "ar2diff": " (pass 1), by corruption rate: "}.get(cfg["method"])
             log(f"iter {it}: val loss {val:.4f}" + (by_t + " ".join(f"{b:.3f}" for b in buckets) if by_t else ""))
-            if rank == 0 and it > 0:  # the model's spec, its weights (l2d, lora: only what trains), what a resume restores
+            if rank == 0 and it > 0:  # the model's spec, its weights (l2d, lora: what trains), what a resume restores
                 weights = raw_model.state_dict() if spec["method"] in WHOLE else trainable_state_dict(raw_model)
                 if best is not None and val > DIVERGED * best[0] + 0.1:  # (nan: save_checkpoint refuses the weights)
-                    log(f"warning: iter {it}: val loss {val:.4f} is far above the best, {best[0]:.4f} at iter {best[1]}: "
-                        f"the run diverged (lower --learning_rate); {ckpt_path} not saved" +
+                    log(f"warning: iter {it}: val loss {val:.4f} is far above the best, {best[0]:.4f} at iter "
+                        f"{best[1]}: the run diverged (lower --learning_rate); {ckpt_path} not saved" +
                         (f", it keeps iter {saved}" if saved else ""))
                 else:
                     os.makedirs(cfg["out_dir"], exist_ok=True)
@@ -342,9 +337,9 @@ def main(argv=None):
                             tokenizer_fingerprint=file_fingerprint(train_data.tokenizer_path), val_loss=val,
                             optimizer=optimizer.state_dict(), sampler=sampler.state_dict(),
                             scaler=scaler.state_dict(), iter_num=it, rng=torch.get_rng_state()))
-                    except NonFiniteWeights as e:
-                        raise UsageError(f"{e}: the weights diverged by iter {it} (lr {lr:.2e}); lower --learning_rate") \
-                            from None
+                    except NonFiniteWeights as e:  # a finite loss, then an update that overflowed
+                        raise UsageError(f"{e}: the weights diverged by iter {it} (lr {lr:.2e}); lower "
+                                         "--learning_rate") from None
                     saved = it
             best = (val, it) if best is None or val < best[0] else best
         if it >= cfg["max_iters"]:

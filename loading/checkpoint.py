@@ -28,9 +28,8 @@ from loading.files import write_atomic
 WHOLE = ("ar", "full", "ar2diff")  # methods whose checkpoint holds the whole model (l2d, lora: what trained)
 MODEL_KEYS = ("method", "init_from", "model_config", "l2d_config", "ar2diff_config", "lora_rank", "lora_alpha",
               "classes")  # what a checkpoint's model is
-BUILT_FROM = dict(model_config=dict, tokenizer=str)  # what building a method's model reads from its checkpoint
-NEEDS = dict(ar=BUILT_FROM, full=BUILT_FROM, ar2diff=dict(BUILT_FROM, ar2diff_config=dict),
-             l2d=dict(BUILT_FROM, l2d_config=dict, init_from=str), lora=dict(BUILT_FROM, init_from=str))
+NEEDS = dict(ar=(), full=(), ar2diff=("ar2diff_config",), l2d=("l2d_config", "init_from"),
+             lora=("init_from",))  # what load_model reads to build each method's model, besides model_config, tokenizer
 
 
 def save_checkpoint(path, ckpt):
@@ -57,8 +56,9 @@ def read_checkpoint(path):
         reason = str(e).strip().splitlines()[0].split(". ")[0][:100] if str(e).strip() else ""  # first sentence
         raise ValueError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}: {reason}); "
                          "use an earlier checkpoint or retrain") from None
-    if not isinstance(ckpt, dict) or "method" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not an l2d checkpoint (no method/state_dict); was it written by train.py?")
+    if not isinstance(ckpt, dict) or ckpt.get("method") not in NEEDS or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not an l2d checkpoint (no known method, or no state_dict); was it written by "
+                         "train.py?")
     return ckpt
 
 
@@ -78,18 +78,6 @@ def file_fingerprint(path):
         return None
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
-
-
-def check_dependencies(ckpt, path, base=None):
-    """Refuse, in one line, a checkpoint whose base weights or vocabulary file changed after it was
-    trained (checkpoints from before fingerprints existed are not checked)."""
-    if base is not None and ckpt.get("base_fingerprint") not in (None, fingerprint(base)):
-        raise ValueError(f"{path} was trained on another version of its base {ckpt['init_from']} (changed since: "
-                         "retrained or resumed?); restore that base, or retrain this model on the new one")
-    vocab = ckpt.get("tokenizer")
-    if ckpt.get("tokenizer_fingerprint") not in (None, file_fingerprint(vocab)):
-        raise ValueError(f"{path} was trained with the vocabulary {vocab}, which has changed since (a prepare.py "
-                         "re-run with other options?); restore it, or retrain on the new data")
 
 
 def checkpoint_path(name_or_path):
@@ -143,26 +131,27 @@ def trainable_state_dict(model):
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def base_of(ckpt, path):
-    """The GPT a checkpoint's model is built on, and its tokenizer: for ar/full/ar2diff a fresh GPT of its
-    model_config (the weights are in the checkpoint), for l2d/lora the frozen base, from init_from. A
-    checkpoint without what its model needs is refused in one line."""
-    if ckpt["method"] not in NEEDS:
-        raise ValueError(f"checkpoint {path} holds an unknown method {ckpt['method']!r}; was it written by train.py?")
-    missing = [key for key, kind in NEEDS[ckpt["method"]].items() if not isinstance(ckpt.get(key), kind)]
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}, which its {ckpt['method']} model needs: it is "
-                         "damaged or not from train.py; use another checkpoint or retrain")
-    if ckpt["method"] in WHOLE:
-        return GPT(GPTConfig(**ckpt["model_config"])), get_tokenizer(ckpt["tokenizer"])
-    return load_base(ckpt["init_from"], ckpt["model_config"]["block_size"])
-
-
-def load_weights(model, ckpt, path):
-    """Copy the checkpoint's weights into `model` (l2d, lora: only what trains), or refuse in one line
-    weights missing, unexpected or of another shape."""
-    state, own = ckpt["state_dict"], model.state_dict()
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+def load_model(path):
+    """The model the checkpoint at `path` describes, with its weights, in eval mode, its tokenizer and the
+    checkpoint. Refused in one line: a checkpoint lacking what its model is built from, weights that do not
+    fit the model, a base or vocabulary file changed since training (unchecked if saved without fingerprints)."""
+    ckpt = read_checkpoint(path)
+    lacks = [key for key in ("model_config", "tokenizer", *NEEDS[ckpt["method"]]) if ckpt.get(key) is None]
+    if lacks:
+        raise ValueError(f"checkpoint {path} lacks {', '.join(lacks)}, which its {ckpt['method']} model is built "
+                         "from: it is damaged or not from train.py; use another checkpoint or retrain")
+    if ckpt["method"] in WHOLE:  # a GPT of model_config: the weights are in the checkpoint
+        base, tokenizer = GPT(GPTConfig(**ckpt["model_config"])), get_tokenizer(ckpt["tokenizer"])
+    else:  # the frozen base, from init_from
+        base, tokenizer = load_base(ckpt["init_from"], ckpt["model_config"]["block_size"])
+        if ckpt.get("base_fingerprint") not in (None, fingerprint(base)):
+            raise ValueError(f"{path} was trained on another version of its base {ckpt['init_from']} (changed "
+                             "since: retrained or resumed?); restore that base, or retrain this model on the new one")
+    if ckpt.get("tokenizer_fingerprint") not in (None, file_fingerprint(ckpt["tokenizer"])):
+        raise ValueError(f"{path} was trained with the vocabulary {ckpt['tokenizer']}, which has changed since (a "
+                         "prepare.py re-run with other options?); restore it, or retrain on the new data")
+    model, state = build_model(ckpt, base), ckpt["state_dict"]
+    own, trainable = model.state_dict(), {name for name, p in model.named_parameters() if p.requires_grad}
     problems = dict(missing=sorted(trainable - state.keys()), unexpected=sorted(state.keys() - own.keys()),
                     shape=[f"{k} {tuple(v.shape)}, the model's {tuple(own[k].shape)}" for k, v in state.items()
                            if k in own and v.shape != own[k].shape])
@@ -171,14 +160,4 @@ def load_weights(model, ckpt, path):
             f"{what}: {', '.join(names[:3])}" for what, names in problems.items() if names) + "): it is damaged or "
             "from another version; use another checkpoint or retrain")
     model.load_state_dict(state, strict=False)
-
-
-def load_model(path):
-    """Rebuild the model the checkpoint at `path` describes, with its weights: load's ckpt.pt half.
-    Returns (model, tokenizer, ckpt)."""
-    ckpt = read_checkpoint(path)
-    base, tokenizer = base_of(ckpt, path)
-    check_dependencies(ckpt, path, None if ckpt["method"] in WHOLE else base)
-    model = build_model(ckpt, base)
-    load_weights(model, ckpt, path)
     return model.eval(), tokenizer, ckpt

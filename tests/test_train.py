@@ -54,19 +54,19 @@ def base_ckpt(data, tmp_path_factory):
 def run_train(*args):
     """train.main(args) in this process, on one thread (fastest for tiny models, and the machine is
     shared). Returns (the model it trained, its log)."""
-    built, build_model, threads = [], train.build_model, torch.get_num_threads()
+    built, make_optimizer, threads = [], train.make_optimizer, torch.get_num_threads()
 
-    def capture(*a, **k):
-        built.append(build_model(*a, **k))
-        return built[-1]
+    def capture(model, *a, **k):  # the model trained: built afresh or loaded to resume
+        built.append(model)
+        return make_optimizer(model, *a, **k)
 
-    train.build_model, log = capture, io.StringIO()
+    train.make_optimizer, log = capture, io.StringIO()
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(), contextlib.redirect_stdout(log):
             train.main([str(a) for a in args])
     finally:
-        train.build_model = build_model
+        train.make_optimizer = make_optimizer
         torch.set_num_threads(threads)
     return built[0], log.getvalue()
 
