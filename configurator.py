@@ -10,6 +10,7 @@ import ast
 import math
 import sys
 import textwrap
+import traceback
 
 
 class UsageError(Exception):
@@ -29,11 +30,10 @@ def typed(what, value, default):
     """`value` checked against `default`'s type (an int widens to a float; floats must be finite)."""
     if default is None or value is None:
         return value
-    if isinstance(default, bool) and not isinstance(value, bool):
-        raise UsageError(f"{what} must be True or False, got {value!r}")
     value = float(value) if isinstance(default, float) and type(value) is int else value
-    if not isinstance(value, type(default)) or isinstance(value, bool) != isinstance(default, bool):
-        raise UsageError(f"{what} must be of type {type(default).__name__}, got {value!r}")
+    if type(value) is not type(default):
+        kind = "True or False" if isinstance(default, bool) else f"of type {type(default).__name__}"
+        raise UsageError(f"{what} must be {kind}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise UsageError(f"{what} must be a finite number, got {value!r}")
     return value
@@ -44,24 +44,24 @@ def parse_list(key, value, kind, default):
     if value is None:
         return list(default)
     items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise UsageError(f"--{key} is empty")
     if kind is str:
-        items = [str(item).strip() for item in items]
-    for i, item in enumerate(items if kind is not str else []):
+        return [str(item).strip() for item in items]
+    numbers = []
+    for item in items:
         try:
             number = float(item)
         except (TypeError, ValueError):
             raise UsageError(f"--{key} must be a number or a comma-separated list of numbers, got {value!r}") from None
-        if isinstance(item, bool) or (kind is int and not number.is_integer()):
-            raise UsageError(f"--{key} takes {'whole ' if kind is int else ''}numbers, got {item!r}")
-        if not math.isfinite(number):
-            raise UsageError(f"--{key} takes finite numbers, got {item!r}")
-        items[i] = kind(number)
-    if not items:
-        raise UsageError(f"--{key} is empty")
-    return items
+        if isinstance(item, bool) or not (number.is_integer() if kind is int else math.isfinite(number)):
+            raise UsageError(f"--{key} takes {'whole' if kind is int else 'finite'} numbers, got {item!r}")
+        numbers.append(kind(number))
+    return numbers
 
 
 def config_file(path, config, options):
+    """Apply a config file's `key = value` lines to config."""
     try:
         with open(path, encoding="utf-8") as f:
             code = compile(f.read(), path, "exec")
@@ -73,11 +73,8 @@ def config_file(path, config, options):
     try:
         exec(code, {}, values)
     except Exception as e:  # name the file's line, not a traceback into this module
-        tb, line = e.__traceback__, "?"
-        while tb:
-            line = tb.tb_lineno if tb.tb_frame.f_code.co_filename == path else line
-            tb = tb.tb_next
-        raise UsageError(f"config file {path}, line {line}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+        line = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == path] or ["?"]
+        raise UsageError(f"config file {path}, line {line[-1]}: {type(e).__name__}: {' '.join(str(e).split())}") from None
     for key, value in values.items():
         if not (key.startswith("_") or callable(value) or type(value).__name__ == "module"):
             if key not in config:
@@ -86,6 +83,7 @@ def config_file(path, config, options):
 
 
 def help_text(options, caller):
+    """The docstring's first paragraph and the example commands after it, then the table of options."""
     spec, doc = caller.get("__spec__"), (caller.get("__doc__") or "").strip()
     script = f"-m {spec.name}" if spec and "." in spec.name else caller["__file__"].rsplit("/", 1)[-1]
     usage = doc.split("\n\n")[0] + "".join("\n\n" + p for p in doc.split("\n\n")[1:3] if p.startswith("    "))
@@ -117,18 +115,17 @@ def configure(options, argv=None):
         key, eq, text = arg[2:].partition("=")
         if key not in config:
             raise UsageError(f"unknown option --{key} (-h lists the options)")
-        if not eq:
-            if isinstance(config[key], bool) and (not args or args[0].startswith("--")):
-                text = "True"  # a bare flag: --chat
-            elif not args:
+        if not eq and isinstance(config[key], bool) and (not args or args[0].startswith("--")):
+            text = "True"  # a bare flag: --chat
+        elif not eq:
+            if not args:
                 raise UsageError(f"--{key} needs a value")
-            else:
-                text = args.pop(0)
+            text = args.pop(0)
+        default = options[key][0]
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             value = text  # a bare word is a string: --solver midpoint
-        default = options[key][0]
         if isinstance(default, float) and text.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
             value = float(text)  # refused by typed() as not finite, not as a string
         config[key] = text if isinstance(default, str) and not isinstance(value, str) else typed(f"--{key}", value, default)

@@ -36,7 +36,7 @@ def test_parse_list_takes_one_value_a_tuple_or_a_comma_separated_string():
     ("a,b", int, "--steps must be a number or a comma-separated list of numbers, got 'a,b'"),
     ("", int, "--steps must be a number"),
     (True, int, "--steps takes whole numbers, got True"),
-    ((1, False), float, "--steps takes numbers, got False"),
+    ((1, False), float, "--steps takes finite numbers, got False"),
     ((), int, "--steps is empty"),
     ([], str, "--steps is empty"),
 ])
