@@ -1,6 +1,5 @@
-"""The one writer: a temp file beside the target, flushed to disk, then renamed over it (readers see the
-old file or the new one, never half of one), and the check of a user-named output path made before any
-work, so that a long run never ends in a refused or failed write.
+"""The one writer (a temp file beside the target, flushed, renamed over it: readers never see half a file)
+and the check of a user-named output path before any work, so a long run never ends in a refused write.
 
     check_output(path, "--out", overwrite, ours=is_bench_json)   # before the work
     write_atomic(path, lambda f: f.write(text.encode()))         # after it

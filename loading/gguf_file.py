@@ -42,56 +42,45 @@ def gguf_reader(path: str) -> gguf.GGUFReader:
 
 def permute_to_rotate_half(w, n_head: int):
     """GGUF interleaved layout -> HF rotate_half layout (undoes llama.cpp's converter)."""
-    n_out = w.shape[0]
-    return w.reshape(n_head, n_out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-# GGUF tensor name -> HF tensor name ("blk.N." becomes "model.layers.N.")
-TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-BLOCK_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-
-
-def hf_name(name: str) -> str:
-    parts = name.split(".")  # e.g. ["blk", "3", "attn_q", "weight"] or ["token_embd", "weight"]
-    if parts[0] == "blk":
-        return f"model.layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}.{parts[3]}"
-    return f"{TOP_NAMES[parts[0]]}.{parts[1]}"
+# GGUF tensor name -> HF tensor name, "blk.N.attn_q.weight" -> "model.layers.N.self_attn.q_proj.weight"
+HF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+            "blk": "model.layers", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+            "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+            "ffn_down": "mlp.down_proj"}
 
 
 def load_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     reader = gguf_reader(str(path))
-    meta = lambda key: reader.fields[key].contents() if key in reader.fields else None
 
-    def need(key):  # metadata without a default: a damaged or incomplete file, named rather than a TypeError later
-        if key not in reader.fields:
+    def meta(key, need=False):  # metadata a Llama needs: a damaged or incomplete file named, not a TypeError later
+        if key in reader.fields:
+            return reader.fields[key].contents()
+        if need:
             raise ValueError(f"{path} has no {key} metadata, which a Llama model needs; download or convert it again")
-        return meta(key)
 
     arch = meta("general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
-    n_embd, n_head = need("llama.embedding_length"), need("llama.attention.head_count")
+    n_embd, n_head = meta("llama.embedding_length", need=True), meta("llama.attention.head_count", need=True)
     n_kv_head = meta("llama.attention.head_count_kv") or n_head
-    names = {t.name for t in reader.tensors}
     config = {
         "model_type": "llama",
-        "vocab_size": meta("llama.vocab_size") or len(need("tokenizer.ggml.tokens")),
+        "vocab_size": meta("llama.vocab_size") or len(meta("tokenizer.ggml.tokens", need=True)),
         "hidden_size": n_embd,
-        "intermediate_size": need("llama.feed_forward_length"),
-        "num_hidden_layers": need("llama.block_count"),
+        "intermediate_size": meta("llama.feed_forward_length", need=True),
+        "num_hidden_layers": meta("llama.block_count", need=True),
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv_head,
         "head_dim": n_embd // n_head,
         # stored as float32 in the file: 1e-5 comes back as 9.9999997e-06, so round to 6 digits
-        "rms_norm_eps": float(f"{need('llama.attention.layer_norm_rms_epsilon'):.6g}"),
+        "rms_norm_eps": float(f"{meta('llama.attention.layer_norm_rms_epsilon', need=True):.6g}"),
         "rope_theta": float(meta("llama.rope.freq_base") or 10000.0),
-        "max_position_embeddings": need("llama.context_length"),
-        "tie_word_embeddings": "output.weight" not in names,
+        "max_position_embeddings": meta("llama.context_length", need=True),
+        "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors},
     }
     state_dict = {}
     for t in reader.tensors:
@@ -101,9 +90,7 @@ def load_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
         except NotImplementedError:
             raise ValueError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which the gguf package cannot "
                              f"read; convert the model to one of {READABLE}") from None
-        if t.name.endswith("attn_q.weight"):
-            w = permute_to_rotate_half(w, n_head)
-        elif t.name.endswith("attn_k.weight"):
-            w = permute_to_rotate_half(w, n_kv_head)
-        state_dict[hf_name(t.name)] = torch.from_numpy(w)
+        if t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = permute_to_rotate_half(w, n_head if "attn_q" in t.name else n_kv_head)
+        state_dict[".".join(HF_NAMES.get(part, part) for part in t.name.split("."))] = torch.from_numpy(w)
     return config, state_dict

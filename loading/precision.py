@@ -1,11 +1,9 @@
 """
-Number formats (--dtype of train.py, sample.py, eval.py and bench.py). float32: everything in float32
-(the CPU default). bfloat16 / float16: the official code's mixed precision (docs/method.md, sec. 4):
-matmuls and attention under torch.autocast; frozen weights *stored* in 16 bits (half the bytes, nothing
-to re-cast per call); trained weights kept as float32 masters (PyTorch's standard AMP: the optimizer,
-clipping, all-reduce and checkpoints stay float32, so resume is bit-exact); for generation every weight is
-16-bit. Always float32, as in the official code: the norms (model.Norm), x_t's c_in scaling and the flow
-embeddings V (diffusion.py), softmax and cross-entropy; the ODE state is float64.
+Devices and number formats (--device, --dtype). bfloat16 / float16 are the official code's mixed precision
+(docs/method.md, sec. 4): matmuls and attention under torch.autocast; frozen weights *stored* in 16 bits;
+trained weights kept as float32 masters (the optimizer, all-reduce and checkpoints stay float32, so resume
+is bit-exact). Always float32: the norms, x_t's c_in scaling, the flow embeddings V, softmax and
+cross-entropy; the ODE state is float64.
 
     dtype = resolve_dtype("bfloat16", "cpu")
     store_weights(model, dtype)                  # for generation; frozen_only=True for training
@@ -29,9 +27,7 @@ def cpu_bf16_support():
         return "unknown"
     with open("/proc/cpuinfo") as f:
         flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
-    if "amx_bf16" in flags:
-        return "AMX"
-    return "AVX-512 BF16" if "avx512_bf16" in flags else "none"
+    return "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else "none"
 
 
 def resolve_device(name):
@@ -45,9 +41,9 @@ def resolve_device(name):
         raise UsageError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cpu":
         return name
-    backend = getattr(torch, device.type) if device.type in ("cuda", "mps", "xpu") else None
-    if backend is None:
+    if device.type not in ("cuda", "mps", "xpu"):
         raise UsageError(f"--device {name} is not supported here; use auto, cpu, cuda, cuda:N or mps")
+    backend = getattr(torch, device.type)
     if not backend.is_available():
         raise UsageError(f"--device {name} is not available on this machine (torch finds no {device.type} device); "
                          "use --device cpu")
@@ -87,6 +83,4 @@ def store_weights(model, dtype, frozen_only=False):
 
 def autocast(device, dtype):
     """The context every forward runs in: torch.autocast in a 16-bit dtype, nothing in float32."""
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(torch.device(device).type, dtype)
+    return nullcontext() if dtype == torch.float32 else torch.autocast(torch.device(device).type, dtype)

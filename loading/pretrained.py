@@ -27,8 +27,7 @@ def load_pretrained(name_or_path, block_size=None):
     elif os.path.isdir(name_or_path):
         config_file = os.path.join(name_or_path, "config.json")
         index = os.path.join(name_or_path, "model.safetensors.index.json")
-        single = os.path.join(name_or_path, "model.safetensors")
-        weights = f"the shards {index} lists" if os.path.isfile(index) else single
+        weights = f"the shards {index} lists" if os.path.isfile(index) else os.path.join(name_or_path, "model.safetensors")
         hf_config, state_dict = read_hf_folder(name_or_path)
     else:
         raise ValueError(f"unknown model {name_or_path!r}: use smollm2-135m, "
@@ -37,9 +36,8 @@ def load_pretrained(name_or_path, block_size=None):
     if block_size:
         config.block_size = min(config.block_size, block_size)
     model = GPT(config)
-    convert = gpt2_state_dict if config.family == "gpt2" else llama_state_dict
     try:
-        ours = convert(state_dict, config)
+        ours = (gpt2_state_dict if config.family == "gpt2" else llama_state_dict)(state_dict, config)
     except KeyError as e:  # the conversions take each tensor the config calls for by name
         raise ValueError(f"{weights}: no tensor {e.args[0]!r}, which {config_file} calls for; "
                          "the weights are incomplete or belong to another model") from None
@@ -48,23 +46,16 @@ def load_pretrained(name_or_path, block_size=None):
                          "the weights belong to another model") from None
     if config.family == "gpt2" and block_size:
         ours["wpe.weight"] = ours["wpe.weight"][: config.block_size]
-    check_shapes(model, ours, weights, config_file)
-    missing, unexpected = model.load_state_dict(ours, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)]
+    expected = model.state_dict()
+    for name, tensor in ours.items():  # the first misfit in one line (load_state_dict lists all, over many)
+        if name in expected and tensor.shape != expected[name].shape:
+            raise ValueError(f"{weights}: tensor {name} has shape {list(tensor.shape)}, but {config_file} makes it "
+                             f"{list(expected[name].shape)}; the weights and the config belong to different models")
+    missing, unexpected = model.load_state_dict(ours, strict=False)  # both conversions give lm_head.weight
     if missing or unexpected:
         raise ValueError(f"{weights}: does not fit {config_file} (missing {missing[:3]}, unexpected {unexpected[:3]}); "
                          "the weights are incomplete or belong to another model")
     return model, get_tokenizer(name_or_path)
-
-
-def check_shapes(model, ours, weights, config_file):
-    """A one-line error for the first tensor whose shape the config does not give (load_state_dict's
-    RuntimeError lists them all, over many lines)."""
-    expected = model.state_dict()
-    for name, tensor in ours.items():
-        if name in expected and tensor.shape != expected[name].shape:
-            raise ValueError(f"{weights}: tensor {name} has shape {list(tensor.shape)}, but {config_file} makes it "
-                             f"{list(expected[name].shape)}; the weights and the config belong to different models")
 
 
 GPT2_SIZES = {  # config.json values of the four OpenAI GPT-2 checkpoints
@@ -123,19 +114,14 @@ def read_hf_folder(folder):
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"missing {config_path} (a Hugging Face model folder needs config.json)")
     hf_config = read_json(config_path)
-    index = os.path.join(folder, "model.safetensors.index.json")
+    index, shards = os.path.join(folder, "model.safetensors.index.json"), ["model.safetensors"]
     if os.path.isfile(index):
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index} has no \"weight_map\" object naming the shard of each tensor; "
                              "copy it again from the model's repository")
         shards = sorted(set(weight_map.values()))
-    else:
-        shards = ["model.safetensors"]
-    state_dict = {}
-    for shard in shards:
-        state_dict.update(load_safetensors(os.path.join(folder, shard)))
-    return hf_config, state_dict
+    return hf_config, {k: v for shard in shards for k, v in load_safetensors(os.path.join(folder, shard)).items()}
 
 
 def config_from_hf(c, path="config.json"):
@@ -172,6 +158,9 @@ def config_from_hf(c, path="config.json"):
     return GPTConfig(**kw)
 
 
+GPT2_LINEAR = {"attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
+
+
 def gpt2_state_dict(sd, config):
     """HF GPT-2 names (with or without the "transformer." prefix) -> ours. GPT-2 stores its
     linear layers as Conv1D with (in, out) weights, and q, k, v fused in one c_attn."""
@@ -180,14 +169,12 @@ def gpt2_state_dict(sd, config):
     ours["lm_head.weight"] = sd.pop("lm_head.weight", ours["wte.weight"])
     for i in range(config.n_layer):
         for kind in ("weight", "bias"):
-            t = (lambda w: w.t()) if kind == "weight" else (lambda w: w)  # Conv1D's (in, out) -> Linear's (out, in)
-            for name in ("ln_1", "ln_2"):
-                ours[f"h.{i}.{name}.{kind}"] = sd.pop(f"h.{i}.{name}.{kind}")
-            qkv = sd.pop(f"h.{i}.attn.c_attn.{kind}").split(config.n_embd, dim=-1)
-            for proj, part in zip(("q_proj", "k_proj", "v_proj"), qkv):
-                ours[f"h.{i}.attn.{proj}.{kind}"] = t(part)
-            for hf, mine in (("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"), ("mlp.c_proj", "mlp.down_proj")):
-                ours[f"h.{i}.{mine}.{kind}"] = t(sd.pop(f"h.{i}.{hf}.{kind}"))
+            ours |= {f"h.{i}.{name}.{kind}": sd.pop(f"h.{i}.{name}.{kind}") for name in ("ln_1", "ln_2")}
+            linear = dict(zip(("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+                              sd.pop(f"h.{i}.attn.c_attn.{kind}").split(config.n_embd, dim=-1)))
+            linear |= {mine: sd.pop(f"h.{i}.{hf}.{kind}") for hf, mine in GPT2_LINEAR.items()}
+            for mine, w in linear.items():  # Conv1D's (in, out) weights -> Linear's (out, in)
+                ours[f"h.{i}.{mine}.{kind}"] = w.t() if kind == "weight" else w
     if sd:
         raise ValueError(f"unexpected GPT-2 tensors: {sorted(sd)[:3]}")
     return {k: v.contiguous() for k, v in ours.items()}
@@ -202,11 +189,11 @@ def llama_state_dict(sd, config):
     ours = {"wte.weight": sd.pop("model.embed_tokens.weight"), "ln_f.weight": sd.pop("model.norm.weight")}
     ours["lm_head.weight"] = sd.pop("lm_head.weight", ours["wte.weight"])
     for key in list(sd):
-        if key.startswith("model.layers.") and not key.endswith("rotary_emb.inv_freq"):
+        if key.endswith("rotary_emb.inv_freq"):  # recomputed from rope_theta
+            sd.pop(key)
+        elif key.startswith("model.layers."):
             parts = key.split(".")[2:]  # [N, module, (sub,) weight]
             ours[".".join(["h", parts[0]] + [LLAMA_NAMES.get(x, x) for x in parts[1:]])] = sd.pop(key)
-        elif key.endswith("rotary_emb.inv_freq"):
-            sd.pop(key)
     if sd:
         raise ValueError(f"unexpected Llama tensors: {sorted(sd)[:3]}")
     return ours

@@ -11,6 +11,7 @@ import tiktoken
 
 GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 EOT = "<|endoftext|>"
+TEXT_ENDS = (EOT, "<|end_of_text|>")  # what ends a text outside a chat template: GPT-2's and SmolLM2's, Llama 3's
 
 # GPT-2's pre-tokenizer regex: text is split into these pieces before BPE runs on each piece
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -26,11 +27,9 @@ def read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); "
-                         "repair it or download it again") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not valid JSON (not UTF-8 text); repair it or download it again") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"line {e.lineno} column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+        raise ValueError(f"{path} is not valid JSON ({where}); repair it or download it again") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; repair it or download it again")
     return data
@@ -44,7 +43,7 @@ def byte_decoder() -> dict[str, int]:
     return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
 
 
-def bpe_encoding(name: str, vocab: dict[str, int], merges: list[str], special_tokens: dict[str, int],
+def bpe_encoding(name: str, vocab: dict[str, int], merges: list, special_tokens: dict[str, int],
                  pat_str: str) -> tiktoken.Encoding:
     """tiktoken Encoding from a byte-level BPE vocabulary (token -> id) and merge list. tiktoken merges
     the pair of lowest rank first; rank = id applies the merges in order if each merge makes a larger
@@ -52,10 +51,10 @@ def bpe_encoding(name: str, vocab: dict[str, int], merges: list[str], special_to
     last_id = -1
     for i, merge in enumerate(merges):
         pair = merge.split(" ") if isinstance(merge, str) else merge  # "Ġ t" or ["Ġ", "t"]
-        if len(pair) != 2 or "".join(pair) not in vocab:
+        token_id = vocab.get("".join(pair)) if len(pair) == 2 else None
+        if token_id is None:
             raise ValueError(f"{name}: merge #{i} {merge!r} is not two tokens whose join is in the vocabulary; "
                              "the tokenizer file is damaged")
-        token_id = vocab["".join(pair)]
         if token_id <= last_id:
             raise ValueError(f"{name}: merge #{i} {merge!r} makes id {token_id}, not after id {last_id}: "
                              "token ids must follow merge order for tiktoken's rank = id BPE")
@@ -76,25 +75,22 @@ def bpe_encoding(name: str, vocab: dict[str, int], merges: list[str], special_to
     return tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens)
 
 
+# UTF-8 sequences of 1, 2, 3, 4 bytes: (the lowest lead byte, the lowest code point) of each
+UTF8_LEADS = ((0x00, 0x00), (0xC0, 0x80), (0xE0, 0x800), (0xF0, 0x10000))
+
+
 def chars_using_bytes(name: str, missing: bytes) -> str:
     """Regex class body of the characters whose UTF-8 encoding starts with one of these bytes."""
-    ranges = []
+    ranges = ""
     for b in missing:
-        if b < 0x80:  # ASCII: the character itself
-            lo, hi = b, b
-        elif 0xC2 <= b <= 0xDF:  # lead byte of 2-byte sequences (U+0080..U+07FF)
-            lo, hi = (b & 0x1F) << 6, ((b & 0x1F) << 6) + 0x3F
-        elif 0xE0 <= b <= 0xEF:  # 3-byte sequences (U+0800..U+FFFF)
-            lo, hi = max((b & 0x0F) << 12, 0x800), ((b & 0x0F) << 12) + 0xFFF
-        elif 0xF0 <= b <= 0xF4:  # 4-byte sequences (U+10000..U+10FFFF)
-            lo, hi = max((b & 0x07) << 18, 0x10000), min(((b & 0x07) << 18) + 0x3FFFF, 0x10FFFF)
-        elif b in (0xC0, 0xC1) or b >= 0xF5:  # never used by UTF-8
-            continue
-        else:
+        if 0x80 <= b < 0xC0:
             raise ValueError(f"{name}: the vocabulary lacks the UTF-8 continuation byte {b:#x}, so some text "
                              "could not be encoded; the tokenizer file is damaged or not byte-level BPE")
-        ranges.append(f"\\x{{{lo:X}}}-\\x{{{hi:X}}}")
-    return "".join(ranges)
+        n, (lead, least) = max((n, s) for n, s in enumerate(UTF8_LEADS) if s[0] <= b)  # b leads n + 1 bytes
+        lo, hi = max((b - lead) << 6 * n, least), min(((b - lead + 1) << 6 * n) - 1, 0x10FFFF)
+        if lo <= hi:  # 0xC0, 0xC1 (overlong) and 0xF5.. (past U+10FFFF) lead no character
+            ranges += f"\\x{{{lo:X}}}-\\x{{{hi:X}}}"
+    return ranges
 
 
 def gpt2_dir() -> str:
@@ -103,26 +99,23 @@ def gpt2_dir() -> str:
 
 
 def gpt2_encoding() -> tiktoken.Encoding:
+    """GPT-2's BPE from encoder.json and vocab.bpe in gpt2_dir(), else tiktoken's copy of it (downloaded
+    once into its cache, TIKTOKEN_CACHE_DIR)."""
     paths = [os.path.join(gpt2_dir(), f) for f in ("encoder.json", "vocab.bpe")]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        return tiktoken_gpt2(missing[0])
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except (OSError, ValueError, ImportError) as e:  # offline, requests' ConnectionError is an OSError
+            raise FileNotFoundError(f"GPT-2 tokenizer file {missing[0]} not found, and tiktoken could not download its "
+                                    f"copy ({type(e).__name__}); put encoder.json and vocab.bpe in "
+                                    f"{os.path.abspath(gpt2_dir())} or set L2D_GPT2_TOKENIZER_DIR") from None
     vocab = read_json(paths[0])
     try:
         merges = [line for line in Path(paths[1]).read_text("utf-8").split("\n")[1:] if line]  # first: "#version: 0.2"
     except UnicodeDecodeError:
         raise ValueError(f"{paths[1]} is not UTF-8 text; download it again") from None
     return bpe_encoding("gpt2", vocab, merges, {EOT: vocab[EOT]}, GPT2_PATTERN)
-
-
-def tiktoken_gpt2(missing: str) -> tiktoken.Encoding:
-    """tiktoken's copy of the same BPE, downloaded once into its cache (TIKTOKEN_CACHE_DIR)."""
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except (OSError, ValueError, ImportError) as e:  # offline, requests' ConnectionError is an OSError
-        raise FileNotFoundError(f"GPT-2 tokenizer file {missing} not found, and tiktoken could not download its copy "
-                                f"({type(e).__name__}); put encoder.json and vocab.bpe in "
-                                f"{os.path.abspath(gpt2_dir())} or set L2D_GPT2_TOKENIZER_DIR") from None
 
 
 def gguf_encoding(path: str, name: str | None = None) -> tiktoken.Encoding:
@@ -140,9 +133,9 @@ def gguf_encoding(path: str, name: str | None = None) -> tiktoken.Encoding:
     if model != "gpt2" or pre not in PATTERNS:
         raise ValueError(f"{path}: tokenizer {model}/{pre} is not supported (byte-level BPE gpt2/{'|'.join(PATTERNS)})")
     tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
-    vocab = {tok: i for i, tok in enumerate(tokens)}
     # control tokens (<|endoftext|>, <|im_start|>, ...) and user-defined ones are stored as plain text
     special = {tok: i for i, (tok, t) in enumerate(zip(tokens, types)) if t in (TokenType.CONTROL, TokenType.USER_DEFINED)}
+    vocab = {tok: i for i, tok in enumerate(tokens)}
     return bpe_encoding(name or str(path), vocab, field("tokenizer.ggml.merges"), special, PATTERNS[pre])
 
 
@@ -163,8 +156,7 @@ def hf_encoding(folder: str) -> tiktoken.Encoding:
         raise ValueError(f"{folder}: only byte-level BPE tokenizers are supported")
     split = re.search(r'"type": "Split", "pattern": \{"Regex": ("(?:[^"\\]|\\.)*")', pre)  # Llama 3's own regex
     pattern = json.loads(split[1]) if split else SMOLLM_PATTERN if '"individual_digits": true' in pre else GPT2_PATTERN
-    special = {t["content"]: t["id"] for t in added}
-    return bpe_encoding(folder, model["vocab"], model["merges"], special, pattern)
+    return bpe_encoding(folder, model["vocab"], model["merges"], {t["content"]: t["id"] for t in added}, pattern)
 
 
 class CharTokenizer:
@@ -231,10 +223,9 @@ def get_tokenizer(name_or_path: str):
 # has: a turn's header, its end, what follows the end, what begins a conversation, and the default system
 # turn (SmolLM2's; Llama 3's own template adds only dates, left out here) ---
 END_OF_TURN = "<|im_end|>"
-DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 CHAT_TEMPLATES = {
-    "<|im_start|>": dict(header="<|im_start|>{role}\n", end=END_OF_TURN, sep="\n",
-                         begin="", system=DEFAULT_SYSTEM),
+    "<|im_start|>": dict(header="<|im_start|>{role}\n", end=END_OF_TURN, sep="\n", begin="",
+                         system="You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
     "<|start_header_id|>": dict(header="<|start_header_id|>{role}<|end_header_id|>\n\n", end="<|eot_id|>", sep="",
                                 begin="<|begin_of_text|>", system=None),
 }
@@ -250,7 +241,9 @@ def has_chat_template(enc) -> bool:
     return chat_template(enc) is not None
 
 
-TEXT_ENDS = (EOT, "<|end_of_text|>")  # what ends a text outside a chat template: GPT-2's and SmolLM2's, Llama 3's
+def end_of_turn(enc) -> str:
+    """The text of the token that ends a chat turn (and a generated answer): <|im_end|>, <|eot_id|>."""
+    return chat_template(enc)["end"]
 
 
 def end_token(enc) -> int:
@@ -265,11 +258,6 @@ def stop_tokens(enc) -> set[int]:
     """The ids that end a generation: end_token(enc) and, under a chat template, any end of text too."""
     specials = getattr(enc, "_special_tokens", None) or {EOT: enc.eot_token}
     return {end_token(enc)} | {specials[t] for t in TEXT_ENDS if t in specials}
-
-
-def end_of_turn(enc) -> str:
-    """The text of the token that ends a chat turn (and a generated answer): <|im_end|>, <|eot_id|>."""
-    return chat_template(enc)["end"]
 
 
 def chat_turn(enc, role: str, content: str) -> str:

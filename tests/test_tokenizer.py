@@ -184,7 +184,7 @@ def test_matches_hugging_face_tokenizers(smollm2):
     hf.add_special_tokens(tokens[:17])
     rng = random.Random(0)
     texts = TEXTS + [random_text(rng, rng.randint(1, 300)) for _ in range(300)]
-    texts += [open(f, encoding="utf-8").read() for f in (sys.modules["tokenizer"].__file__, __file__)]
+    texts += [open(f, encoding="utf-8").read() for f in (sys.modules["loading.tokenizer"].__file__, __file__)]
     texts += ["<|im_start|>user\nhi 42<|im_end|>\n", "a\x04b"]
     for text in texts:
         assert smollm2.encode(text, allowed_special="all") == hf.encode(text).ids, repr(text)
