@@ -1,7 +1,5 @@
-"""
-Tokenizers as tiktoken Encodings (or a look-alike for character vocabularies): get_tokenizer("gpt2"),
-("smollm2-135m"), ("x.gguf"), ("hf_folder"), ("vocab.json"); and the chat templates of instruct models.
-"""
+"""Tokenizers as tiktoken Encodings (or a look-alike for character vocabularies): get_tokenizer("gpt2"),
+("smollm2-135m"), ("x.gguf"), ("hf_folder"), ("vocab.json"); and the chat templates of instruct models."""
 import json
 import os
 import re
@@ -135,8 +133,8 @@ def gguf_encoding(path: str, name: str | None = None) -> tiktoken.Encoding:
     tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
     # control tokens (<|endoftext|>, <|im_start|>, ...) and user-defined ones are stored as plain text
     special = {tok: i for i, (tok, t) in enumerate(zip(tokens, types)) if t in (TokenType.CONTROL, TokenType.USER_DEFINED)}
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    return bpe_encoding(name or str(path), vocab, field("tokenizer.ggml.merges"), special, PATTERNS[pre])
+    vocab, merges = {tok: i for i, tok in enumerate(tokens)}, field("tokenizer.ggml.merges")
+    return bpe_encoding(name or str(path), vocab, merges, special, PATTERNS[pre])
 
 
 def hf_encoding(folder: str) -> tiktoken.Encoding:
@@ -179,10 +177,8 @@ class CharTokenizer:
     def encode(self, text: str, allowed_special=frozenset()) -> list[int]:
         if EOT in text and not (allowed_special == "all" or EOT in allowed_special):
             raise ValueError(f"text contains {EOT}: pass allowed_special='all' to encode it as a special token")
-        ids = []
-        for i, part in enumerate(text.split(EOT)):
-            ids += ([self.eot_token] if i else []) + self.encode_ordinary(part)
-        return ids
+        first, *rest = [self.encode_ordinary(part) for part in text.split(EOT)]
+        return first + [i for part in rest for i in [self.eot_token] + part]
 
     def decode(self, ids) -> str:
         return "".join(self.chars[i] if i < len(self.chars) else EOT for i in ids)
