@@ -19,10 +19,10 @@ count times candidates K (its answer span redrawn --steps times, the best-scored
                 token, the gold prefix given (L2D.teacher_forced); the interval is over examples.
   tf_nfe        path evaluations per answer token in the teacher-forced pass.
   vs steps=1    (under a row) its accuracy minus the steps=1 row's, paired over the same examples.
---diagnostics and --probe_t add research columns (harness/diagnostics.py). The JSON (--out) keeps each
-row's per-example lists for harness/intervals.py; it is rewritten after every batch, so a killed run goes
-on with --resume True. Seeded per example (seed + i), so a row does not depend on --limit or on the other
-rows; with --gen_batch_size > 1 an example's ODE noise depends on its batch.
+--diagnostics and --probe_t add research columns (harness/eval_rows.py). The JSON (--out) keeps each row's
+per-example lists for harness/intervals.py; it is rewritten after every batch, so a killed run goes on
+with --resume True (Ctrl-C says what is kept). Seeded per example (seed + i), so a row does not depend on
+--limit or on the other rows; with --gen_batch_size > 1 an example's ODE noise depends on its batch.
 """
 
 import os
@@ -38,12 +38,11 @@ from tqdm import tqdm
 from ar2diff import AR2Diff
 from configurator import UsageError, configure, fail
 from diffusion import L2D, answer_positions, at_positions
-from harness import diagnostics
 from harness.answers import final_number, generate_answers, is_correct
+from harness.eval_rows import (HEADER, ResultsFile, Task, format_row, generation_summary, load_task, output_path, plan,
+                               probe_rows, setting_name, tf_summary, token_changes)
 from harness.intervals import row_gains
-from harness.plan import Task, load_task, plan, setting_name
 from harness.plot import plot
-from harness.results import HEADER, ResultsFile, format_row, generation_summary, output_path, tf_summary
 from loading import checkpoint
 from loading.precision import autocast, resolve_device, resolve_dtype, store_weights
 from lora import merge_lora
@@ -56,7 +55,7 @@ OPTIONS = dict(
     split=("test", "test, or confirm (a second held-out split, to check a gain chosen on test once)"),
     limit=(0, "the first N examples only; 0: all"),
     max_new_tokens=(256, "generation stops there if the end token has not come"),
-    # the rows; one value or a list (1,2,4); None: harness/plan.py's LIST_DEFAULTS
+    # the rows; one value or a list (1,2,4); None: harness/eval_rows.py's LIST_DEFAULTS
     steps=(None, "ODE steps per token (fixed-step solvers); None: 1,2,4,8,16,32 (AR2Diff: 1,2,5,10,20)"),
     solver=("midpoint", "euler, midpoint, rk4 (fixed steps), or dopri5 (adaptive)"),
     atol=(None, "dopri5's absolute error tolerances; None: 1e-5"),
@@ -70,8 +69,8 @@ OPTIONS = dict(
     teacher_forced=(True, "teacher-forced next-token accuracy and NLL of the answer tokens"),
     batch_size=(8, "examples per teacher-forced batch"),
     gen_batch_size=(1, "prompts generated together, left-padded to the longest (faster, same answers)"),
-    diagnostics=(False, "also why each row differs from the base (harness/diagnostics.py)"),
-    probe_t=(None, "t's at which to probe the path with the gold token noised to t (L2D; harness/diagnostics.py)"),
+    diagnostics=(False, "also why each row differs from the base (harness/eval_rows.py)"),
+    probe_t=(None, "t's at which to probe the path with the gold token noised to t (L2D; harness/eval_rows.py)"),
     # output
     out=("", 'the JSON; "": eval_results.json next to the checkpoint, or -2, -3, ... if it exists'),
     resume=(False, "go on from the batches a killed run of the same command left in --out"),
@@ -105,17 +104,6 @@ def answer_stats(logits, targets, nfe=None):
                 nll=nll.sum(1).tolist(), nfe=nfe.tolist())
 
 
-def load_model_and_tokenizer(ckpt_arg):
-    """(model, tokenizer, tokenizer name, class names, checkpoint path or None) of --ckpt."""
-    if not ckpt_arg:
-        raise UsageError("--ckpt is required: a ckpt.pt from train.py, or a base model (e.g. smollm2-135m)")
-    model, tokenizer, ckpt = checkpoint.load(ckpt_arg)
-    if ckpt is None:
-        return model, tokenizer, ckpt_arg, [], None
-    path = checkpoint.checkpoint_path(ckpt_arg)
-    return model, tokenizer, ckpt.get("tokenizer") or ckpt["init_from"], ckpt.get("classes") or [], path
-
-
 @dataclass
 class Evaluation:
     """One eval.py run: its settings, the model, the task, the results file, and how to compute."""
@@ -125,10 +113,7 @@ class Evaluation:
     results: ResultsFile
     device: str
     mixed: object  # the autocast context of the dtype
-
-    @property
-    def block_size(self):
-        return (self.model.base if isinstance(self.model, (L2D, AR2Diff)) else self.model).config.block_size
+    block_size: int
 
     def labels_of(self, ix):
         return None if self.task.labels is None else torch.as_tensor(self.task.labels[list(ix)], device=self.device)
@@ -140,16 +125,17 @@ def teacher_forced_columns(ev, batch_logits, phase, row=None):
     task, batch_size = ev.task, ev.cfg["batch_size"]
     ex = ev.results.resumed(phase, dict(correct=[], count=[], nll=[], nfe=[]))
     start = len(ex["correct"])  # a multiple of batch_size: the batches (and their seeds) are those of a whole run
-    for b0 in tqdm(range(start, task.n, batch_size), desc=phase, leave=False, file=sys.stderr):
-        ix = np.arange(b0, min(b0 + batch_size, task.n))
-        x, y, _ = task.ds.get_batch(ix, ev.block_size)
-        with ev.mixed:
-            stats = batch_logits(ix, ev.labels_of(ix), x.to(ev.device), y.to(ev.device))
-        found = answer_stats(stats["logits"], stats["targets"], stats.get("nfe"))
-        found.update(diagnostics.token_changes(stats, row) if ev.cfg["diagnostics"] else {})
-        for key, values in found.items():
-            ex.setdefault(key, []).extend(values)
-        ev.results.save_partial(phase, ex, row)
+    with tqdm(range(start, task.n, batch_size), desc=phase, leave=False, file=sys.stderr) as batches:  # Ctrl-C: cleared
+        for b0 in batches:
+            ix = np.arange(b0, min(b0 + batch_size, task.n))
+            x, y, _ = task.ds.get_batch(ix, ev.block_size)
+            with ev.mixed:
+                stats = batch_logits(ix, ev.labels_of(ix), x.to(ev.device), y.to(ev.device))
+            found = answer_stats(stats["logits"], stats["targets"], stats.get("nfe"))
+            found.update(token_changes(stats, row) if ev.cfg["diagnostics"] else {})
+            for key, values in found.items():
+                ex.setdefault(key, []).extend(values)
+            ev.results.save_partial(phase, ex, row)
     return tf_summary(ex)
 
 
@@ -158,30 +144,31 @@ def generation_columns(ev, setting, row):
     as the phase row["setting"], and taken up where a killed run of it stopped."""
     cfg, task, phase, decode = ev.cfg, ev.task, row["setting"], ev.task.ds.tokenizer.decode
     ex = ev.results.resumed(phase, dict(correct=[], tokens=[], nfe=[], seconds=0.0, samples=[]))
-    progress = tqdm(total=task.n, initial=len(ex["correct"]), desc=phase, leave=False, file=sys.stderr)
-    for b0 in range(len(ex["correct"]), task.n, cfg["gen_batch_size"]):
-        ix = range(b0, min(b0 + cfg["gen_batch_size"], task.n))
-        torch.manual_seed(cfg["seed"] + b0)
-        budget = min(cfg["max_new_tokens"], ev.block_size - max(len(task.prompts[i]) for i in ix))  # AR2Diff: its span fits
-        t0 = time.perf_counter()
-        with ev.mixed:
-            answers = generate_answers(ev.model, [task.prompts[i] for i in ix], budget, task.stop, setting,
-                                       ev.labels_of(ix)) if budget > 0 else [([], 0, 0)] * len(ix)
-        ex["seconds"] += time.perf_counter() - t0
-        for i, (answer, generated, spent, *first) in zip(ix, answers):
-            text = decode(answer)
-            ex["correct"].append(is_correct(task.name, task.rows[i], text, task.golds[i]))
-            if cfg["diagnostics"] and first and first[0] is not None:  # AR2Diff, one candidate: after its first step
-                diagnostics.record_first_step(ex, is_correct(task.name, task.rows[i], decode(first[0]), task.golds[i]),
-                                              first[0] != answer)
-            ex["tokens"].append(generated)
-            ex["nfe"].append(spent)
-            if i < 3:
-                ex["samples"].append(dict(prompt=task.rows[i]["prompt"], output=text, pred=final_number(text),
-                                          gold=task.golds[i]))
-        ev.results.save_partial(phase, ex, row)
-        progress.update(len(ix))
-    progress.close()
+    with tqdm(total=task.n, initial=len(ex["correct"]), desc=phase, leave=False, file=sys.stderr) as progress:
+        for b0 in range(len(ex["correct"]), task.n, cfg["gen_batch_size"]):
+            ix = range(b0, min(b0 + cfg["gen_batch_size"], task.n))
+            torch.manual_seed(cfg["seed"] + b0)
+            # AR2Diff: its span fits
+            budget = min(cfg["max_new_tokens"], ev.block_size - max(len(task.prompts[i]) for i in ix))
+            t0 = time.perf_counter()
+            with ev.mixed:
+                answers = generate_answers(ev.model, [task.prompts[i] for i in ix], budget, task.stop, setting,
+                                           ev.labels_of(ix)) if budget > 0 else [([], 0, 0)] * len(ix)
+            ex["seconds"] += time.perf_counter() - t0
+            for i, (answer, generated, spent, *first) in zip(ix, answers):
+                text = decode(answer)
+                ex["correct"].append(is_correct(task.name, task.rows[i], text, task.golds[i]))
+                if cfg["diagnostics"] and first and first[0] is not None:  # AR2Diff, one candidate: its first step
+                    first_right = is_correct(task.name, task.rows[i], decode(first[0]), task.golds[i])
+                    ex.setdefault("first_correct", []).append(first_right)
+                    ex.setdefault("first_changed", []).append(int(first[0] != answer))
+                ex["tokens"].append(generated)
+                ex["nfe"].append(spent)
+                if i < 3:
+                    ex["samples"].append(dict(prompt=task.rows[i]["prompt"], output=text, pred=final_number(text),
+                                              gold=task.golds[i]))
+            ev.results.save_partial(phase, ex, row)
+            progress.update(len(ix))
     return generation_summary(ex)
 
 
@@ -216,11 +203,15 @@ def main(argv=None):
     dtype = resolve_dtype(cfg["dtype"], device)
     if cfg["limit"] < 0 or min(cfg["max_new_tokens"], cfg["batch_size"], cfg["gen_batch_size"]) < 1:
         raise UsageError("--limit must be >= 0 (0: all), --max_new_tokens, --batch_size and --gen_batch_size >= 1")
-    model, tokenizer, tokenizer_name, model_classes, ckpt_path = load_model_and_tokenizer(cfg["ckpt"])
+    if not cfg["ckpt"]:
+        raise UsageError("--ckpt is required: a ckpt.pt from train.py, or a base model (e.g. smollm2-135m)")
+    model, tokenizer, ckpt = checkpoint.load(cfg["ckpt"])
+    ckpt, ckpt_path = ckpt or {}, checkpoint.checkpoint_path(cfg["ckpt"]) if ckpt else None  # {}: a base model
+    tokenizer_name = ckpt.get("tokenizer") or ckpt.get("init_from") or cfg["ckpt"]
     settings, probe_t, teacher_forcing = plan(cfg, model)
     merge_lora(model).to(device)  # LoRA folded into its weights (equal logits, a plain layer's cost)
     store_weights(model, dtype)  # nothing trains here: every weight in dtype, but the norms
-    task = load_task(cfg, model, tokenizer, tokenizer_name, model_classes, settings)
+    task = load_task(cfg, model, tokenizer, tokenizer_name, ckpt.get("classes") or [], settings)
     out = output_path(cfg["out"], ckpt_path, cfg["resume"], cfg["overwrite"])
     kind = f"L2D ({model.config.variant})" if isinstance(model, L2D) else \
         f"AR2Diff (L={model.config.answer_len})" if isinstance(model, AR2Diff) else "GPT"
@@ -228,16 +219,21 @@ def main(argv=None):
           f"device {device}, {str(dtype)[6:]}")
     result = dict(ckpt=cfg["ckpt"], model=kind, task=cfg["task"], data=task.data_dir, split=task.split, n=task.n,
                   config=cfg, rows=[])
-    ev = Evaluation(cfg, model, task, ResultsFile.open(out, result, cfg["resume"]), device, autocast(device, dtype))
-    if probe_t:
-        diagnostics.probe_rows(ev, probe_t, teacher_forced_columns)
-    if settings:
-        print(HEADER)
-    rows = ev.results.result["rows"]
-    for row in rows:  # kept from a resumed run
-        print(format_row(row))
-    for setting in settings[len(rows):]:
-        print(format_row(evaluate_setting(ev, setting, teacher_forcing)))
+    ev = Evaluation(cfg, model, task, ResultsFile(out, result, cfg["resume"]), device, autocast(device, dtype),
+                    (model.base if isinstance(model, (L2D, AR2Diff)) else model).config.block_size)
+    try:
+        if probe_t:
+            probe_rows(ev, probe_t, teacher_forced_columns)
+        if settings:
+            print(HEADER)
+        rows = ev.results.result["rows"]
+        for row in rows:  # kept from a resumed run
+            print(format_row(row))
+        for setting in settings[len(rows):]:
+            print(format_row(evaluate_setting(ev, setting, teacher_forcing)))
+    except KeyboardInterrupt:  # the JSON is written atomically: what it holds is whole
+        raise KeyboardInterrupt(f"{out} keeps every batch done: the same command with --resume True goes on from it"
+                                if ev.results.written else "nothing was written") from None
     print(f"wrote {out}")
     if rows:
         plot(os.path.splitext(out)[0] + ".png", [("", rows)], f"{kind}: {cfg['ckpt']} on {cfg['task']} (n={task.n})")
@@ -249,3 +245,6 @@ if __name__ == "__main__":
         main()
     except (UsageError, ValueError, FileNotFoundError) as e:
         fail(e)
+    except KeyboardInterrupt as e:
+        print(f"error: interrupted; {e.args[0] if e.args else 'nothing was written'}", file=sys.stderr)
+        sys.exit(130)

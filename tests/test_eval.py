@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
-from harness import diagnostics, plan, results
+from harness import eval_rows
 from ar2diff import AR2Diff, AR2DiffConfig, until_end
 from loading.checkpoint import save_checkpoint
 from configurator import UsageError, defaults
@@ -59,26 +59,26 @@ def test_final_number(text, expected):
 
 
 def test_parse_lists_and_settings():
-    assert plan.parse_list("steps", "1,2,4", int) == [1, 2, 4]
-    assert plan.parse_list("steps", (1, 2, 4), int) == [1, 2, 4]   # what configure makes of --steps 1,2,4
-    assert plan.parse_list("steps", 8, int) == [8]
-    assert plan.parse_list("guidance", "1,1.5", float) == [1.0, 1.5]
-    assert plan.parse_list("steps", None, int) == plan.LIST_DEFAULTS["steps"]
+    assert eval_rows.parse_list("steps", "1,2,4", int) == [1, 2, 4]
+    assert eval_rows.parse_list("steps", (1, 2, 4), int) == [1, 2, 4]   # what configure makes of --steps 1,2,4
+    assert eval_rows.parse_list("steps", 8, int) == [8]
+    assert eval_rows.parse_list("guidance", "1,1.5", float) == [1.0, 1.5]
+    assert eval_rows.parse_list("steps", None, int) == eval_rows.LIST_DEFAULTS["steps"]
     for bad in ("1.5", "a,b", ""):
         with pytest.raises(UsageError):
-            plan.parse_list("steps", bad, int)
+            eval_rows.parse_list("steps", bad, int)
     cfg = dict(defaults(ev.OPTIONS), steps=(1, 8), guidance=(1, 2))
-    names = [plan.setting_name(s) for s in plan.make_settings(cfg, is_l2d=True)]
+    names = [eval_rows.setting_name(s) for s in eval_rows.make_settings(cfg, is_l2d=True)]
     assert names == ["steps=1", "steps=8", "steps=8 w=2"]  # steps=1 is the base: no guidance rows
     cfg = dict(defaults(ev.OPTIONS), solver="dopri5", atol=(1e-3, 1e-4), rtol=1e-3)
-    assert [(s["atol"], s["rtol"], s["steps"]) for s in plan.make_settings(cfg, True)] == [(1e-3, 1e-3, None), (1e-4, 1e-3, None)]
-    assert len(plan.make_settings(cfg, is_l2d=False)) == 1
+    assert [(s["atol"], s["rtol"], s["steps"]) for s in eval_rows.make_settings(cfg, True)] == [(1e-3, 1e-3, None), (1e-4, 1e-3, None)]
+    assert len(eval_rows.make_settings(cfg, is_l2d=False)) == 1
     with pytest.raises(UsageError):
-        plan.make_settings(dict(defaults(ev.OPTIONS), steps=0), True)
+        eval_rows.make_settings(dict(defaults(ev.OPTIONS), steps=0), True)
     with pytest.raises(UsageError):
-        plan.make_settings(dict(defaults(ev.OPTIONS), solver="heun"), True)
+        eval_rows.make_settings(dict(defaults(ev.OPTIONS), solver="heun"), True)
     with pytest.raises(UsageError):
-        plan.make_settings(dict(defaults(ev.OPTIONS), estimate="mode"), True)
+        eval_rows.make_settings(dict(defaults(ev.OPTIONS), estimate="mode"), True)
 
 
 # --- teacher-forced metrics ------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def by_hand(logits, y):
 
 def all_stats(stats, row=None):
     """What eval.py keeps of a teacher-forced batch with --diagnostics."""
-    return {**ev.answer_stats(stats["logits"], stats["targets"], stats.get("nfe")), **diagnostics.token_changes(stats, row)}
+    return {**ev.answer_stats(stats["logits"], stats["targets"], stats.get("nfe")), **eval_rows.token_changes(stats, row)}
 
 
 def unpack(stats):
@@ -142,7 +142,7 @@ def test_teacher_forced_gpt_matches_hand_computation(family):
     stats = ev.answer_stats(logits, targets, nfe)
     assert (stats["correct"], stats["count"], stats["nfe"]) == (correct, count, [0, 0]) and count == [6, 4]
     assert stats["nll"] == pytest.approx(nll, rel=1e-5)
-    summary = results.tf_summary(stats)
+    summary = eval_rows.tf_summary(stats)
     assert (summary["tf_accuracy"], summary["tf_tokens"]) == (sum(correct) / 10, 10)
     assert summary["tf_nll"] == pytest.approx(F.cross_entropy(full.flatten(0, 1), Y.flatten(), ignore_index=-1).item(), rel=1e-5)
     nfe = torch.tensor([[3, 3, 3, 3, 3, 3], [5, 5, 5, 5, 9, 5]])  # position 4 of row 1 is padding: not counted
@@ -229,7 +229,7 @@ def test_diagnostic_counts_changes_corrections_and_spoils_by_hand():
     assert stats["trajectory_correct"] == [[1, 3], [0, 2]]  # per example, per step; padding not counted
     # against step 1's guess: the read-out differs at (0,1) (a correction) and (1,1); padding not counted
     assert (stats["first_changed"], stats["first_corrected"], stats["first_spoiled"]) == ([1, 1], [1, 0], [0, 0])
-    summary = results.tf_summary(stats)
+    summary = eval_rows.tf_summary(stats)
     assert (summary["tf_changed"], summary["tf_corrected"], summary["tf_spoiled"]) == (3 / 5, 1 / 5, 1 / 5)
     assert summary["tf_trajectory_accuracy"] == [1 / 5, 5 / 5] and summary["tf_first_changed"] == 2 / 5
 
@@ -260,14 +260,14 @@ def test_gold_x_t_reads_the_noised_gold_token():
     by hand; at t=0 it is the base's logits."""
     l2d = tiny_l2d(randomize=True).eval()
     labels = torch.tensor([0, 1])
-    logits, targets = diagnostics.gold_x_t(l2d, X, Y, 1.0, labels).values()
+    logits, targets = eval_rows.gold_x_t(l2d, X, Y, 1.0, labels).values()
     with torch.no_grad():
         by_hand_all = path_logits(l2d, X, l2d.flow_embed(Y.clamp(min=0)), torch.ones(X.shape), labels)
         base_logits, _ = l2d.base(X)
     assert torch.equal(targets, torch.stack([Y[b, POS[b]] for b in range(2)]))
     mask = targets != -1
     assert torch.allclose(logits[mask], at_answers(by_hand_all)[mask], atol=1e-5)
-    at_zero = diagnostics.gold_x_t(l2d, X, Y, 0.0, labels)["logits"]
+    at_zero = eval_rows.gold_x_t(l2d, X, Y, 0.0, labels)["logits"]
     assert torch.equal(at_zero[mask], at_answers(base_logits)[mask])
 
 
@@ -428,7 +428,7 @@ def test_end_to_end_ar2diff(tiny_run):
     assert [sum(r["example_nfe"]) / r["n"] for r in rows] == [1, 3, 2 * 2, 4 * 2]
     assert "gain" not in rows[0] and "gain" not in rows[2]  # each K's steps=1 row is its reference
     assert rows[3]["gain"][0] == pytest.approx(rows[3]["accuracy"] - rows[2]["accuracy"])
-    model, enc, _ = ev.load_model_and_tokenizer(tiny_run["ar2diff"])[:3]
+    model, enc, _ = ev.checkpoint.load(tiny_run["ar2diff"])
     data = TokenDataset([tiny_run["data"]], "test")
     with open(os.path.join(tiny_run["data"], "test.jsonl")) as f:
         prompts = [enc.encode(json.loads(line)["prompt"]) for line in f][:3]
@@ -451,10 +451,10 @@ def test_answers_changed_after_the_first_step_by_hand():
     """first accuracy + corrected - spoiled = accuracy; a changed answer may stay wrong."""
     ex = dict(correct=[1, 0, 1, 0, 0], first_correct=[0, 1, 1, 0, 0], first_changed=[1, 1, 0, 1, 0],
               tokens=[1] * 5, nfe=[2] * 5, seconds=1.0, samples=[])
-    s = results.generation_summary(ex)
+    s = eval_rows.generation_summary(ex)
     assert (s["first_accuracy"], s["first_changed"], s["first_corrected"], s["first_spoiled"]) == (0.4, 0.6, 0.2, 0.2)
     assert s["first_accuracy"] + s["first_corrected"] - s["first_spoiled"] == pytest.approx(s["accuracy"])
-    assert "first_accuracy" not in results.generation_summary(dict(ex, first_correct=[]))
+    assert "first_accuracy" not in eval_rows.generation_summary(dict(ex, first_correct=[]))
 
 
 class Killed(Exception):
@@ -496,7 +496,7 @@ def test_a_run_killed_at_any_write_and_resumed_is_the_whole_run(tiny_run, monkey
     args = ["--data", tiny_run["data"], "--ckpt", tiny_run["l2d"], "--limit", "3", "--max_new_tokens", "3",
             "--batch_size", "2", "--gen_batch_size", "2", "--steps", "1,2", "--solver", "euler", "--probe_t", "0.5",
             "--out", out, *diagnose]
-    batches, kill_at, real_write = [], [None], results.write_json  # batches: computed, as the function called
+    batches, kill_at, real_write = [], [None], eval_rows.write_json  # batches: computed, as the function called
 
     def counted(name):
         real = getattr(ev, name)
@@ -514,7 +514,7 @@ def test_a_run_killed_at_any_write_and_resumed_is_the_whole_run(tiny_run, monkey
             raise Killed
         writes.append(path)
         real_write(path, result)
-    monkeypatch.setattr(results, "write_json", write_or_die)
+    monkeypatch.setattr(eval_rows, "write_json", write_or_die)
 
     def timeless(result):
         return json.loads(json.dumps(dict(probe=result["probe"], rows=[
@@ -581,3 +581,47 @@ def test_cli_errors_are_one_line_exit_2():
     proc = subprocess.run([sys.executable, "eval.py", "--ckpt", "nowhere", "--dtype", "bf16"], cwd=REPO,
                           capture_output=True, text=True)  # refused before the (missing) model is looked for
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown --dtype 'bf16'")
+
+
+@pytest.mark.parametrize("ckpt", ["l2d", "ar2diff"])
+def test_absurd_step_counts_are_one_line(tiny_run, ckpt):
+    """A step count past float32 t's resolution is refused before any work (it used to allocate terabytes)."""
+    out = tiny_run["tmp"] / "absurd.json"
+    proc = subprocess.run([sys.executable, "eval.py", "--ckpt", tiny_run[ckpt], "--data", tiny_run["data"],
+                           "--steps", "1,1000000000000", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "error: --steps must be between 1 and 1000000 (a finer grid than float32 t can resolve), got 1000000000000"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("interrupt_at", [1, 2])
+def test_ctrl_c_is_one_line_exit_130_and_says_what_was_kept(tiny_run, monkeypatch, capsys, interrupt_at):
+    """Ctrl-C at the first generated batch (nothing written yet) or the second (the JSON holds the first):
+    one line, exit 130, no traceback; what was kept resumes into the whole run."""
+    import runpy
+    from harness import answers
+    out = tiny_run["tmp"] / f"interrupted{interrupt_at}.json"
+    args = ["--ckpt", tiny_run["l2d"], "--data", tiny_run["data"], "--limit", "3", "--max_new_tokens", "2", "--steps", "2",
+            "--teacher_forced", "False", "--out", str(out)]
+    real, calls = answers.generate_answers, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(answers, "generate_answers", interrupted)
+    monkeypatch.setattr(sys, "argv", ["eval.py", *args])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(os.path.join(REPO, "eval.py"), run_name="__main__")
+    assert exit_.value.code == 130
+    stderr = capsys.readouterr().err.strip().splitlines()[-1:]
+    if interrupt_at == 1:
+        assert stderr == ["error: interrupted; nothing was written"] and not out.exists()
+    else:
+        assert stderr == [f"error: interrupted; {out} keeps every batch done: the same command with --resume True "
+                          "goes on from it"]
+        monkeypatch.setattr(answers, "generate_answers", real)
+        resumed = ev.main(args + ["--resume", "True"])["rows"][0]
+        assert resumed["n"] == 3 and resumed["example_correct"] == ev.main(args + ["--overwrite", "True"])["rows"][0]["example_correct"]

@@ -103,7 +103,7 @@ def test_eval_task_humaneval_scores_by_running_the_completions(source, tmp_path,
         return result["rows"][0]["accuracy"], result["rows"][0]["example_correct"]
 
     assert accuracy("random") == (0.0, [0, 0])
-    tok = ev.load_model_and_tokenizer(ckpt)[1]
+    tok = ev.checkpoint.load(ckpt)[1]
     for name, bodies, want in (("right", [p["canonical_solution"] for p in PROBLEMS], [1, 1]),
                                ("wrong", ["    return a - b\n", PROBLEMS[1]["canonical_solution"]], [0, 1])):
         answers = iter([[(tok.encode(b), 1, 0)] for b in bodies])
