@@ -4,9 +4,11 @@ and exit 2; a dopri5 tolerance it cannot meet stops at once with a message that 
 --show_steps prints every solver step and the t = 1 read-out; long runs show progress and an ETA."""
 
 import ast
+import functools
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -207,21 +209,56 @@ class Clock:
 
 def test_progress_only_for_long_runs():
     clock, stream = Clock(), io.StringIO()
-    progress = sample.Progress(after=5, every=10, stream=stream, clock=clock)
+    progress = sample.Progress(total=112, after=5, every=10, stream=stream, clock=clock)
     clock.now += 4
-    progress.update(done=8, left=100)  # a short run so far: nothing
+    progress.update(done=8)  # a short run so far: nothing
     assert stream.getvalue() == ""
     clock.now += 2  # 6 s for 12 tokens: 0.5 s a token
-    progress.update(done=12, left=60)
-    assert stream.getvalue() == "[12 tokens in 00:06; at most 60 to go, about 00:30]\n"
+    progress.update(done=12)
+    assert stream.getvalue() == "[12 tokens in 00:06; at most 100 to go, about 00:50]\n"
     clock.now += 5
-    progress.update(done=20, left=52)  # within `every` of the last line: nothing new
-    clock.now += 109  # 120 s for 200 tokens
-    progress.update(done=200, left=150)
-    assert stream.getvalue().splitlines()[-1] == "[200 tokens in 02:00; at most 150 to go, about 01:30]"
+    progress.update(done=20)  # within `every` of the last line: nothing new
+    clock.now += 109  # 120 s for 80 tokens
+    progress.update(done=80)
+    assert stream.getvalue().splitlines()[-1] == "[80 tokens in 02:00; at most 32 to go, about 00:48]"
     clock.now += 60
-    progress.update(done=350, left=0)  # finished: no ETA to give
+    progress.update(done=112)  # finished: no ETA to give
     assert len(stream.getvalue().splitlines()) == 2
+
+
+def test_progress_within_the_first_token_of_many_steps(ckpts, monkeypatch, capsys):
+    """--steps 100000 on a large model takes minutes a token: progress comes from the ODE's solver steps
+    (t of the token being drawn), not only once a token is done."""
+    clock = Clock()
+    def ticking():  # a second per reading
+        clock.now += 1
+        return clock.now
+    monkeypatch.setattr(sample, "Progress", functools.partial(sample.Progress, clock=ticking))
+    sample.main(["--init_from", ckpts["trained"], "--start", PROMPT, "--num_samples", "1", "--max_new_tokens", "1",
+                 "--steps", "40"])
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(re.fullmatch(r"\[0\.\d+ tokens in 00:\d\d; at most 0\.\d+ to go, about \d\d:\d\d\]", l) for l in lines), lines
+
+
+def test_absurd_steps_are_refused_at_once(ckpts):
+    began = time.monotonic()
+    result = run_sample(ckpts["trained"], "--steps", 1000000000000)
+    assert_one_line_error(result, "--steps must be between 1 and 1000000 (a finer grid than float32 t can resolve), "
+                                  "got 1000000000000")
+    assert time.monotonic() - began < 60
+
+
+def test_ctrl_c_is_one_line_and_exit_130(ckpts):
+    """Ctrl-C while sampling: what was printed stays, then `interrupted` on stderr, exit 130, no traceback."""
+    proc = subprocess.Popen([sys.executable, "sample.py", "--init_from", ckpts["trained"], "--start", PROMPT,
+                             "--steps", "100000", "--num_samples", "1"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    header = proc.stdout.readline()  # the sample has begun
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.stdout.read(), proc.stderr.read()  # (communicate would miss what readline buffered)
+    proc.wait(timeout=60)
+    assert header.startswith("--- sample 1 of 1: midpoint, --steps 100000") and out.startswith(PROMPT)
+    assert proc.returncode == 130 and err.splitlines() == ["interrupted"], err
 
 
 # --- AR2Diff ---------------------------------------------------------------------------------------
