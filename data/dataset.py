@@ -11,9 +11,8 @@ A prepared folder data/<task>/<tag>/ (tag from the tokenizer: char, gpt2, smollm
   meta.json    {"tokenizer", "classes", "chat", "vocab_size", "eot"}: "tokenizer" is what get_tokenizer takes
                (relative to the folder for a char vocabulary, saved there as vocab.json); "eot" ends every
                answer (<|im_end|> for chat models) and pads batches.
-Chat models get chat_prompt(enc, question), answers ending in the template's end of turn; base models and
-char get "Question: {q}\nAnswer: ", answers ending in the end-of-text token. Prompt and answer are encoded
-separately, so the prompt tokens are exactly what eval.py gets by encoding test.jsonl's prompt.
+Chat models get the chat template, base models and char "Question: {q}\nAnswer: ". Prompt and answer are
+encoded separately, so the prompt tokens are exactly what eval.py gets by encoding test.jsonl's prompt.
 
     ds = TokenDataset(["data/arithmetic/char"], "train")
     sampler = BatchSampler(len(ds), batch_size=64, seed=0, rank=rank, world_size=world_size)
@@ -22,7 +21,6 @@ separately, so the prompt tokens are exactly what eval.py gets by encoding test.
 """
 import json
 import os
-import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -32,49 +30,43 @@ import torch
 
 from loading.files import OutputError, write_error
 from loading.tokenizer import (CharTokenizer, chat_prompt, chat_start, chat_template, chat_turn, end_token, get_tokenizer,
-                               has_chat_template, read_json)
+                               read_json)
 
 
-def format_prompt(enc, question):
-    return chat_prompt(enc, question) if has_chat_template(enc) else f"Question: {question}\nAnswer: "
-
-
-def conversation_segments(enc, turns):
-    """A conversation [{"role", "content"}, ...] as (text, is_answer) segments: the chat template (a leading
-    system turn, or the default one) with every assistant turn's content an answer, each closed by the end
-    token; without a chat template, "Question: ...\nAnswer: " per user turn (a system turn is dropped)."""
-    template, segments = chat_template(enc), []
-    if template:
-        segments.append((chat_start(enc) if turns[0]["role"] != "system" else template["begin"], False))
-    for turn in turns:
+def segments(enc, ex):
+    """An example as (text, is_answer) pieces: dict(question, answer) (or with its own exact "prompt" text),
+    or dict(turns), a conversation [{"role", "content"}, ...] whose every assistant turn is an answer (in
+    the chat template, its own system turn or the default one; without one, "Question: ...\nAnswer: " per
+    user turn and no system turn)."""
+    template = chat_template(enc)
+    if "turns" not in ex:
+        prompt = chat_prompt(enc, ex["question"]) if template else f"Question: {ex['question']}\nAnswer: "
+        return [(ex.get("prompt") or prompt, False), (ex["answer"], True)]
+    pieces = [(chat_start(enc) if ex["turns"][0]["role"] != "system" else template["begin"], False)] if template else []
+    for turn in ex["turns"]:
         if turn["role"] == "assistant":  # the content and its end token are the answer (encode_example adds the end)
-            segments += [(template["header"].format(role="assistant") if template else "", False), (turn["content"], True)]
-            segments.append((template["sep"] if template else "", False))
+            pieces += [(template["header"].format(role="assistant") if template else "", False), (turn["content"], True),
+                       (template["sep"] if template else "", False)]
         elif template:
-            segments.append((chat_turn(enc, turn["role"], turn["content"]), False))
+            pieces.append((chat_turn(enc, turn["role"], turn["content"]), False))
         elif turn["role"] == "user":
-            segments.append((f"Question: {turn['content']}\nAnswer: ", False))
-    return segments
+            pieces.append((f"Question: {turn['content']}\nAnswer: ", False))
+    return pieces
 
 
 def encode_example(enc, ex, end):
-    """(prompt text, tokens, loss mask, answer text) of one example: ex is dict(question, answer) (formatted
-    by format_prompt, or with its own exact "prompt" text), or dict(turns) (a conversation, loss on every
-    assistant turn). The held-out row's prompt is everything before the last answer, its answer that answer.
-    Each piece is encoded on its own, so a prompt encodes to exactly its tokens here."""
-    if "turns" in ex:
-        segments = conversation_segments(enc, ex["turns"])
-    else:
-        segments = [(ex.get("prompt") or format_prompt(enc, ex["question"]), False), (ex["answer"], True)]
-    tokens, mask, texts, last = [], [], [], 0
-    for text, is_answer in segments:
+    """(prompt text, tokens, loss mask, answer text) of one example (as segments takes it): the held-out
+    row's prompt is everything before the last answer, its answer that answer. Each piece is encoded on its
+    own, so a prompt encodes to exactly its tokens here."""
+    pieces, tokens, mask, texts, last = segments(enc, ex), [], [], [], 0
+    for text, is_answer in pieces:
         ids = enc.encode(text, allowed_special="all") + ([end] if is_answer else [])
         if is_answer:
             last = len(texts)
         tokens += ids
         mask += [is_answer] * len(ids)
         texts.append(text if not is_answer else text + enc.decode([end]))  # an earlier answer is closed in the prompt
-    return "".join(texts[:last]), tokens, mask, segments[last][0]
+    return "".join(texts[:last]), tokens, mask, pieces[last][0]
 
 
 def tokenizer_tag(name):
@@ -83,11 +75,11 @@ def tokenizer_tag(name):
 
 
 def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=False):
-    """Tokenize splits = {"train": [ex, ...], "test": [...]} (ex as encode_example takes it, plus a label,
-    optionally "final" and "fields" for the held-out row) into out_dir, written whole or not at all.
-    tokenizer "char" builds a character vocabulary from the text, saved as vocab.json. max_len drops longer
-    train examples. An existing dataset is kept when the same, refused when it differs unless overwrite (a
-    checkpoint trained on it reads its vocabulary)."""
+    """Tokenize splits = {"train": [ex, ...], "test": [...]} (ex as segments takes it, plus a label,
+    optionally "final" and "fields" for the held-out row) into out_dir, written whole or not at all; returns
+    out_dir. tokenizer "char" builds a character vocabulary from the text, saved as vocab.json. max_len drops
+    longer train examples. An existing dataset is kept when the same, refused when it differs unless
+    overwrite (a checkpoint trained on it reads its vocabulary)."""
     check_out(out_dir)
     if tokenizer == "char":
         text = (ex["question"] + ex["answer"] for exs in splits.values() for ex in exs)  # (no conversations)
@@ -96,13 +88,12 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=F
         # before anything is written; a path is made absolute, found from any working directory
         enc = get_tokenizer(os.path.abspath(tokenizer) if os.path.exists(tokenizer) else tokenizer)
     encoded = {split: encode_split(enc, split, exs, classes, max_len, out_dir) for split, exs in splits.items()}
+    meta = dict(tokenizer=tokenizer, classes=classes, chat=chat_template(enc) is not None, vocab_size=enc.n_vocab,
+                eot=end_token(enc))
     parent = os.path.dirname(os.path.abspath(out_dir))
     try:
         os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".prepare-", dir=parent)  # written whole, then compared and moved in
-        try:
-            meta = dict(tokenizer=tokenizer, classes=classes, chat=has_chat_template(enc), vocab_size=enc.n_vocab,
-                        eot=end_token(enc))
+        with tempfile.TemporaryDirectory(prefix=".prepare-", dir=parent) as staging:  # written whole, then moved in
             if isinstance(enc, CharTokenizer):  # saved beside the data, which names it relatively
                 enc.save(os.path.join(staging, "vocab.json"))
                 meta["tokenizer"] = "vocab.json"
@@ -114,17 +105,16 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=F
                     Path(staging, f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             Path(staging, "meta.json").write_text(json.dumps(meta, indent=1))
             installed = install(staging, out_dir, overwrite)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     except OSError as e:  # a full disk, a read-only folder: one line, the previous dataset kept
         raise write_error(out_dir, e) from None
     if not installed:
         print(f"{out_dir}: already prepared with these settings, left as it is")
-        return
+        return out_dir
     for split, (tokens, _, offsets, _, rows) in encoded.items():
         lens = np.diff(offsets)
         print(f"{out_dir}/{split}.npz: {len(rows)} examples ({len(splits[split]) - len(rows)} dropped over "
               f"max_len={max_len}), {len(tokens)} tokens, length mean {lens.mean():.0f} max {lens.max()}")
+    return out_dir
 
 
 def check_out(out_dir):
@@ -157,7 +147,7 @@ def install(staging, out_dir, overwrite):
     """Move the files of `staging` into out_dir (False: it holds the same dataset already). A different one is
     refused unless overwrite, then removed first (no stale split stays). meta.json, last, marks a whole folder."""
     if os.path.isfile(os.path.join(out_dir, "meta.json")):
-        if same_dataset(out_dir, staging):
+        if all(same_file(os.path.join(out_dir, name), os.path.join(staging, name)) for name in os.listdir(staging)):
             return False
         if not overwrite:
             raise ValueError(f"{out_dir} already holds a prepared dataset that these settings would change (a checkpoint "
@@ -171,23 +161,18 @@ def install(staging, out_dir, overwrite):
     return True
 
 
-def same_dataset(old_dir, new_dir):
-    """Whether old_dir holds exactly the files of new_dir (npz compared by their arrays: the zip's own bytes
-    carry timestamps; a damaged old one differs)."""
-    for name in os.listdir(new_dir):
-        old, new = os.path.join(old_dir, name), os.path.join(new_dir, name)
-        if not os.path.isfile(old):
-            return False
-        if name.endswith(".npz"):
-            try:
-                a, b = read_npz(old), read_npz(new)
-            except ValueError:
-                return False
-            if a.keys() != b.keys() or not all(np.array_equal(a[k], b[k]) for k in b):
-                return False
-        elif Path(old).read_bytes() != Path(new).read_bytes():
-            return False
-    return True
+def same_file(old, new):
+    """Whether old holds what new does: an .npz compared by its arrays (the zip's own bytes carry timestamps;
+    a damaged old one differs), any other file by its bytes."""
+    if not os.path.isfile(old):
+        return False
+    if not new.endswith(".npz"):
+        return Path(old).read_bytes() == Path(new).read_bytes()
+    try:
+        a, b = read_npz(old), read_npz(new)
+    except ValueError:
+        return False
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
 
 
 def read_npz(path):
@@ -225,7 +210,7 @@ class TokenDataset:
             tok = path if os.path.exists(path) else meta["tokenizer"]
             key = (Path(tok).read_bytes() if os.path.isfile(tok) else tok, meta["chat"], meta["eot"])
             if not parts:
-                self.key, self.tokenizer_path, self.meta = key, tok, meta
+                self.key, self.tokenizer_path, self.vocab_size, self.eot = key, tok, meta["vocab_size"], meta["eot"]
             elif key != self.key:
                 raise ValueError(f"{d} was prepared with tokenizer {tok!r} but {data_dirs[0]} with "
                                  f"{self.tokenizer_path!r}: prepare every folder with the same --tokenizer (for char, "
@@ -236,12 +221,10 @@ class TokenDataset:
                                  "(or a larger --max_len)")
             remap = np.array([self.classes.index(c) for c in meta["classes"]], np.int64)
             parts.append((z["tokens"], z["loss_mask"], z["offsets"], remap[z["labels"]]))
-        self.tokens = np.concatenate([p[0] for p in parts])
-        self.loss_mask = np.concatenate([p[1] for p in parts])
-        starts = np.cumsum([0] + [len(p[0]) for p in parts])
-        self.offsets = np.concatenate([p[2][:-1] + s for p, s in zip(parts, starts)] + [starts[-1:]])
-        self.labels = np.concatenate([p[3] for p in parts])
-        self.vocab_size, self.eot, self.chat = self.meta["vocab_size"], self.meta["eot"], self.meta["chat"]
+        tokens, masks, offsets, labels = zip(*parts)
+        self.tokens, self.loss_mask, self.labels = np.concatenate(tokens), np.concatenate(masks), np.concatenate(labels)
+        starts = np.cumsum([0] + [len(t) for t in tokens])
+        self.offsets = np.concatenate([o[:-1] + s for o, s in zip(offsets, starts)] + [starts[-1:]])
         self.tokenizer = get_tokenizer(self.tokenizer_path)
 
     def __len__(self):
@@ -290,22 +273,16 @@ class BatchSampler:
         assert batch_size % world_size == 0, "global batch must split evenly over the ranks"
         assert n > 0, "no examples to sample: next_batch would wait forever"
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
-        self.epoch, self.pos, self._perm = 0, 0, (None, None)
-
-    def perm(self, epoch):
-        if self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
-        return self._perm[1]
+        self.load_state_dict({"epoch": 0, "pos": 0})
 
     def next_batch(self):
         """This rank's batch_size // world_size indices of the next global batch."""
         parts, need = [], self.batch_size
         while need:
-            take = self.perm(self.epoch)[self.pos:self.pos + need]
-            parts.append(take)
-            need, self.pos = need - len(take), self.pos + len(take)
+            parts.append(self.order[self.pos:self.pos + need])
+            need, self.pos = need - len(parts[-1]), self.pos + len(parts[-1])
             if self.pos == self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
+                self.load_state_dict({"epoch": self.epoch + 1, "pos": 0})
         per_rank = self.batch_size // self.world_size
         return np.concatenate(parts)[self.rank * per_rank:(self.rank + 1) * per_rank]
 
@@ -314,3 +291,4 @@ class BatchSampler:
 
     def load_state_dict(self, state):
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)

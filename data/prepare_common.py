@@ -1,7 +1,6 @@
-"""What every data/<task>/prepare.py shares, so that each script keeps only its own job (reading or
-making its examples): where the prepared folder goes, the checks of counts, and the command line's frame
-(--tokenizer and --out first, --overwrite last, every default in -h, a bad option or file one line and
-exit 2, Ctrl-C one line and exit 130)."""
+"""What every data/<task>/prepare.py shares: where the prepared folder goes, the checks of counts, and the
+command line's frame (--tokenizer and --out first, --overwrite last, every default in -h, a bad option or
+file one line and exit 2, Ctrl-C one line and exit 130)."""
 import argparse
 import os
 import sys
@@ -11,11 +10,8 @@ from data.dataset import check_out, tokenizer_tag, write_dataset
 
 
 def write_prepared(here, out, tokenizer, splits, **options):
-    """dataset.write_dataset of splits into out, by default <here>/<tokenizer tag> (here: data/<task>);
-    options go to write_dataset (classes, max_len, overwrite). Returns the output folder."""
-    out = out or os.path.join(here, tokenizer_tag(tokenizer))
-    write_dataset(out, tokenizer, splits, **options)
-    return out
+    """write_dataset into out, by default <here>/<tokenizer tag> (here: data/<task>). Returns the folder."""
+    return write_dataset(out or os.path.join(here, tokenizer_tag(tokenizer)), tokenizer, splits, **options)
 
 
 def at_least(minimum, **options):
@@ -32,17 +28,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def command_line(doc, here, tokenizer, tokenizer_help):
-    """The script's parser, its docstring `doc` as the description, with --tokenizer (default `tokenizer`)
-    and --out."""
+    """The script's parser (its docstring the description) with --tokenizer (default `tokenizer`) and --out."""
     p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
     p.add_argument("--tokenizer", default=tokenizer, help=tokenizer_help)
     p.add_argument("--out", default=None, help=f"output folder (default data/{os.path.basename(here)}/<tokenizer tag>)")
     return p
 
 
-def run(p, prepare, overwrite_help="replace a different dataset already prepared in the output folder"):
+def run(p, prepare):
     """Add --overwrite, parse the command line and call prepare(**its options)."""
-    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already prepared there")
     args = vars(p.parse_args())
     try:
         check_out(args["out"])

@@ -4,12 +4,10 @@
     python -m data.arithmetic.prepare --tokenizer smollm2-135m    # -> data/arithmetic/smollm2-135m/
     python -m data.arithmetic.prepare --digits 2 --ops "+-" --n_train 2000 --out /tmp/arith
 
-A problem is "What is a OP b?", OP in --ops; each operand draws its number of digits uniformly from
-1..--digits, then a value (short and long numbers equally common). Subtraction puts the larger operand
-first, so the answer is a non-negative integer, its text just that number (eval compares it exactly).
-Held-out problems are drawn first (--n_confirm: a second held-out split, alike to test); train never holds
-one, a+b and b+a counting as the same. Seeded by --seed; the defaults take about a second.
-To mix with data/pycode at character level, reuse its vocabulary: --tokenizer data/pycode/char/vocab.json.
+A problem is "What is a OP b?"; short and long operands are equally common, and subtraction puts the
+larger first, so every answer is a non-negative integer. Held-out problems are drawn first; train never
+holds one, a+b and b+a counting as the same. To mix with data/pycode at character level, reuse its
+vocabulary: --tokenizer data/pycode/char/vocab.json.
 """
 import os
 import random
@@ -27,9 +25,9 @@ def random_number(rng, digits):
 
 def make_problems(n, rng, digits, ops, exclude=frozenset()):
     """n distinct problems, none of whose keys is in exclude. Returns (examples, their keys)."""
-    n_values = 10 ** digits
-    if n + len(exclude) > len(ops) * n_values * (n_values + 1) // 2:
-        raise ValueError(f"only {len(ops) * n_values * (n_values + 1) // 2} distinct problems with "
+    distinct = len(ops) * 10 ** digits * (10 ** digits + 1) // 2  # a OP b and b OP a are one problem
+    if n + len(exclude) > distinct:
+        raise ValueError(f"only {distinct} distinct problems with "
                          f"--digits {digits} --ops {ops!r}: ask for fewer examples")
     examples, keys = [], set()
     while len(examples) < n:
@@ -55,10 +53,9 @@ def prepare(tokenizer="char", out=None, n_train=10000, n_test=500, n_confirm=0, 
         raise ValueError(f"--ops {ops!r} must be some of {''.join(OPS)}")
     rng = random.Random(seed)
     held_out, held_out_keys = make_problems(n_test + n_confirm, rng, digits, ops)
-    splits = {"test": held_out}
     if n_confirm:  # one draw split at random, so test and confirm are alike even where the draw
         rng.shuffle(held_out)  # exhausts the small problems (1-digit x 1-digit has only 55)
-        splits = {"test": held_out[:n_test], "confirm": held_out[n_test:]}
+    splits = {"test": held_out[:n_test], "confirm": held_out[n_test:]} if n_confirm else {"test": held_out}
     splits["train"], _ = make_problems(n_train, rng, digits, ops, exclude=held_out_keys)
     return write_prepared(HERE, out, tokenizer, splits, classes=["math"], overwrite=overwrite)
 

