@@ -3,7 +3,6 @@ Evaluate a model on the test split of a prepared task: a base model, a LoRA/full
 AR2Diff checkpoint all go through this one command, so their rows are comparable.
 
     python eval.py --ckpt out-lab-l2d/ckpt.pt --data data/arithmetic/lab-mul --steps 1,4,16 --gen_batch_size 50
-    python eval.py --ckpt smollm2-135m --task gsm8k --limit 100          # a base model by name: one row, steps=1
     python eval.py --ckpt out/ckpt.pt --task humaneval --steps 1,2,4 --estimate sample --max_new_tokens 384
     python eval.py --ckpt out-lab-ar2diff/ckpt.pt --data data/arithmetic/lab-mul --steps 1,2,5,10,20 --candidates 1,4,8
 
@@ -20,17 +19,20 @@ count times candidates K (its answer span redrawn --steps times, the best-scored
   tf_nfe        path evaluations per answer token in the teacher-forced pass.
   vs steps=1    (under a row) its accuracy minus the steps=1 row's, paired over the same examples.
 --diagnostics and --probe_t add research columns (harness/eval_rows.py). The JSON (--out) keeps each row's
-per-example lists for harness/intervals.py; it is rewritten after every batch, so a killed run goes on
-with --resume True (Ctrl-C says what is kept). Seeded per example (seed + i), so a row does not depend on
---limit or on the other rows; with --gen_batch_size > 1 an example's ODE noise depends on its batch.
+per-example lists for harness/intervals.py, rewritten after every batch: a killed run goes on with --resume
+True. Seeded per example (seed + i): a row depends on neither --limit nor the other rows (on its batch, with
+--gen_batch_size > 1).
 """
 
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds): one line, no traceback; main() restores the default
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("error: interrupted; nothing was written\n"), sys.exit(130)))
+import numpy as np  # noqa: E402 (and below)
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -48,6 +50,7 @@ from loading.precision import autocast, resolve_device, resolve_dtype, store_wei
 from lora import merge_lora
 
 TASKS = ("gsm8k", "arithmetic", "humaneval")
+ODE = ("steps", "solver", "atol", "rtol", "estimate", "guidance")  # a setting's keys for L2D.teacher_forced
 OPTIONS = dict(
     ckpt=("", "required: a ckpt.pt of train.py (or its folder), or a base model name or HF folder"),
     task=("arithmetic", "gsm8k, arithmetic or humaneval (pass@1: each completion run against its tests)"),
@@ -79,13 +82,11 @@ OPTIONS = dict(
     device=("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
     dtype=("auto", "auto (cuda: bfloat16; cpu: float32), float32, bfloat16 or float16 (precision.py)"),
 )
-ODE = ("steps", "solver", "atol", "rtol", "estimate", "guidance")  # a setting's keys for L2D.teacher_forced
 
 
 @torch.no_grad()
 def gold_prefix_logits(model, x, y, labels=None, seeds=None, **ode):
-    """Next-token logits at the answer positions of x, y (TokenDataset.get_batch), the gold prefix given:
-    an L2D's ODE at all of them at once (L2D.teacher_forced), or any other model's own logits."""
+    """Logits at the answer positions, gold prefix given: an L2D's ODE at all at once, else the model's own."""
     if isinstance(model, L2D):
         return model.teacher_forced(x, y, labels, seeds, **ode)
     pos = answer_positions(y)
@@ -95,8 +96,7 @@ def gold_prefix_logits(model, x, y, labels=None, seeds=None, **ode):
 
 
 def answer_stats(logits, targets, nfe=None):
-    """Per example, over its answer positions (targets != -1): correct argmaxes, positions, summed NLL and
-    path evaluations; lists, so that rows can be pooled, paired and resumed example by example."""
+    """Per example (lists: rows pool, pair and resume by example): correct argmaxes, answer positions, NLL, NFE."""
     mask = targets != -1
     nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=-1, reduction="none")  # 0 off the answer
     nfe = (nfe.to(mask.device) * mask).sum(1) if nfe is not None else torch.zeros(len(mask), dtype=torch.long)
@@ -105,8 +105,7 @@ def answer_stats(logits, targets, nfe=None):
 
 
 @dataclass
-class Evaluation:
-    """One eval.py run: its settings, the model, the task, the results file, and how to compute."""
+class Evaluation:  # one eval.py run: its settings, the model, the task, the results file, and how to compute
     cfg: dict
     model: torch.nn.Module
     task: Task
@@ -196,6 +195,7 @@ def evaluate_setting(ev, setting, teacher_forcing):
 
 
 def main(argv=None):
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cfg = configure(OPTIONS, argv)
     if cfg["task"] not in TASKS:
         raise UsageError(f"unknown task {cfg['task']!r}; use one of {', '.join(TASKS)}")

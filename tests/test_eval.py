@@ -625,3 +625,15 @@ def test_ctrl_c_is_one_line_exit_130_and_says_what_was_kept(tiny_run, monkeypatc
         monkeypatch.setattr(answers, "generate_answers", real)
         resumed = ev.main(args + ["--resume", "True"])["rows"][0]
         assert resumed["n"] == 3 and resumed["example_correct"] == ev.main(args + ["--overwrite", "True"])["rows"][0]["example_correct"]
+
+
+def test_ctrl_c_while_torch_imports_is_one_line(tiny_run):
+    """A real SIGINT half a second in, inside `import torch` (seconds): no traceback from deep in torch."""
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "eval.py", "--ckpt", tiny_run["l2d"], "--data", tiny_run["data"]], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.splitlines() == ["error: interrupted; nothing was written"]
