@@ -1,6 +1,6 @@
 """Hand-rolled ODE solvers for the L2D sampling ODE  dx/dt = v(x, t),  t: 0 (noise) -> 1 (data).
 
-As k-diffusion's samplers: one plain function per method, the same call, an optional callback(info)
+As k-diffusion's samplers: one function per method, the same call, an optional callback(info)
 after every accepted step. Every row of x (B, D) is its own token's ODE; the state is kept in float64;
 `nfe` (B,) counts each row's velocity evaluations.
 
@@ -11,9 +11,11 @@ after every accepted step. Every row of x (B, D) is its own token's ODE; the sta
 Fixed-step solvers evaluate all B rows at once (rows=None); dopri5 only the rows still integrating, with
 `rows` (n,) their indices in the batch. The L2D field is singular at t = 1 and *defined* as 0 there: euler
 and midpoint never evaluate at t = 1 and are exact on straight paths; rk4's last stage sees v = 0 (it ends
-h/6 * v short); dopri5 would creep up to t = 1 through rejected steps (~370 evaluations instead of ~20 on a
-straight path with sigma = 64), so L2D stops it just short (diffusion.ADAPTIVE_T_END).
+h/6 * v short); dopri5 would creep up to it through rejected steps, so L2D stops it just short
+(diffusion.ADAPTIVE_T_END).
 """
+from functools import partial
+
 import torch
 
 
@@ -61,11 +63,8 @@ def _rk4_step(v, x, t, t_next):
     return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
-EVALUATIONS = {"euler": 1, "midpoint": 2, "rk4": 4}  # velocity evaluations per interval
-
-
-def _fixed(step, evals, velocity, x, ts, callback):
-    """Shared loop of the fixed-step solvers: the same grid `ts` (1-D) for every row."""
+def _fixed(step, evaluations, velocity, x, ts, callback=None):
+    """A fixed-step solver: `step` over the grid `ts` (1-D), the same for every row."""
     x = x.to(torch.float64)
     ts = torch.as_tensor(ts, dtype=torch.float64, device=x.device)
     B = x.shape[0]
@@ -74,27 +73,16 @@ def _fixed(step, evals, velocity, x, ts, callback):
         x = step(velocity, x, t, t_next)
         if callback is not None:
             callback({"step": i, "t": t_next, "x": x})
-    nfe = torch.full((B,), evals * max(len(ts) - 1, 0), dtype=torch.long, device=x.device)
-    return x, nfe
+    return x, torch.full((B,), evaluations * max(len(ts) - 1, 0), dtype=torch.long, device=x.device)
 
 
-def euler(velocity, x, ts, callback=None):
-    """Euler (order 1): 1 evaluation per interval."""
-    return _fixed(_euler_step, EVALUATIONS["euler"], velocity, x, ts, callback)
+EVALUATIONS = {"euler": 1, "midpoint": 2, "rk4": 4}  # velocity evaluations per interval
+euler = partial(_fixed, _euler_step, EVALUATIONS["euler"])  # order 1
+midpoint = partial(_fixed, _midpoint_step, EVALUATIONS["midpoint"])  # order 2, the L2D reference default
+rk4 = partial(_fixed, _rk4_step, EVALUATIONS["rk4"])  # classic Runge-Kutta, order 4
 
 
-def midpoint(velocity, x, ts, callback=None):
-    """Explicit midpoint (order 2): 2 evaluations per interval. The L2D reference default."""
-    return _fixed(_midpoint_step, EVALUATIONS["midpoint"], velocity, x, ts, callback)
-
-
-def rk4(velocity, x, ts, callback=None):
-    """Classic Runge-Kutta (order 4): 4 evaluations per interval."""
-    return _fixed(_rk4_step, EVALUATIONS["rk4"], velocity, x, ts, callback)
-
-
-# --- adaptive
-# Dormand-Prince 5(4) tableau (Dormand & Prince 1980; Hairer I, Table II.5.2).
+# --- adaptive: the Dormand-Prince 5(4) tableau (Dormand & Prince 1980; Hairer I, Table II.5.2).
 _C = [0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0]
 _A = [
     [],
@@ -105,9 +93,8 @@ _A = [
     [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656],
     [35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84],
 ]
-_B5 = _A[6] + [0.0]  # 5th-order weights = last row of A: stage 7 is f(t + h, x_new) -> FSAL
 _B4 = [5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40]
-_E = [b5 - b4 for b5, b4 in zip(_B5, _B4)]  # err = h * sum(E_i k_i) = x5 - x4
+_E = [b5 - b4 for b5, b4 in zip(_A[6] + [0.0], _B4)]  # B5 = A's last row (FSAL); err = h sum E_i k_i = x5 - x4
 # dopri5 gives up on a tolerance finer than ROUNDING * |x|, 100 float64 epsilons (scipy's floor for rtol):
 # the error estimate is then mostly rounding, and only steps so short that it cancels to nothing pass
 # (~1e-13 in t each), a crawl to max_steps. And below H_MIN_SPACINGS float64 spacings of t, where t + h
@@ -117,32 +104,16 @@ H_MIN_SPACINGS = 16
 
 
 class SolverError(RuntimeError, ValueError):
-    """dopri5 cannot finish. A RuntimeError (the solver gave up) that is also a ValueError, since what
-    was asked for (atol/rtol) is what usually cannot be met: the scripts print ValueErrors as one
-    `error:` line and exit 2."""
+    """dopri5 cannot finish. Also a ValueError, since what was asked for (atol/rtol) is what usually
+    cannot be met: the scripts print ValueErrors as one `error:` line and exit 2."""
 
 
-LOOSEN = "loosen the tolerance (--atol/--rtol, e.g. 1e-3) or use a fixed-step solver (--solver midpoint --steps N)"
-
-
-def _give_up(what, rows, t, nfe, advice=LOOSEN):
+def _give_up(what, rows, t, nfe, advice="loosen the tolerance (--atol/--rtol, e.g. 1e-3) or use a fixed-step "
+                                         "solver (--solver midpoint --steps N)"):
     """The SolverError for the rows `rows` (B,) bool: what failed, at which t (the first such row's), what to do."""
     first = int(rows.nonzero()[0, 0])
     return SolverError(f"dopri5 {what} at t={t[first].item():.6g} ({int(rows.sum())} of {len(rows)} rows, "
                        f"{int(nfe[first])} evaluations); {advice}")
-
-
-def _stuck(rows, h, ratio, atol, rtol, h_min, t, nfe):
-    """Rows whose next step would be below h_min: their velocity is not finite, or the tolerance is out of reach."""
-    if not (torch.isfinite(h[rows]).all() and torch.isfinite(ratio[rows]).all()):
-        return _give_up("got a non-finite velocity (NaN or inf), which no step size passes,", rows, t, nfe,
-                        "check the model's weights and inputs")
-    return _give_up(f"cannot meet atol={atol:g}, rtol={rtol:g}: the step size fell below {h_min:.1e}", rows, t, nfe)
-
-
-def _below_rounding(x, atol, rtol):
-    """(B,) bool: rows whose error test a mere rounding error of x, ROUNDING * |x|, already fails."""
-    return _rms(ROUNDING * x.abs() / (atol + rtol * x.abs())) > 1
 
 
 def _initial_step(f, x, t, T1, span, atol, rtol):
@@ -210,21 +181,21 @@ def dopri5(velocity, x, t0=0.0, t1=1.0, atol=1e-5, rtol=1e-5, callback=None, max
 
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     ratio = torch.zeros(B, dtype=torch.float64, device=dev)  # each row's last error test (inf: not finite)
-    n = 0
-    while not done.all():
+    for n in range(max_steps):
         active = ~done
-        if n >= max_steps:
-            raise _give_up(f"cannot meet atol={atol:g}, rtol={rtol:g} within max_steps={max_steps} steps: still",
-                           active, t, nfe)
-        unreachable = active & _below_rounding(x, atol, rtol)
+        unreachable = active & (_rms(ROUNDING * x.abs() / (atol + rtol * x.abs())) > 1)  # rounding alone fails
         if unreachable.any():
             raise _give_up(f"cannot meet atol={atol:g}, rtol={rtol:g}: finer than float64 can resolve "
                            f"(about {ROUNDING:.0e} of |x|)", unreachable, t, nfe)
         h = torch.where(active, torch.minimum(h, T1 - t), 0.0)  # finished rows: h = 0
         last = active & (h >= T1 - t)
         stuck = active & ~last & ~(h >= h_min)  # written ~(h >= h_min) so that a NaN h is stuck too
-        if stuck.any():
-            raise _stuck(stuck, h, ratio, atol, rtol, h_min, t, nfe)
+        if stuck.any() and not (torch.isfinite(h[stuck]).all() and torch.isfinite(ratio[stuck]).all()):
+            raise _give_up("got a non-finite velocity (NaN or inf), which no step size passes,", stuck, t, nfe,
+                           "check the model's weights and inputs")
+        if stuck.any():  # the tolerance is out of reach
+            raise _give_up(f"cannot meet atol={atol:g}, rtol={rtol:g}: the step size fell below {h_min:.1e}",
+                           stuck, t, nfe)
         t_new = torch.where(last, T1, t + h)  # snap onto t1 instead of trusting t + h
         x5, k7, err = _dopri5_step(f, x, k1, t, h, t_new, T1, active)
         ratio = _rms(err / (atol + rtol * torch.maximum(x.abs(), x5.abs())))
@@ -239,8 +210,9 @@ def dopri5(velocity, x, t0=0.0, t1=1.0, atol=1e-5, rtol=1e-5, callback=None, max
         done = done | (accept & last)
         if callback is not None and accept.any():
             callback({"step": n, "t": t.clone(), "x": x, "accepted": accept, "nfe": nfe.clone()})
-        n += 1
-    return x, nfe
+        if done.all():
+            return x, nfe
+    raise _give_up(f"cannot meet atol={atol:g}, rtol={rtol:g} within max_steps={max_steps} steps: still", ~done, t, nfe)
 
 
 SOLVERS = {"euler": euler, "midpoint": midpoint, "rk4": rk4, "dopri5": dopri5}
