@@ -210,12 +210,6 @@ class MLP(nn.Module):
         super().__init__()
         self.up_proj, self.down_proj, self.gate_proj = up_proj, down_proj, gate_proj
 
-    @classmethod
-    def from_config(cls, config):
-        bias, d, ff = config.family == "gpt2", config.n_embd, config.ffn_hidden
-        gate = nn.Linear(d, ff, bias=False) if config.family == "llama" else None
-        return cls(nn.Linear(d, ff, bias=bias), nn.Linear(ff, d, bias=bias), gate)
-
     def forward(self, x):
         if self.gate_proj is not None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -229,7 +223,9 @@ class Block(nn.Module):
         self.ln_1 = Norm(config.n_embd, config.norm_eps, rms)
         self.attn = Attention(config)
         self.ln_2 = Norm(config.n_embd, config.norm_eps, rms)
-        self.mlp = MLP.from_config(config)
+        bias, d, ff = not rms, config.n_embd, config.ffn_hidden
+        gate = nn.Linear(d, ff, bias=False) if rms else None
+        self.mlp = MLP(nn.Linear(d, ff, bias=bias), nn.Linear(ff, d, bias=bias), gate)
 
     def forward(self, x, rope, cache, layer, bidirectional=False):
         x = x + self.attn(self.ln_1(x), rope, cache, layer, bidirectional)
