@@ -251,8 +251,8 @@ def ddp(S, device, work, log):
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}")
     one, many = map(losses, run(train("config/quick.py", f"{work}/ddp-one", *l2d, device=device), train(
         "config/quick.py", f"{work}/ddp-torchrun", *l2d, device=device, launch=torchrun), log=log))
-    if len(one) != iters + 1 or len(many) != len(one):
-        raise RuntimeError(f"expected {iters} training losses and a validation loss, got {one} and {many}")
+    if len(one) != iters + 2 or len(many) != len(one):
+        raise RuntimeError(f"expected {iters} training losses and a validation loss before and after, got {one} and {many}")
     diff = max(abs(a - b) for a, b in zip(one, many))
     return dict(world_size=n, backend="nccl" if device.startswith("cuda") else "gloo", losses_one_process=one,
                 losses_torchrun=many, max_abs_diff=diff, tolerance=DDP_TOLERANCE, agree=diff <= DDP_TOLERANCE,

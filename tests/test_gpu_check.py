@@ -65,7 +65,7 @@ def test_speed_rows(dry_run):
 def test_ddp_losses_agree(dry_run):
     ddp = dry_run[1]["ddp"]
     assert ddp["world_size"] == 2 and ddp["backend"] == "gloo"
-    assert len(ddp["losses_one_process"]) == gpu_check.DRY["ddp_iters"] + 1  # every step's, and the validation loss
+    assert len(ddp["losses_one_process"]) == gpu_check.DRY["ddp_iters"] + 2  # every step's, and the validation loss before and after
     assert ddp["agree"] and ddp["max_abs_diff"] <= gpu_check.DDP_TOLERANCE
 
 
