@@ -39,6 +39,9 @@ INPUT_HIDDEN = 256
 # there fails its error test and h collapses (~370 evaluations instead of ~20 on a straight path with
 # sigma = 64). The 1e-4 of noise left is below what the read-out notices.
 ADAPTIVE_T_END = 1 - 1e-4
+# The (t, label) conditionings a sequence keeps across its tokens: midpoint's 128 steps fit; beyond, each
+# is recomputed (an entry is every layer's modulation, ~0.4 MB on SmolLM2: 100,000 steps would be 40 GB).
+MEMO_LIMIT = 256
 
 
 @dataclass
@@ -330,9 +333,12 @@ class Velocity:
         """l2d.conditioning of one row for rows sharing one (t, label): once a sequence, as fixed-step solvers
         visit the same t's for every token."""
         key = (t[0].item(), None if labels is None else labels[0].item())
-        if key not in self.memo:
-            self.memo[key] = self.l2d.conditioning(t[:1].view(1, 1).float(), None if labels is None else labels[:1])
-        return self.memo[key]
+        if key in self.memo:
+            return self.memo[key]
+        conditioning = self.l2d.conditioning(t[:1].view(1, 1).float(), None if labels is None else labels[:1])
+        if len(self.memo) < MEMO_LIMIT:  # each entry is every layer's modulation: bounded for --steps 100000
+            self.memo[key] = conditioning
+        return conditioning
 
     def packed_logits(self, rows, x_t, t, labels):
         """path_logits of `rows` (n,), sorted, of the flattened (B, P), packed into their own batch rows (whose

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import diffusion
 from diffusion import L2D, L2DConfig, Velocity, pack_positions
 from model import GPT, GPTConfig, KVCache
 
@@ -204,6 +205,25 @@ def test_shared_conditioning_equals_per_row_conditioning():
         fresh.append(tok)
         h, _ = l2d.base.trunk(tok[:, None], cache)
     assert all(torch.equal(a, b) for a, b in zip(remembered, fresh))
+
+
+def test_the_memo_stays_bounded_and_gives_the_same_tokens(monkeypatch):
+    """Past MEMO_LIMIT distinct t's (e.g. sample.py --steps 100000) the conditioning is recomputed, not kept:
+    the memo stays at the limit and the tokens are those of an unbounded memo."""
+    l2d = tiny_l2d("llama", "lora")
+    idx = torch.randint(0, VOCAB, (2, 5))
+    torch.manual_seed(3)
+    unbounded = [tok for tok, _ in l2d.generate(idx, 3, steps=6)]  # midpoint: 12 t's per token
+    monkeypatch.setattr(diffusion, "MEMO_LIMIT", 4)
+    memo, cache = {}, KVCache()
+    h, _ = l2d.base.trunk(idx, cache)
+    torch.manual_seed(3)
+    bounded = []
+    for _ in range(3):
+        tok, _ = l2d.next_token(h[:, -1:], cache, steps=6, memo=memo)
+        bounded.append(tok)
+        h, _ = l2d.base.trunk(tok[:, None], cache)
+    assert len(memo) == 4 and all(torch.equal(a, b) for a, b in zip(unbounded, bounded))
 
 
 @pytest.mark.parametrize("family,ode,field", [("gpt2", {}, {}), ("llama", {}, {}),
