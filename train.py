@@ -183,8 +183,11 @@ def build(cfg, ckpt_path):
         raise UsageError(f"{cfg['datasets']} uses a vocabulary of {train_data.vocab_size} tokens but the model has "
                          f"{vocab_size}; prepare the data with this model's tokenizer")
     if spec["method"] == "ar2diff":
-        answer_len = spec["ar2diff_config"]["answer_len"]
-        longest_prompt = int((np.diff(train_data.offsets) - train_data.answer_lengths()).max())
+        answer_len, answers = spec["ar2diff_config"]["answer_len"], train_data.answer_lengths()
+        if answer_len < answers.min():  # no span would hold an end token: the model never learns where to stop
+            raise UsageError(f"--answer_len {answer_len} is shorter than every train answer with its end token "
+                             f"({answers.min()} to {answers.max()} tokens): raise it, or 0 for the longest")
+        longest_prompt = int((np.diff(train_data.offsets) - answers).max())
         if longest_prompt + answer_len > block_size:
             raise UsageError(f"the longest train prompt ({longest_prompt} tokens) and the answer span (--answer_len "
                              f"{answer_len}) do not fit block_size {block_size}: lower --answer_len, or raise "

@@ -366,6 +366,8 @@ def test_usage_errors(data):
         train.main(TINY + [f"--datasets={[data]}", "--method=ar2diff", "--init_from=scratch", "--answer_len=60"])
     with pytest.raises(train.UsageError, match="--answer_len must be >= 0"):
         train.main(TINY + [f"--datasets={[data]}", "--method=ar2diff", "--init_from=scratch", "--answer_len=-1"])
+    with pytest.raises(train.UsageError, match="--answer_len 1 is shorter than every train answer"):  # trains no end
+        train.main(TINY + [f"--datasets={[data]}", "--method=ar2diff", "--init_from=scratch", "--answer_len=1"])
 
 
 def test_ar2diff_answer_span_defaults_to_the_longest_train_answer(data, tmp_path):
