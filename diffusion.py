@@ -35,13 +35,10 @@ from solvers import SOLVERS, dopri5, grid
 # t (128 frequencies, cos and sin halves, as in DiT) and the hidden layer of the input MLP x_t -> h^0.
 TIME_FEATURES = 256
 INPUT_HIDDEN = 256
-# dopri5 stops just short of t=1, where v is defined as 0 (its limit is x_hat_1 - x_0): a step landing
-# there fails its error test and h collapses (~370 evaluations instead of ~20 on a straight path with
-# sigma = 64). The 1e-4 of noise left is below what the read-out notices.
+# dopri5 stops just short of t=1, where v is defined as 0 (its limit is x_hat_1 - x_0): a step landing there fails
+# its error test and h collapses (~370 evaluations, not ~20). The 1e-4 of noise left is below the read-out's notice.
 ADAPTIVE_T_END = 1 - 1e-4
-# The (t, label) conditionings a sequence keeps across its tokens: midpoint's 128 steps fit; beyond, each
-# is recomputed (an entry is every layer's modulation, ~0.4 MB on SmolLM2: 100,000 steps would be 40 GB).
-MEMO_LIMIT = 256
+MEMO_LIMIT = 256  # (t, label)s a sequence keeps (~0.4 MB each on SmolLM2): midpoint's 128 steps; then recomputed
 
 
 @dataclass
@@ -238,10 +235,9 @@ class L2D(nn.Module):
     # --- generation (sec. 5) -------------------------------------------------------------------
     @torch.no_grad()
     def integrate(self, velocity, x_0=None, steps=8, solver="midpoint", atol=1e-5, rtol=1e-5):
-        """The sampling ODE: dx/dt = velocity(x, t) from noise x_0 (B, P, d_f) at t = 0 (None: drawn from
-        N(0, sigma^2)) to t = 1, one row per diffusion token; returns the logits read at t = 1 (B, P, vocab)
-        and each token's path evaluations (B, P). One step of a fixed-step solver is no integration: the
-        base's logits, bit for bit."""
+        """The sampling ODE dx/dt = velocity(x, t), one row per diffusion token, from noise x_0 (B, P, d_f; None:
+        drawn from N(0, sigma^2)) at t = 0 to t = 1: the logits read at t = 1 (B, P, vocab) and each token's path
+        evaluations (B, P). One fixed-step solver step is no integration: the base's logits, bit for bit."""
         B, P = velocity.h_main.shape[:2]
         if steps == 1 and solver != "dopri5":
             return self.base.head(velocity.h_main), velocity.evaluations.view(B, P)
@@ -303,11 +299,10 @@ class L2D(nn.Module):
 
 # --- the velocity field of the sampling ODE (sec. 5) ---------------------------------------------
 class Velocity:
-    """v(x, t) = (x_hat_1 - x) / (1 - t) of the B*P diffusion tokens at `pos` (B, P) (as predict), one solver
-    row each: x (n, d_f) float64, t (n,). Layers around it: guidance w != 1, classifier-free, v = w v(x, t |
-    labels) + (1 - w) v(x, t | null); memo, a dict kept across tokens; adaptive (dopri5: rows at their own
-    t's, packed); callback(info) after each solver step, with every row's latest "logits" and "logits_t",
-    then for the t = 1 read-out ("readout": True). `evaluations` (n,): each row's path evaluations (NFE)."""
+    """v(x, t) = (x_hat_1 - x) / (1 - t) of the B*P diffusion tokens at `pos` (B, P), a solver row each: x (n, d_f)
+    float64, t (n,). Layers: guidance, v = w v(x, t | labels) + (1 - w) v(x, t | null); memo, kept across tokens;
+    adaptive (dopri5: rows at their own t's, packed); callback(info) after each solver step and at the read-out
+    ("readout": True), with the rows' latest "logits" and "logits_t". `evaluations` (n,): each row's NFE."""
 
     def __init__(self, l2d, h_main, cache, pos=None, labels=None, estimate="argmax", guidance=1.0, memo=None,
                  callback=None, adaptive=False):
@@ -315,7 +310,7 @@ class Velocity:
         self.estimate, self.guidance, self.memo, self.callback = estimate, guidance, {} if memo is None else memo, callback
         self.adaptive, self.batch, self.batch_cache = adaptive, None, None  # dopri5's batch rows left, their K/V
         self.evaluations = torch.zeros(h_main.shape[0] * h_main.shape[1], dtype=torch.long, device=h_main.device)
-        self.logits = self.logits_t = None
+        self.logits = self.logits_t = None  # the latest evaluation's, for callback
         self.on_step = callback and (lambda info: callback({**info, "logits": self.logits, "logits_t": self.logits_t}))
 
     def path_logits(self, x, t, rows, labels):
@@ -330,13 +325,12 @@ class Velocity:
         return self.l2d.predict(self.h_main, self.cache, x.view(B, P, -1).float(), t_bp, conditioning, self.pos).flatten(0, 1)
 
     def shared_conditioning(self, t, labels):
-        """l2d.conditioning of one row for rows sharing one (t, label): once a sequence, as fixed-step solvers
-        visit the same t's for every token."""
-        key = (t[0].item(), None if labels is None else labels[0].item())
-        if key in self.memo:
-            return self.memo[key]
-        conditioning = self.l2d.conditioning(t[:1].view(1, 1).float(), None if labels is None else labels[:1])
-        if len(self.memo) < MEMO_LIMIT:  # each entry is every layer's modulation: bounded for --steps 100000
+        """l2d.conditioning of one row for rows sharing one (t, label): once a sequence (up to MEMO_LIMIT), as
+        fixed-step solvers visit the same t's for every token."""
+        label = None if labels is None else labels[:1]
+        key = (t[0].item(), None if label is None else label.item())
+        conditioning = self.memo.get(key) or self.l2d.conditioning(t[:1].view(1, 1).float(), label)
+        if len(self.memo) < MEMO_LIMIT:
             self.memo[key] = conditioning
         return conditioning
 

@@ -253,9 +253,9 @@ def test_ctrl_c_is_one_line_and_exit_130(ckpts):
     proc = subprocess.Popen([sys.executable, "sample.py", "--init_from", ckpts["trained"], "--start", PROMPT,
                              "--steps", "100000", "--num_samples", "1"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    header = proc.stdout.readline()  # the sample has begun
+    header, prompt = proc.stdout.readline(), proc.stdout.read(len(PROMPT))  # the sample has begun
     proc.send_signal(signal.SIGINT)
-    out, err = proc.stdout.read(), proc.stderr.read()  # (communicate would miss what readline buffered)
+    out, err = prompt + proc.stdout.read(), proc.stderr.read()  # (communicate would miss what was buffered)
     proc.wait(timeout=60)
     assert header.startswith("--- sample 1 of 1: midpoint, --steps 100000") and out.startswith(PROMPT)
     assert proc.returncode == 130 and err.splitlines() == ["interrupted"], err
