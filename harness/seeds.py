@@ -184,8 +184,9 @@ def main(argv=None):
         if not os.path.isdir(f"{cfg['data']}/{name}"):
             raise UsageError(f"--data {cfg['data']} has no {name}/: run the prepare commands of config/lab_base.py "
                              "(the README's quick start), or name the folder that holds them")
-    if cfg["jobs"] < 1:
-        raise UsageError(f"--jobs must be >= 1, not {cfg['jobs']}")
+    if cfg["jobs"] < 1 or not 1 <= min(cfg["steps"]) <= max(cfg["steps"]) <= 1_000_000 or cfg["limit"] < 0:
+        raise UsageError(f"--jobs must be >= 1 (got {cfg['jobs']}), --steps in 1..1000000 (got {cfg['steps']}), "
+                         f"--limit >= 0 (got {cfg['limit']})")  # before a job starts: a bad --steps fails at eval
     os.makedirs(cfg["out"], exist_ok=True)
     try:
         ok = run_all(plan(cfg), cfg["out"], cfg["jobs"])

@@ -52,6 +52,10 @@ def run(args, cwd=REPO):
 def test_missing_lab_data_is_one_line(tmp_path):
     r = run(["--data", str(tmp_path), "--out", str(tmp_path / "grid")])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "has no lab-addsub/" in r.stderr
+    os.makedirs(tmp_path / "lab-addsub"), os.makedirs(tmp_path / "lab-mul")
+    r = run(["--data", str(tmp_path), "--out", str(tmp_path / "grid"), "--steps", "0,4"])  # refused before any job
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--steps in 1..1000000" in r.stderr
+    assert not os.path.exists(tmp_path / "grid")
 
 
 def prepare_lab(folder):
