@@ -27,6 +27,10 @@ TINY = ["--init_from=scratch", "--method=ar", "--device=cpu", "--n_layer=1", "--
         "--block_size=64", "--flow_dim=8", "--lora_rank=2", "--batch_size=4", "--micro_batch=2", "--warmup_iters=1",
         "--learning_rate=1e-3", "--eval_examples=4", "--eval_interval=1000", "--log_interval=1"]
 
+# Ctrl-C as in a terminal: a shell that runs the tests in the background starts its children with SIGINT
+# ignored, and Python then installs no KeyboardInterrupt handler.
+FOREGROUND = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+
 
 def run(script, *args, timeout=120):
     """script's (returncode, stdout, stderr); a run past the timeout (a hang) fails the test."""
@@ -65,7 +69,8 @@ def test_ctrl_c_during_training_is_one_line_exit_130_and_keeps_the_checkpoint(da
     args = [sys.executable, "train.py", *TINY, f"--datasets={[data]}", f"--out_dir={out}", "--log_interval=1",
             "--eval_interval=2", "--eval_examples=4"]
     proc = subprocess.Popen(args + ["--max_iters=100000"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=FOREGROUND)
     for line in proc.stdout:  # interrupt once iter 2's checkpoint has been written
         if line.startswith("iter 3:"):
             break

@@ -29,6 +29,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 PROMPT = "What is 3 + 4?"  # in the char vocabulary of tiny_run's data
 
+# Ctrl-C as in a terminal: a shell that runs the tests in the background starts its children with SIGINT
+# ignored, and Python then installs no KeyboardInterrupt handler.
+FOREGROUND = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+
 
 @pytest.fixture(scope="module")
 def ckpts(tiny_run):  # noqa: F811
@@ -252,7 +256,8 @@ def test_ctrl_c_is_one_line_and_exit_130(ckpts):
     """Ctrl-C while sampling: what was printed stays, then `interrupted` on stderr, exit 130, no traceback."""
     proc = subprocess.Popen([sys.executable, "sample.py", "--init_from", ckpts["trained"], "--start", PROMPT,
                              "--steps", "100000", "--num_samples", "1"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=FOREGROUND)
     header, prompt = proc.stdout.readline(), proc.stdout.read(len(PROMPT))  # the sample has begun
     proc.send_signal(signal.SIGINT)
     out, err = prompt + proc.stdout.read(), proc.stderr.read()  # (communicate would miss what was buffered)
