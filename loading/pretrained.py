@@ -112,7 +112,8 @@ def read_hf_folder(folder):
     """config.json plus model.safetensors, or the shards a model.safetensors.index.json lists."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"missing {config_path} (a Hugging Face model folder needs config.json)")
+        raise FileNotFoundError(f"{folder} has neither ckpt.pt (a train.py run) nor config.json (a Hugging Face "
+                                "model): name a run folder, a ckpt.pt or a model folder")
     hf_config = read_json(config_path)
     index, shards = os.path.join(folder, "model.safetensors.index.json"), ["model.safetensors"]
     if os.path.isfile(index):

@@ -110,6 +110,13 @@ def test_config_not_json(tmp_path):
     assert_one_line_error(run(*SAMPLE, "--init_from", folder), str(folder / "config.json"), "not valid JSON")
 
 
+def test_a_run_folder_without_its_checkpoint_is_named_as_such(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "eval_results.json").write_text("{}")  # what a run folder holds besides ckpt.pt
+    assert_one_line_error(run(*SAMPLE, "--init_from", tmp_path / "out"), "neither ckpt.pt (a train.py run)",
+                          "nor config.json")
+
+
 def test_config_lacks_a_key(tmp_path):
     folder = hf_folder(tmp_path / "model", config={k: v for k, v in CONFIG.items() if k != "hidden_size"})
     assert_one_line_error(run(*SAMPLE, "--init_from", folder), str(folder / "config.json"), "'hidden_size'")
