@@ -200,3 +200,6 @@ if __name__ == "__main__":
         main()
     except (UsageError, ValueError, FileNotFoundError) as e:
         fail(e)
+    except KeyboardInterrupt:  # --out is written once, at the end, atomically
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)

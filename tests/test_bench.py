@@ -170,3 +170,17 @@ def test_memory_workers_see_their_own_training_memory(one_thread):
     lora_bf16 = bench.measure_memory(cfg, "lora", "bfloat16")
     assert lora["before_mb"] - lora_bf16["before_mb"] == pytest.approx(weights_mb / 2, rel=0.25)
 
+
+
+def test_ctrl_c_is_one_line_and_writes_nothing(tmp_path):
+    import signal
+    out = tmp_path / "bench.json"
+    proc = subprocess.Popen([sys.executable, "-m", "harness.bench", "--init_from=scratch", "--what=gen", "--steps=1,8",
+                             f"--out={out}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's job
+    proc.stdout.readline()  # the machine line: torch is loaded, the timing begins
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.splitlines() == ["error: interrupted; nothing was written"]
+    assert not out.exists()
