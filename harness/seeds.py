@@ -187,7 +187,10 @@ def main(argv=None):
     if cfg["jobs"] < 1 or not 1 <= min(cfg["steps"]) <= max(cfg["steps"]) <= 1_000_000 or cfg["limit"] < 0:
         raise UsageError(f"--jobs must be >= 1 (got {cfg['jobs']}), --steps in 1..1000000 (got {cfg['steps']}), "
                          f"--limit >= 0 (got {cfg['limit']})")  # before a job starts: a bad --steps fails at eval
-    os.makedirs(cfg["out"], exist_ok=True)
+    try:
+        os.makedirs(cfg["out"], exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {cfg['out']}: cannot make the grid's folder ({e.strerror}); name another") from None
     try:
         ok = run_all(plan(cfg), cfg["out"], cfg["jobs"])
     except KeyboardInterrupt:

@@ -56,6 +56,10 @@ def test_missing_lab_data_is_one_line(tmp_path):
     r = run(["--data", str(tmp_path), "--out", str(tmp_path / "grid"), "--steps", "0,4"])  # refused before any job
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--steps in 1..1000000" in r.stderr
     assert not os.path.exists(tmp_path / "grid")
+    (tmp_path / "a_file").write_text("mine")
+    r = run(["--data", str(tmp_path), "--out", str(tmp_path / "a_file")])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot make the grid's folder" in r.stderr
+    assert (tmp_path / "a_file").read_text() == "mine"
 
 
 def prepare_lab(folder):
