@@ -30,6 +30,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def command_line(doc, here, tokenizer, tokenizer_help):
     """The script's parser (its docstring the description) with --tokenizer (default `tokenizer`) and --out."""
     p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    p.error = lambda message: fail(f"{message} (-h lists the options)")  # one line, not argparse's usage block
     p.add_argument("--tokenizer", default=tokenizer, help=tokenizer_help)
     p.add_argument("--out", default=None, help=f"output folder (default data/{os.path.basename(here)}/<tokenizer tag>)")
     return p

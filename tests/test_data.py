@@ -242,6 +242,8 @@ def test_gsm8k_slice(tmp_path):
     ("arithmetic", ["--digits", "-1"], ["--digits must be >= 1, not -1"]),
     ("pycode", ["--max_lines", "0"], ["--max_lines must be >= 1, not 0"]),
     ("pycode", ["--max_lines", "2"], ["--max_lines 2", "raise --max_lines"]),
+    ("arithmetic", ["--n_train", "abc"], ["--n_train: invalid int value: 'abc'", "-h lists the options"]),
+    ("gsm8k", ["--bogus"], ["unrecognized arguments: --bogus"]),
 ])
 def test_prepare_bad_options_exit_2_with_one_line(task, args, words, tmp_path):
     result = subprocess.run([sys.executable, "-m", f"data.{task}.prepare", *args,
