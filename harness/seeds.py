@@ -1,15 +1,17 @@
 """
 The CPU lab over training seeds: pretrain a base per base seed (config/lab_base.py), finetune each
-base with each method per path seed (config/lab_<method>.py), evaluate every run on the test and
+base with each method per path seed (config/lab_<method>.py, else harness/experiments/lab_<method>.py;
+"<a>_on_<b>" finetunes a with b's run of the same seeds as its base), evaluate every run on the test and
 confirm splits, and summarise across seeds. Runs `jobs` trainings or evaluations at once, one thread
 each; a killed grid resumes where it stopped (a finished job leaves OUT/<job>.done; a killed training
 goes on from its last checkpoint).
 
     python -m harness.seeds --bases 1,2,3 --paths 1                # 3 bases, L2D and LoRA on each
     python -m harness.seeds --bases 1 --paths 1,2,3,4,5 --methods l2d
+    python -m harness.seeds --methods l2d,lora,lora_params,l2d_on_lora   # + LoRA at the path's size, L2D on LoRA
 
 Across seeds, a mean comes with a 95% t-interval over the seeds (n seeds, n - 1 degrees of freedom);
-"beyond its own interval" counts the seeds whose paired interval over the 500 examples is above 0.
+"seeds, own interval > 0" counts the seeds whose paired interval over the 500 examples is above 0.
 """
 
 import json
@@ -27,7 +29,7 @@ from harness.intervals import paired_difference
 OPTIONS = dict(
     bases=("1337", "seeds of the base's pretraining (initial weights and data order)"),
     paths=("1337", "seeds of each finetuning run (initial weights, data order, t and noise)"),
-    methods=("l2d,lora", "finetuning configs, config/lab_<method>.py: l2d, lora"),
+    methods=("l2d,lora", "finetuning configs lab_<method>.py: l2d, lora, lora_params; a_on_b: a on b's run"),
     steps=("1,2,4,8,16", "L2D's ODE steps per token at evaluation"),
     splits=("test,confirm", "held-out splits each run is evaluated on"),
     data=("data/arithmetic", "the folder holding the lab's prepared lab-addsub (base) and lab-mul (finetuning)"),
@@ -36,6 +38,7 @@ OPTIONS = dict(
     jobs=(2, "trainings or evaluations at once, one thread each"),
     out=("out-seeds", "the grid's folder: one run folder per job, logs, summary.md"),
 )
+LABELS = dict(l2d="L2D", lora="LoRA", lora_params="LoRA at the path's size", l2d_on_lora="L2D on LoRA")
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t, df = 1..10
 
 
@@ -46,11 +49,12 @@ def plan(cfg):
         jobs[f"base-{b}"] = None, ["train.py", "config/lab_base.py", f"--seed={b}", f"--out_dir={out}/base-{b}",
                                    f"--datasets={[data + '/lab-addsub']}"]
         for method in cfg["methods"]:
+            method_config, _, on = method.partition("_on_")
             for p in cfg["paths"]:
-                run = f"{method}-{b}-{p}"
-                jobs[run] = f"base-{b}", ["train.py", f"config/lab_{method}.py", f"--init_from={out}/base-{b}/ckpt.pt",
-                                          f"--seed={p}", f"--out_dir={out}/{run}", f"--datasets={[data + '/lab-mul']}"]
-                steps = ",".join(map(str, cfg["steps"])) if method == "l2d" else "1"
+                run, base = f"{method}-{b}-{p}", f"{on}-{b}-{p}" if on else f"base-{b}"
+                jobs[run] = base, ["train.py", config_of(method_config), f"--init_from={out}/{base}/ckpt.pt",
+                                   f"--seed={p}", f"--out_dir={out}/{run}", f"--datasets={[data + '/lab-mul']}"]
+                steps = ",".join(map(str, steps_of(method, cfg)))
                 for split in cfg["splits"]:
                     jobs[f"{run}-{split}"] = run, ["eval.py", f"--ckpt={out}/{run}/ckpt.pt", f"--data={data}/lab-mul",
                                                    f"--split={split}", f"--steps={steps}", f"--limit={cfg['limit']}",
@@ -62,6 +66,12 @@ def plan(cfg):
             if os.path.exists(f"{out}/{name}/ckpt.pt") and not os.path.exists(f"{out}/{name}.done"):
                 argv.append("--init_from=resume")  # a killed training goes on from its last checkpoint
     return jobs
+
+
+def config_of(method):
+    """A method's lab config: the README's (config/) or an experiment's (harness/experiments/)."""
+    readme = f"config/lab_{method}.py"
+    return readme if os.path.exists(readme) else f"harness/experiments/lab_{method}.py"
 
 
 def run_all(jobs, out, parallel):
@@ -142,7 +152,7 @@ def summarize(cfg):
 
 
 def steps_of(method, cfg):
-    return cfg["steps"] if method == "l2d" else [1]
+    return cfg["steps"] if method.startswith("l2d") else [1]  # a GPT's one forward
 
 
 def paired(row, reference, key):
@@ -155,15 +165,15 @@ def paired(row, reference, key):
 
 def gains(rows, seeds, cfg):
     """Table lines: each gain's mean [95% over seeds] and the seeds whose own interval is above 0."""
-    comparisons = []
-    if "l2d" in cfg["methods"]:
-        steps = cfg["steps"]
-        comparisons += [(f"L2D {s} over 1 step", ("l2d", s), ("l2d", 1)) for s in steps if s != 1]
+    comparisons, steps, name = [], cfg["steps"], lambda m: LABELS.get(m, m)
+    for a in [m for m in cfg["methods"] if m.startswith("l2d")]:
+        comparisons += [(f"{name(a)} {s} over 1 step", (a, s), (a, 1)) for s in steps if s != 1]
         if 4 in steps and 16 in steps:
-            comparisons.append(("L2D 16 over 4 steps", ("l2d", 16), ("l2d", 4)))
-        if "lora" in cfg["methods"]:
-            comparisons += [(f"L2D @{s} - LoRA", ("l2d", s), ("lora", 1)) for s in steps]
-    lines = ["| gain, points | exact match | seeds > 0 | teacher-forced | seeds > 0 |", "|---|---|---|---|---|"]
+            comparisons.append((f"{name(a)} 16 over 4 steps", (a, 16), (a, 4)))
+        for b in [m for m in cfg["methods"] if not m.startswith("l2d")]:
+            comparisons += [(f"{name(a)} @{s} - {name(b)}", (a, s), (b, 1)) for s in steps]
+    beyond = "seeds, own interval > 0"
+    lines = [f"| gain, points | exact match | {beyond} | teacher-forced | {beyond} |", "|---|---|---|---|---|"]
     for name, (m, s), (m0, s0) in comparisons:
         cells = []
         for key in ("accuracy", "tf_accuracy"):
@@ -178,8 +188,10 @@ def main(argv=None):
     for key, kind in (("bases", int), ("paths", int), ("steps", int), ("methods", str), ("splits", str)):
         cfg[key] = parse_list(key, cfg[key], kind, OPTIONS[key][0])
     for method in cfg["methods"]:
-        if not os.path.exists(f"config/lab_{method}.py"):
-            raise UsageError(f"--methods: no config/lab_{method}.py (the methods are l2d, lora)")
+        method_config, _, on = method.partition("_on_")
+        if not os.path.exists(config_of(method_config)) or on and on not in cfg["methods"]:
+            raise UsageError(f"--methods: no lab config for {method} (l2d, lora, lora_params; a_on_b needs b in "
+                             "--methods too)")
     for name in ("lab-addsub", "lab-mul"):
         if not os.path.isdir(f"{cfg['data']}/{name}"):
             raise UsageError(f"--data {cfg['data']} has no {name}/: run the prepare commands of config/lab_base.py "

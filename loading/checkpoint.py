@@ -9,7 +9,7 @@ without a word), the run's `config` and what a resume restores.
 
     model, tokenizer, ckpt = load("out-quick-l2d/ckpt.pt")   # an L2D, an AR2Diff or a GPT, and its checkpoint
     model, tokenizer, ckpt = load("smollm2-135m")             # a pretrained name or HF folder: ckpt is None
-    base, tokenizer = load_base("out-quick/ckpt.pt")          # a GPT to finetune: load's, or an ar2diff run's GPT
+    base, tokenizer = load_base("out-quick/ckpt.pt")          # a GPT to finetune (ar2diff's GPT, lora's merged)
 """
 
 import hashlib
@@ -19,7 +19,7 @@ import torch
 
 from ar2diff import AR2Diff, AR2DiffConfig
 from diffusion import L2D, L2DConfig
-from lora import add_lora
+from lora import add_lora, merge_lora
 from model import GPT, GPTConfig
 from loading.pretrained import load_pretrained
 from loading.tokenizer import get_tokenizer
@@ -103,13 +103,16 @@ def load(name_or_path, block_size=None):
 
 def load_base(init_from, block_size=None):
     """A base GPT to finetune and its tokenizer: a pretrained name or HF folder, or the ckpt.pt of a
-    method=ar/full run (e.g. the quick recipe's tiny GPT) or of an ar2diff run (its GPT: AR2Diff_N)."""
+    method=ar/full run (e.g. the quick recipe's tiny GPT), of an ar2diff run (its GPT: AR2Diff_N) or of a
+    lora run (its GPT with the LoRA merged into the weights: the paper's L2D on top of LoRA)."""
     model, tokenizer, ckpt = load(init_from, block_size)
     if ckpt is None:
         return model, tokenizer
+    if ckpt["method"] == "lora":
+        return merge_lora(model).requires_grad_(True), tokenizer
     if ckpt["method"] not in WHOLE:
-        raise ValueError(f"{init_from} holds a {ckpt['method']} model; a base must come from method=ar, full "
-                         "or ar2diff")
+        raise ValueError(f"{init_from} holds a {ckpt['method']} model; a base must come from method=ar, full, "
+                         "lora or ar2diff")
     return (model.base if ckpt["method"] == "ar2diff" else model), tokenizer
 
 

@@ -37,6 +37,15 @@ def test_plan_finetunes_every_base_with_every_method_and_path_seed(tmp_path):
     assert "--steps=1" in jobs["lora-2-7-test"][1] and "--steps=1,2" in jobs["l2d-2-7-test"][1]
 
 
+def test_plan_puts_l2d_on_lora_on_the_lora_run_of_the_same_seeds(tmp_path):
+    jobs = seeds.plan(grid_config(tmp_path, methods=["lora", "lora_params", "l2d_on_lora"]))
+    prerequisite, argv = jobs["l2d_on_lora-2-7"]
+    assert prerequisite == "lora-2-7" and argv[1] == "config/lab_l2d.py"
+    assert f"--init_from={tmp_path}/grid/lora-2-7/ckpt.pt" in argv and "--steps=1,2" in jobs["l2d_on_lora-2-7-test"][1]
+    assert jobs["lora_params-2-7"][1][1] == "harness/experiments/lab_lora_params.py"  # an experiment's config
+    assert "--steps=1" in jobs["lora_params-2-7-test"][1]
+
+
 def test_a_killed_training_resumes_from_its_checkpoint(tmp_path):
     os.makedirs(tmp_path / "grid" / "l2d-1-7")
     (tmp_path / "grid" / "l2d-1-7" / "ckpt.pt").write_bytes(b"")
@@ -56,6 +65,8 @@ def test_missing_lab_data_is_one_line(tmp_path):
     r = run(["--data", str(tmp_path), "--out", str(tmp_path / "grid"), "--steps", "0,4"])  # refused before any job
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--steps in 1..1000000" in r.stderr
     assert not os.path.exists(tmp_path / "grid")
+    r = run(["--data", str(tmp_path), "--methods", "l2d_on_lora"])  # its base run, lora, is not in the grid
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no lab config for l2d_on_lora" in r.stderr
     (tmp_path / "a_file").write_text("mine")
     r = run(["--data", str(tmp_path), "--out", str(tmp_path / "a_file")])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot make the grid's folder" in r.stderr

@@ -506,3 +506,25 @@ def test_a_damaged_init_from_is_one_line(damage, words, data, base_ckpt, tmp_pat
     result = run_script(*TINY, f"--datasets={[data]}", "--method=l2d", f"--init_from={path}", "--max_iters=1",
                         f"--out_dir={tmp_path / 'out'}", "--device=cpu")
     assert_one_line_error(result, path, *words)
+
+
+def test_l2d_on_lora_freezes_the_lora_finetune_merged_as_its_base(data, base_ckpt, tmp_path):
+    """The paper's "L2D on LoRA": a lora run's ckpt.pt as --init_from is its GPT with W + scale B A merged in.
+    Its base must compute what the LoRA model computes (the unmerged forward, an independent path), and
+    steps = 1 must be exactly that base."""
+    lora_dir, l2d_dir = tmp_path / "lora", tmp_path / "l2d"
+    run_train(*method_args("lora", data, base_ckpt), "--max_iters=3", f"--out_dir={lora_dir}")
+    lora_model, _, _ = load(str(lora_dir / "ckpt.pt"))
+    assert any(p.abs().sum() > 0 for n, p in lora_model.named_parameters() if "lora_B" in n)  # it did train
+    run_train(*TINY, f"--datasets={[data]}", "--method=l2d", f"--init_from={lora_dir / 'ckpt.pt'}", "--max_iters=2",
+              f"--out_dir={l2d_dir}")
+    l2d, _, ckpt = load(str(l2d_dir / "ckpt.pt"))
+    assert ckpt["init_from"] == str(lora_dir / "ckpt.pt") and not any(
+        "lora_" in name for name, _ in l2d.base.named_parameters())  # merged: a plain GPT
+    idx = torch.randint(0, 16, (2, 12))
+    with torch.no_grad():
+        reference, _ = lora_model(idx, idx)  # logits at every position of the unmerged LoRA model
+        h_main, _ = l2d.base.trunk(idx)
+        torch.testing.assert_close(l2d.base.head(h_main), reference, atol=1e-5, rtol=1e-5)
+        token, nfe = next(l2d.generate(idx, 1, steps=1))
+        assert torch.equal(token, reference[:, -1].argmax(-1)) and not nfe.any()
