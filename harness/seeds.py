@@ -36,7 +36,7 @@ OPTIONS = dict(
     limit=(0, "evaluate on the first N examples only; 0: all"),
     train_args=("", "extra options for every train.py run, e.g. '--max_iters=500' (a smaller lab)"),
     jobs=(2, "trainings or evaluations at once, one thread each"),
-    out=("out-seeds", "the grid's folder: one run folder per job, logs, summary.md"),
+    out=("out-seeds", "the grid's folder: one run folder per job, logs, summary.md and summary.png"),
 )
 LABELS = dict(l2d="L2D", lora="LoRA", lora_params="LoRA at the path's size", l2d_on_lora="L2D on LoRA")
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t, df = 1..10
@@ -124,14 +124,9 @@ def summarize(cfg):
     accuracies, of the gains over 1 step and 16 over 4 (with the share of seeds whose own paired interval
     is above 0), and of L2D - LoRA, paired on each (base, path) seed."""
     out, lines = cfg["out"], []
+    seeds = [(b, p) for b in cfg["bases"] for p in cfg["paths"]]
     for split in cfg["splits"]:
-        rows = {}  # (method, base, path) -> {steps: row}
-        for b in cfg["bases"]:
-            for method in cfg["methods"]:
-                for p in cfg["paths"]:
-                    with open(f"{out}/{method}-{b}-{p}/eval_{split}.json") as f:
-                        rows[method, b, p] = {r["steps"]: r for r in json.load(f)["rows"]}
-        seeds = [(b, p) for b in cfg["bases"] for p in cfg["paths"]]
+        rows = read_rows(cfg, split)
         lines += [f"## {split} split: {len(seeds)} seed pairs (base, path), "
                   f"n = {next(iter(next(iter(rows.values())).values()))['n']} examples each", ""]
         for key, name in (("accuracy", "exact match"), ("tf_accuracy", "teacher-forced")):
@@ -149,6 +144,52 @@ def summarize(cfg):
     with open(f"{out}/summary.md", "w") as f:
         f.write(text + "\n")
     print(text)
+    figure(read_rows(cfg, cfg["splits"][0]), seeds, cfg, f"{out}/summary.png")
+
+
+def read_rows(cfg, split):
+    """{(method, base, path): {steps: eval.py's row}} of one split."""
+    rows = {}
+    for b in cfg["bases"]:
+        for method in cfg["methods"]:
+            for p in cfg["paths"]:
+                with open(f"{cfg['out']}/{method}-{b}-{p}/eval_{split}.json") as f:
+                    rows[method, b, p] = {r["steps"]: r for r in json.load(f)["rows"]}
+    return rows
+
+
+def figure(rows, seeds, cfg, path):
+    """Exact match and tf against steps, as the mean over seeds with its 95% band: a line per L2D, a level
+    per baseline (one forward of a GPT). A note instead of the PNG when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no figure")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, (key, name) in zip(axes, (("accuracy", "exact match, %"), ("tf_accuracy", "teacher-forced, %"))):
+        for method, color in zip(cfg["methods"], plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+            steps = steps_of(method, cfg)
+            m, lo, hi = (100 * np.array(v) for v in zip(*(
+                mean_interval([rows[method, b, p][s][key] for b, p in seeds]) for s in steps)))
+            label = LABELS.get(method, method)
+            if len(steps) > 1:
+                ax.plot(steps, m, "o-", color=color, label=label)
+                ax.fill_between(steps, lo, hi, color=color, alpha=0.2)
+            else:
+                ax.axhline(m[0], color=color, linestyle="--", label=label)
+                ax.axhspan(lo[0], hi[0], color=color, alpha=0.12)
+        ax.set_xscale("log", base=2)
+        ax.set(xticks=cfg["steps"], xticklabels=cfg["steps"], xlabel="ODE steps per token", ylabel=name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{cfg['splits'][0]} split, mean and 95% interval over {len(seeds)} seed pairs (base, path)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def steps_of(method, cfg):

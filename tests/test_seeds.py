@@ -92,6 +92,11 @@ def test_a_tiny_grid_runs_summarises_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("start ") == 6 and "| base 2, path 7 |" in first.stdout
     assert "| L2D 2 over 1 step |" in (tmp_path / "grid" / "summary.md").read_text()
+    try:
+        import matplotlib  # noqa: F401  (optional: without it the grid says so and draws nothing)
+        assert (tmp_path / "grid" / "summary.png").read_bytes().startswith(b"\x89PNG")
+    except ImportError:
+        assert "no figure" in first.stdout
     os.remove(tmp_path / "grid" / "l2d-2-7-test.done")  # as if killed during this evaluation
     again = run(args)
     assert again.returncode == 0 and again.stdout.count("start ") == 1 and "start l2d-2-7-test" in again.stdout
