@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import forkrun
 from harness import bench
 from harness import benchmarks
 from configurator import UsageError
@@ -154,7 +155,7 @@ def test_defaults_and_exit_code():
     cfg = bench.check(bench.configure(bench.OPTIONS, []))
     assert cfg["steps"] == [1, 2, 4, 8, 16, 32] and cfg["batch_sizes"] == [1, 16] and cfg["what"] == ["gen", "train"]
     assert bench.check(bench.configure(bench.OPTIONS, ["--steps", "8", "--what", "gen"]))["steps"] == [8]
-    run = subprocess.run([sys.executable, "-m", "harness.bench", "--what=nothing"], cwd=ROOT, capture_output=True, text=True)
+    run = forkrun.run([sys.executable, "-m", "harness.bench", "--what=nothing"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.startswith("error: --what")
 
 
