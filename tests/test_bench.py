@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -30,8 +31,11 @@ def one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_end_to_end_on_a_tiny_model(tmp_path, capsys, one_thread):
+def test_end_to_end_on_a_tiny_model(tmp_path, capsys, one_thread, monkeypatch):
     out = tmp_path / "bench.json"
+    # its 8 memory workers forked from a torch already imported (test_memory_workers_see_their_own_training_memory
+    # runs them as fresh interpreters, as bench.py does)
+    monkeypatch.setattr(bench, "subprocess", types.SimpleNamespace(run=forkrun.run))
     returned = bench.main(TINY + ["--steps=1,2,4", "--batch_sizes=1,3", f"--out={out}"])
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())
