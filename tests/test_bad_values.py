@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+import forkrun
 from data.dataset import write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,8 +35,8 @@ FOREGROUND = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
 
 def run(script, *args, timeout=120):
     """script's (returncode, stdout, stderr); a run past the timeout (a hang) fails the test."""
-    return subprocess.run([sys.executable, *script.split(), *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    return forkrun.run([sys.executable, *script.split(), *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

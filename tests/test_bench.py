@@ -5,10 +5,12 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
+import forkrun
 from harness import bench
 from harness import benchmarks
 from configurator import UsageError
@@ -29,8 +31,11 @@ def one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_end_to_end_on_a_tiny_model(tmp_path, capsys, one_thread):
+def test_end_to_end_on_a_tiny_model(tmp_path, capsys, one_thread, monkeypatch):
     out = tmp_path / "bench.json"
+    # its 8 memory workers forked from a torch already imported (test_memory_workers_see_their_own_training_memory
+    # runs them as fresh interpreters, as bench.py does)
+    monkeypatch.setattr(bench, "subprocess", types.SimpleNamespace(run=forkrun.run))
     returned = bench.main(TINY + ["--steps=1,2,4", "--batch_sizes=1,3", f"--out={out}"])
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())
@@ -154,7 +159,7 @@ def test_defaults_and_exit_code():
     cfg = bench.check(bench.configure(bench.OPTIONS, []))
     assert cfg["steps"] == [1, 2, 4, 8, 16, 32] and cfg["batch_sizes"] == [1, 16] and cfg["what"] == ["gen", "train"]
     assert bench.check(bench.configure(bench.OPTIONS, ["--steps", "8", "--what", "gen"]))["steps"] == [8]
-    run = subprocess.run([sys.executable, "-m", "harness.bench", "--what=nothing"], cwd=ROOT, capture_output=True, text=True)
+    run = forkrun.run([sys.executable, "-m", "harness.bench", "--what=nothing"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.startswith("error: --what")
 
 

@@ -4,12 +4,12 @@ import glob
 import importlib
 import os
 import re
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
+import forkrun
 from configurator import UsageError, configure, defaults, parse_list
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,8 +114,8 @@ SCRIPTS = ["train.py", "sample.py", "eval.py", "-m harness.bench"]
 
 
 def run_script(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return forkrun.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def option_meaning(help_text, key, default):

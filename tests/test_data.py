@@ -15,6 +15,7 @@ import sysconfig
 import numpy as np
 import pytest
 
+import forkrun
 from data.dataset import BatchSampler, TokenDataset, write_dataset
 from loading.tokenizer import EOT, get_tokenizer
 
@@ -107,15 +108,15 @@ def test_prepare_never_changes_a_prepared_folder_unasked(tmp_path):
     out = str(tmp_path / "data")
     run = [sys.executable, "-m", "data.arithmetic.prepare", "--out", out, "--n_train", "50",
            "--n_test", "10", "--digits", "2", "--ops", "+"]
-    assert subprocess.run(run + ["--n_confirm", "5"], cwd=REPO, capture_output=True).returncode == 0
+    assert forkrun.run(run + ["--n_confirm", "5"], cwd=REPO, capture_output=True).returncode == 0
     before = {name: open(os.path.join(out, name), "rb").read() for name in sorted(os.listdir(out))}
-    again = subprocess.run(run + ["--n_confirm", "5"], capture_output=True, text=True)
+    again = forkrun.run(run + ["--n_confirm", "5"], capture_output=True, text=True)
     assert again.returncode == 0 and "left as it is" in again.stdout
-    changed = subprocess.run(run + ["--ops", "+*"], capture_output=True, text=True)  # a bigger vocabulary
+    changed = forkrun.run(run + ["--ops", "+*"], capture_output=True, text=True)  # a bigger vocabulary
     assert changed.returncode == 2 and changed.stderr.count("\n") == 1 and "--overwrite" in changed.stderr
     assert {name: open(os.path.join(out, name), "rb").read() for name in sorted(os.listdir(out))} == before
     assert sorted(os.listdir(tmp_path)) == ["data"]  # no staging folder left behind
-    replaced = subprocess.run(run + ["--ops", "+*", "--overwrite"], capture_output=True, text=True)
+    replaced = forkrun.run(run + ["--ops", "+*", "--overwrite"], capture_output=True, text=True)
     assert replaced.returncode == 0, replaced.stderr
     assert sorted(os.listdir(out)) == ["meta.json", "test.jsonl", "test.npz", "train.npz", "vocab.json"]
     assert open(os.path.join(out, "vocab.json"), "rb").read() != before["vocab.json"]
@@ -246,8 +247,8 @@ def test_gsm8k_slice(tmp_path):
     ("gsm8k", ["--bogus"], ["unrecognized arguments: --bogus"]),
 ])
 def test_prepare_bad_options_exit_2_with_one_line(task, args, words, tmp_path):
-    result = subprocess.run([sys.executable, "-m", f"data.{task}.prepare", *args,
-                             "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = forkrun.run([sys.executable, "-m", f"data.{task}.prepare", *args,
+                          "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert all(word in lines[0] for word in words)
@@ -266,8 +267,8 @@ def test_prepare_help_shows_the_defaults(task, default):
 def test_prepare_out_naming_a_file_is_one_line(tmp_path):
     mine = tmp_path / "notes.txt"
     mine.write_text("mine")
-    result = subprocess.run([sys.executable, "-m", "data.arithmetic.prepare", "--out", str(mine)], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = forkrun.run([sys.executable, "-m", "data.arithmetic.prepare", "--out", str(mine)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr == f"error: --out {mine} is a file; name a folder for the prepared dataset\n"
     assert mine.read_text() == "mine"
 
@@ -302,10 +303,10 @@ def test_a_missing_or_damaged_prepared_folder_is_named(prepared, damage, words):
 
 
 def test_train_names_a_dataset_folder_that_does_not_exist(tmp_path):
-    result = subprocess.run([sys.executable, "train.py", "--init_from=scratch", "--method=ar", "--n_layer=1",
-                             "--n_embd=16", "--n_head=2", f"--out_dir={tmp_path / 'out'}",
-                             f"--datasets=['{tmp_path / 'nope'}']"], cwd=REPO, capture_output=True, text=True,
-                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = forkrun.run([sys.executable, "train.py", "--init_from=scratch", "--method=ar", "--n_layer=1",
+                          "--n_embd=16", "--n_head=2", f"--out_dir={tmp_path / 'out'}",
+                          f"--datasets=['{tmp_path / 'nope'}']"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith(f"error: the dataset folder {tmp_path / 'nope'} does not exist") \
         and result.stderr.count("\n") == 1

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
+import forkrun
 from harness import eval_rows
 from ar2diff import AR2Diff, AR2DiffConfig, until_end
 from loading.checkpoint import save_checkpoint
@@ -575,11 +576,11 @@ def test_out_on_a_read_only_folder_is_refused_before_any_work(tiny_run, monkeypa
 
 
 def test_cli_errors_are_one_line_exit_2():
-    proc = subprocess.run([sys.executable, "eval.py", "--bogus", "1"], cwd=REPO, capture_output=True, text=True)
+    proc = forkrun.run([sys.executable, "eval.py", "--bogus", "1"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown option --bogus")
     assert len(proc.stderr.strip().splitlines()) == 1
-    proc = subprocess.run([sys.executable, "eval.py", "--ckpt", "nowhere", "--dtype", "bf16"], cwd=REPO,
-                          capture_output=True, text=True)  # refused before the (missing) model is looked for
+    proc = forkrun.run([sys.executable, "eval.py", "--ckpt", "nowhere", "--dtype", "bf16"], cwd=REPO,
+                       capture_output=True, text=True)  # refused before the (missing) model is looked for
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown --dtype 'bf16'")
 
 
@@ -587,9 +588,9 @@ def test_cli_errors_are_one_line_exit_2():
 def test_absurd_step_counts_are_one_line(tiny_run, ckpt):
     """A step count past float32 t's resolution is refused before any work (it used to allocate terabytes)."""
     out = tiny_run["tmp"] / "absurd.json"
-    proc = subprocess.run([sys.executable, "eval.py", "--ckpt", tiny_run[ckpt], "--data", tiny_run["data"],
-                           "--steps", "1,1000000000000", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = forkrun.run([sys.executable, "eval.py", "--ckpt", tiny_run[ckpt], "--data", tiny_run["data"],
+                        "--steps", "1,1000000000000", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
         "error: --steps must be between 1 and 1000000 (a finer grid than float32 t can resolve), got 1000000000000"]
     assert not out.exists()

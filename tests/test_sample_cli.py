@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+import forkrun
 import sample
 from configurator import defaults
 from ar2diff import until_end
@@ -46,8 +47,8 @@ def ckpts(tiny_run):  # noqa: F811
 
 
 def run(script, *args):
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=120)
+    return forkrun.run([sys.executable, script, *map(str, args)], cwd=REPO, env=ENV, capture_output=True,
+                       text=True, timeout=120)
 
 
 def run_sample(init_from, *args):

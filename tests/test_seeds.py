@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import forkrun
 from harness import seeds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,9 +54,9 @@ def test_a_killed_training_resumes_from_its_checkpoint(tmp_path):
     assert jobs["l2d-1-7"][1][-1] == "--init_from=resume" and "--init_from=resume" not in jobs["l2d-2-7"][1]
 
 
-def run(args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "harness.seeds", *args], cwd=cwd, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+def run(args, cwd=REPO, launch=forkrun.run):
+    return launch([sys.executable, "-m", "harness.seeds", *args], cwd=cwd, capture_output=True, text=True,
+                  env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def test_missing_lab_data_is_one_line(tmp_path):
@@ -78,8 +79,8 @@ def prepare_lab(folder):
     for args in (["--tokenizer", "char", "--n_train", "50", "--out", f"{folder}/char"],
                  ["--tokenizer", vocab, "--ops", "+-", "--n_train", "100", "--n_test", "8", "--out", f"{folder}/lab-addsub"],
                  ["--tokenizer", vocab, "--ops", "*", "--n_train", "100", "--n_test", "8", "--out", f"{folder}/lab-mul"]):
-        subprocess.run([sys.executable, "-m", "data.arithmetic.prepare", "--digits", "2", *args], cwd=REPO, check=True,
-                       capture_output=True)
+        forkrun.run([sys.executable, "-m", "data.arithmetic.prepare", "--digits", "2", *args], cwd=REPO, check=True,
+                    capture_output=True)
 
 
 def test_a_tiny_grid_runs_summarises_and_resumes(tmp_path):
@@ -88,7 +89,7 @@ def test_a_tiny_grid_runs_summarises_and_resumes(tmp_path):
             "--methods", "l2d", "--steps", "1,2", "--splits", "test", "--limit", "4",
             "--train_args", "--max_iters=2 --batch_size=4 --micro_batch=4 --eval_interval=2 --eval_examples=4 "
                             "--warmup_iters=1 --n_layer=1 --n_embd=32 --n_head=2 --flow_dim=8"]
-    first = run(args)
+    first = run(args, launch=subprocess.run)  # the real entry point, in a fresh interpreter
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("start ") == 6 and "| base 2, path 7 |" in first.stdout
     assert "| L2D 2 over 1 step |" in (tmp_path / "grid" / "summary.md").read_text()

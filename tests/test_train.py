@@ -11,12 +11,12 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
+import forkrun
 import train
 from loading.checkpoint import load, load_model, read_checkpoint, save_checkpoint
 from data.dataset import TokenDataset
@@ -73,8 +73,8 @@ def run_train(*args):
 
 def run_script(*args, ddp=False):
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if ddp else []
-    return subprocess.run([sys.executable, *launcher, "train.py", *map(str, args)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    return forkrun.run([sys.executable, *launcher, "train.py", *map(str, args)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
 
 
 def logged(log):
