@@ -11,11 +11,11 @@ Needs matplotlib (an optional dependency).
 """
 
 import itertools
-import json
 
 import numpy as np
 
 from configurator import UsageError, configure, fail
+from harness.intervals import read_results
 
 OPTIONS = dict(
     runs=("", "eval.py result files, comma-separated"),
@@ -82,18 +82,12 @@ def main(argv=None):
     labels = cfg["labels"].split(",") if cfg["labels"] else [""] * len(paths)
     if not paths or len(labels) != len(paths):
         raise UsageError("--runs takes eval.py JSON files (comma-separated) and --labels, if given, one label per file")
-    runs = []
-    for path, label in zip(paths, labels):
-        try:
-            with open(path) as f:
-                runs.append((label, json.load(f)["rows"]))
-        except (OSError, ValueError, KeyError) as e:
-            raise UsageError(f"cannot read eval results from {path}: {e}") from None
+    runs = [(label, read_results(path)["rows"]) for path, label in zip(paths, labels)]
     plot(cfg["out"], runs, cfg["title"])
 
 
 if __name__ == "__main__":
     try:
         main()
-    except UsageError as e:
+    except (UsageError, ValueError) as e:  # (read_results': a file that is not eval.py's)
         fail(e)
