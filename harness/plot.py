@@ -11,18 +11,43 @@ Needs matplotlib (an optional dependency).
 """
 
 import itertools
+import os
 
 import numpy as np
 
 from configurator import UsageError, configure, fail
 from harness.intervals import read_results
+from loading.files import OutputError, check_output, write_atomic
 
 OPTIONS = dict(
     runs=("", "eval.py result files, comma-separated"),
     labels=("", 'one legend label per run, comma-separated ("": lines named by kind only)'),
-    out=("compare.png", "the figure to write"),
+    out=("compare.png", "the figure to write: .png, .pdf or .svg"),
     title=("", "the figure's title"),
+    overwrite=(False, "replace a file at --out that matplotlib did not draw"),
 )
+FORMATS = ("png", "pdf", "svg")
+
+
+def drawn_by_matplotlib(path):
+    """A figure that --out may replace without --overwrite: matplotlib names itself in its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            return b"Matplotlib" in f.read(4096)
+    except OSError:
+        return False
+
+
+def check_figure(path, overwrite):
+    """Refuse a figure's --out before any work: another format, or (check_output) a file that is not a figure."""
+    if os.path.splitext(path)[1][1:].lower() not in FORMATS:
+        raise OutputError(f"--out {path} must end in .png, .pdf or .svg (the figure's format)")
+    return check_output(path, "--out", overwrite, ours=drawn_by_matplotlib)
+
+
+def save_figure(fig, path, dpi):
+    """fig written by the one writer: whole or not at all (a full disk or read-only folder: one line)."""
+    write_atomic(path, lambda f: fig.savefig(f, format=os.path.splitext(path)[1][1:].lower(), dpi=dpi))
 
 
 def draw_run(ax, rows, label, colors):
@@ -71,13 +96,14 @@ def plot(path, runs, title):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     print(f"wrote {path}")
 
 
 def main(argv=None):
     cfg = configure(OPTIONS, argv)
+    check_figure(cfg["out"], cfg["overwrite"])
     paths = [p for p in cfg["runs"].split(",") if p]
     labels = cfg["labels"].split(",") if cfg["labels"] else [""] * len(paths)
     if not paths or len(labels) != len(paths):

@@ -309,3 +309,15 @@ def test_a_file_that_is_not_eval_results_is_said_in_words(script, content, why, 
     assert_one_line_error(run("-m", f"harness.{script}", *args), f"cannot read eval results from {path}: {why}; "
                           "name a JSON that eval.py wrote (its --out)")
     assert not (tmp_path / "c.png").exists()
+
+
+@pytest.mark.parametrize("damage, why", [("binary", "is not text"), ("folder", "is a folder"),
+                                         ("missing", "does not exist")])
+def test_figures_steps_file_that_is_not_text_is_one_line(damage, why, tmp_path):
+    path = tmp_path / "steps.txt"
+    if damage == "binary":
+        path.write_bytes(b"PK\x03\x04\x80\xff")
+    elif damage == "folder":
+        path.mkdir()
+    assert_one_line_error(run("-m", "harness.figures", "--steps_file", path, "--out", tmp_path / "f.png"),
+                          f"--steps_file '{path}' {why}: name the text that sample.py --show_steps printed")
