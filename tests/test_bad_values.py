@@ -211,3 +211,26 @@ def test_an_unavailable_device_is_one_line(script, device, words, data, l2d_ckpt
             "-m harness.bench": ["--init_from=scratch", f"--out={tmp_path / 'b.json'}"]}[script]
     assert_one_line_error(run(script, *args, f"--device={device}"), words)
     assert os.listdir(tmp_path) == []
+
+
+# --- one option per line ----------------------------------------------------------------------------
+
+ONE_OPTION = [("eval.py", "limit", -1, ">= 0 (0: all), got -1"), ("eval.py", "max_new_tokens", 0, ">= 1, got 0"),
+              ("eval.py", "batch_size", 0, ">= 1, got 0"), ("eval.py", "gen_batch_size", 0, ">= 1, got 0"),
+              ("sample.py", "atol", 0.0, "> 0 (dopri5's error tolerance), got 0.0"), ("sample.py", "rtol", -1.0, "> 0"),
+              ("-m harness.seeds", "jobs", 0, ">= 1, got 0"), ("-m harness.seeds", "limit", -1, ">= 0 (0: all), got -1"),
+              ("-m harness.seeds", "steps", 0, "in 1..1000000, got [0]")]
+
+
+@pytest.mark.parametrize("script, key, value, rule", ONE_OPTION, ids=[f"{s.split('.')[-1]}-{k}" for s, k, _, _ in ONE_OPTION])
+def test_a_bad_value_is_named_alone(script, key, value, rule, tmp_path):
+    """The line names the one option that was wrong, not a list of every option's rule."""
+    for name in ("lab-addsub", "lab-mul"):
+        (tmp_path / "lab" / name).mkdir(parents=True)
+    args = {"eval.py": ["--ckpt=gone.pt", f"--out={tmp_path / 'e.json'}"],  # refused before the checkpoint is read
+            "sample.py": ["--init_from=gone.pt", "--solver=dopri5"],
+            "-m harness.seeds": [f"--data={tmp_path / 'lab'}", f"--out={tmp_path / 'grid'}"]}[script]
+    result = run(script, *args, f"--{key}={value}")
+    assert_one_line_error(result, f"error: --{key} must be {rule}")
+    assert result.stderr.count("--") == 1
+    assert sorted(os.listdir(tmp_path)) == ["lab"]
