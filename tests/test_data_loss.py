@@ -149,3 +149,43 @@ def test_a_full_disk_while_drawing_keeps_the_old_figure(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match=f"cannot write {out}: the disk is full; the previous file is unchanged"):
         draw("figures", out, "--title=new", tmp_path=tmp_path)
     assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["f.png", "run.json", "steps.txt"]
+
+
+# --- a run whose validation loss collapses -----------------------------------------------------------
+
+def test_a_collapsed_run_says_so_on_stderr_and_a_fresh_one_that_saved_nothing_exits_2(tmp_path):
+    """--learning_rate 3 on the tiny model: finite losses, but every val loss far above iter 0's (the model
+    collapses). A fresh run saves nothing: one line, exit 2 (it used to exit 0 with its warnings in the log).
+    Resumed, the earlier checkpoint is kept, and stderr says so in one line."""
+    import contextlib
+    import io
+    import re
+    import subprocess
+    import sys
+    from data.arithmetic.prepare import prepare
+    from test_bad_values import ROOT, TINY
+    with contextlib.redirect_stdout(io.StringIO()):
+        data = prepare("char", out=str(tmp_path / "data"), n_train=32, n_test=8)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def train(out, *args):
+        return subprocess.run([sys.executable, "train.py", *TINY, f"--datasets={[data]}", f"--out_dir={out}",
+                               "--eval_interval=5", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    fresh = train(tmp_path / "fresh", "--max_iters=10", "--learning_rate=3")
+    assert fresh.returncode == 2 and "Traceback" not in fresh.stderr
+    start = re.search(r"iter 0: val loss ([\d.]+)", fresh.stdout)[1]
+    assert fresh.stderr.strip().splitlines() == [f"error: the run diverged: every val loss after iter 0 was far above "
+                                                 f"its {start}, so nothing was saved in {tmp_path / 'fresh'}; "
+                                                 "lower --learning_rate"]
+    assert not (tmp_path / "fresh").exists()
+
+    good = train(tmp_path / "run", "--max_iters=2")
+    assert good.returncode == 0, good.stderr[-2000:]
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    resumed = train(tmp_path / "run", "--init_from=resume", "--max_iters=12", "--learning_rate=3")
+    assert resumed.returncode == 0 and len(resumed.stderr.strip().splitlines()) == 1, resumed.stderr[-2000:]
+    assert re.fullmatch(r"warning: the run ended diverged \(its last val loss far above the best, [\d.]+ at iter 2\); "
+                        rf"{re.escape(str(tmp_path / 'run' / 'ckpt.pt'))} keeps iter 2: lower --learning_rate\n",
+                        resumed.stderr)
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
