@@ -47,7 +47,10 @@ def parse_list(key, value, kind, default):
     if not items:
         raise UsageError(f"--{key} is empty")
     if kind is str:
-        return [str(item).strip() for item in items]
+        names = [str(item).strip() for item in items]
+        if not all(names):  # "" or "a,,b": not a name to look up later
+            raise UsageError(f"--{key} {value!r} has an empty name: give one or several, comma-separated")
+        return names
     numbers = []
     for item in items:
         try:

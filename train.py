@@ -107,6 +107,9 @@ def check_config(cfg, world_size):
     for key, zero in NON_NEGATIVE.items():
         if cfg[key] < 0:
             raise UsageError(f"--{key} must be >= 0{zero}, got {cfg[key]}")
+    if not cfg["datasets"] or not all(isinstance(d, str) and d for d in cfg["datasets"]):
+        raise UsageError(f"--datasets must list prepared folders, e.g. --datasets=\"['data/gsm8k/smollm2-135m']\"; "
+                         f"got {cfg['datasets']!r}")
     if cfg["min_lr"] > cfg["learning_rate"]:
         raise UsageError(f"--min_lr {cfg['min_lr']:g} is above --learning_rate {cfg['learning_rate']:g}: the lr warms "
                          "up from min_lr to learning_rate; lower --min_lr")

@@ -234,3 +234,20 @@ def test_a_bad_value_is_named_alone(script, key, value, rule, tmp_path):
     assert_one_line_error(result, f"error: --{key} must be {rule}")
     assert result.stderr.count("--") == 1
     assert sorted(os.listdir(tmp_path)) == ["lab"]
+
+
+@pytest.mark.parametrize("datasets", ["[]", "['a', 3]"])
+def test_train_refuses_an_empty_or_mistyped_datasets_list(datasets, tmp_path):
+    """[] was 'not enough values to unpack (expected 4, got 0)'."""
+    result = run("train.py", *TINY, f"--datasets={datasets}", "--max_iters=1", f"--out_dir={tmp_path / 'out'}")
+    assert_one_line_error(result, "--datasets must list prepared folders, e.g. --datasets=", f"got {datasets}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script, option", [("-m harness.seeds", "--methods="), ("-m harness.seeds", "--splits=test,"),
+                                            ("-m harness.bench", "--what=gen,"), ("-m harness.bench", "--dtypes=,")])
+def test_a_list_of_names_with_an_empty_name_is_one_line(script, option, tmp_path):
+    """--methods '' was 'no lab config for  (...)', an empty name looked up as a file."""
+    result = run(script, option, f"--out={tmp_path / 'out'}")
+    assert_one_line_error(result, f"{option.split('=')[0]} '{option.split('=')[1]}' has an empty name")
+    assert os.listdir(tmp_path) == []
