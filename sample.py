@@ -293,5 +293,5 @@ if __name__ == "__main__":
     except (UsageError, ValueError, FileNotFoundError) as e:
         fail(e)
     except KeyboardInterrupt:  # what was printed stays; the rest is not wanted
-        print("interrupted", file=sys.stderr)
+        print("error: interrupted; nothing was written", file=sys.stderr)
         sys.exit(130)

@@ -249,7 +249,7 @@ def main(argv=None):
     try:
         ok = run_all(plan(cfg), cfg["out"], cfg["jobs"])
     except KeyboardInterrupt:
-        print("interrupted; finished jobs are kept, and the same command goes on from them", file=sys.stderr)
+        print("error: interrupted; finished jobs are kept, and the same command goes on from them", file=sys.stderr)
         sys.exit(130)
     if not ok:
         print(f"error: some jobs failed (their logs are in {cfg['out']}); the same command retries them", file=sys.stderr)

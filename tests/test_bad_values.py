@@ -251,3 +251,28 @@ def test_a_list_of_names_with_an_empty_name_is_one_line(script, option, tmp_path
     result = run(script, option, f"--out={tmp_path / 'out'}")
     assert_one_line_error(result, f"{option.split('=')[0]} '{option.split('=')[1]}' has an empty name")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("script", ["train.py", "-m harness.bench"])
+def test_help_into_a_closed_pipe_is_no_traceback(script):
+    """python train.py -h | head -1: the reader leaves after one line; a BrokenPipeError traceback followed."""
+    proc = subprocess.Popen([sys.executable, *script.split(), "-h"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=1)
+    assert proc.stdout.readline().startswith("usage: python")
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0 and proc.stderr.read() == ""
+
+
+def test_ctrl_c_in_the_seed_grid_is_an_error_line_and_exit_130(tmp_path):
+    """Like every other entry point's: 'error: interrupted; ...' (it lacked the 'error: ')."""
+    for name in ("lab-addsub", "lab-mul"):
+        (tmp_path / "lab" / name).mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-m", "harness.seeds", f"--data={tmp_path / 'lab'}",
+                             f"--out={tmp_path / 'grid'}", "--bases=1", "--paths=1", "--methods=lora"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=FOREGROUND,
+                            start_new_session=True)
+    assert proc.stdout.readline().startswith("start base-1")  # the grid has begun
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the grid and its jobs
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.splitlines() == [
+        "error: interrupted; finished jobs are kept, and the same command goes on from them"], stderr
