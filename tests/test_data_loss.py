@@ -189,3 +189,15 @@ def test_a_collapsed_run_says_so_on_stderr_and_a_fresh_one_that_saved_nothing_ex
                         rf"{re.escape(str(tmp_path / 'run' / 'ckpt.pt'))} keeps iter 2: lower --learning_rate\n",
                         resumed.stderr)
     assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+
+
+def test_eval_refuses_to_draw_its_plot_over_a_users_file_beside_out(tmp_path):
+    """eval.py writes results.png beside --out results.json: a user's results.png there is refused before any
+    work (a plot matplotlib drew is replaced; --overwrite replaces anything)."""
+    from harness.eval_rows import output_path
+    out, png = tmp_path / "results.json", tmp_path / "results.png"
+    png.write_bytes(b"a picture of the user's")
+    with pytest.raises(OutputError, match=f"--out {png} already exists and was not written by this tool"):
+        output_path(str(out), None, resume=False, overwrite=False)
+    assert png.read_bytes() == b"a picture of the user's" and not out.exists()
+    assert output_path(str(out), None, resume=False, overwrite=True) == str(out)
