@@ -299,8 +299,9 @@ def output_path(out, ckpt_path, resume, overwrite):
     if os.path.exists(out) and not (resume or overwrite):
         raise UsageError(f"{out} already exists; go on from it with --resume True, replace it with --overwrite True, "
                          "or pass another --out")
+    check_output(out, "--out", overwrite=True)  # a folder that exists and can be written
     check_figure(out[:-len(".json")] + ".png", overwrite)  # the plot written beside it: not over a user's file
-    return check_output(out, "--out", overwrite=True)  # a folder that exists and can be written
+    return out
 
 
 class ResultsFile:

@@ -201,3 +201,10 @@ def test_eval_refuses_to_draw_its_plot_over_a_users_file_beside_out(tmp_path):
         output_path(str(out), None, resume=False, overwrite=False)
     assert png.read_bytes() == b"a picture of the user's" and not out.exists()
     assert output_path(str(out), None, resume=False, overwrite=True) == str(out)
+
+
+def test_eval_out_in_a_missing_folder_names_the_json_not_its_plot(tmp_path):
+    from harness.eval_rows import output_path
+    out = tmp_path / "nope" / "results.json"
+    with pytest.raises(OutputError, match=f"^--out {out}: the folder {out.parent} does not exist"):
+        output_path(str(out), None, resume=False, overwrite=False)
