@@ -8,6 +8,7 @@ line and exit code 2:  python train.py config/quick.py --max_iters=100
 
 import ast
 import math
+import os
 import sys
 import textwrap
 import traceback
@@ -47,7 +48,10 @@ def parse_list(key, value, kind, default):
     if not items:
         raise UsageError(f"--{key} is empty")
     if kind is str:
-        return [str(item).strip() for item in items]
+        names = [str(item).strip() for item in items]
+        if not all(names):  # "" or "a,,b": not a name to look up later
+            raise UsageError(f"--{key} {value!r} has an empty name: give one or several, comma-separated")
+        return names
     numbers = []
     for item in items:
         try:
@@ -104,7 +108,10 @@ def configure(options, argv=None):
     """OPTIONS' defaults updated by argv (default sys.argv[1:]); -h anywhere prints the help and exits."""
     args = list(sys.argv[1:] if argv is None else argv)
     if "-h" in args or "--help" in args:
-        print(help_text(options, sys._getframe(1).f_globals), flush=True)
+        try:
+            print(help_text(options, sys._getframe(1).f_globals), flush=True)
+        except BrokenPipeError:  # -h | head: the reader has what it wanted (and exit must not flush again)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     config = defaults(options)
     while args:

@@ -201,8 +201,9 @@ def main(argv=None):
         raise UsageError(f"unknown task {cfg['task']!r}; use one of {', '.join(TASKS)}")
     device = resolve_device(cfg["device"])  # both checked before anything is loaded
     dtype = resolve_dtype(cfg["dtype"], device)
-    if cfg["limit"] < 0 or min(cfg["max_new_tokens"], cfg["batch_size"], cfg["gen_batch_size"]) < 1:
-        raise UsageError("--limit must be >= 0 (0: all), --max_new_tokens, --batch_size and --gen_batch_size >= 1")
+    for key, least in (("limit", 0), ("max_new_tokens", 1), ("batch_size", 1), ("gen_batch_size", 1)):
+        if cfg[key] < least:
+            raise UsageError(f"--{key} must be >= {least}{' (0: all)' if key == 'limit' else ''}, got {cfg[key]}")
     if not cfg["ckpt"]:
         raise UsageError("--ckpt is required: a ckpt.pt from train.py, or a base model (e.g. smollm2-135m)")
     model, tokenizer, ckpt = checkpoint.load(cfg["ckpt"])

@@ -63,8 +63,9 @@ def check(cfg):
                          f"got {cfg['steps']}")
     if cfg["solver"] not in SOLVERS:
         raise UsageError(f"unknown --solver {cfg['solver']!r}; use one of {', '.join(SOLVERS)}")
-    if cfg["atol"] <= 0 or cfg["rtol"] <= 0:
-        raise UsageError("--atol and --rtol must be positive")
+    for key in ("atol", "rtol"):
+        if cfg[key] <= 0:
+            raise UsageError(f"--{key} must be > 0 (dopri5's error tolerance), got {cfg[key]}")
     if cfg["estimate"] not in ("argmax", "sample", "mean"):
         raise UsageError(f"unknown --estimate {cfg['estimate']!r}; use argmax, sample or mean")
     t = cfg["temperature"]  # None (the default) takes any type: check it is a number here
@@ -292,5 +293,5 @@ if __name__ == "__main__":
     except (UsageError, ValueError, FileNotFoundError) as e:
         fail(e)
     except KeyboardInterrupt:  # what was printed stays; the rest is not wanted
-        print("interrupted", file=sys.stderr)
+        print("error: interrupted; nothing was written", file=sys.stderr)
         sys.exit(130)

@@ -107,6 +107,9 @@ def check_config(cfg, world_size):
     for key, zero in NON_NEGATIVE.items():
         if cfg[key] < 0:
             raise UsageError(f"--{key} must be >= 0{zero}, got {cfg[key]}")
+    if not cfg["datasets"] or not all(isinstance(d, str) and d for d in cfg["datasets"]):
+        raise UsageError(f"--datasets must list prepared folders, e.g. --datasets=\"['data/gsm8k/smollm2-135m']\"; "
+                         f"got {cfg['datasets']!r}")
     if cfg["min_lr"] > cfg["learning_rate"]:
         raise UsageError(f"--min_lr {cfg['min_lr']:g} is above --learning_rate {cfg['learning_rate']:g}: the lr warms "
                          "up from min_lr to learning_rate; lower --min_lr")
@@ -307,6 +310,7 @@ def main(argv=None):
     val_batches = {start: batch(val_data, np.arange(start, min(start + micro_batch, n_val)), spec, device)
                    for start in range(rank * micro_batch, n_val, micro_batch * world_size)}  # this rank's share
     it, best, saved = 0, None, None  # optimizer steps done; the best (val loss, iter); the iter ckpt.pt holds
+    diverged = False  # the last evaluation's val loss was far above the best: not saved
     if ckpt is not None:  # go on where the checkpoint left off: weights, optimiser, data order, scaler, RNG
         optimizer.load_state_dict(ckpt["optimizer"])
         sampler.load_state_dict(ckpt["sampler"])
@@ -328,7 +332,8 @@ def main(argv=None):
             log(f"iter {it}: val loss {val:.4f}" + (by_t + " ".join(f"{b:.3f}" for b in buckets) if by_t else ""))
             if rank == 0 and it > 0:  # the model's spec, its weights (l2d, lora: what trains), what a resume restores
                 weights = raw_model.state_dict() if spec["method"] in WHOLE else trainable_state_dict(raw_model)
-                if best is not None and val > DIVERGED * best[0] + 0.1:  # (nan: save_checkpoint refuses the weights)
+                diverged = best is not None and val > DIVERGED * best[0] + 0.1  # (nan: save_checkpoint refuses it)
+                if diverged:
                     log(f"warning: iter {it}: val loss {val:.4f} is far above the best, {best[0]:.4f} at iter "
                         f"{best[1]}: the run diverged (lower --learning_rate); {ckpt_path} not saved" +
                         (f", it keeps iter {saved}" if saved else ""))
@@ -386,6 +391,12 @@ def main(argv=None):
     if world_size > 1:
         dist.barrier()  # let the master finish its checkpoint: gloo aborts if a peer leaves first
         dist.destroy_process_group()
+    if diverged:  # (rank 0) said in the log at each evaluation; said again where it is seen, after the log
+        if saved is None:  # a fresh run that never came near where it started: no checkpoint, not a success
+            raise UsageError(f"the run diverged: every val loss after iter {best[1]} was far above its {best[0]:.4f}, "
+                             f"so nothing was saved in {cfg['out_dir']}; lower --learning_rate")
+        print(f"warning: the run ended diverged (its last val loss far above the best, {best[0]:.4f} at iter {best[1]}); "
+              f"{ckpt_path} keeps iter {saved}: lower --learning_rate", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from data.dataset import TokenDataset, tokenizer_tag
 from diffusion import L2D, answer_positions, at_positions
 from harness.answers import final_number
 from harness.intervals import ratio_interval, wilson_interval
+from harness.plot import check_figure
 from loading.files import check_output, write_atomic
 from loading.tokenizer import stop_tokens
 from solvers import SOLVERS
@@ -298,7 +299,9 @@ def output_path(out, ckpt_path, resume, overwrite):
     if os.path.exists(out) and not (resume or overwrite):
         raise UsageError(f"{out} already exists; go on from it with --resume True, replace it with --overwrite True, "
                          "or pass another --out")
-    return check_output(out, "--out", overwrite=True)  # a folder that exists and can be written
+    check_output(out, "--out", overwrite=True)  # a folder that exists and can be written
+    check_figure(out[:-len(".json")] + ".png", overwrite)  # the plot written beside it: not over a user's file
+    return out
 
 
 class ResultsFile:

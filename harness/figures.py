@@ -9,16 +9,19 @@ probability of each of the likeliest tokens at every solver step's t, then at th
 A token outside a step's printed top five is drawn at 0 there. Needs matplotlib (an optional dependency).
 """
 
+import os
 import re
 
 from configurator import UsageError, configure, fail
+from harness.plot import check_figure, save_figure
 
 OPTIONS = dict(
     steps_file=("", "the text sample.py --show_steps printed"),
     token=(1, "which generated token to draw (1: the first)"),
     top=(3, "how many tokens to draw: those with the highest probability anywhere along the ODE"),
-    out=("show_steps.png", "the figure to write"),
+    out=("show_steps.png", "the figure to write: .png, .pdf or .svg"),
     title=("", "the figure's title"),
+    overwrite=(False, "replace a file at --out that matplotlib did not draw"),
 )
 STEP = re.compile(r"evaluated at t=([0-9.]+)\s*:(.*)$")
 GUESS = re.compile(r"'((?:[^'\\]|\\.)*)' ([0-9.]+)")
@@ -38,11 +41,15 @@ def read_tokens(text):
 
 def main(argv=None):
     cfg = configure(OPTIONS, argv)
+    check_figure(cfg["out"], cfg["overwrite"])
+    path = cfg["steps_file"]
     try:
-        with open(cfg["steps_file"]) as f:
+        with open(path, encoding="utf-8") as f:
             tokens = read_tokens(f.read())
-    except OSError as e:
-        raise UsageError(f"cannot read --steps_file {cfg['steps_file']!r}: {e.strerror}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        why = "is not text" if isinstance(e, UnicodeDecodeError) else "is a folder" if os.path.isdir(path) else \
+            "does not exist" if not os.path.exists(path) else "cannot be read"
+        raise UsageError(f"--steps_file {path!r} {why}: name the text that sample.py --show_steps printed") from None
     if not 1 <= cfg["token"] <= len(tokens):
         raise UsageError(f"--token {cfg['token']}: {cfg['steps_file']} shows {len(tokens)} token(s) "
                          "(run sample.py with --show_steps and write its output there)")
@@ -68,12 +75,12 @@ def main(argv=None):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="token", title_fontsize=8)
     fig.tight_layout()
-    fig.savefig(cfg["out"], dpi=100)
+    save_figure(fig, cfg["out"], dpi=100)
     print(f"wrote {cfg['out']}")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except UsageError as e:
+    except (UsageError, ValueError) as e:  # (an OutputError of --out)
         fail(e)

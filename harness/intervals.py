@@ -102,18 +102,31 @@ def across_runs(run_a, run_b):
     return [f"on the first {m} examples:"] + [comparison(row, reference) for row in rows_b for reference in rows_a]
 
 
+def read_results(path):
+    """An eval.py results file (a JSON object with its rows), or a one-line ValueError saying what it is."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+        why = "" if isinstance(run, dict) and isinstance(run.get("rows"), list) else "it is JSON without eval.py's rows"
+    except OSError:
+        why = "it is a folder" if os.path.isdir(path) else "it does not exist" if not os.path.exists(path) \
+            else "it cannot be opened"
+    except ValueError:  # (JSON and UTF-8 errors)
+        why = "it is not JSON"
+    if why:
+        raise ValueError(f"cannot read eval results from {path}: {why}; name a JSON that eval.py wrote (its --out)")
+    return run
+
+
 def main(paths):
     if "-h" in paths or "--help" in paths:
         return print(__doc__.strip())
     if len(paths) not in (1, 2):
         fail("usage: python -m harness.intervals EVAL_JSON [EVAL_JSON_2] (eval.py results files; -h: help)")
-    runs = []
-    for path in paths:
-        try:
-            with open(path) as f:
-                runs.append(json.load(f))
-        except (OSError, ValueError) as e:
-            fail(f"cannot read eval results from {path}: {e}")
+    try:
+        runs = [read_results(path) for path in paths]
+    except ValueError as e:
+        fail(e)
     try:
         print("\n".join(step_to_step(runs[0]["rows"]) if len(runs) == 1 else across_runs(*runs)))
     except (KeyError, ValueError) as e:

@@ -11,18 +11,43 @@ Needs matplotlib (an optional dependency).
 """
 
 import itertools
-import json
+import os
 
 import numpy as np
 
 from configurator import UsageError, configure, fail
+from harness.intervals import read_results
+from loading.files import OutputError, check_output, write_atomic
 
 OPTIONS = dict(
     runs=("", "eval.py result files, comma-separated"),
     labels=("", 'one legend label per run, comma-separated ("": lines named by kind only)'),
-    out=("compare.png", "the figure to write"),
+    out=("compare.png", "the figure to write: .png, .pdf or .svg"),
     title=("", "the figure's title"),
+    overwrite=(False, "replace a file at --out that matplotlib did not draw"),
 )
+FORMATS = ("png", "pdf", "svg")
+
+
+def drawn_by_matplotlib(path):
+    """A figure that --out may replace without --overwrite: matplotlib names itself in its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            return b"Matplotlib" in f.read(4096)
+    except OSError:
+        return False
+
+
+def check_figure(path, overwrite):
+    """Refuse a figure's --out before any work: another format, or (check_output) a file that is not a figure."""
+    if os.path.splitext(path)[1][1:].lower() not in FORMATS:
+        raise OutputError(f"--out {path} must end in .png, .pdf or .svg (the figure's format)")
+    return check_output(path, "--out", overwrite, ours=drawn_by_matplotlib)
+
+
+def save_figure(fig, path, dpi):
+    """fig written by the one writer: whole or not at all (a full disk or read-only folder: one line)."""
+    write_atomic(path, lambda f: fig.savefig(f, format=os.path.splitext(path)[1][1:].lower(), dpi=dpi))
 
 
 def draw_run(ax, rows, label, colors):
@@ -71,29 +96,24 @@ def plot(path, runs, title):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     print(f"wrote {path}")
 
 
 def main(argv=None):
     cfg = configure(OPTIONS, argv)
+    check_figure(cfg["out"], cfg["overwrite"])
     paths = [p for p in cfg["runs"].split(",") if p]
     labels = cfg["labels"].split(",") if cfg["labels"] else [""] * len(paths)
     if not paths or len(labels) != len(paths):
         raise UsageError("--runs takes eval.py JSON files (comma-separated) and --labels, if given, one label per file")
-    runs = []
-    for path, label in zip(paths, labels):
-        try:
-            with open(path) as f:
-                runs.append((label, json.load(f)["rows"]))
-        except (OSError, ValueError, KeyError) as e:
-            raise UsageError(f"cannot read eval results from {path}: {e}") from None
+    runs = [(label, read_results(path)["rows"]) for path, label in zip(paths, labels)]
     plot(cfg["out"], runs, cfg["title"])
 
 
 if __name__ == "__main__":
     try:
         main()
-    except UsageError as e:
+    except (UsageError, ValueError) as e:  # (read_results': a file that is not eval.py's)
         fail(e)

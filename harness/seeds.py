@@ -237,9 +237,11 @@ def main(argv=None):
         if not os.path.isdir(f"{cfg['data']}/{name}"):
             raise UsageError(f"--data {cfg['data']} has no {name}/: run the prepare commands of config/lab_base.py "
                              "(the README's quick start), or name the folder that holds them")
-    if cfg["jobs"] < 1 or not 1 <= min(cfg["steps"]) <= max(cfg["steps"]) <= 1_000_000 or cfg["limit"] < 0:
-        raise UsageError(f"--jobs must be >= 1 (got {cfg['jobs']}), --steps in 1..1000000 (got {cfg['steps']}), "
-                         f"--limit >= 0 (got {cfg['limit']})")  # before a job starts: a bad --steps fails at eval
+    # before a job starts: a bad --steps would fail only at the first evaluation
+    for key, bad, rule in (("jobs", cfg["jobs"] < 1, ">= 1"), ("limit", cfg["limit"] < 0, ">= 0 (0: all)"),
+                           ("steps", not 1 <= min(cfg["steps"]) <= max(cfg["steps"]) <= 1_000_000, "in 1..1000000")):
+        if bad:
+            raise UsageError(f"--{key} must be {rule}, got {cfg[key]}")
     try:
         os.makedirs(cfg["out"], exist_ok=True)
     except OSError as e:
@@ -247,7 +249,7 @@ def main(argv=None):
     try:
         ok = run_all(plan(cfg), cfg["out"], cfg["jobs"])
     except KeyboardInterrupt:
-        print("interrupted; finished jobs are kept, and the same command goes on from them", file=sys.stderr)
+        print("error: interrupted; finished jobs are kept, and the same command goes on from them", file=sys.stderr)
         sys.exit(130)
     if not ok:
         print(f"error: some jobs failed (their logs are in {cfg['out']}); the same command retries them", file=sys.stderr)

@@ -289,3 +289,35 @@ def test_gpt2_vocab_bpe_not_utf8_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("L2D_GPT2_TOKENIZER_DIR", str(tmp_path))
     with pytest.raises(ValueError, match=f"{tmp_path / 'vocab.bpe'} is not UTF-8 text"):
         tokenizer.gpt2_encoding()
+
+
+# --- eval.py results given to harness.intervals and harness.plot -------------------------------------
+
+@pytest.mark.parametrize("content, why", [(None, "it is a folder"), (b"PK\x03\x04\x80\xff", "it is not JSON"),
+                                          (b'{"rows": ', "it is not JSON"), (b"[1, 2]", "it is JSON without eval.py's rows"),
+                                          (b'{"n": 1}', "it is JSON without eval.py's rows"), ("", "it does not exist")],
+                         ids=["folder", "binary", "truncated", "list", "no_rows", "missing"])
+@pytest.mark.parametrize("script", ["intervals", "plot"])
+def test_a_file_that_is_not_eval_results_is_said_in_words(script, content, why, tmp_path):
+    """Not errno or codec text ('[Errno 21] Is a directory', "'utf-8' codec can't decode"), nor a TypeError."""
+    path = tmp_path / "results.json"
+    if content is None:
+        path.mkdir()
+    elif content:
+        path.write_bytes(content)
+    args = [path] if script == "intervals" else ["--runs", path, "--out", tmp_path / "c.png"]
+    assert_one_line_error(run("-m", f"harness.{script}", *args), f"cannot read eval results from {path}: {why}; "
+                          "name a JSON that eval.py wrote (its --out)")
+    assert not (tmp_path / "c.png").exists()
+
+
+@pytest.mark.parametrize("damage, why", [("binary", "is not text"), ("folder", "is a folder"),
+                                         ("missing", "does not exist")])
+def test_figures_steps_file_that_is_not_text_is_one_line(damage, why, tmp_path):
+    path = tmp_path / "steps.txt"
+    if damage == "binary":
+        path.write_bytes(b"PK\x03\x04\x80\xff")
+    elif damage == "folder":
+        path.mkdir()
+    assert_one_line_error(run("-m", "harness.figures", "--steps_file", path, "--out", tmp_path / "f.png"),
+                          f"--steps_file '{path}' {why}: name the text that sample.py --show_steps printed")

@@ -212,3 +212,68 @@ def test_an_unavailable_device_is_one_line(script, device, words, data, l2d_ckpt
             "-m harness.bench": ["--init_from=scratch", f"--out={tmp_path / 'b.json'}"]}[script]
     assert_one_line_error(run(script, *args, f"--device={device}"), words)
     assert os.listdir(tmp_path) == []
+
+
+# --- one option per line ----------------------------------------------------------------------------
+
+ONE_OPTION = [("eval.py", "limit", -1, ">= 0 (0: all), got -1"), ("eval.py", "max_new_tokens", 0, ">= 1, got 0"),
+              ("eval.py", "batch_size", 0, ">= 1, got 0"), ("eval.py", "gen_batch_size", 0, ">= 1, got 0"),
+              ("sample.py", "atol", 0.0, "> 0 (dopri5's error tolerance), got 0.0"), ("sample.py", "rtol", -1.0, "> 0"),
+              ("-m harness.seeds", "jobs", 0, ">= 1, got 0"), ("-m harness.seeds", "limit", -1, ">= 0 (0: all), got -1"),
+              ("-m harness.seeds", "steps", 0, "in 1..1000000, got [0]")]
+
+
+@pytest.mark.parametrize("script, key, value, rule", ONE_OPTION, ids=[f"{s.split('.')[-1]}-{k}" for s, k, _, _ in ONE_OPTION])
+def test_a_bad_value_is_named_alone(script, key, value, rule, tmp_path):
+    """The line names the one option that was wrong, not a list of every option's rule."""
+    for name in ("lab-addsub", "lab-mul"):
+        (tmp_path / "lab" / name).mkdir(parents=True)
+    args = {"eval.py": ["--ckpt=gone.pt", f"--out={tmp_path / 'e.json'}"],  # refused before the checkpoint is read
+            "sample.py": ["--init_from=gone.pt", "--solver=dopri5"],
+            "-m harness.seeds": [f"--data={tmp_path / 'lab'}", f"--out={tmp_path / 'grid'}"]}[script]
+    result = run(script, *args, f"--{key}={value}")
+    assert_one_line_error(result, f"error: --{key} must be {rule}")
+    assert result.stderr.count("--") == 1
+    assert sorted(os.listdir(tmp_path)) == ["lab"]
+
+
+@pytest.mark.parametrize("datasets", ["[]", "['a', 3]"])
+def test_train_refuses_an_empty_or_mistyped_datasets_list(datasets, tmp_path):
+    """[] was 'not enough values to unpack (expected 4, got 0)'."""
+    result = run("train.py", *TINY, f"--datasets={datasets}", "--max_iters=1", f"--out_dir={tmp_path / 'out'}")
+    assert_one_line_error(result, "--datasets must list prepared folders, e.g. --datasets=", f"got {datasets}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script, option", [("-m harness.seeds", "--methods="), ("-m harness.seeds", "--splits=test,"),
+                                            ("-m harness.bench", "--what=gen,"), ("-m harness.bench", "--dtypes=,")])
+def test_a_list_of_names_with_an_empty_name_is_one_line(script, option, tmp_path):
+    """--methods '' was 'no lab config for  (...)', an empty name looked up as a file."""
+    result = run(script, option, f"--out={tmp_path / 'out'}")
+    assert_one_line_error(result, f"{option.split('=')[0]} '{option.split('=')[1]}' has an empty name")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("script", ["train.py", "-m harness.bench"])
+def test_help_into_a_closed_pipe_is_no_traceback(script):
+    """python train.py -h | head -1: the reader leaves after one line; a BrokenPipeError traceback followed."""
+    proc = subprocess.Popen([sys.executable, *script.split(), "-h"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=1)
+    assert proc.stdout.readline().startswith("usage: python")
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0 and proc.stderr.read() == ""
+
+
+def test_ctrl_c_in_the_seed_grid_is_an_error_line_and_exit_130(tmp_path):
+    """Like every other entry point's: 'error: interrupted; ...' (it lacked the 'error: ')."""
+    for name in ("lab-addsub", "lab-mul"):
+        (tmp_path / "lab" / name).mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-m", "harness.seeds", f"--data={tmp_path / 'lab'}",
+                             f"--out={tmp_path / 'grid'}", "--bases=1", "--paths=1", "--methods=lora"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=FOREGROUND,
+                            start_new_session=True)
+    assert proc.stdout.readline().startswith("start base-1")  # the grid has begun
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the grid and its jobs
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.splitlines() == [
+        "error: interrupted; finished jobs are kept, and the same command goes on from them"], stderr

@@ -96,3 +96,115 @@ def test_a_full_disk_during_prepare_keeps_the_prepared_folder(tmp_path, monkeypa
         arithmetic.prepare("char", out=out, n_train=30, n_test=5, digits=1, ops="+", overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()} == before
     assert os.listdir(tmp_path) == ["data"]
+
+
+# --- figures: harness.plot and harness.figures write --out through the one writer --------------------
+
+SHOWN = "    read-out  t = 1   evaluated at t=1     : '8' 0.97  '9' 0.01\n  token: '8' (argmax; NFE 1)\n"
+
+
+def draw(script, out, *extra, tmp_path):
+    """harness.plot (one run of one row) or harness.figures (one token) drawing --out in-process."""
+    from harness import figures, plot
+    runs, steps = tmp_path / "run.json", tmp_path / "steps.txt"
+    runs.write_text(json.dumps(dict(rows=[dict(steps=1, guidance=1.0, tf_accuracy=0.5, tf_ci_low=0.4, tf_ci_high=0.6)])))
+    steps.write_text(SHOWN)
+    if script == "plot":
+        plot.main([f"--runs={runs}", f"--out={out}", *extra])
+    else:
+        figures.main([f"--steps_file={steps}", f"--out={out}", *extra])
+
+
+@pytest.mark.parametrize("script", ["plot", "figures"])
+def test_a_figure_refuses_to_write_over_a_checkpoint_or_a_users_file(script, tmp_path):
+    pytest.importorskip("matplotlib")
+    ckpt, notes = tmp_path / "ckpt.pt", tmp_path / "notes.png"
+    save_checkpoint(str(ckpt), dict(state_dict={"w": torch.ones(2)}))
+    notes.write_bytes(b"\x89PNG\r\n\x1a\n a picture of the user's")
+    before = ckpt.read_bytes()
+    with pytest.raises(ValueError, match=r"--out .*ckpt.pt must end in .png, .pdf or .svg"):
+        draw(script, ckpt, tmp_path=tmp_path)
+    with pytest.raises(OutputError, match=r"--out .*notes.png already exists and was not written by this tool.*--overwrite"):
+        draw(script, notes, tmp_path=tmp_path)
+    assert ckpt.read_bytes() == before and notes.read_bytes().endswith(b"user's")
+    draw(script, notes, "--overwrite", tmp_path=tmp_path)  # said so: replaced
+    draw(script, notes, tmp_path=tmp_path)  # a figure matplotlib drew: replaced again without --overwrite
+    assert notes.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and b"Matplotlib" in notes.read_bytes()[:4096]
+
+
+@pytest.mark.parametrize("script", ["plot", "figures"])
+def test_a_figure_out_in_a_missing_folder_or_a_folder_is_refused_before_drawing(script, tmp_path):
+    for out, words in ((tmp_path / "nope" / "f.png", "does not exist"), (tmp_path, "must end in .png")):
+        with pytest.raises(ValueError, match=words):
+            draw(script, out, tmp_path=tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["run.json", "steps.txt"]
+
+
+def test_a_full_disk_while_drawing_keeps_the_old_figure(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "f.png"
+    draw("figures", out, tmp_path=tmp_path)
+    before = out.read_bytes()
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "simulated")))
+    with pytest.raises(OutputError, match=f"cannot write {out}: the disk is full; the previous file is unchanged"):
+        draw("figures", out, "--title=new", tmp_path=tmp_path)
+    assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["f.png", "run.json", "steps.txt"]
+
+
+# --- a run whose validation loss collapses -----------------------------------------------------------
+
+def test_a_collapsed_run_says_so_on_stderr_and_a_fresh_one_that_saved_nothing_exits_2(tmp_path):
+    """--learning_rate 3 on the tiny model: finite losses, but every val loss far above iter 0's (the model
+    collapses). A fresh run saves nothing: one line, exit 2 (it used to exit 0 with its warnings in the log).
+    Resumed, the earlier checkpoint is kept, and stderr says so in one line."""
+    import contextlib
+    import io
+    import re
+    import subprocess
+    import sys
+    from data.arithmetic.prepare import prepare
+    from test_bad_values import ROOT, TINY
+    with contextlib.redirect_stdout(io.StringIO()):
+        data = prepare("char", out=str(tmp_path / "data"), n_train=32, n_test=8)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def train(out, *args):
+        return subprocess.run([sys.executable, "train.py", *TINY, f"--datasets={[data]}", f"--out_dir={out}",
+                               "--eval_interval=5", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    fresh = train(tmp_path / "fresh", "--max_iters=10", "--learning_rate=3")
+    assert fresh.returncode == 2 and "Traceback" not in fresh.stderr
+    start = re.search(r"iter 0: val loss ([\d.]+)", fresh.stdout)[1]
+    assert fresh.stderr.strip().splitlines() == [f"error: the run diverged: every val loss after iter 0 was far above "
+                                                 f"its {start}, so nothing was saved in {tmp_path / 'fresh'}; "
+                                                 "lower --learning_rate"]
+    assert not (tmp_path / "fresh").exists()
+
+    good = train(tmp_path / "run", "--max_iters=2")
+    assert good.returncode == 0, good.stderr[-2000:]
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    resumed = train(tmp_path / "run", "--init_from=resume", "--max_iters=12", "--learning_rate=3")
+    assert resumed.returncode == 0 and len(resumed.stderr.strip().splitlines()) == 1, resumed.stderr[-2000:]
+    assert re.fullmatch(r"warning: the run ended diverged \(its last val loss far above the best, [\d.]+ at iter 2\); "
+                        rf"{re.escape(str(tmp_path / 'run' / 'ckpt.pt'))} keeps iter 2: lower --learning_rate\n",
+                        resumed.stderr)
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+
+
+def test_eval_refuses_to_draw_its_plot_over_a_users_file_beside_out(tmp_path):
+    """eval.py writes results.png beside --out results.json: a user's results.png there is refused before any
+    work (a plot matplotlib drew is replaced; --overwrite replaces anything)."""
+    from harness.eval_rows import output_path
+    out, png = tmp_path / "results.json", tmp_path / "results.png"
+    png.write_bytes(b"a picture of the user's")
+    with pytest.raises(OutputError, match=f"--out {png} already exists and was not written by this tool"):
+        output_path(str(out), None, resume=False, overwrite=False)
+    assert png.read_bytes() == b"a picture of the user's" and not out.exists()
+    assert output_path(str(out), None, resume=False, overwrite=True) == str(out)
+
+
+def test_eval_out_in_a_missing_folder_names_the_json_not_its_plot(tmp_path):
+    from harness.eval_rows import output_path
+    out = tmp_path / "nope" / "results.json"
+    with pytest.raises(OutputError, match=f"^--out {out}: the folder {out.parent} does not exist"):
+        output_path(str(out), None, resume=False, overwrite=False)

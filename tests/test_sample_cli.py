@@ -254,7 +254,7 @@ def test_absurd_steps_are_refused_at_once(ckpts):
 
 
 def test_ctrl_c_is_one_line_and_exit_130(ckpts):
-    """Ctrl-C while sampling: what was printed stays, then `interrupted` on stderr, exit 130, no traceback."""
+    """Ctrl-C while sampling: what was printed stays, then one `error: interrupted` line on stderr, exit 130, no traceback."""
     proc = subprocess.Popen([sys.executable, "sample.py", "--init_from", ckpts["trained"], "--start", PROMPT,
                              "--steps", "100000", "--num_samples", "1"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
@@ -264,7 +264,7 @@ def test_ctrl_c_is_one_line_and_exit_130(ckpts):
     out, err = prompt + proc.stdout.read(), proc.stderr.read()  # (communicate would miss what was buffered)
     proc.wait(timeout=60)
     assert header.startswith("--- sample 1 of 1: midpoint, --steps 100000") and out.startswith(PROMPT)
-    assert proc.returncode == 130 and err.splitlines() == ["interrupted"], err
+    assert proc.returncode == 130 and err.splitlines() == ["error: interrupted; nothing was written"], err
 
 
 # --- AR2Diff ---------------------------------------------------------------------------------------

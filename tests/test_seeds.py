@@ -64,7 +64,7 @@ def test_missing_lab_data_is_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "has no lab-addsub/" in r.stderr
     os.makedirs(tmp_path / "lab-addsub"), os.makedirs(tmp_path / "lab-mul")
     r = run(["--data", str(tmp_path), "--out", str(tmp_path / "grid"), "--steps", "0,4"])  # refused before any job
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--steps in 1..1000000" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--steps must be in 1..1000000, got [0, 4]" in r.stderr
     assert not os.path.exists(tmp_path / "grid")
     r = run(["--data", str(tmp_path), "--methods", "l2d_on_lora"])  # its base run, lora, is not in the grid
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no lab config for l2d_on_lora" in r.stderr
