@@ -114,6 +114,19 @@ class AR2Diff(nn.Module):
         return z.view(B, K, L)[pick, best], scores[pick, best]
 
 
+def check_answer_span(answer_len, data, block_size):
+    """Refuse an answer span that no training example can use: shorter than every answer with its end token
+    (the model would never learn where to stop), or too long for the context after the longest prompt."""
+    answers = data.answer_lengths()
+    if answer_len < answers.min():
+        raise ValueError(f"--answer_len {answer_len} is shorter than every train answer with its end token "
+                         f"({answers.min()} to {answers.max()} tokens): raise it, or 0 for the longest")
+    longest_prompt = int((data.offsets[1:] - data.offsets[:-1] - answers).max())
+    if longest_prompt + answer_len > block_size:
+        raise ValueError(f"the longest train prompt ({longest_prompt} tokens) and the answer span (--answer_len "
+                         f"{answer_len}) do not fit block_size {block_size}: lower --answer_len, or raise --block_size")
+
+
 def until_end(span, end_tokens):
     """The answer in a span (a list of ids): the tokens before the first end token."""
     for i, token in enumerate(span):

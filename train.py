@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from ar2diff import AR2DiffConfig
+from ar2diff import AR2DiffConfig, check_answer_span
 from configurator import UsageError, configure, fail
 from data.dataset import BatchSampler, TokenDataset
 from diffusion import L2DConfig, answer_positions, at_positions
@@ -107,9 +107,6 @@ def check_config(cfg, world_size):
     for key, zero in NON_NEGATIVE.items():
         if cfg[key] < 0:
             raise UsageError(f"--{key} must be >= 0{zero}, got {cfg[key]}")
-    if not cfg["datasets"] or not all(isinstance(d, str) and d for d in cfg["datasets"]):
-        raise UsageError(f"--datasets must list prepared folders, e.g. --datasets=\"['data/gsm8k/smollm2-135m']\"; "
-                         f"got {cfg['datasets']!r}")
     if cfg["min_lr"] > cfg["learning_rate"]:
         raise UsageError(f"--min_lr {cfg['min_lr']:g} is above --learning_rate {cfg['learning_rate']:g}: the lr warms "
                          "up from min_lr to learning_rate; lower --min_lr")
@@ -186,15 +183,7 @@ def build(cfg, ckpt_path):
         raise UsageError(f"{cfg['datasets']} uses a vocabulary of {train_data.vocab_size} tokens but the model has "
                          f"{vocab_size}; prepare the data with this model's tokenizer")
     if spec["method"] == "ar2diff":
-        answer_len, answers = spec["ar2diff_config"]["answer_len"], train_data.answer_lengths()
-        if answer_len < answers.min():  # no span would hold an end token: the model never learns where to stop
-            raise UsageError(f"--answer_len {answer_len} is shorter than every train answer with its end token "
-                             f"({answers.min()} to {answers.max()} tokens): raise it, or 0 for the longest")
-        longest_prompt = int((np.diff(train_data.offsets) - answers).max())
-        if longest_prompt + answer_len > block_size:
-            raise UsageError(f"the longest train prompt ({longest_prompt} tokens) and the answer span (--answer_len "
-                             f"{answer_len}) do not fit block_size {block_size}: lower --answer_len, or raise "
-                             "--block_size")
+        check_answer_span(spec["ar2diff_config"]["answer_len"], train_data, block_size)
     return model, spec, ckpt, train_data, val_data
 
 
@@ -309,8 +298,8 @@ def main(argv=None):
     n_val, micro_batch = min(cfg["eval_examples"], len(val_data)), cfg["micro_batch"]
     val_batches = {start: batch(val_data, np.arange(start, min(start + micro_batch, n_val)), spec, device)
                    for start in range(rank * micro_batch, n_val, micro_batch * world_size)}  # this rank's share
-    it, best, saved = 0, None, None  # optimizer steps done; the best (val loss, iter); the iter ckpt.pt holds
-    diverged = False  # the last evaluation's val loss was far above the best: not saved
+    # optimizer steps done; the best (val loss, iter); the iter ckpt.pt holds; the last evaluation far above the best
+    it, best, saved, diverged = 0, None, None, False
     if ckpt is not None:  # go on where the checkpoint left off: weights, optimiser, data order, scaler, RNG
         optimizer.load_state_dict(ckpt["optimizer"])
         sampler.load_state_dict(ckpt["sampler"])

@@ -203,6 +203,9 @@ class TokenDataset:
 
     def __init__(self, data_dirs, split):
         data_dirs = [data_dirs] if isinstance(data_dirs, str) else list(data_dirs)
+        if not data_dirs or not all(isinstance(d, str) and d for d in data_dirs):
+            raise ValueError(f"--datasets must list prepared folders, e.g. --datasets=\"['data/gsm8k/smollm2-135m']\"; "
+                             f"got {data_dirs!r}")
         self.classes, parts = [], []
         for d in data_dirs:
             meta, z = read_prepared(d, split)
