@@ -25,6 +25,7 @@ import numpy as np
 
 from configurator import UsageError, configure, fail, parse_list
 from harness.intervals import paired_difference
+from harness.plot import save_figure
 
 OPTIONS = dict(
     bases=("1337", "seeds of the base's pretraining (initial weights and data order)"),
@@ -125,8 +126,8 @@ def summarize(cfg):
     is above 0), and of L2D - LoRA, paired on each (base, path) seed."""
     out, lines = cfg["out"], []
     seeds = [(b, p) for b in cfg["bases"] for p in cfg["paths"]]
-    for split in cfg["splits"]:
-        rows = read_rows(cfg, split)
+    rows_of = {split: read_rows(cfg, split) for split in cfg["splits"]}
+    for split, rows in rows_of.items():
         lines += [f"## {split} split: {len(seeds)} seed pairs (base, path), "
                   f"n = {next(iter(next(iter(rows.values())).values()))['n']} examples each", ""]
         for key, name in (("accuracy", "exact match"), ("tf_accuracy", "teacher-forced")):
@@ -144,7 +145,7 @@ def summarize(cfg):
     with open(f"{out}/summary.md", "w") as f:
         f.write(text + "\n")
     print(text)
-    figure(read_rows(cfg, cfg["splits"][0]), seeds, cfg, f"{out}/summary.png")
+    figure(rows_of[cfg["splits"][0]], seeds, cfg, f"{out}/summary.png")
 
 
 def read_rows(cfg, split):
@@ -187,7 +188,7 @@ def figure(rows, seeds, cfg, path):
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{cfg['splits'][0]} split, mean and 95% interval over {len(seeds)} seed pairs (base, path)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     print(f"wrote {path}")
 
