@@ -9,11 +9,11 @@ probability of each of the likeliest tokens at every solver step's t, then at th
 A token outside a step's printed top five is drawn at 0 there. Needs matplotlib (an optional dependency).
 """
 
-import os
 import re
 
 from configurator import UsageError, configure, fail
 from harness.plot import check_figure, save_figure
+from loading.files import read_error
 
 OPTIONS = dict(
     steps_file=("", "the text sample.py --show_steps printed"),
@@ -47,8 +47,7 @@ def main(argv=None):
         with open(path, encoding="utf-8") as f:
             tokens = read_tokens(f.read())
     except (OSError, UnicodeDecodeError) as e:
-        why = "is not text" if isinstance(e, UnicodeDecodeError) else "is a folder" if os.path.isdir(path) else \
-            "does not exist" if not os.path.exists(path) else "cannot be read"
+        why = "is not text" if isinstance(e, UnicodeDecodeError) else read_error(path)
         raise UsageError(f"--steps_file {path!r} {why}: name the text that sample.py --show_steps printed") from None
     if not 1 <= cfg["token"] <= len(tokens):
         raise UsageError(f"--token {cfg['token']}: {cfg['steps_file']} shows {len(tokens)} token(s) "

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 from configurator import fail
+from loading.files import read_error
 
 
 def wilson_interval(correct, n, z=1.96):
@@ -109,8 +110,7 @@ def read_results(path):
             run = json.load(f)
         why = "" if isinstance(run, dict) and isinstance(run.get("rows"), list) else "it is JSON without eval.py's rows"
     except OSError:
-        why = "it is a folder" if os.path.isdir(path) else "it does not exist" if not os.path.exists(path) \
-            else "it cannot be opened"
+        why = f"it {read_error(path)}"
     except ValueError:  # (JSON and UTF-8 errors)
         why = "it is not JSON"
     if why:

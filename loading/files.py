@@ -28,6 +28,11 @@ def check_output(path, option, overwrite=False, ours=None):
     return path
 
 
+def read_error(path):
+    """Why `path` could not be opened for reading, in words (not errno's): for the one line naming it."""
+    return "is a folder" if os.path.isdir(path) else "does not exist" if not os.path.exists(path) else "cannot be read"
+
+
 def write_error(path, e):
     """The OutputError for an OSError `e` met while writing `path` (a file or a folder), which is kept."""
     why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
