@@ -1,9 +1,8 @@
 """
-The command line of every script (nanoGPT style). A script declares OPTIONS = dict(key=(default,
-"meaning")); the command line names config files (Python files of `key = value` lines) and --key=value
-or --key value overrides, applied in order, each a Python literal of the default's type (a bare word is
-a string, a bare --flag True; a None default takes any type). -h prints the table. A mistake is one
-line and exit code 2:  python train.py config/quick.py --max_iters=100
+The command line of every script (nanoGPT style). A script declares OPTIONS = dict(key=(default, "meaning"[,
+allowed values])); config files (Python, `key = value` lines) and --key=value or --key value overrides apply in
+order, each a Python literal of the default's type (a bare word: a string; a bare --flag: True; a None default
+takes any type). -h prints the table. A mistake is one line and exit code 2.
 """
 
 import ast
@@ -24,7 +23,19 @@ def fail(message):
 
 
 def defaults(options):
-    return {key: default for key, (default, _) in options.items()}
+    return {key: option[0] for key, option in options.items()}
+
+
+# An option's optional third element, the values it may take: a tuple of choices, or a rule of RULES.
+RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
+         "in [0, 1]": lambda v: 0 <= v <= 1}
+
+
+def check_rule(key, value, rule):
+    if value is None or (value in rule if isinstance(rule, tuple) else RULES[rule](value)):
+        return
+    allowed = f"one of {', '.join(map(str, rule))}" if isinstance(rule, tuple) else rule
+    raise UsageError(f"--{key} must be {allowed}, got {value!r}")
 
 
 def typed(what, value, default):
@@ -88,19 +99,20 @@ def config_file(path, config, options):
 
 def help_text(options, caller):
     """The docstring's first paragraph and the example commands after it, then the table of options."""
-    spec, doc = caller.get("__spec__"), (caller.get("__doc__") or "").strip()
+    spec, doc = caller.get("__spec__"), (caller.get("__doc__") or "").strip().split("\n\n")
     script = f"-m {spec.name}" if spec and "." in spec.name else caller["__file__"].rsplit("/", 1)[-1]
-    usage = doc.split("\n\n")[0] + "".join("\n\n" + p for p in doc.split("\n\n")[1:3] if p.startswith("    "))
-    shown = {k: v for k, v in options.items() if not k.startswith("_")}
-    width, value_width = max(map(len, shown)) + 2, min(16, max(len(repr(d)) for d, _ in shown.values()))
+    usage = "\n\n".join(doc[:1] + [p for p in doc[1:3] if p.startswith("    ")])
+    shown = {key: option[:2] for key, option in options.items() if not key.startswith("_")}
+    width = max(map(len, shown)) + 2
+    indent = " " * (width + 22)
     lines = [f"usage: python {script} [CONFIG_FILE.py ...] [--key=value | --key value ...]", "", usage, "",
              "options (default, meaning):"]
-    indent = " " * (width + value_width + 6)
     for key, (default, meaning) in shown.items():
-        lead = f"  {'--' + key:<{width}}  {default!r:<{value_width}}  "
-        text = textwrap.wrap(meaning, 100 - len(indent), break_on_hyphens=False) or [""]
-        lines += [lead + text[0]] if len(lead) <= len(indent) else [lead.rstrip(), indent + text[0]]
-        lines += [indent + line for line in text[1:]]
+        lead = f"  {'--' + key:<{width}}  {default!r:<16}  "
+        if len(lead) > len(indent):  # a long default: its meaning on the lines below
+            lines.append(lead.rstrip())
+            lead = indent
+        lines += textwrap.wrap(meaning, 100, initial_indent=lead, subsequent_indent=indent, break_on_hyphens=False)
     return "\n".join(lines)
 
 
@@ -136,4 +148,7 @@ def configure(options, argv=None):
         if isinstance(default, float) and text.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
             value = float(text)  # refused by typed() as not finite, not as a string
         config[key] = text if isinstance(default, str) and not isinstance(value, str) else typed(f"--{key}", value, default)
+    for key, option in options.items():
+        if len(option) > 2:
+            check_rule(key, config[key], option[2])
     return config

@@ -38,75 +38,64 @@ from model import GPT, GPTConfig
 # The settings that define a model and its run: a resumed run takes them from its checkpoint's config.
 MODEL_SETTINGS = dict(
     init_from=("smollm2-135m",
-               "scratch, smollm2-135m, gpt2..., a HF folder, an ar/full ckpt.pt, or resume (out_dir's run)"),
-    method=("l2d", "l2d, lora, full, ar or ar2diff (what each trains: see the docstring)"),
+               "scratch, smollm2-135m, gpt2..., a HF folder, an ar/full/lora ckpt.pt, or resume (out_dir's run)"),
+    method=("l2d", "what trains (see the docstring)", ("l2d", "lora", "full", "ar", "ar2diff")),
     seed=(1337, "initial weights, data order, and every micro-batch's t, noise and label dropout (ar2diff: corruption)"),
     datasets=(["data/gsm8k/smollm2-135m"], "prepared folders (data/*/prepare.py); several mix"),
     # the model: its shape from scratch (init_from=scratch), and its context
-    family=("llama", "llama (RMSNorm, RoPE, SwiGLU) or gpt2 (LayerNorm, learned positions, GELU)"),
-    n_layer=(4, "transformer blocks"),
-    n_head=(4, "attention heads (must divide n_embd)"),
-    n_kv_head=(0, "key/value heads of grouped-query attention; 0: n_head"),
-    n_embd=(128, "hidden width"),
-    block_size=(512, "context in tokens: longer examples are cut, a pretrained base's cropped to it"),
+    family=("llama", "llama (RMSNorm, RoPE, SwiGLU) or gpt2 (LayerNorm, learned positions, GELU)", ("llama", "gpt2")),
+    n_layer=(4, "transformer blocks", "> 0"),
+    n_head=(4, "attention heads (must divide n_embd)", "> 0"),
+    n_kv_head=(0, "key/value heads of grouped-query attention; 0: n_head", ">= 0"),
+    n_embd=(128, "hidden width", "> 0"),
+    block_size=(512, "context in tokens: longer examples are cut, a pretrained base's cropped to it", "> 0"),
     # the diffusion path (method=l2d) and LoRA (method=lora, and the l2d "lora" variant)
-    variant=("lora", "path layers: lora (the frozen base's weights + LoRA) or full (trainable copies)"),
-    flow_dim=(256, "width d_f of the diffused token space"),
-    sigma=(64.0, "std of the noise x_0 the path starts from at t = 0"),
-    t_schedule=("uniform", "training's t per position: uniform in [0, 1], or cosmap-warped (sec. 3)"),
+    variant=("lora", "path layers: lora (the frozen base's weights + LoRA) or full (trainable copies)", ("lora", "full")),
+    flow_dim=(256, "width d_f of the diffused token space", "> 0"),
+    sigma=(64.0, "std of the noise x_0 the path starts from at t = 0", "> 0"),
+    t_schedule=("uniform", "training's t per position: uniform in [0, 1], or cosmap-warped (sec. 3)",
+                ("uniform", "cosmap")),
     guidance_classes=(False, "condition the path on the data's classes (for --guidance); off, as officially"),
-    label_dropout=(0.2, "chance a token's class is replaced by null in training (guidance_classes)"),
-    lora_rank=(32, "rank of the LoRA adapters"),
+    label_dropout=(0.2, "chance a token's class is replaced by null in training (guidance_classes)", "in [0, 1]"),
+    lora_rank=(32, "rank of the LoRA adapters", "> 0"),
     lora_alpha=(32.0, "LoRA scale: the update B A x is multiplied by lora_alpha / lora_rank"),
     # AR2Diff (method=ar2diff)
-    answer_len=(0, "tokens of the answer span refined as a whole (end-token padded); 0: the longest train answer"),
+    answer_len=(0, "tokens of the answer span refined as a whole (end-token padded); 0: the longest train answer",
+                ">= 0"),
 )
 OPTIONS = dict(
     MODEL_SETTINGS,
     out_dir=("out", "folder of ckpt.pt, saved at every evaluation (not one far worse than the best)"),
     # optimisation (the paper: AdamW, peak lr 1e-4, 100 warmup steps, weight decay 0.01, clip 1.0);
     # the lr warms up from min_lr and decays back to it at lr_decay_iters (default: max_iters)
-    batch_size=(32, "examples per optimizer step, over all processes"),
-    micro_batch=(8, "examples per forward/backward of one process (gradient accumulation)"),
-    max_iters=(1000, "optimizer steps"),
-    lr_decay_iters=(0, "the step where the lr is back at min_lr; 0: max_iters"),
-    learning_rate=(1e-4, "peak lr, reached at the end of the warmup"),
-    min_lr=(1e-6, "lr at step 0 and at the end of the decay"),
-    warmup_iters=(100, "steps of (logarithmic) warmup from min_lr to learning_rate"),
+    batch_size=(32, "examples per optimizer step, over all processes", "> 0"),
+    micro_batch=(8, "examples per forward/backward of one process (gradient accumulation)", "> 0"),
+    max_iters=(1000, "optimizer steps", "> 0"),
+    lr_decay_iters=(0, "the step where the lr is back at min_lr; 0: max_iters", ">= 0"),
+    learning_rate=(1e-4, "peak lr, reached at the end of the warmup", "> 0"),
+    min_lr=(1e-6, "lr at step 0 and at the end of the decay", ">= 0"),
+    warmup_iters=(100, "steps of (logarithmic) warmup from min_lr to learning_rate", ">= 0"),
     weight_decay=(0.01, "AdamW weight decay of matrices (not of biases and norms)"),
-    grad_clip=(1.0, "largest gradient norm; 0: no clipping"),
+    grad_clip=(1.0, "largest gradient norm; 0: no clipping", ">= 0"),
     # bookkeeping and hardware
-    eval_interval=(200, "steps between validation losses and checkpoints (and after the last)"),
-    eval_examples=(64, "test examples of each validation loss"),
-    log_interval=(10, "steps between training-loss lines"),
+    eval_interval=(200, "steps between validation losses and checkpoints (and after the last)", "> 0"),
+    eval_examples=(64, "test examples of each validation loss", "> 0"),
+    log_interval=(10, "steps between training-loss lines", "> 0"),
     device=("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
     dtype=("auto", "auto (cuda: bfloat16, else float16; cpu: float32), float32, bfloat16 or float16 (precision.py)"),
     compile=(False, "torch.compile the model: faster steps after a slow start"),
     overwrite=(False, "replace a checkpoint already in out_dir (else refused, unless resuming)"),
 )
-METHODS = ("l2d", "lora", "full", "ar", "ar2diff")
-POSITIVE = ("block_size", "n_layer", "n_head", "n_embd", "flow_dim", "sigma", "lora_rank", "max_iters", "learning_rate",
-            "batch_size", "micro_batch", "eval_interval", "log_interval", "eval_examples")
-NON_NEGATIVE = dict(n_kv_head=" (0: n_head)", warmup_iters="", lr_decay_iters=" (0: max_iters)", min_lr="",
-                    grad_clip=" (0: no clipping)", answer_len=" (0: the longest train answer)")
 BETAS = (0.9, 0.95)  # AdamW's, as the official code
 DIVERGED = 1.5  # a val loss above DIVERGED x the best (+ 0.1) is no noise of the estimate: the run diverged
 
 
 def check_config(cfg, world_size):
-    """Refuse settings that make no sense before any data, model or checkpoint is loaded, in one line
+    """Refuse settings that make no sense together before any data, model or checkpoint is loaded, in one line
     naming the option (a bad value found later would cost a base download or a run's first save)."""
-    if cfg["method"] not in METHODS:
-        raise UsageError(f"unknown method {cfg['method']!r}; use one of {', '.join(METHODS)}")
     if cfg["method"] in ("l2d", "lora") and cfg["init_from"] == "scratch":  # their checkpoints omit the base
         raise UsageError(f"method={cfg['method']} finetunes a frozen base, not a random one: train a base with "
                          "method=ar first and pass its ckpt.pt as --init_from")
-    for key in POSITIVE:
-        if cfg[key] <= 0:
-            raise UsageError(f"--{key} must be > 0, got {cfg[key]}")
-    for key, zero in NON_NEGATIVE.items():
-        if cfg[key] < 0:
-            raise UsageError(f"--{key} must be >= 0{zero}, got {cfg[key]}")
     if cfg["min_lr"] > cfg["learning_rate"]:
         raise UsageError(f"--min_lr {cfg['min_lr']:g} is above --learning_rate {cfg['learning_rate']:g}: the lr warms "
                          "up from min_lr to learning_rate; lower --min_lr")
@@ -114,14 +103,9 @@ def check_config(cfg, world_size):
     if cfg["learning_rate"] > largest:
         raise UsageError(f"--learning_rate {cfg['learning_rate']:g} overflows AdamW's float32 step (at most "
                          f"{largest:.3g}); the paper's is 1e-4")
-    if not 0 <= cfg["label_dropout"] <= 1:
-        raise UsageError(f"--label_dropout is a probability, in [0, 1]; got {cfg['label_dropout']}")
     per_step = cfg["micro_batch"] * world_size
     if cfg["batch_size"] % per_step:
         raise UsageError(f"batch_size {cfg['batch_size']} must be a multiple of micro_batch x processes = {per_step}")
-    # The names (variant, t_schedule, family) and n_head dividing n_embd are checked by the configs that
-    # use them; built here from the command line, they refuse a bad value before anything is loaded.
-    L2DConfig(variant=cfg["variant"], t_schedule=cfg["t_schedule"])
     GPTConfig(family=cfg["family"], n_head=cfg["n_head"], n_kv_head=cfg["n_kv_head"], n_embd=cfg["n_embd"])
     existing = cfg["out_dir"]  # out_dir or its closest existing parent: a save there must not fail after training
     while existing and not os.path.exists(existing):
@@ -133,7 +117,7 @@ def check_config(cfg, world_size):
 
 
 def local_path(p):
-    return os.path.abspath(p) if os.path.exists(p) else p  # loadable from any directory
+    return os.path.abspath(p) if os.path.exists(p) else p  # loadable from any directory; a model name stays a name
 
 
 def build(cfg, ckpt_path):
@@ -144,11 +128,7 @@ def build(cfg, ckpt_path):
     ckpt = None
     if cfg["init_from"] == "resume":
         model, _, ckpt = load_model(ckpt_path)
-        if "guidance_classes" not in ckpt["config"]:  # saved before training followed the official code
-            raise UsageError(f"{ckpt_path} was trained with the earlier defaults (AdamW beta2 0.999, cosine lr, "
-                             "per-sequence label dropout); resuming would mix two recipes: train afresh "
-                             "(sample.py and eval.py still load it)")
-        for key, (default, _) in MODEL_SETTINGS.items():
+        for key, (default, *_) in MODEL_SETTINGS.items():
             cfg[key] = ckpt["config"].get(key, default)  # (a setting added after the checkpoint: its default)
         spec = {key: ckpt.get(key) for key in MODEL_KEYS + ("base_fingerprint",)}
     elif os.path.exists(ckpt_path) and not cfg["overwrite"]:
@@ -216,31 +196,6 @@ def batch(data, indices, spec, device):
     return [x.to(device), y.to(device)] + ([labels.to(device)] if spec["method"] == "l2d" else [])
 
 
-def token_losses(method, model, inputs, mixed):
-    """One validation micro-batch: (loss, t, counted) per answer token, flat, on the CPU. t is l2d's
-    diffusion time (random per token), ar2diff's corruption rate (random per example), else 0."""
-    if method == "l2d":
-        x, y, labels = inputs
-        t = torch.rand(x.shape, device=x.device)
-        with mixed:
-            _, nll = model(x, y, labels, t=t, reduction="none")  # at answer_positions(y), 0 where ignored
-        pos = answer_positions(y)
-        y, t = at_positions(y, pos), at_positions(t, pos)
-    else:
-        with mixed:
-            if method == "ar2diff":
-                prompt, pad, y = inputs
-                rate = torch.rand(y.size(0), device=y.device)
-                logits, _ = model(prompt, pad, y, rate=rate)
-                t = rate[:, None].expand_as(y)
-            else:
-                x, y = inputs
-                logits, _ = model(x, y)
-                t = torch.zeros(x.shape, device=x.device)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="none")
-    return nll.flatten().cpu(), t.flatten().cpu(), y.flatten().cpu() != -1
-
-
 @torch.no_grad()
 def evaluate(model, val_batches, method, mixed):
     """Validation loss over val_batches ({seed: inputs}, this process's share of the test examples), and
@@ -251,12 +206,29 @@ def evaluate(model, val_batches, method, mixed):
     sums = torch.zeros(2, len(edges))  # (loss sum, token count): bucket columns + overall last
     for seed, inputs in val_batches.items():
         torch.manual_seed(seed)
-        nll, t, valid = token_losses(method, model, inputs, mixed)
+        with mixed:  # per answer token: its loss and t (l2d: random per token; ar2diff: rate per example; ar: 0)
+            if method == "l2d":
+                x, y, labels = inputs
+                t = torch.rand(x.shape, device=x.device)
+                _, nll = model(x, y, labels, t=t, reduction="none")  # at answer_positions(y), 0 where ignored
+                pos = answer_positions(y)
+                y, t = at_positions(y, pos), at_positions(t, pos)
+            elif method == "ar2diff":
+                prompt, pad, y = inputs
+                rate = torch.rand(y.size(0), device=y.device)
+                logits, _ = model(prompt, pad, y, rate=rate)
+                t = rate[:, None].expand_as(y)
+            else:
+                x, y = inputs
+                logits, _ = model(x, y)
+                t = torch.zeros(x.shape, device=x.device)
+        if method != "l2d":
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="none")
+        nll, t, valid = nll.flatten().cpu(), t.flatten().cpu(), y.flatten().cpu() != -1
         bucket = torch.bucketize(t, edges, right=True) - 1
-        for b in range(len(edges) - 1):
-            sel = valid & (bucket == b)
+        for b in range(len(edges)):  # each bucket, then every token
+            sel = valid & (bucket == b) if b < len(edges) - 1 else valid
             sums[:, b] += torch.stack([nll[sel].sum(), sel.sum()])
-        sums[:, -1] += torch.stack([nll[valid].sum(), valid.sum()])
     if dist.is_initialized():
         dist.all_reduce(sums)
     model.train()
