@@ -1,10 +1,7 @@
 """
-The frozen base: one decoder-only transformer that covers two families by config.
-
-- "gpt2":  LayerNorm with bias, learned positions, GELU MLP, biases everywhere, tied head
-           (gpt2, gpt2-medium, gpt2-large, gpt2-xl).
-- "llama": RMSNorm, rotary positions (RoPE), SwiGLU MLP, grouped-query attention, optional
-           q/k/v bias (Qwen2), tied or untied head (SmolLM2, Llama-3.x, Qwen2.5, TinyLlama).
+The frozen base: one decoder-only transformer, two families by config. "gpt2": LayerNorm, learned
+positions, GELU, biases, tied head (gpt2...gpt2-xl). "llama": RMSNorm, RoPE, SwiGLU, grouped-query
+attention, optional q/k/v bias (Qwen2), tied or untied head (SmolLM2, Llama-3.x, Qwen2.5, TinyLlama).
 
 Besides logits it exposes what the L2D diffusion path reuses (diffusion.py): `trunk()` returns the last
 hidden state *before* the final norm (h_main in the merge) and a KVCache of every layer's keys (after
@@ -188,8 +185,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
 
     def split_heads(self, x, n_head):
-        B, T, _ = x.shape
-        return x.view(B, T, n_head, self.head_dim).transpose(1, 2)
+        return x.view(*x.shape[:2], n_head, self.head_dim).transpose(1, 2)
 
     def forward(self, x, rope, cache, layer, bidirectional=False):
         q = self.split_heads(self.q_proj(x), self.n_head)

@@ -17,6 +17,7 @@ parallel, and prints the best scored one; --max_new_tokens, --top_k, --solver an
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -73,14 +74,10 @@ def check(cfg):
 
 def read_prompt(start):
     """The text of --start; FILE:path reads it from a file (before the model is loaded, to fail early)."""
-    if start.startswith("FILE:"):
-        try:
-            with open(start[5:], encoding="utf-8") as f:
-                text = f.read()
-        except OSError:
-            raise UsageError(f"prompt file {start[5:]} not found") from None
-    else:
-        text = start.replace("\\n", "\n")  # a shell passes --start "Q\nA" as a backslash and an n
+    try:  # a shell passes --start "Q\nA" as a backslash and an n
+        text = Path(start[5:]).read_text(encoding="utf-8") if start.startswith("FILE:") else start.replace("\\n", "\n")
+    except OSError:
+        raise UsageError(f"prompt file {start[5:]} not found") from None
     if not text:
         raise UsageError(f'--start {start!r} is empty; give a prompt, e.g. --start "Once upon a time"')
     return text
@@ -88,10 +85,10 @@ def read_prompt(start):
 
 def load(cfg):
     """(model, tokenizer, class names): an L2D model where there is one, else a GPT. A base model gets a
-    freshly initialised diffusion path."""
+    fresh diffusion path, whose W_v (and so V, and dopri5's steps) comes from --seed."""
     model, tokenizer, ckpt = checkpoint.load(cfg["init_from"])
     if ckpt is None:
-        torch.manual_seed(cfg["seed"])  # the fresh path's W_v sets V, and so dopri5's steps: the same every run
+        torch.manual_seed(cfg["seed"])
         return L2D(model, L2DConfig()), tokenizer, []
     return model, tokenizer, ckpt.get("classes", [])
 
