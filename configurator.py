@@ -26,16 +26,9 @@ def defaults(options):
     return {key: option[0] for key, option in options.items()}
 
 
-# An option's optional third element, the values it may take: a tuple of choices, or a rule of RULES.
+# An option's optional third element: the values it may take, a tuple of choices or one of these rules.
 RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
          "in [0, 1]": lambda v: 0 <= v <= 1}
-
-
-def check_rule(key, value, rule):
-    if value is None or (value in rule if isinstance(rule, tuple) else RULES[rule](value)):
-        return
-    allowed = f"one of {', '.join(map(str, rule))}" if isinstance(rule, tuple) else rule
-    raise UsageError(f"--{key} must be {allowed}, got {value!r}")
 
 
 def typed(what, value, default):
@@ -102,7 +95,7 @@ def help_text(options, caller):
     spec, doc = caller.get("__spec__"), (caller.get("__doc__") or "").strip().split("\n\n")
     script = f"-m {spec.name}" if spec and "." in spec.name else caller["__file__"].rsplit("/", 1)[-1]
     usage = "\n\n".join(doc[:1] + [p for p in doc[1:3] if p.startswith("    ")])
-    shown = {key: option[:2] for key, option in options.items() if not key.startswith("_")}
+    shown = {key: option[:2] for key, option in options.items() if not key.startswith("_")}  # "_": internal
     width = max(map(len, shown)) + 2
     indent = " " * (width + 22)
     lines = [f"usage: python {script} [CONFIG_FILE.py ...] [--key=value | --key value ...]", "", usage, "",
@@ -148,7 +141,9 @@ def configure(options, argv=None):
         if isinstance(default, float) and text.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
             value = float(text)  # refused by typed() as not finite, not as a string
         config[key] = text if isinstance(default, str) and not isinstance(value, str) else typed(f"--{key}", value, default)
-    for key, option in options.items():
-        if len(option) > 2:
-            check_rule(key, config[key], option[2])
+    for key, (_, _, *allowed) in options.items():
+        value, rule = config[key], allowed and allowed[0]
+        if rule and value is not None and not (value in rule if isinstance(rule, tuple) else RULES[rule](value)):
+            rule = f"one of {', '.join(rule)}" if isinstance(rule, tuple) else rule
+            raise UsageError(f"--{key} must be {rule}, got {value!r}")
     return config

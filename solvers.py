@@ -1,18 +1,17 @@
 """Hand-rolled ODE solvers for the L2D sampling ODE  dx/dt = v(x, t),  t: 0 (noise) -> 1 (data).
 
-As k-diffusion's samplers: one function per method, the same call, an optional callback(info)
-after every accepted step. Every row of x (B, D) is its own token's ODE; the state is kept in float64;
-`nfe` (B,) counts each row's velocity evaluations.
+As k-diffusion's samplers: one function per method, the same call, an optional callback(info) after every
+accepted step. Every row of x (B, D) is its own token's ODE, kept in float64; `nfe` (B,) counts each row's
+velocity evaluations. Fixed-step solvers evaluate all rows at once (rows=None); dopri5 only the rows still
+integrating, `rows` (n,) their indices in the batch.
 
     velocity(x, t, rows=None) -> (n, D)   x (n, D), t (n,): one time per row
     euler / midpoint / rk4(velocity, x, ts, callback=None) -> (x, nfe)      ts: the grid, e.g. grid(steps)
     dopri5(velocity, x, t0=0., t1=1., atol=1e-5, rtol=1e-5, callback=None, max_steps=1000) -> (x, nfe)
 
-Fixed-step solvers evaluate all B rows at once (rows=None); dopri5 only the rows still integrating, with
-`rows` (n,) their indices in the batch. The L2D field is singular at t = 1 and *defined* as 0 there: euler
-and midpoint never evaluate at t = 1 and are exact on straight paths; rk4's last stage sees v = 0 (it ends
-h/6 * v short); dopri5 would creep up to it through rejected steps, so L2D stops it just short
-(diffusion.ADAPTIVE_T_END).
+The L2D field is singular at t = 1 and *defined* as 0 there: euler and midpoint never evaluate at t = 1 and
+are exact on straight paths; rk4's last stage sees v = 0 (it ends h/6 * v short); dopri5 would creep up to it
+through rejected steps, so L2D stops it just short (diffusion.ADAPTIVE_T_END).
 """
 from functools import partial
 
@@ -26,13 +25,11 @@ def grid(steps):
     return torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
 
 
-def _bc(v, x):
-    """A per-row (B,) tensor shaped to broadcast against x (B, ...)."""
+def _bc(v, x):  # a per-row (B,) tensor shaped to broadcast against x (B, ...)
     return v.view(-1, *([1] * (x.dim() - 1)))
 
 
-def _rms(z):
-    """Root-mean-square over all coordinates of each row -> (B,)."""
+def _rms(z):  # the root-mean-square of each row (B,)
     return z.flatten(1).pow(2).mean(1).sqrt()
 
 
