@@ -57,32 +57,24 @@ def bpe_encoding(name: str, vocab: dict[str, int], merges: list, special_tokens:
     to_byte = byte_decoder()
     ranks = {bytes(to_byte[c] for c in tok): i for tok, i in vocab.items() if tok not in special_tokens}
     # SmolLM2 lacks 21 bytes (b"\x04", lead bytes of U+40000..U+BFFFF), on which tiktoken panics. tiktoken
-    # skips text its regex does not match, so leaving those characters out of it drops them, as Hugging
-    # Face does (they are controls and unassigned code points, not letters, digits or spaces).
-    missing = bytes(b for b in range(256) if bytes([b]) not in ranks)
-    if missing:
-        pat_str = pat_str.replace(r"[^\s\p{L}\p{N}]", r"[^\s\p{L}\p{N}" + chars_using_bytes(name, missing) + "]")
+    # skips text its regex does not match, so leaving the characters they start out of it drops them, as
+    # Hugging Face does (they are controls and unassigned code points, not letters, digits or spaces).
+    ranges = ""
+    for b in (b for b in range(256) if bytes([b]) not in ranks):
+        if 0x80 <= b < 0xC0:
+            raise ValueError(f"{name}: the vocabulary lacks the UTF-8 continuation byte {b:#x}, so some text "
+                             "could not be encoded; the tokenizer file is damaged or not byte-level BPE")
+        n = (b >= 0xC0) + (b >= 0xE0) + (b >= 0xF0)  # b leads n continuation bytes; p: its code point bits
+        p = b & (0x7F >> n)
+        lo, hi = max(p << 6 * n, (0, 0x80, 0x800, 0x10000)[n]), min(((p + 1) << 6 * n) - 1, 0x10FFFF)
+        if lo <= hi:  # 0xC0, 0xC1 (overlong) and 0xF5.. (past U+10FFFF) lead no character
+            ranges += f"\\x{{{lo:X}}}-\\x{{{hi:X}}}"
+    pat_str = pat_str.replace(r"[^\s\p{L}\p{N}]", r"[^\s\p{L}\p{N}" + ranges + "]")
     if not set(TEXT_ENDS) & special_tokens.keys() and not any(m in special_tokens for m in CHAT_TEMPLATES):
         raise ValueError(f"{name}: the vocabulary has no {' or '.join(TEXT_ENDS)} special token and no chat template's "
                          "(ChatML, Llama 3), so texts could not end; only GPT-2-style, ChatML and Llama-3 vocabularies "
                          "are supported")
     return tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens)
-
-
-def chars_using_bytes(name: str, missing: bytes) -> str:
-    """Regex class body of the characters whose UTF-8 encoding starts with one of these bytes."""
-    ranges = ""
-    for b in missing:
-        if 0x80 <= b < 0xC0:
-            raise ValueError(f"{name}: the vocabulary lacks the UTF-8 continuation byte {b:#x}, so some text "
-                             "could not be encoded; the tokenizer file is damaged or not byte-level BPE")
-        # b leads n + 1 bytes: (the lowest lead byte, the lowest code point) of 1-, 2-, 3-, 4-byte sequences
-        n, (lead, least) = max((n, s) for n, s in enumerate(((0, 0), (0xC0, 0x80), (0xE0, 0x800), (0xF0, 0x10000)))
-                               if s[0] <= b)
-        lo, hi = max((b - lead) << 6 * n, least), min(((b - lead + 1) << 6 * n) - 1, 0x10FFFF)
-        if lo <= hi:  # 0xC0, 0xC1 (overlong) and 0xF5.. (past U+10FFFF) lead no character
-            ranges += f"\\x{{{lo:X}}}-\\x{{{hi:X}}}"
-    return ranges
 
 
 def gpt2_dir() -> str:
@@ -221,19 +213,16 @@ def has_chat_template(enc) -> bool:
     return chat_template(enc) is not None
 
 
-def special_id(enc, text: str) -> int:
-    return enc.encode(text, allowed_special="all")[0]
-
-
 def end_token(enc) -> int:
     """The id that ends an answer: the chat template's end of turn, else the vocabulary's end of text."""
     t = chat_template(enc)
-    return special_id(enc, t["end"] if t else next(e for e in TEXT_ENDS if e in enc.special_tokens_set))
+    end = t["end"] if t else next(e for e in TEXT_ENDS if e in enc.special_tokens_set)
+    return enc.encode(end, allowed_special="all")[0]
 
 
 def stop_tokens(enc) -> set[int]:
     """The ids that end a generation: end_token(enc) and, under a chat template, any end of text too."""
-    return {end_token(enc)} | {special_id(enc, e) for e in TEXT_ENDS if e in enc.special_tokens_set}
+    return {end_token(enc)} | {enc.encode(e, allowed_special="all")[0] for e in TEXT_ENDS if e in enc.special_tokens_set}
 
 
 def chat_turn(enc, role: str, content: str) -> str:
