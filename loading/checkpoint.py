@@ -1,17 +1,12 @@
-"""
-Checkpoints: written by train.py, read by train.py (resume), sample.py, eval.py and bench.py.
+"""Checkpoints: one torch.save'd dict of plain data, loaded with weights_only=True: the MODEL_KEYS that say
+what the model is, its weights (l2d, lora: only what trains, the base coming from `init_from`; ar, full,
+ar2diff: the whole model), fingerprints of the base's weights and of the vocabulary file (a changed one is
+refused: an L2D path on another base, or ids read through another vocabulary, would generate garbage without
+a word), the run's `config` and what a resume restores.
 
-One torch.save'd dict of plain data, loaded with weights_only=True: the MODEL_KEYS that say what the
-model is, its weights (l2d, lora: only what trains, the base coming from `init_from`; ar, full, ar2diff:
-the whole model), fingerprints of the base's weights and of the vocabulary file (a changed one is
-refused: an L2D path on another base, or ids read through another vocabulary, would generate garbage
-without a word), the run's `config` and what a resume restores.
-
-    model, tokenizer, ckpt = load("out-quick-l2d/ckpt.pt")   # an L2D, an AR2Diff or a GPT, and its checkpoint
-    model, tokenizer, ckpt = load("smollm2-135m")             # a pretrained name or HF folder: ckpt is None
+    model, tokenizer, ckpt = load("out-quick-l2d/ckpt.pt")   # or load("smollm2-135m"): ckpt is None
     base, tokenizer = load_base("out-quick/ckpt.pt")          # a GPT to finetune (ar2diff's GPT, lora's merged)
 """
-
 import hashlib
 import os
 
@@ -32,19 +27,18 @@ NEEDS = dict(ar=(), full=(), ar2diff=("ar2diff_config",), l2d=("l2d_config", "in
              lora=("init_from",))  # what load_model reads to build each method's model, besides model_config, tokenizer
 
 
+class NonFiniteWeights(ValueError):
+    pass
+
+
 def save_checkpoint(path, ckpt):
-    """Write ckpt to path atomically (a kill at any moment leaves the previous file intact), unless a
-    weight is not finite: a diverged run keeps its last good checkpoint."""
+    """Write ckpt to path atomically, unless a weight is not finite: a diverged run keeps its last good one."""
     bad = [name for name, w in ckpt["state_dict"].items() if w.is_floating_point() and not torch.isfinite(w).all()]
     if bad:
         kept = f"{path} keeps the last good checkpoint" if os.path.exists(path) else "no checkpoint was written"
         raise NonFiniteWeights(f"not saving {path}: {len(bad)} weight tensor(s) are not finite ({bad[0]}, ...); "
                                f"{kept}")
     write_atomic(path, lambda f: torch.save(ckpt, f))
-
-
-class NonFiniteWeights(ValueError):
-    pass
 
 
 def read_checkpoint(path):
@@ -72,8 +66,7 @@ def fingerprint(model):
 
 
 def file_fingerprint(path):
-    """A short hash of a file's bytes (a char vocabulary); None for a tokenizer by name (its vocabulary
-    comes with the base's weights)."""
+    """A short hash of a file's bytes (a char vocabulary); None for a tokenizer by name (it comes with the base)."""
     if not os.path.isfile(path):
         return None
     with open(path, "rb") as f:
@@ -81,8 +74,7 @@ def file_fingerprint(path):
 
 
 def checkpoint_path(name_or_path):
-    """The ckpt.pt that `name_or_path` names (itself, or the one in that folder), or None: a pretrained
-    name or a Hugging Face folder."""
+    """The ckpt.pt that `name_or_path` names (itself, or the one in that folder), or None: pretrained weights."""
     inside = os.path.join(name_or_path, "ckpt.pt")
     if os.path.isfile(inside):
         return inside
@@ -91,9 +83,8 @@ def checkpoint_path(name_or_path):
 
 
 def load(name_or_path, block_size=None):
-    """The one way to a model, in eval mode: (model, tokenizer, ckpt) for a ckpt.pt of train.py (or a
-    folder holding one); (model, tokenizer, None) for a pretrained name or a Hugging Face folder, cropped
-    to block_size if given."""
+    """(model in eval mode, tokenizer, ckpt) for a train.py ckpt.pt or its folder; ckpt None for pretrained
+    weights (cropped to block_size if given)."""
     path = checkpoint_path(name_or_path)
     if path is None:
         model, tokenizer = load_pretrained(name_or_path, block_size)
@@ -102,9 +93,8 @@ def load(name_or_path, block_size=None):
 
 
 def load_base(init_from, block_size=None):
-    """A base GPT to finetune and its tokenizer: a pretrained name or HF folder, or the ckpt.pt of a
-    method=ar/full run (e.g. the quick recipe's tiny GPT), of an ar2diff run (its GPT: AR2Diff_N) or of a
-    lora run (its GPT with the LoRA merged into the weights: the paper's L2D on top of LoRA)."""
+    """A base GPT to finetune and its tokenizer: pretrained weights, or the ckpt.pt of an ar/full run, of an
+    ar2diff run (its GPT) or of a lora run (its GPT with the LoRA merged in: the paper's L2D on LoRA)."""
     model, tokenizer, ckpt = load(init_from, block_size)
     if ckpt is None:
         return model, tokenizer
@@ -117,9 +107,7 @@ def load_base(init_from, block_size=None):
 
 
 def build_model(spec, base):
-    """The model `spec` (a checkpoint's MODEL_KEYS) describes around `base`: the diffusion path around the
-    frozen base (l2d), the base with LoRA (lora), the base as a discrete diffusion model (ar2diff), or the
-    base itself (full, ar)."""
+    """The model `spec` (a checkpoint's MODEL_KEYS) describes around `base` (itself for full and ar)."""
     if spec["method"] == "l2d":
         # some checkpoints' l2d_config holds self_guess, a setting of their training, not of the model
         return L2D(base, L2DConfig(**{k: v for k, v in spec["l2d_config"].items() if k != "self_guess"}))
@@ -135,9 +123,8 @@ def trainable_state_dict(model):
 
 
 def load_model(path):
-    """The model the checkpoint at `path` describes, with its weights, in eval mode, its tokenizer and the
-    checkpoint. Refused in one line: a checkpoint lacking what its model is built from, weights that do not
-    fit the model, a base or vocabulary file changed since training (unchecked if saved without fingerprints)."""
+    """(model in eval mode, tokenizer, ckpt) of the checkpoint at `path`. Refused in one line: a checkpoint lacking
+    what its model is built from, weights that do not fit it, a base or vocabulary changed since training."""
     ckpt = read_checkpoint(path)
     lacks = [key for key in ("model_config", "tokenizer", *NEEDS[ckpt["method"]]) if ckpt.get(key) is None]
     if lacks:

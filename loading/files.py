@@ -1,9 +1,5 @@
 """The one writer (a temp file beside the target, flushed, renamed over it: readers never see half a file)
-and the check of a user-named output path before any work, so a long run never ends in a refused write.
-
-    check_output(path, "--out", overwrite, ours=is_bench_json)   # before the work
-    write_atomic(path, lambda f: f.write(text.encode()))         # after it
-"""
+and the check of an output path before any work, so a long run never ends in a refused write."""
 import errno
 import os
 
@@ -13,8 +9,8 @@ class OutputError(ValueError):
 
 
 def check_output(path, option, overwrite=False, ours=None):
-    """Refuse `path` (given as `option`) before any work: a folder, a missing or read-only folder, or an
-    existing file that is not this tool's output (ours(path) is False) unless overwrite. Returns path."""
+    """`path` (given as `option`), unless a folder, in a missing or read-only folder, or an existing file that
+    is not this tool's output (ours(path) is False) while not `overwrite`: then an OutputError."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise OutputError(f"{option} {path} is a folder; name a file in it")
@@ -43,8 +39,7 @@ def write_error(path, e):
 
 
 def write_atomic(path, write):
-    """Call write(f) on a binary temp file beside `path`, flush it to disk and rename it over `path`. On
-    an OSError (write_error) or Ctrl-C the old file is kept and the temp file removed."""
+    """write(f) to a temp file beside `path`, synced, renamed over `path`; on an error the old file is kept."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:

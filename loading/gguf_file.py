@@ -36,10 +36,19 @@ def gguf_reader(path: str) -> gguf.GGUFReader:
         raise ValueError(f"{path} is not a readable GGUF file, truncated or corrupted ({reason}); {fix}") from None
 
 
+def gguf_field(path, key, need=True):
+    """A metadata value of the GGUF file at `path`; if missing, None, or a ValueError naming it if `need`."""
+    fields = gguf_reader(str(path)).fields
+    if key in fields:
+        return fields[key].contents()
+    if need:
+        raise ValueError(f"{path} has no {key} metadata (truncated, or converted without it); download or convert "
+                         "it again")
+
+
 # RoPE rotates pairs of channels of each head; with head_dim = 2h, Hugging Face pairs (j, j + h) ("rotate_half"),
 # llama.cpp pairs (2j, 2j + 1) ("interleaved"). llama.cpp's converter reorders the rows of q_proj and k_proj
 # inside every head to match; undoing that gives back the exact HF weights.
-
 def permute_to_rotate_half(w, n_head: int):
     """GGUF interleaved layout -> HF rotate_half layout (undoes llama.cpp's converter)."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -54,36 +63,23 @@ HF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "ou
 
 
 def load_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    reader = gguf_reader(str(path))
-
-    def meta(key, need=False):  # metadata a Llama needs: a damaged or incomplete file named, not a TypeError later
-        if key in reader.fields:
-            return reader.fields[key].contents()
-        if need:
-            raise ValueError(f"{path} has no {key} metadata, which a Llama model needs; download or convert it again")
-
-    arch = meta("general.architecture")
+    meta = functools.partial(gguf_field, path)
+    arch = meta("general.architecture", need=False)
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
-    n_embd, n_head = meta("llama.embedding_length", need=True), meta("llama.attention.head_count", need=True)
-    n_kv_head = meta("llama.attention.head_count_kv") or n_head
-    config = {
-        "model_type": "llama",
-        "vocab_size": meta("llama.vocab_size") or len(meta("tokenizer.ggml.tokens", need=True)),
-        "hidden_size": n_embd,
-        "intermediate_size": meta("llama.feed_forward_length", need=True),
-        "num_hidden_layers": meta("llama.block_count", need=True),
-        "num_attention_heads": n_head,
-        "num_key_value_heads": n_kv_head,
-        "head_dim": n_embd // n_head,
-        # stored as float32 in the file: 1e-5 comes back as 9.9999997e-06, so round to 6 digits
-        "rms_norm_eps": float(f"{meta('llama.attention.layer_norm_rms_epsilon', need=True):.6g}"),
-        "rope_theta": float(meta("llama.rope.freq_base") or 10000.0),
-        "max_position_embeddings": meta("llama.context_length", need=True),
-        "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors},
-    }
+    n_embd, n_head = meta("llama.embedding_length"), meta("llama.attention.head_count")
+    n_kv_head = meta("llama.attention.head_count_kv", need=False) or n_head
+    tensors = gguf_reader(str(path)).tensors
+    config = dict(model_type="llama", hidden_size=n_embd, num_attention_heads=n_head, num_key_value_heads=n_kv_head,
+                  vocab_size=meta("llama.vocab_size", need=False) or len(meta("tokenizer.ggml.tokens")),
+                  intermediate_size=meta("llama.feed_forward_length"), num_hidden_layers=meta("llama.block_count"),
+                  head_dim=n_embd // n_head, max_position_embeddings=meta("llama.context_length"),
+                  rope_theta=float(meta("llama.rope.freq_base", need=False) or 10000.0),
+                  # stored as float32 in the file: 1e-5 comes back as 9.9999997e-06, so round to 6 digits
+                  rms_norm_eps=float(f"{meta('llama.attention.layer_norm_rms_epsilon'):.6g}"),
+                  tie_word_embeddings="output.weight" not in {t.name for t in tensors})
     state_dict = {}
-    for t in reader.tensors:
+    for t in tensors:
         # numpy shape = GGUF dims reversed = (out_features, in_features), HF's nn.Linear layout
         try:
             w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # copy out of the mmap

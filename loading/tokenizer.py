@@ -11,11 +11,9 @@ GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 EOT = "<|endoftext|>"
 TEXT_ENDS = (EOT, "<|end_of_text|>")  # what ends a text outside a chat template: GPT-2's and SmolLM2's, Llama 3's
 
-# GPT-2's pre-tokenizer regex: text is split into these pieces before BPE runs on each piece
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# SmolLM2 cuts around every digit (Digits(individual_digits=True)), then applies GPT-2's regex. As one
-# regex: a digit is a piece of its own (" 12" -> " ", "1", "2") and ends the whitespace lookahead
-# ("a  1" -> "a", "  ", "1", where GPT-2's regex gives "a", " ", " 1").
+# SmolLM2 cuts around every digit, then applies GPT-2's regex. As one regex: a digit is a piece of its own
+# (" 12" -> " ", "1", "2") and ends the whitespace lookahead ("a  1" -> "a", "  ", "1"; GPT-2: "a", " ", " 1").
 SMOLLM_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
 PATTERNS = {"gpt2": GPT2_PATTERN, "smollm": SMOLLM_PATTERN}  # keys: GGUF's tokenizer.ggml.pre
 
@@ -43,9 +41,8 @@ def byte_decoder() -> dict[str, int]:
 
 def bpe_encoding(name: str, vocab: dict[str, int], merges: list, special_tokens: dict[str, int],
                  pat_str: str) -> tiktoken.Encoding:
-    """tiktoken Encoding from a byte-level BPE vocabulary (token -> id) and merge list. tiktoken merges
-    the pair of lowest rank first; rank = id applies the merges in order if each merge makes a larger
-    id than all earlier ones, which is checked (the tests compare with Hugging Face's BPE)."""
+    """tiktoken Encoding from a byte-level BPE vocabulary and merge list. tiktoken merges the pair of lowest
+    rank first, so rank = id applies the merges in order if each merge makes a larger id: checked here."""
     last_id = -1
     for i, merge in enumerate(merges):
         pair = merge.split(" ") if isinstance(merge, str) else merge  # "Ġ t" or ["Ġ", "t"]
@@ -60,35 +57,24 @@ def bpe_encoding(name: str, vocab: dict[str, int], merges: list, special_tokens:
     to_byte = byte_decoder()
     ranks = {bytes(to_byte[c] for c in tok): i for tok, i in vocab.items() if tok not in special_tokens}
     # SmolLM2 lacks 21 bytes (b"\x04", lead bytes of U+40000..U+BFFFF), on which tiktoken panics. tiktoken
-    # skips text its regex does not match, so those characters are left out of it: dropped, as Hugging
-    # Face does (they are controls and unassigned code points, not letters, digits or spaces).
-    missing = bytes(b for b in range(256) if bytes([b]) not in ranks)
-    if missing:
-        pat_str = pat_str.replace(r"[^\s\p{L}\p{N}]", r"[^\s\p{L}\p{N}" + chars_using_bytes(name, missing) + "]")
-    # every text ends with end_token(): an end of text, or a chat template's end of turn
+    # skips text its regex does not match, so leaving the characters they start out of it drops them, as
+    # Hugging Face does (they are controls and unassigned code points, not letters, digits or spaces).
+    ranges = ""
+    for b in (b for b in range(256) if bytes([b]) not in ranks):
+        if 0x80 <= b < 0xC0:
+            raise ValueError(f"{name}: the vocabulary lacks the UTF-8 continuation byte {b:#x}, so some text "
+                             "could not be encoded; the tokenizer file is damaged or not byte-level BPE")
+        n = (b >= 0xC0) + (b >= 0xE0) + (b >= 0xF0)  # b leads n continuation bytes; p: its code point bits
+        p = b & (0x7F >> n)
+        lo, hi = max(p << 6 * n, (0, 0x80, 0x800, 0x10000)[n]), min(((p + 1) << 6 * n) - 1, 0x10FFFF)
+        if lo <= hi:  # 0xC0, 0xC1 (overlong) and 0xF5.. (past U+10FFFF) lead no character
+            ranges += f"\\x{{{lo:X}}}-\\x{{{hi:X}}}"
+    pat_str = pat_str.replace(r"[^\s\p{L}\p{N}]", r"[^\s\p{L}\p{N}" + ranges + "]")
     if not set(TEXT_ENDS) & special_tokens.keys() and not any(m in special_tokens for m in CHAT_TEMPLATES):
         raise ValueError(f"{name}: the vocabulary has no {' or '.join(TEXT_ENDS)} special token and no chat template's "
                          "(ChatML, Llama 3), so texts could not end; only GPT-2-style, ChatML and Llama-3 vocabularies "
                          "are supported")
     return tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens)
-
-
-# UTF-8 sequences of 1, 2, 3, 4 bytes: (the lowest lead byte, the lowest code point) of each
-UTF8_LEADS = ((0x00, 0x00), (0xC0, 0x80), (0xE0, 0x800), (0xF0, 0x10000))
-
-
-def chars_using_bytes(name: str, missing: bytes) -> str:
-    """Regex class body of the characters whose UTF-8 encoding starts with one of these bytes."""
-    ranges = ""
-    for b in missing:
-        if 0x80 <= b < 0xC0:
-            raise ValueError(f"{name}: the vocabulary lacks the UTF-8 continuation byte {b:#x}, so some text "
-                             "could not be encoded; the tokenizer file is damaged or not byte-level BPE")
-        n, (lead, least) = max((n, s) for n, s in enumerate(UTF8_LEADS) if s[0] <= b)  # b leads n + 1 bytes
-        lo, hi = max((b - lead) << 6 * n, least), min(((b - lead + 1) << 6 * n) - 1, 0x10FFFF)
-        if lo <= hi:  # 0xC0, 0xC1 (overlong) and 0xF5.. (past U+10FFFF) lead no character
-            ranges += f"\\x{{{lo:X}}}-\\x{{{hi:X}}}"
-    return ranges
 
 
 def gpt2_dir() -> str:
@@ -97,8 +83,7 @@ def gpt2_dir() -> str:
 
 
 def gpt2_encoding() -> tiktoken.Encoding:
-    """GPT-2's BPE from encoder.json and vocab.bpe in gpt2_dir(), else tiktoken's copy of it (downloaded
-    once into its cache, TIKTOKEN_CACHE_DIR)."""
+    """GPT-2's BPE from encoder.json and vocab.bpe in gpt2_dir(), else tiktoken's copy (downloaded once)."""
     paths = [os.path.join(gpt2_dir(), f) for f in ("encoder.json", "vocab.bpe")]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
@@ -118,23 +103,15 @@ def gpt2_encoding() -> tiktoken.Encoding:
 
 def gguf_encoding(path: str, name: str | None = None) -> tiktoken.Encoding:
     from gguf import TokenType
-    from loading.gguf_file import gguf_reader
-    fields = gguf_reader(str(path)).fields
-
-    def field(key):
-        if key not in fields:
-            raise ValueError(f"{path} has no {key} metadata: it holds no usable tokenizer (truncated, or "
-                             "converted without one); use a GGUF file converted with its tokenizer")
-        return fields[key].contents()
-
-    model, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")
+    from loading.gguf_file import gguf_field
+    model, pre = gguf_field(path, "tokenizer.ggml.model"), gguf_field(path, "tokenizer.ggml.pre")
     if model != "gpt2" or pre not in PATTERNS:
         raise ValueError(f"{path}: tokenizer {model}/{pre} is not supported (byte-level BPE gpt2/{'|'.join(PATTERNS)})")
-    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+    tokens, types = gguf_field(path, "tokenizer.ggml.tokens"), gguf_field(path, "tokenizer.ggml.token_type")
     # control tokens (<|endoftext|>, <|im_start|>, ...) and user-defined ones are stored as plain text
     special = {tok: i for i, (tok, t) in enumerate(zip(tokens, types)) if t in (TokenType.CONTROL, TokenType.USER_DEFINED)}
-    vocab, merges = {tok: i for i, tok in enumerate(tokens)}, field("tokenizer.ggml.merges")
-    return bpe_encoding(name or str(path), vocab, merges, special, PATTERNS[pre])
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    return bpe_encoding(name or str(path), vocab, gguf_field(path, "tokenizer.ggml.merges"), special, PATTERNS[pre])
 
 
 def hf_encoding(folder: str) -> tiktoken.Encoding:
@@ -215,9 +192,9 @@ def get_tokenizer(name_or_path: str):
                      "a .gguf file, a Hugging Face model folder, or a CharTokenizer .json file")
 
 
-# --- chat templates: ChatML (SmolLM2-Instruct, Qwen2) and Llama 3, told apart by a special token only each
-# has: a turn's header, its end, what follows the end, what begins a conversation, and the default system
-# turn (SmolLM2's; Llama 3's own template adds only dates, left out here) ---
+# Chat templates, ChatML (SmolLM2-Instruct, Qwen2) and Llama 3, each told by a special token only it has: a
+# turn's header, its end, what follows the end, what begins a conversation, and the default system turn
+# (SmolLM2's; Llama 3's own template adds only dates, left out here).
 END_OF_TURN = "<|im_end|>"
 CHAT_TEMPLATES = {
     "<|im_start|>": dict(header="<|im_start|>{role}\n", end=END_OF_TURN, sep="\n", begin="",
@@ -229,31 +206,23 @@ CHAT_TEMPLATES = {
 
 def chat_template(enc):
     """The tokenizer's entry of CHAT_TEMPLATES, or None for a base model's."""
-    specials = getattr(enc, "special_tokens_set", ())
-    return next((t for marker, t in CHAT_TEMPLATES.items() if marker in specials), None)
+    return next((t for marker, t in CHAT_TEMPLATES.items() if marker in enc.special_tokens_set), None)
 
 
 def has_chat_template(enc) -> bool:
     return chat_template(enc) is not None
 
 
-def end_of_turn(enc) -> str:
-    """The text of the token that ends a chat turn (and a generated answer): <|im_end|>, <|eot_id|>."""
-    return chat_template(enc)["end"]
-
-
 def end_token(enc) -> int:
     """The id that ends an answer: the chat template's end of turn, else the vocabulary's end of text."""
-    if has_chat_template(enc):
-        return enc.encode(end_of_turn(enc), allowed_special="all")[0]
-    specials = getattr(enc, "_special_tokens", None) or {EOT: enc.eot_token}
-    return next(specials[t] for t in TEXT_ENDS if t in specials)
+    t = chat_template(enc)
+    end = t["end"] if t else next(e for e in TEXT_ENDS if e in enc.special_tokens_set)
+    return enc.encode(end, allowed_special="all")[0]
 
 
 def stop_tokens(enc) -> set[int]:
     """The ids that end a generation: end_token(enc) and, under a chat template, any end of text too."""
-    specials = getattr(enc, "_special_tokens", None) or {EOT: enc.eot_token}
-    return {end_token(enc)} | {specials[t] for t in TEXT_ENDS if t in specials}
+    return {end_token(enc)} | {enc.encode(e, allowed_special="all")[0] for e in TEXT_ENDS if e in enc.special_tokens_set}
 
 
 def chat_turn(enc, role: str, content: str) -> str:

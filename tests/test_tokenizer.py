@@ -211,7 +211,7 @@ def test_llama3_style_folder_chat_template_and_its_end_token(tmp_path):
     """A Llama-3-style tokenizer.json (its own Split regex, <|begin_of_text|>, <|eot_id|> and header tokens, no
     <|endoftext|>): its regex is used, prompts follow the Llama 3 template, and answers end with <|eot_id|>."""
     from data.dataset import encode_example
-    from loading.tokenizer import chat_prompt, end_of_turn, end_token, stop_tokens
+    from loading.tokenizer import chat_prompt, chat_template, end_token, stop_tokens
     byte_chars = sorted(byte_decoder(), key=byte_decoder().get)
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     vocab = {c: i for i, c in enumerate(byte_chars)} | {"Ġ1": 256, "Ġ12": 257}
@@ -226,7 +226,7 @@ def test_llama3_style_folder_chat_template_and_its_end_token(tmp_path):
     enc = get_tokenizer(str(tmp_path))
     assert enc.encode(" 1234") == [32, 49, 50, 51, 52]  # Llama 3's regex: " ", "123", "4" (GPT-2's: "Ġ12", "3", "4")
     assert enc.decode(enc.encode("12345")) == "12345" and has_chat_template(enc)
-    assert end_of_turn(enc) == "<|eot_id|>" and end_token(enc) == 262 and stop_tokens(enc) == {262, 259}
+    assert chat_template(enc)["end"] == "<|eot_id|>" and end_token(enc) == 262 and stop_tokens(enc) == {262, 259}
     assert chat_prompt(enc, "Hi?") == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi?<|eot_id|>"
                                        "<|start_header_id|>assistant<|end_header_id|>\n\n")
     turns = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "12"}]
