@@ -15,7 +15,7 @@ count times candidates K (its answer span redrawn --steps times, the best-scored
                 midpoint with 8 steps; AR2Diff: passes over its span); the base's own forward is not counted.
   tok/s         generated tokens per second (prefill included), --gen_batch_size prompts at a time.
   tf_acc tf_nll teacher-forced next-token accuracy and mean NLL (nats) over the answer tokens and the end
-                token, the gold prefix given (L2D.teacher_forced); the interval is over examples.
+                token, the gold prefix given (teacher_forced); the interval is over examples.
   tf_nfe        path evaluations per answer token in the teacher-forced pass.
   vs steps=1    (under a row) its accuracy minus the steps=1 row's, paired over the same examples.
 --diagnostics and --probe_t add research columns (harness/eval_rows.py). The JSON (--out) keeps each row's
@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from ar2diff import AR2Diff
 from configurator import UsageError, configure, fail
-from diffusion import L2D, answer_positions, at_positions
+from diffusion import L2D, Velocity, answer_positions, at_positions
 from harness.answers import final_number, generate_answers, is_correct
 from harness.eval_rows import (HEADER, ResultsFile, Task, format_row, generation_summary, load_task, output_path, plan,
                                probe_rows, setting_name, tf_summary, token_changes)
@@ -50,7 +50,7 @@ from loading.precision import autocast, resolve_device, resolve_dtype, store_wei
 from lora import merge_lora
 
 TASKS = ("gsm8k", "arithmetic", "humaneval")
-ODE = ("steps", "solver", "atol", "rtol", "estimate", "guidance")  # a setting's keys for L2D.teacher_forced
+ODE = ("steps", "solver", "atol", "rtol", "estimate", "guidance")  # a setting's keys for teacher_forced
 OPTIONS = dict(
     ckpt=("", "required: a ckpt.pt of train.py (or its folder), or a base model name or HF folder"),
     task=("arithmetic", "gsm8k, arithmetic or humaneval (pass@1: each completion run against its tests)"),
@@ -85,14 +85,33 @@ OPTIONS = dict(
 
 
 @torch.no_grad()
-def gold_prefix_logits(model, x, y, labels=None, seeds=None, **ode):
-    """Logits at the answer positions, gold prefix given: an L2D's ODE at all at once, else the model's own."""
-    if isinstance(model, L2D):
-        return model.teacher_forced(x, y, labels, seeds, **ode)
+def teacher_forced(model, x, y, labels=None, seeds=None, steps=8, solver="midpoint", atol=1e-5, rtol=1e-5, **field):
+    """Logits (B, P, V), targets and nfe (B, P) at the answer positions of x, y (B, T) (y = -1 off the answer),
+    the gold prefix given: an L2D's ODE at every position at once (seeds: one per row, for its noise; None: the
+    global generator), else the model's own logits. Where a path ran, also base_tokens (B, P), the base's argmax,
+    and (fixed-step solvers) trajectory: per solver step, (t of its logits, their argmax (B, P))."""
     pos = answer_positions(y)
-    h, _ = model.trunk(x)
-    return dict(logits=model.head(at_positions(h, pos)), targets=at_positions(y, pos),
-                nfe=torch.zeros(pos.shape, dtype=torch.long))
+    base = model.base if isinstance(model, L2D) else model
+    h_main, cache = base.trunk(x)
+    h_main = at_positions(h_main, pos)
+    out = dict(logits=base.head(h_main), targets=at_positions(y, pos), nfe=torch.zeros(pos.shape, dtype=torch.long))
+    if not isinstance(model, L2D):
+        return out
+    shape = (x.size(1), model.config.flow_dim)
+    if seeds is None:
+        noise = torch.randn(x.size(0), *shape, dtype=torch.float64)
+    else:  # per-example noise for every position of the row: independent of batching
+        noise = torch.stack([torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+                             for s in seeds])
+    x_0 = at_positions(model.config.sigma * noise, pos.cpu()).to(x.device)
+    trajectory = []  # fixed-step solvers only: dopri5's rows are at different t's
+    record = None if solver == "dopri5" else (lambda info: info.get("readout") or trajectory.append(
+        (info["logits_t"][0].item(), info["logits"].argmax(-1).view(pos.shape))))
+    velocity = Velocity(model, h_main, cache, pos, labels, callback=record, adaptive=solver == "dopri5", **field)
+    logits, nfe = model.integrate(velocity, x_0, steps, solver, atol, rtol)
+    if nfe.any():  # where no path ran there is nothing to tell apart from the base
+        out.update(base_tokens=out["logits"].argmax(-1), trajectory=trajectory or None)
+    return dict(out, logits=logits, nfe=nfe.cpu())
 
 
 def answer_stats(logits, targets, nfe=None):
@@ -119,7 +138,7 @@ class Evaluation:  # one eval.py run: its settings, the model, the task, the res
 
 
 def teacher_forced_columns(ev, batch_logits, phase, row=None):
-    """Teacher-forced columns of batch_logits(ix, labels, x, y) (gold_prefix_logits' dict) over the examples,
+    """Teacher-forced columns of batch_logits(ix, labels, x, y) (teacher_forced's dict) over the examples,
     saved after each batch as `phase` (of `row`), and taken up where a killed run of it stopped."""
     task, batch_size = ev.task, ev.cfg["batch_size"]
     ex = ev.results.resumed(phase, dict(correct=[], count=[], nll=[], nfe=[]))
@@ -180,7 +199,7 @@ def evaluate_setting(ev, setting, teacher_forcing):
     if teacher_forcing:
         def tf_batch(ix, labels, x, y):
             torch.manual_seed(cfg["seed"] + int(ix[0]))  # --estimate sample's draws
-            return gold_prefix_logits(ev.model, x, y, labels, [cfg["seed"] + int(i) for i in ix],
+            return teacher_forced(ev.model, x, y, labels, [cfg["seed"] + int(i) for i in ix],
                                       **{key: setting[key] for key in ODE})
         row.update(teacher_forced_columns(ev, tf_batch, name + " (tf)", row))
     if not cfg["generate"]:  # the plot's x axis for dopri5

@@ -173,7 +173,7 @@ def load_task(cfg, model, tokenizer, tokenizer_name, model_classes, settings):
 
 # --- a row's columns from its per-example lists ------------------------------------------------------
 def token_changes(stats, row=None):
-    """--diagnostics, per example, from L2D.teacher_forced's `stats`: the read-out's tokens that differ from
+    """--diagnostics, per example, from teacher_forced's `stats`: the read-out's tokens that differ from
     the base's (changed, corrected, spoiled), the correct guesses x_hat_1 at each solver step
     (trajectory_correct), and the changes from the first guess (first_*). Records the steps' t's in `row`."""
     if stats.get("base_tokens") is None:
