@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ar2diff import AR2Diff
 from configurator import UsageError, configure, fail
 from diffusion import L2D, Velocity, answer_positions, at_positions
-from harness.answers import final_number, generate_answers, is_correct
+from harness.answers import ODE, final_number, generate_answers, is_correct
 from harness.eval_rows import (HEADER, ResultsFile, Task, format_row, generation_summary, gold_x_t, load_task,
                                output_path, plan, setting_name, tf_summary, token_changes)
 from harness.intervals import row_gains
@@ -44,7 +44,6 @@ from loading.precision import autocast, resolve_device, resolve_dtype, store_wei
 from lora import merge_lora
 
 TASKS = ("gsm8k", "arithmetic", "humaneval")
-ODE = ("steps", "solver", "atol", "rtol", "estimate", "guidance")  # a setting's keys for teacher_forced
 OPTIONS = dict(
     ckpt=("", "required: a ckpt.pt of train.py (or its folder), or a base model name or HF folder"),
     task=("arithmetic", "gsm8k, arithmetic or humaneval (pass@1: each completion run against its tests)"),
