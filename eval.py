@@ -6,26 +6,24 @@ AR2Diff checkpoint all go through this one command, so their rows are comparable
     python eval.py --ckpt out/ckpt.pt --task humaneval --steps 1,2,4 --estimate sample --max_new_tokens 384
     python eval.py --ckpt out-lab-ar2diff/ckpt.pt --data data/arithmetic/lab-mul --steps 1,2,5,10,20 --candidates 1,4,8
 
-One row per step count (dopri5: per (atol, rtol) pair) times guidance weight; AR2Diff: per refinement step
-count times candidates K; any other model: one row, steps=1 (the model itself).
-  acc [95% CI]  greedy generation: its final number equals the gold one (HumanEval: pass@1); Wilson interval.
-  nfe/tok       path evaluations per generated token (0 for the base; AR2Diff: passes over its span).
-  tok/s         generated tokens per second (prefill included), --gen_batch_size prompts at a time.
-  tf_acc tf_nll teacher-forced next-token accuracy and mean NLL (nats) over the answer and end tokens, the gold
-                prefix given; tf_nfe, its path evaluations per token. Under a row: its paired gain over steps=1.
---diagnostics and --probe_t add research columns (harness/eval_rows.py). The JSON keeps each row's per-example
-lists for harness/intervals.py and is rewritten after every batch: a killed run goes on with --resume True.
-Seeded per example (seed + i): a row depends on neither --limit nor the other rows.
+A row per step count (dopri5: per (atol, rtol)) times guidance weight; AR2Diff: per refinement step count times
+candidates K; any other model: one row, steps=1. Columns: acc [95% CI], greedy generation's final number equal
+to the gold one (HumanEval: pass@1; Wilson interval); nfe/tok, path evaluations per generated token (0: the
+base); tok/s, prefill included; tf_acc [95% CI] and tf_nll, teacher-forced next-token accuracy and NLL over the
+answer and end tokens, the gold prefix given, and tf_nfe; under a row, its paired gain over steps=1. The JSON
+keeps per-example lists (harness/intervals.py) and is rewritten after every batch (--resume True goes on).
+Seeded per example: a row depends on neither --limit nor the other rows.
 """
 
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from types import SimpleNamespace
 
 if __name__ == "__main__":  # Ctrl-C while torch imports (seconds): one line, no traceback; main() restores the default
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("error: interrupted; nothing was written\n"), sys.exit(130)))
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("error: interrupted; nothing was written\n"),
+                                             sys.exit(130)))
 import numpy as np  # noqa: E402 (and below)
 import torch
 import torch.nn.functional as F
@@ -35,7 +33,7 @@ from ar2diff import AR2Diff
 from configurator import UsageError, configure, fail
 from diffusion import L2D, Velocity, answer_positions, at_positions
 from harness.answers import ODE, final_number, generate_answers, is_correct
-from harness.eval_rows import (HEADER, ResultsFile, Task, format_row, generation_summary, gold_x_t, load_task,
+from harness.eval_rows import (HEADER, ResultsFile, format_row, generation_summary, gold_x_t, load_task,
                                output_path, plan, setting_name, tf_summary, token_changes)
 from harness.intervals import row_gains
 from harness.plot import plot
@@ -51,7 +49,7 @@ OPTIONS = dict(
     split=("test", "test, or confirm (a second held-out split, to check a gain chosen on test once)"),
     limit=(0, "the first N examples only; 0: all"),
     max_new_tokens=(256, "generation stops there if the end token has not come"),
-    steps=(None, "ODE steps per token (fixed-step solvers), one or a list (1,2,4); None: 1,2,4,8,16,32 (AR2Diff: 1,2,5,10,20)"),
+    steps=(None, "ODE steps per token, e.g. 1,2,4 (fixed-step solvers); None: 1,2,4,8,16,32 (AR2Diff: 1,2,5,10,20)"),
     solver=("midpoint", "euler, midpoint, rk4 (fixed steps), or dopri5 (adaptive)"),
     atol=(None, "dopri5's absolute error tolerances; None: 1e-5"),
     rtol=(None, "dopri5's relative error tolerances (as many as atol, or one); None: 1e-5"),
@@ -103,24 +101,10 @@ def teacher_forced(model, x, y, labels=None, seeds=None, steps=8, solver="midpoi
 def answer_stats(logits, targets, nfe=None):
     """Per example (lists: rows pool, pair and resume by example): correct argmaxes, answer positions, NLL, NFE."""
     mask = targets != -1
-    nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=-1, reduction="none")  # 0 off the answer
+    nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=-1, reduction="none")  # 0: not answer
     nfe = (nfe.to(mask.device) * mask).sum(1) if nfe is not None else torch.zeros(len(mask), dtype=torch.long)
     return dict(correct=((logits.argmax(-1) == targets) & mask).sum(1).tolist(), count=mask.sum(1).tolist(),
                 nll=nll.sum(1).tolist(), nfe=nfe.tolist())
-
-
-@dataclass
-class Evaluation:  # one eval.py run: its settings, the model, the task, the results file, and how to compute
-    cfg: dict
-    model: torch.nn.Module
-    task: Task
-    results: ResultsFile
-    device: str
-    mixed: object  # the autocast context of the dtype
-    block_size: int
-
-    def labels_of(self, ix):
-        return None if self.task.labels is None else torch.as_tensor(self.task.labels[list(ix)], device=self.device)
 
 
 def teacher_forced_columns(ev, batch_logits, phase, row=None):
@@ -184,7 +168,8 @@ def evaluate_setting(ev, setting, teacher_forcing):
         row.update(generation_columns(ev, setting, row))
     if teacher_forcing:
         ode = {key: setting[key] for key in ODE}
-        row.update(teacher_forced_columns(ev, lambda *batch: teacher_forced(ev.model, *batch, **ode), name + " (tf)", row))
+        tf_batch = lambda *batch: teacher_forced(ev.model, *batch, **ode)  # noqa: E731 (x, y, labels, seeds)
+        row.update(teacher_forced_columns(ev, tf_batch, name + " (tf)", row))
     if not ev.cfg["generate"]:  # the plot's x axis for dopri5
         row["nfe_per_token"] = row.get("tf_nfe_per_token", 0.0)
     base_row = next((r for r in rows if r["steps"] == 1 and r.get("candidates") == row.get("candidates")), None)
@@ -221,8 +206,11 @@ def main(argv=None):
           f"device {device}, {str(dtype)[6:]}")
     result = dict(ckpt=cfg["ckpt"], model=kind, task=cfg["task"], data=task.data_dir, split=task.split, n=task.n,
                   config=cfg, rows=[])
-    ev = Evaluation(cfg, model, task, ResultsFile(out, result, cfg["resume"]), device, autocast(device, dtype),
-                    (model.base if isinstance(model, (L2D, AR2Diff)) else model).config.block_size)
+    labels = None if task.labels is None else torch.as_tensor(task.labels, device=device)
+    ev = SimpleNamespace(cfg=cfg, model=model, task=task, device=device, mixed=autocast(device, dtype),
+                         results=ResultsFile(out, result, cfg["resume"]),
+                         labels_of=lambda ix: None if labels is None else labels[list(ix)],
+                         block_size=(model.base if isinstance(model, (L2D, AR2Diff)) else model).config.block_size)
     try:
         probes = ev.results.result.setdefault("probe", []) if probe_t else []
         if probe_t:
