@@ -1,8 +1,7 @@
 """
-eval.py's rows, from the command line to the JSON: the settings and examples of a run, checked against the
-model before any work; each row's columns, pooled from per-example lists (kept in the row for
-harness/intervals.py); and the JSON, rewritten atomically after every batch with the phase in progress under
-"partial", so that a killed run goes on from its last batch with --resume True.
+eval.py's rows: a run's settings and examples, checked against the model before any work; each row's columns,
+pooled from per-example lists (kept for harness/intervals.py); the JSON, rewritten atomically after every
+batch with the phase in progress under "partial", so that a killed run goes on from it with --resume True.
 
 --diagnostics adds research columns: the answer tokens whose t = 1 read-out differs from the base's argmax, with
 the corrections and spoils among them (corrected - spoiled is the tf gain); for fixed-step solvers the accuracy
@@ -13,7 +12,7 @@ the path is given the *gold* next token noised to t, as in training (its noise i
 
 import json
 import os
-from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -43,25 +42,21 @@ def parse_list(key, value, kind):
     return configurator.parse_list(key, value, kind, LIST_DEFAULTS[key])
 
 
-def parse_steps(value, default):
-    steps = default if value is None else parse_list("steps", value, int)
-    if bad := [n for n in steps if not 1 <= n <= MAX_STEPS]:
-        raise UsageError(f"--steps must be between 1 and {MAX_STEPS} (a finer grid than float32 t can resolve), "
-                         f"got {bad[0]}")
-    return steps
-
-
 def make_settings(cfg, is_l2d, is_ar2diff=False):
     """The rows to evaluate: dicts of steps, solver, atol, rtol, guidance, estimate (AR2Diff: candidates)."""
     plain = dict(solver=None, atol=None, rtol=None, guidance=1.0, estimate=None)
+    if not is_l2d and not is_ar2diff:
+        return [dict(plain, steps=1)]
+    steps = AR2DIFF_STEPS if is_ar2diff and cfg["steps"] is None else parse_list("steps", cfg["steps"], int)
+    if bad := [n for n in steps if not 1 <= n <= MAX_STEPS]:
+        raise UsageError(f"--steps must be between 1 and {MAX_STEPS} (a finer grid than float32 t can resolve), "
+                         f"got {bad[0]}")
     if is_ar2diff:
-        steps, candidates = parse_steps(cfg["steps"], AR2DIFF_STEPS), parse_list("candidates", cfg["candidates"], int)
+        candidates = parse_list("candidates", cfg["candidates"], int)
         if min(candidates) < 1:
             raise UsageError("--candidates must be >= 1")
         return [dict(plain, steps=n, candidates=k) for k in candidates for n in steps]
-    if not is_l2d:
-        return [dict(plain, steps=1)]
-    steps, guidance = parse_steps(cfg["steps"], LIST_DEFAULTS["steps"]), parse_list("guidance", cfg["guidance"], float)
+    guidance = parse_list("guidance", cfg["guidance"], float)
     atol, rtol = parse_list("atol", cfg["atol"], float), parse_list("rtol", cfg["rtol"], float)
     if cfg["solver"] not in SOLVERS:
         raise UsageError(f"unknown solver {cfg['solver']!r}; use one of {', '.join(SOLVERS)}")
@@ -104,30 +99,18 @@ def plan(cfg, model):
     return settings, probe_t, teacher_forcing
 
 
-@dataclass
-class Task:
-    """The examples: the prepared split (tokens, for teacher forcing), its first n rows (text), their prompt
-    ids, gold final numbers and class labels (None: unconditional), and the stop tokens."""
-    name: str
-    data_dir: str
-    split: str
-    ds: TokenDataset
-    rows: list
-    n: int
-    prompts: list
-    golds: list
-    labels: object
-    stop: set
-
-
 def load_task(cfg, model, tokenizer, tokenizer_name, model_classes, settings):
-    """The prepared split --data/--split names, checked against the model (tokenizer, classes, context)."""
-    data_dir, split = cfg["data"] or os.path.join(REPO, "data", cfg["task"], tokenizer_tag(tokenizer_name)), cfg["split"]
+    """The prepared split --data/--split names, checked against the model (tokenizer, classes, context): the
+    split's tokens ds (for teacher forcing), its rows (text), the first n rows' prompt ids, gold final numbers
+    and class labels (None: unconditional), and the stop tokens."""
+    data_dir = cfg["data"] or os.path.join(REPO, "data", cfg["task"], tokenizer_tag(tokenizer_name))
+    split = cfg["split"]
     if split not in ("test", "confirm"):
         raise UsageError(f"--split {split!r}: use test, or confirm (a second held-out split, prepare.py --n_confirm)")
     if not os.path.isfile(os.path.join(data_dir, f"{split}.jsonl")):
-        raise UsageError(f"no prepared {split} split in {data_dir}: run python -m data.{cfg['task']}.prepare --tokenizer "
-                         f"{tokenizer_name}{' --n_confirm N' if split == 'confirm' else ''} (or pass --data)")
+        confirm = " --n_confirm N" if split == "confirm" else ""
+        raise UsageError(f"no prepared {split} split in {data_dir}: run python -m data.{cfg['task']}.prepare "
+                         f"--tokenizer {tokenizer_name}{confirm} (or pass --data)")
     ds = TokenDataset([data_dir], split)
     with open(os.path.join(data_dir, f"{split}.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -144,7 +127,7 @@ def load_task(cfg, model, tokenizer, tokenizer_name, model_classes, settings):
         if label:
             raise UsageError(f"--label {label!r}: this model was trained without guidance classes; drop --label")
     elif label and label != "null" and label not in model_classes:
-        raise UsageError(f"--label {label!r} is not a class of this model (its classes: {', '.join(model_classes)}; or null)")
+        raise UsageError(f"--label {label!r} is not a class of this model; use one of {', '.join(model_classes)}, null")
     else:
         null = model.config.num_classes
         labels = np.full(len(ds), null if label == "null" else model_classes.index(label)) if label else \
@@ -152,13 +135,14 @@ def load_task(cfg, model, tokenizer, tokenizer_name, model_classes, settings):
     if labels is None and any(s["guidance"] != 1.0 for s in settings):
         raise UsageError("--guidance other than 1 needs an L2D model trained with --guidance_classes=True")
     if cfg["task"] == "humaneval" and "test" not in rows[0]:
-        raise UsageError(f"{data_dir} has no HumanEval tests in its rows: prepare it with python -m data.humaneval.prepare")
+        raise UsageError(f"{data_dir} has no HumanEval tests: prepare it with python -m data.humaneval.prepare")
     prompts = [ds.tokenizer.encode(r["prompt"], allowed_special="all") for r in rows[:n]]
     if isinstance(model, AR2Diff) and max(map(len, prompts)) + model.config.answer_len > model.base.config.block_size:
         raise UsageError(f"the longest prompt of {data_dir} ({max(map(len, prompts))} tokens) and the model's answer "
                          f"span ({model.config.answer_len}) do not fit its context of {model.base.config.block_size}")
     golds = [final_number(r["final"] if r.get("final") is not None else r["answer"]) for r in rows[:n]]
-    return Task(cfg["task"], data_dir, split, ds, rows, n, prompts, golds, labels, stop_tokens(tokenizer))
+    return SimpleNamespace(name=cfg["task"], data_dir=data_dir, split=split, ds=ds, rows=rows, n=n, prompts=prompts,
+                           golds=golds, labels=labels, stop=stop_tokens(tokenizer))
 
 
 # --- a row's columns from its per-example lists ------------------------------------------------------
@@ -191,8 +175,7 @@ def tf_summary(ex):
     """A row's teacher-forced columns from its per-example lists (eval.answer_stats's, concatenated)."""
     count = max(sum(ex["count"]), 1)
     low, high = ratio_interval(ex["correct"], ex["count"])
-    changes = {f"tf_{key}": sum(ex[key]) / count for key in ("changed", "corrected", "spoiled", "first_changed",
-                                                              "first_corrected", "first_spoiled") if key in ex}
+    changes = {f"tf_{k}": sum(v) / count for k, v in ex.items() if k.endswith(("changed", "corrected", "spoiled"))}
     if "trajectory_correct" in ex:
         changes["tf_trajectory_accuracy"] = [sum(step) / count for step in zip(*ex["trajectory_correct"])]
     return dict(tf_accuracy=sum(ex["correct"]) / count, tf_ci_low=low, tf_ci_high=high, tf_nll=sum(ex["nll"]) / count,
@@ -224,9 +207,9 @@ def format_row(row):
         f"{'-':>6} {'-':>15} {'-':>5} {'-':>8} {'-':>8}"
     tf = (f"{row['tf_accuracy']:7.3f} [{row['tf_ci_low']:.3f}, {row['tf_ci_high']:.3f}] {row['tf_nll']:7.3f} "
           f"{row['tf_nfe_per_token']:7.1f}") if "tf_accuracy" in row else f"{'-':>7} {'-':>15} {'-':>7} {'-':>7}"
-    lines = [f"{row['setting']:<24} {gen} {tf}", "".join(
-        f"  {key} vs steps=1: {row[key][0]:+.3f} [{row[key][1]:+.3f}, {row[key][2]:+.3f}]" for key in ("gain", "tf_gain")
-        if key in row)]
+    gains = "".join(f"  {key} vs steps=1: {row[key][0]:+.3f} [{row[key][1]:+.3f}, {row[key][2]:+.3f}]"
+                    for key in ("gain", "tf_gain") if key in row)
+    lines = [f"{row['setting']:<24} {gen} {tf}", gains]
 
     def changes(prefix):
         return f"{row[prefix + 'changed']:.3f} (corrected {row[prefix + 'corrected']:.3f}, " \
@@ -239,7 +222,8 @@ def format_row(row):
     if "tf_trajectory_accuracy" in row:
         lines.append("  tf x_hat_1 accuracy along the ODE: " + "  ".join(
             f"t={t:.2f} {a:.3f}" for t, a in zip(row["tf_trajectory_t"], row["tf_trajectory_accuracy"])))
-        lines.append(f"  tf tokens changed from the first guess (t={row['tf_trajectory_t'][0]:.2f}): {changes('tf_first_')}")
+        lines.append(f"  tf tokens changed from the first guess (t={row['tf_trajectory_t'][0]:.2f}): "
+                     + changes("tf_first_"))
     return "\n".join(line for line in lines if line)
 
 
@@ -297,15 +281,13 @@ class ResultsFile:
                                  "repeat its command with --resume True, or pass another --out")
             self.result, self.written = old, True
 
-    def resumed(self, phase, fresh):
-        """The per-example lists of `phase` that a killed run saved, else `fresh`."""
-        partial = self.result.get("partial")
-        return partial["examples"] if partial and partial["phase"] == phase else fresh
+    def resumed(self, phase, fresh):  # the per-example lists of `phase` that a killed run saved, else `fresh`
+        partial = self.result.get("partial") or {}
+        return partial["examples"] if partial.get("phase") == phase else fresh
 
-    def partial_row(self, name):
-        """The row a killed run was in, if it is the row `name`."""
-        kept = (self.result.get("partial") or {}).get("row")
-        return kept if kept is not None and kept["setting"] == name else None
+    def partial_row(self, name):  # the row a killed run was in, if it is the row `name`
+        row = (self.result.get("partial") or {}).get("row")
+        return row if row and row["setting"] == name else None
 
     def save_partial(self, phase, examples, row=None):
         self.result["partial"] = dict(phase=phase, examples=examples, row=row)
