@@ -9,10 +9,10 @@ AR2Diff checkpoint all go through this one command, so their rows are comparable
 A row per step count (dopri5: per (atol, rtol)) times guidance weight; AR2Diff: per refinement step count times
 candidates K; any other model: one row, steps=1. Columns: acc [95% CI], greedy generation's final number equal
 to the gold one (HumanEval: pass@1; Wilson interval); nfe/tok, path evaluations per generated token (0: the
-base); tok/s, prefill included; tf_acc [95% CI] and tf_nll, teacher-forced next-token accuracy and NLL over the
-answer and end tokens, the gold prefix given, and tf_nfe; under a row, its paired gain over steps=1. The JSON
-keeps per-example lists (harness/intervals.py) and is rewritten after every batch (--resume True goes on).
-Seeded per example: a row depends on neither --limit nor the other rows.
+base); tok/s, prefill included; tf_acc [95% CI], tf_nll and tf_nfe, teacher-forced next-token accuracy and NLL
+over the answer and end tokens, the gold prefix given; under a row, its paired gain over steps=1. The JSON keeps
+per-example lists (harness/intervals.py), rewritten after every batch (--resume True goes on); seeded per
+example, a row depends on neither --limit nor the other rows.
 """
 
 import os
@@ -80,11 +80,10 @@ def teacher_forced(model, x, y, labels=None, seeds=None, steps=8, solver="midpoi
     (fixed-step solvers) trajectory: per solver step, (t of its logits, their argmax (B, P))."""
     pos = answer_positions(y)
     base = model.base if isinstance(model, L2D) else model
-    h_main, cache = base.trunk(x)
-    h_main = at_positions(h_main, pos)
-    out = dict(logits=base.head(h_main), targets=at_positions(y, pos), nfe=torch.zeros(pos.shape, dtype=torch.long))
+    h, cache = base.trunk(x)
+    h_main, targets = at_positions(h, pos), at_positions(y, pos)
     if not isinstance(model, L2D):
-        return out
+        return dict(logits=base.head(h_main), targets=targets, nfe=torch.zeros(pos.shape, dtype=torch.long))
     noise = torch.stack([torch.randn(x.size(1), model.config.flow_dim, dtype=torch.float64,  # per row: batching-free
                                      generator=torch.Generator().manual_seed(s)) for s in seeds or range(len(x))])
     x_0 = at_positions(model.config.sigma * noise, pos.cpu()).to(x.device)
@@ -93,9 +92,10 @@ def teacher_forced(model, x, y, labels=None, seeds=None, steps=8, solver="midpoi
         (info["logits_t"][0].item(), info["logits"].argmax(-1).view(pos.shape))))
     velocity = Velocity(model, h_main, cache, pos, labels, callback=record, adaptive=solver == "dopri5", **field)
     logits, nfe = model.integrate(velocity, x_0, steps, solver, atol, rtol)
+    out = dict(logits=logits, targets=targets, nfe=nfe.cpu())
     if nfe.any():  # where no path ran there is nothing to tell apart from the base
-        out.update(base_tokens=out["logits"].argmax(-1), trajectory=trajectory or None)
-    return dict(out, logits=logits, nfe=nfe.cpu())
+        out.update(base_tokens=base.head(h_main).argmax(-1), trajectory=trajectory or None)
+    return out
 
 
 def answer_stats(logits, targets, nfe=None):
