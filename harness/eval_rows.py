@@ -273,7 +273,7 @@ class ResultsFile:
                 with open(path) as f:
                     old = json.load(f)
                 old_config = {k: v for k, v in old["config"].items() if k != "resume"}
-            except (ValueError, KeyError, AttributeError) as e:
+            except (ValueError, KeyError, AttributeError, TypeError) as e:  # TypeError: a JSON list
                 raise UsageError(f"cannot resume from {path}: not an eval.py JSON ({e}); pass another --out") from None
             config = {k: v for k, v in json.loads(json.dumps(result["config"])).items() if k != "resume"}
             if differ := sorted(k for k in config.keys() | old_config.keys() if config.get(k) != old_config.get(k)):

@@ -545,9 +545,10 @@ def test_resume_errors_name_the_file(tiny_run, capsys):
     assert "nothing to resume" in capsys.readouterr().out and fresh["rows"][0]["n"] == 2
     with pytest.raises(UsageError, match="other options \\(limit, steps\\)"):
         ev.main(args + ["--steps", "1,2", "--limit", "3"])
-    out.write_text("{not json")
-    with pytest.raises(UsageError, match="cannot resume from .*other.json: not an eval.py JSON"):
-        ev.main(args)
+    for text in ("{not json", "[1, 2]"):  # (a JSON list once gave a traceback)
+        out.write_text(text)
+        with pytest.raises(UsageError, match="cannot resume from .*other.json: not an eval.py JSON"):
+            ev.main(args)
 
 
 def test_label_on_a_model_without_classes_is_refused(tiny_run):
