@@ -14,7 +14,6 @@ is exactly the base model.
     l2d = L2D(base, L2DConfig(variant="lora"))
     logits, loss = l2d(idx, targets, labels)                 # training forward
     for token, nfe in l2d.generate(idx, 64, steps=8): ...    # decoding with the ODE
-    stats = l2d.teacher_forced(x, y, steps=8)                # the ODE at every answer position at once
 """
 
 import copy
@@ -269,32 +268,6 @@ class L2D(nn.Module):
             token, nfe = self.next_token(h[:, -1:], cache, memo=memo, **ode)
             yield token, nfe
             h, _ = self.base.trunk(token[:, None], cache)
-
-    @torch.no_grad()
-    def teacher_forced(self, x, y, labels=None, seeds=None, steps=8, solver="midpoint", atol=1e-5, rtol=1e-5, **field):
-        """The ODE at every answer position of x, y (B, T) at once (y = -1 off the answer), the gold prefix given;
-        seeds: one per row, for its noise (None: the global generator). Returns logits (B, P, V), targets (B, P)
-        at answer_positions(y), nfe (B, P), and where the path ran, base_tokens (B, P), the base's argmax, and
-        (fixed-step solvers) trajectory: per solver step, (t of its logits, their argmax (B, P))."""
-        pos = answer_positions(y)
-        h_main, cache = self.base.trunk(x)
-        h_main = at_positions(h_main, pos)
-        shape = (x.size(1), self.config.flow_dim)
-        if seeds is None:
-            noise = torch.randn(x.size(0), *shape, dtype=torch.float64)
-        else:  # per-example noise for every position of the row: independent of batching
-            noise = torch.stack([torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
-                                 for s in seeds])
-        x_0 = at_positions(self.config.sigma * noise, pos.cpu()).to(x.device)
-        trajectory = []  # fixed-step solvers only: dopri5's rows are at different t's
-        record = None if solver == "dopri5" else (lambda info: info.get("readout") or trajectory.append(
-            (info["logits_t"][0].item(), info["logits"].argmax(-1).view(pos.shape))))
-        velocity = Velocity(self, h_main, cache, pos, labels, callback=record, adaptive=solver == "dopri5", **field)
-        logits, nfe = self.integrate(velocity, x_0, steps, solver, atol, rtol)
-        out = dict(logits=logits, targets=at_positions(y, pos), nfe=nfe.cpu())
-        if nfe.any():  # where no path ran there is nothing to tell apart from the base
-            out.update(base_tokens=self.base.head(h_main).argmax(-1), trajectory=trajectory or None)
-        return out
 
 
 # --- the velocity field of the sampling ODE (sec. 5) ---------------------------------------------

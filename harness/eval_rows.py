@@ -1,23 +1,18 @@
 """
-eval.py's rows, from the command line to the JSON. What a run evaluates, checked against the model before
-any work: its settings (step counts or tolerances, guidance weights, AR2Diff's candidates) and its examples.
-What a row holds: columns pooled from per-example lists (with 95% intervals; the lists stay in the row for
-harness/intervals.py). The JSON is rewritten atomically after every batch, with the phase in progress (a
-probe time, a row's generation or its teacher-forced pass) under "partial": a killed run goes on from its
-last batch with --resume True, and its rows come out as one whole run's.
+eval.py's rows: a run's settings and examples, checked against the model before any work; each row's columns,
+pooled from per-example lists (kept for harness/intervals.py); the JSON, rewritten atomically after every
+batch with the phase in progress under "partial", so that a killed run goes on from it with --resume True.
 
---diagnostics adds research columns: the answer tokens whose t = 1 read-out differs from the base's argmax,
-with the corrections (base wrong, now right) and spoils among them (corrected - spoiled is the tf gain);
-for fixed-step solvers the accuracy of the path's own guess x_hat_1 at each solver step, and what the later
-steps changed from the first guess; for AR2Diff with one candidate, the accuracy after its first step and
-the answers the later steps changed. --probe_t: the teacher-forced columns when the path is given the *gold*
-next token noised to t, as in training (a path that reads x_t goes to NLL ~0 at t = 1; one that does not
-stays flat in t); its noise is seeded per batch, so these rows depend on --batch_size.
+--diagnostics adds research columns: the answer tokens whose t = 1 read-out differs from the base's argmax, with
+the corrections and spoils among them (corrected - spoiled is the tf gain); for fixed-step solvers the accuracy
+of the path's guess x_hat_1 at each solver step, and what the later steps changed from the first guess; for
+AR2Diff with one candidate, the same for its first step's answers. --probe_t: the teacher-forced columns when
+the path is given the *gold* next token noised to t, as in training (its noise is seeded per batch).
 """
 
 import json
 import os
-from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -47,25 +42,21 @@ def parse_list(key, value, kind):
     return configurator.parse_list(key, value, kind, LIST_DEFAULTS[key])
 
 
-def parse_steps(value, default):
-    steps = default if value is None else parse_list("steps", value, int)
+def make_settings(cfg, is_l2d, is_ar2diff=False):
+    """The rows to evaluate: dicts of steps, solver, atol, rtol, guidance, estimate (AR2Diff: candidates)."""
+    plain = dict(solver=None, atol=None, rtol=None, guidance=1.0, estimate=None)
+    if not is_l2d and not is_ar2diff:
+        return [dict(plain, steps=1)]
+    steps = AR2DIFF_STEPS if is_ar2diff and cfg["steps"] is None else parse_list("steps", cfg["steps"], int)
     if bad := [n for n in steps if not 1 <= n <= MAX_STEPS]:
         raise UsageError(f"--steps must be between 1 and {MAX_STEPS} (a finer grid than float32 t can resolve), "
                          f"got {bad[0]}")
-    return steps
-
-
-def make_settings(cfg, is_l2d, is_ar2diff=False):
-    """The rows to evaluate: dicts of steps, solver, atol, rtol, guidance, estimate (AR2Diff: candidates)."""
     if is_ar2diff:
-        steps, candidates = parse_steps(cfg["steps"], AR2DIFF_STEPS), parse_list("candidates", cfg["candidates"], int)
+        candidates = parse_list("candidates", cfg["candidates"], int)
         if min(candidates) < 1:
             raise UsageError("--candidates must be >= 1")
-        return [dict(steps=n, candidates=k, solver=None, atol=None, rtol=None, guidance=1.0, estimate=None)
-                for k in candidates for n in steps]
-    if not is_l2d:
-        return [dict(steps=1, solver=None, atol=None, rtol=None, guidance=1.0, estimate=None)]
-    steps, guidance = parse_steps(cfg["steps"], LIST_DEFAULTS["steps"]), parse_list("guidance", cfg["guidance"], float)
+        return [dict(plain, steps=n, candidates=k) for k in candidates for n in steps]
+    guidance = parse_list("guidance", cfg["guidance"], float)
     atol, rtol = parse_list("atol", cfg["atol"], float), parse_list("rtol", cfg["rtol"], float)
     if cfg["solver"] not in SOLVERS:
         raise UsageError(f"unknown solver {cfg['solver']!r}; use one of {', '.join(SOLVERS)}")
@@ -92,11 +83,11 @@ def setting_name(s):
 def plan(cfg, model):
     """(settings, probe times, whether to run the teacher-forced pass) for this model, checked."""
     is_l2d, is_ar2diff = isinstance(model, L2D), isinstance(model, AR2Diff)
-    teacher_forcing = cfg["teacher_forced"] and not is_ar2diff
     if is_ar2diff and cfg["teacher_forced"]:
         print("note: an AR2Diff model has no next-token logits, so no teacher-forced pass: generation rows only")
     if is_ar2diff and not cfg["generate"]:
         raise UsageError("an AR2Diff model is evaluated by generation only: drop --generate False")
+    teacher_forcing = cfg["teacher_forced"] and not is_ar2diff
     settings = make_settings(cfg, is_l2d, is_ar2diff) if cfg["generate"] or teacher_forcing else []
     probe_t = parse_list("probe_t", cfg["probe_t"], float)
     if probe_t and (not is_l2d or min(probe_t) < 0 or max(probe_t) > 1):
@@ -108,45 +99,18 @@ def plan(cfg, model):
     return settings, probe_t, teacher_forcing
 
 
-def example_labels(model, model_classes, ds, label):
-    """Class index per example for the model's class embedding, or None (no classes: unconditional)."""
-    if not isinstance(model, L2D) or model.class_embed is None:
-        if label:
-            raise UsageError(f"--label {label!r}: this model was trained without guidance classes; drop --label")
-        return None
-    null = model.config.num_classes
-    if label and label != "null" and label not in model_classes:
-        raise UsageError(f"--label {label!r} is not a class of this model (its classes: {', '.join(model_classes)}; or null)")
-    if label:
-        return np.full(len(ds), null if label == "null" else model_classes.index(label))
-    own = np.array([model_classes.index(c) if c in model_classes else null for c in ds.classes])
-    return own[ds.labels]
-
-
-@dataclass
-class Task:
-    """The examples: the prepared split (tokens, for teacher forcing), its first n rows (text), their prompt
-    ids, gold final numbers and class labels (None: unconditional), and the stop tokens."""
-    name: str
-    data_dir: str
-    split: str
-    ds: TokenDataset
-    rows: list
-    n: int
-    prompts: list
-    golds: list
-    labels: object
-    stop: set
-
-
 def load_task(cfg, model, tokenizer, tokenizer_name, model_classes, settings):
-    """The prepared split --data/--split names, checked against the model (tokenizer, classes, context)."""
-    data_dir, split = cfg["data"] or os.path.join(REPO, "data", cfg["task"], tokenizer_tag(tokenizer_name)), cfg["split"]
+    """The prepared split --data/--split names, checked against the model (tokenizer, classes, context): the
+    split's tokens ds (for teacher forcing), its rows (text), the first n rows' prompt ids, gold final numbers
+    and class labels (None: unconditional), and the stop tokens."""
+    data_dir = cfg["data"] or os.path.join(REPO, "data", cfg["task"], tokenizer_tag(tokenizer_name))
+    split = cfg["split"]
     if split not in ("test", "confirm"):
         raise UsageError(f"--split {split!r}: use test, or confirm (a second held-out split, prepare.py --n_confirm)")
     if not os.path.isfile(os.path.join(data_dir, f"{split}.jsonl")):
+        confirm = " --n_confirm N" if split == "confirm" else ""
         raise UsageError(f"no prepared {split} split in {data_dir}: run python -m data.{cfg['task']}.prepare "
-                         f"--tokenizer {tokenizer_name}" + (" --n_confirm N" if split == "confirm" else "") + " (or pass --data)")
+                         f"--tokenizer {tokenizer_name}{confirm} (or pass --data)")
     ds = TokenDataset([data_dir], split)
     with open(os.path.join(data_dir, f"{split}.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -158,24 +122,34 @@ def load_task(cfg, model, tokenizer, tokenizer_name, model_classes, settings):
     if not same:
         raise UsageError(f"{data_dir} was prepared with a different tokenizer than the model's; "
                          "prepare the data with --tokenizer matching the model")
-    labels = example_labels(model, model_classes, ds, cfg["label"])
+    label, labels = cfg["label"], None  # a class index per example for the model's class embedding, or None
+    if not isinstance(model, L2D) or model.class_embed is None:
+        if label:
+            raise UsageError(f"--label {label!r}: this model was trained without guidance classes; drop --label")
+    elif label and label != "null" and label not in model_classes:
+        raise UsageError(f"--label {label!r} is not a class of this model; use one of {', '.join(model_classes)}, null")
+    else:
+        null = model.config.num_classes
+        labels = np.full(len(ds), null if label == "null" else model_classes.index(label)) if label else \
+            np.array([model_classes.index(c) if c in model_classes else null for c in ds.classes])[ds.labels]
     if labels is None and any(s["guidance"] != 1.0 for s in settings):
         raise UsageError("--guidance other than 1 needs an L2D model trained with --guidance_classes=True")
     if cfg["task"] == "humaneval" and "test" not in rows[0]:
-        raise UsageError(f"{data_dir} has no HumanEval tests in its rows: prepare it with python -m data.humaneval.prepare")
+        raise UsageError(f"{data_dir} has no HumanEval tests: prepare it with python -m data.humaneval.prepare")
     prompts = [ds.tokenizer.encode(r["prompt"], allowed_special="all") for r in rows[:n]]
     if isinstance(model, AR2Diff) and max(map(len, prompts)) + model.config.answer_len > model.base.config.block_size:
         raise UsageError(f"the longest prompt of {data_dir} ({max(map(len, prompts))} tokens) and the model's answer "
                          f"span ({model.config.answer_len}) do not fit its context of {model.base.config.block_size}")
     golds = [final_number(r["final"] if r.get("final") is not None else r["answer"]) for r in rows[:n]]
-    return Task(cfg["task"], data_dir, split, ds, rows, n, prompts, golds, labels, stop_tokens(tokenizer))
+    return SimpleNamespace(name=cfg["task"], data_dir=data_dir, split=split, ds=ds, rows=rows, n=n, prompts=prompts,
+                           golds=golds, labels=labels, stop=stop_tokens(tokenizer))
 
 
 # --- a row's columns from its per-example lists ------------------------------------------------------
 def token_changes(stats, row=None):
-    """--diagnostics, per example, from L2D.teacher_forced's `stats`: the read-out's tokens that differ from
-    the base's (changed, corrected, spoiled), the correct guesses x_hat_1 at each solver step
-    (trajectory_correct), and the changes from the first guess (first_*). Records the steps' t's in `row`."""
+    """--diagnostics, per example, from teacher_forced's `stats`: the read-out's tokens that differ from the
+    base's (changed, corrected, spoiled), the correct guesses x_hat_1 at each solver step (trajectory_correct),
+    and the changes from the first guess (first_*). Records the steps' t's in `row`."""
     if stats.get("base_tokens") is None:
         return {}
     targets = stats["targets"]
@@ -201,8 +175,7 @@ def tf_summary(ex):
     """A row's teacher-forced columns from its per-example lists (eval.answer_stats's, concatenated)."""
     count = max(sum(ex["count"]), 1)
     low, high = ratio_interval(ex["correct"], ex["count"])
-    changes = {f"tf_{key}": sum(ex[key]) / count for key in ("changed", "corrected", "spoiled", "first_changed",
-                                                              "first_corrected", "first_spoiled") if key in ex}
+    changes = {f"tf_{k}": sum(v) / count for k, v in ex.items() if k.endswith(("changed", "corrected", "spoiled"))}
     if "trajectory_correct" in ex:
         changes["tf_trajectory_accuracy"] = [sum(step) / count for step in zip(*ex["trajectory_correct"])]
     return dict(tf_accuracy=sum(ex["correct"]) / count, tf_ci_low=low, tf_ci_high=high, tf_nll=sum(ex["nll"]) / count,
@@ -229,27 +202,28 @@ def generation_summary(ex):
 
 def format_row(row):
     """A row as eval.py prints it, under HEADER, with its gains and diagnostic lines."""
-    dash = "-"
     gen = (f"{row['accuracy']:6.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] {row['n']:5d} "
            f"{row['nfe_per_token']:8.1f} {row['tokens_per_s']:8.1f}") if "accuracy" in row else \
-        f"{dash:>6} {dash:>15} {dash:>5} {dash:>8} {dash:>8}"
+        f"{'-':>6} {'-':>15} {'-':>5} {'-':>8} {'-':>8}"
     tf = (f"{row['tf_accuracy']:7.3f} [{row['tf_ci_low']:.3f}, {row['tf_ci_high']:.3f}] {row['tf_nll']:7.3f} "
-          f"{row['tf_nfe_per_token']:7.1f}") if "tf_accuracy" in row else f"{dash:>7} {dash:>15} {dash:>7} {dash:>7}"
-    lines = [f"{row['setting']:<24} {gen} {tf}", "".join(
-        f"  {key} vs steps=1: {row[key][0]:+.3f} [{row[key][1]:+.3f}, {row[key][2]:+.3f}]" for key in ("gain", "tf_gain")
-        if key in row)]
+          f"{row['tf_nfe_per_token']:7.1f}") if "tf_accuracy" in row else f"{'-':>7} {'-':>15} {'-':>7} {'-':>7}"
+    gains = "".join(f"  {key} vs steps=1: {row[key][0]:+.3f} [{row[key][1]:+.3f}, {row[key][2]:+.3f}]"
+                    for key in ("gain", "tf_gain") if key in row)
+    lines = [f"{row['setting']:<24} {gen} {tf}", gains]
+
+    def changes(prefix):
+        return f"{row[prefix + 'changed']:.3f} (corrected {row[prefix + 'corrected']:.3f}, " \
+               f"spoiled {row[prefix + 'spoiled']:.3f})"
     if "tf_changed" in row:
-        lines.append(f"  tf tokens changed from the base's: {row['tf_changed']:.3f} (corrected {row['tf_corrected']:.3f}, "
-                     f"spoiled {row['tf_spoiled']:.3f})")
+        lines.append(f"  tf tokens changed from the base's: {changes('tf_')}")
     if "first_accuracy" in row:
         lines.append(f"  after the first step: acc {row['first_accuracy']:.3f}; answers the later steps changed "
-                     f"{row['first_changed']:.3f} (corrected {row['first_corrected']:.3f}, spoiled {row['first_spoiled']:.3f})")
+                     + changes("first_"))
     if "tf_trajectory_accuracy" in row:
         lines.append("  tf x_hat_1 accuracy along the ODE: " + "  ".join(
             f"t={t:.2f} {a:.3f}" for t, a in zip(row["tf_trajectory_t"], row["tf_trajectory_accuracy"])))
         lines.append(f"  tf tokens changed from the first guess (t={row['tf_trajectory_t'][0]:.2f}): "
-                     f"{row['tf_first_changed']:.3f} (corrected {row['tf_first_corrected']:.3f}, "
-                     f"spoiled {row['tf_first_spoiled']:.3f})")
+                     + changes("tf_first_"))
     return "\n".join(line for line in lines if line)
 
 
@@ -259,23 +233,6 @@ def gold_x_t(model, x, y, t, labels=None):
     token is the *gold* next token noised to level t, as in training but at one fixed t (t = 0: the base's)."""
     logits, _ = model(x, y, labels, t=torch.full(x.shape, float(t), device=x.device))
     return dict(logits=logits, targets=at_positions(y, answer_positions(y)))
-
-
-def probe_rows(ev, probe_t, teacher_forced_columns):
-    """--probe_t: for each t, eval.py's teacher-forced columns when the path reads the gold token noised to t."""
-    probes = ev.results.result.setdefault("probe", [])
-    print(f"{'gold x_t at t':<14} {'acc':>6} {'95% CI':>15} {'nll':>7} {'tokens':>7}")
-    for i, t in enumerate(probe_t):
-        def probe_batch(ix, labels, x, y):
-            torch.manual_seed(ev.cfg["seed"] + int(ix[0]))
-            return gold_x_t(ev.model, x, y, t, labels)
-        if i == len(probes):  # not kept from a resumed run
-            probes.append(dict(t=t, **teacher_forced_columns(ev, probe_batch, f"gold x_t, t={t:g}")))
-            ev.results.finish_phase()
-        stats = probes[i]
-        print(f"t={t:<12g} {stats['tf_accuracy']:6.3f} [{stats['tf_ci_low']:.3f}, {stats['tf_ci_high']:.3f}] "
-              f"{stats['tf_nll']:7.3f} {stats['tf_tokens']:7d}")
-    ev.results.write()
 
 
 # --- the JSON that keeps the rows --------------------------------------------------------------------
@@ -316,7 +273,7 @@ class ResultsFile:
                 with open(path) as f:
                     old = json.load(f)
                 old_config = {k: v for k, v in old["config"].items() if k != "resume"}
-            except (ValueError, KeyError, AttributeError) as e:
+            except (ValueError, KeyError, AttributeError, TypeError) as e:  # TypeError: a JSON list
                 raise UsageError(f"cannot resume from {path}: not an eval.py JSON ({e}); pass another --out") from None
             config = {k: v for k, v in json.loads(json.dumps(result["config"])).items() if k != "resume"}
             if differ := sorted(k for k in config.keys() | old_config.keys() if config.get(k) != old_config.get(k)):
@@ -324,15 +281,13 @@ class ResultsFile:
                                  "repeat its command with --resume True, or pass another --out")
             self.result, self.written = old, True
 
-    def resumed(self, phase, fresh):
-        """The per-example lists of `phase` that a killed run saved, else `fresh`."""
-        partial = self.result.get("partial")
-        return partial["examples"] if partial and partial["phase"] == phase else fresh
+    def resumed(self, phase, fresh):  # the per-example lists of `phase` that a killed run saved, else `fresh`
+        partial = self.result.get("partial") or {}
+        return partial["examples"] if partial.get("phase") == phase else fresh
 
-    def partial_row(self, name):
-        """The row a killed run was in, if it is the row `name`."""
-        kept = (self.result.get("partial") or {}).get("row")
-        return kept if kept is not None and kept["setting"] == name else None
+    def partial_row(self, name):  # the row a killed run was in, if it is the row `name`
+        row = (self.result.get("partial") or {}).get("row")
+        return row if row and row["setting"] == name else None
 
     def save_partial(self, phase, examples, row=None):
         self.result["partial"] = dict(phase=phase, examples=examples, row=row)

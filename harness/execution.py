@@ -1,19 +1,9 @@
 """
-Running model-written Python against its tests (eval.py --task humaneval): pass@1 needs the code to run.
-
-Executing what a model wrote is the point, and the risk. Each program runs in its own child process:
-  - a fresh `python -I` (no user site, no PYTHONPATH, the script's folder not on sys.path), with an
-    empty environment, no stdin, in a new temporary directory that is deleted afterwards: not the
-    checkout, whose files it cannot import by accident;
-  - a wall-clock limit (killed after `timeout` seconds) and, on Unix, limits on CPU time, memory
-    (address space), file size and child processes;
-  - no network: socket creation raises before the program starts.
-This keeps a wrong or looping completion from hurting the run or the checkout. It is not a security
-sandbox against deliberately hostile code (the child could undo the socket guard, or read absolute
-paths); run untrusted models in a container or VM.
-
-    completion = "    return a + b\n"
-    passed = run_program(humaneval_program(problem, completion))   # problem: a test.jsonl row
+Running model-written Python against its tests (eval.py --task humaneval): each program in its own child
+process, a fresh `python -I` with an empty environment and no stdin, in a temporary directory (not the
+checkout), killed after `timeout` seconds, with limits on CPU time, memory, file size and child processes,
+and socket creation raising before the program starts. That stops a wrong or looping completion from hurting
+the run or the checkout; it is no sandbox against hostile code (run untrusted models in a container or VM).
 """
 
 import os
@@ -35,14 +25,12 @@ def _no_network(*args, **kwargs):
 socket.socket = socket.create_connection = socket.socketpair = socket.getaddrinfo = _no_network
 del resource, socket, limit, value
 '''
-# Where a continuation of a HumanEval prompt ends: the function is done when the text goes back to
-# column 0 (Codex's stop sequences).
+# A continuation's function ends where the text goes back to column 0 (Codex's stop sequences).
 STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 
 
 def run_program(program, timeout=10.0, memory_mb=2048):
-    """Whether `program` (Python source) exits with status 0 within `timeout` seconds, in a child process as
-    the module docstring describes."""
+    """Whether `program` (Python source) exits with status 0 within `timeout` seconds, in a guarded child."""
     guard = GUARD.format(cpu=max(1, int(timeout) + 1), memory=memory_mb * 2**20, fsize=16 * 2**20)
     with tempfile.TemporaryDirectory(prefix="l2d-exec-") as workdir:
         path = os.path.join(workdir, "program.py")
@@ -62,14 +50,14 @@ def completion_code(problem, text):
     text continues the prompt's signature and docstring, cut where the function ends (STOPS)."""
     if "```" in text:  # the first fenced block that defines the function, else the first with any code
         blocks = [b.split("\n", 1)[1] if "\n" in b else "" for b in text.split("```")[1::2]]  # after ```python
-        code = next((b for b in blocks if f"def {problem['entry_point']}" in b), next((b for b in blocks if b.strip()), ""))
+        defines = [b for b in blocks if f"def {problem['entry_point']}" in b]
+        code = (defines or [b for b in blocks if b.strip()] or [""])[0]
         # a whole function redefines the prompt's stub, whose imports and helpers it keeps
-        return problem["code_prompt"] + ("\n" if f"def {problem['entry_point']}" in code else "") + code
+        return problem["code_prompt"] + ("\n" if defines else "") + code
     cut = min([len(text)] + [text.index(stop) for stop in STOPS if stop in text])
     return problem["code_prompt"] + text[:cut]
 
 
 def humaneval_program(problem, text):
-    """The program whose exit status is the verdict: the completed function, HumanEval's `check`, and
-    the call check(entry_point)."""
+    """The completed function, HumanEval's `check` and the call check(entry_point): its exit status is the verdict."""
     return f"{completion_code(problem, text)}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"

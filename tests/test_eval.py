@@ -137,7 +137,7 @@ def test_teacher_forced_gpt_matches_hand_computation(family):
     with torch.no_grad():
         full, _ = model(X)
     correct, nll, count = by_hand(full, Y)
-    logits, targets, nfe = unpack(ev.gold_prefix_logits(model, X, Y, steps=1))
+    logits, targets, nfe = unpack(ev.teacher_forced(model, X, Y, steps=1))
     assert torch.equal(targets, torch.stack([Y[b, POS[b]] for b in range(2)]))
     assert torch.allclose(logits, at_answers(full), atol=1e-6)
     stats = ev.answer_stats(logits, targets, nfe)
@@ -156,8 +156,8 @@ def test_teacher_forced_fresh_l2d_is_the_base_at_any_step_count(solver, steps):
     labels = torch.tensor([0, 1])
     with torch.no_grad():
         base_logits, _ = l2d.base(X)
-    one, targets, nfe1 = unpack(ev.gold_prefix_logits(l2d, X, Y, labels, steps=1))
-    many, targets_many, nfe = unpack(ev.gold_prefix_logits(l2d, X, Y, labels, [0, 1], steps=steps, solver=solver, atol=1e-3,
+    one, targets, nfe1 = unpack(ev.teacher_forced(l2d, X, Y, labels, steps=1))
+    many, targets_many, nfe = unpack(ev.teacher_forced(l2d, X, Y, labels, [0, 1], steps=steps, solver=solver, atol=1e-3,
                                                             rtol=1e-3))
     assert torch.equal(many, one) and torch.equal(targets, targets_many)
     assert torch.allclose(one, at_answers(base_logits), atol=1e-5)
@@ -191,7 +191,7 @@ def test_teacher_forced_all_positions_equal_one_at_a_time(solver, steps, x1):
     own prefix as generation does (same logits; for dopri5 the same per-position step count)."""
     l2d = tiny_l2d(randomize=True)
     labels, seeds, tol = torch.tensor([1, 0]), [3, 4], dict(atol=1e-2, rtol=1e-2)
-    logits, targets, nfe = unpack(ev.gold_prefix_logits(l2d, X, Y, labels, seeds, steps=steps, solver=solver, **tol, estimate=x1))
+    logits, targets, nfe = unpack(ev.teacher_forced(l2d, X, Y, labels, seeds, steps=steps, solver=solver, **tol, estimate=x1))
     with torch.no_grad():
         base_logits, _ = l2d.base(X)
         for b in range(2):
@@ -212,7 +212,7 @@ def test_teacher_forced_all_positions_equal_one_at_a_time(solver, steps, x1):
     if solver == "dopri5" and x1 == "mean":  # positions finish at different times: the rest go on alone
         assert len(set(nfe[targets != -1].tolist())) > 2, nfe
     if x1 == "mean":  # the estimate matters: argmax gives other logits
-        assert not torch.allclose(logits, ev.gold_prefix_logits(l2d, X, Y, labels, seeds, steps=steps, solver=solver, **tol)["logits"])
+        assert not torch.allclose(logits, ev.teacher_forced(l2d, X, Y, labels, seeds, steps=steps, solver=solver, **tol)["logits"])
 
 
 def one_hot_logits(tokens, vocab=8):
@@ -242,10 +242,10 @@ def test_diagnostic_on_a_trained_path_adds_up_to_the_gain_over_the_base():
     with torch.no_grad():
         l2d.merge_gate[2].weight.mul_(30)  # a path strong enough to change some of the base's tokens
     labels, seeds = torch.tensor([1, 0]), [3, 4]
-    base = ev.answer_stats(**ev.gold_prefix_logits(l2d, X, Y, labels, steps=1))
-    stats = ev.gold_prefix_logits(l2d, X, Y, labels, seeds, steps=3)
+    base = ev.answer_stats(**ev.teacher_forced(l2d, X, Y, labels, steps=1))
+    stats = ev.teacher_forced(l2d, X, Y, labels, seeds, steps=3)
     assert [t for t, _ in stats["trajectory"]] == [0.25, 0.75]
-    assert torch.equal(stats["base_tokens"], ev.gold_prefix_logits(l2d, X, Y, labels, steps=1)["logits"].argmax(-1))
+    assert torch.equal(stats["base_tokens"], ev.teacher_forced(l2d, X, Y, labels, steps=1)["logits"].argmax(-1))
     row = all_stats(stats)
     assert sum(row["changed"]) > 0
     for b in range(2):
@@ -253,7 +253,7 @@ def test_diagnostic_on_a_trained_path_adds_up_to_the_gain_over_the_base():
         # and against the first guess: its correct tokens plus what the later steps corrected, less spoiled
         first = row["trajectory_correct"][b][0]
         assert first + row["first_corrected"][b] - row["first_spoiled"][b] == row["correct"][b]
-    assert ev.gold_prefix_logits(l2d, X, Y, labels, steps=None, solver="dopri5", atol=1e-2, rtol=1e-2)["trajectory"] is None
+    assert ev.teacher_forced(l2d, X, Y, labels, steps=None, solver="dopri5", atol=1e-2, rtol=1e-2)["trajectory"] is None
 
 
 def test_gold_x_t_reads_the_noised_gold_token():
@@ -545,9 +545,10 @@ def test_resume_errors_name_the_file(tiny_run, capsys):
     assert "nothing to resume" in capsys.readouterr().out and fresh["rows"][0]["n"] == 2
     with pytest.raises(UsageError, match="other options \\(limit, steps\\)"):
         ev.main(args + ["--steps", "1,2", "--limit", "3"])
-    out.write_text("{not json")
-    with pytest.raises(UsageError, match="cannot resume from .*other.json: not an eval.py JSON"):
-        ev.main(args)
+    for text in ("{not json", "[1, 2]"):  # (a JSON list once gave a traceback)
+        out.write_text(text)
+        with pytest.raises(UsageError, match="cannot resume from .*other.json: not an eval.py JSON"):
+            ev.main(args)
 
 
 def test_label_on_a_model_without_classes_is_refused(tiny_run):
