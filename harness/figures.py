@@ -58,7 +58,8 @@ def main(argv=None):
         raise UsageError("matplotlib is not installed: pip install matplotlib")
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for tok in sorted(best, key=best.get, reverse=True)[:cfg["top"]]:
-        ax.plot([t for t, _ in steps], [guesses.get(tok, 0.0) for _, guesses in steps], marker="o", markersize=3, label=repr(tok))
+        ax.plot([t for t, _ in steps], [guesses.get(tok, 0.0) for _, guesses in steps], marker="o", markersize=3,
+                label=repr(tok))
     ax.set(xlabel="t (where the path is evaluated; the last point is the read-out at t = 1)", ylabel="probability",
            ylim=(0, 1.02))
     ax.set_title(cfg["title"], fontsize=9)

@@ -166,7 +166,8 @@ def figure(rows, seeds, cfg, path):
         ax.set(xticks=cfg["steps"], xticklabels=cfg["steps"], xlabel="ODE steps per token", ylabel=name)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{cfg['splits'][0]} split, mean and 95% interval over {len(seeds)} seed pairs (base, path)", fontsize=9)
+    fig.suptitle(f"{cfg['splits'][0]} split, mean and 95% interval over {len(seeds)} seed pairs (base, path)",
+                 fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
@@ -225,8 +226,7 @@ def main(argv=None):
         print("error: interrupted; finished jobs are kept, and the same command goes on from them", file=sys.stderr)
         sys.exit(130)
     if not ok:
-        print(f"error: some jobs failed (their logs are in {cfg['out']}); the same command retries them", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"error: some jobs failed (their logs are in {cfg['out']}); the same command retries them")
     summarize(cfg)
 
 
