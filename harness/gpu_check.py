@@ -5,20 +5,16 @@ The GPU check: what only a CUDA machine can show, in one unattended command of a
     python -m harness.gpu_check --out /tmp/gpu-check --dry_run    # every part on the CPU, tiny, < 1 minute
     python -m harness.gpu_check --out gpu-check-2 --parts 4,5     # some parts only (a rerun after a stop)
 
-gpu_check.json and .md in --out are rewritten after each part, so an early stop keeps what was done; a part
-that fails is recorded under "errors" and the next one runs.
+gpu_check.json and .md are rewritten after each part; a part that fails goes under "errors", the next runs.
   1 machine      GPU name and memory, torch and CUDA versions.
-  2 correctness  random weights in SmolLM2-135M's and GPT-2's shapes: the device's float32 logits against the
-                 CPU's, argmax agreement in bf16, and in both that steps=1 is the base bit for bit (L2D's logits
-                 at t = 0, its greedy tokens with one step; docs/method.md, sec. 4-5).
-  3 speed        at SmolLM2's shape: generation ms/token (B = 1 and 16, steps 1 and 8, float32 and bf16 weights;
-                 one path evaluation's cost); the L2D train step in float32 and bf16, fused and unfused AdamW,
-                 eager and torch.compile'd; a base train step's MFU against the bf16 datasheet peak and a
-                 measured matmul (FLOPs 6 N + 12 L d T per token).
-  4 ddp          a short L2D run of train.py under torchrun on every GPU (nccl) against one process: their
+  2 correctness  random weights in SmolLM2-135M's and GPT-2's shapes: float32 logits against the CPU's, argmax
+                 agreement in bf16, and in both that steps=1 is the base bit for bit (logits at t = 0, greedy).
+  3 speed        at SmolLM2's shape: generation ms/token and one path evaluation's cost; the L2D train step in
+                 float32/bf16, (un)fused AdamW, torch.compile; a base train step's MFU against the bf16
+                 datasheet peak and a measured matmul (FLOPs 6 N + 12 L d T per token).
+  4 ddp          a short L2D run of train.py under torchrun on every GPU (nccl) against one process: the
                  logged losses agree within DDP_TOLERANCE (on one GPU, only torchrun's and nccl's start).
-  5 lab          the CPU lab at a GPU's scale (a 34M-parameter base), L2D and LoRA on x, evaluated on 500
-                 test problems, every row paired against LoRA's (intervals.py).
+  5 lab          the CPU lab with a 34M-parameter base, L2D and LoRA on x, 500 test problems, paired to LoRA.
 """
 
 import copy
