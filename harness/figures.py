@@ -12,7 +12,7 @@ A token outside a step's printed top five is drawn at 0 there. Needs matplotlib 
 import re
 
 from configurator import UsageError, configure, fail
-from harness.plot import check_figure, save_figure
+from harness.plot import check_figure, pyplot, save_figure
 from loading.files import read_error
 
 OPTIONS = dict(
@@ -53,23 +53,15 @@ def main(argv=None):
         raise UsageError(f"--token {cfg['token']}: {cfg['steps_file']} shows {len(tokens)} token(s) "
                          "(run sample.py with --show_steps and write its output there)")
     steps = tokens[cfg["token"] - 1]
-    ts = [t for t, _ in steps]
-    best = {}  # each token's highest probability anywhere along the ODE
-    for _, guesses in steps:
-        for tok, p in guesses.items():
-            best[tok] = max(best.get(tok, 0.0), p)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("matplotlib is not installed: pip install matplotlib") from None
+    best = {tok: max(g.get(tok, 0.0) for _, g in steps) for _, guesses in steps for tok in guesses}  # along the ODE
+    if not (plt := pyplot()):
+        raise UsageError("matplotlib is not installed: pip install matplotlib")
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for tok in sorted(best, key=best.get, reverse=True)[:cfg["top"]]:
-        ax.plot(ts, [guesses.get(tok, 0.0) for _, guesses in steps], marker="o", markersize=3, label=repr(tok))
-    ax.set_xlabel("t (where the path is evaluated; the last point is the read-out at t = 1)")
-    ax.set_ylabel("probability")
-    ax.set_ylim(0, 1.02)
+        ax.plot([t for t, _ in steps], [guesses.get(tok, 0.0) for _, guesses in steps], marker="o", markersize=3,
+                label=repr(tok))
+    ax.set(xlabel="t (where the path is evaluated; the last point is the read-out at t = 1)", ylabel="probability",
+           ylim=(0, 1.02))
     ax.set_title(cfg["title"], fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="token", title_fontsize=8)

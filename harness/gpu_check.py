@@ -1,29 +1,20 @@
 """
-The GPU check: what only a CUDA machine can show, in one command of at most 8 minutes, made to run
-unattended in the few minutes a GPU is lent for.
+The GPU check: what only a CUDA machine can show, in one unattended command of at most 8 minutes.
 
     python -m harness.gpu_check --out gpu-check                   # on one CUDA machine
     python -m harness.gpu_check --out /tmp/gpu-check --dry_run    # every part on the CPU, tiny, < 1 minute
     python -m harness.gpu_check --out gpu-check-2 --parts 4,5     # some parts only (a rerun after a stop)
 
-The parts, in order. gpu_check.json and gpu_check.md in --out are rewritten after each, so an early stop
-keeps what was done; a part that fails is recorded under "errors" and the next one runs.
+gpu_check.json and .md are rewritten after each part; a part that fails goes under "errors", the next runs.
   1 machine      GPU name and memory, torch and CUDA versions.
-  2 correctness  random weights in SmolLM2-135M's and GPT-2's shapes (no weights travel to the machine):
-                 the device's float32 logits against the CPU's, the argmax agreement in bfloat16, and in
-                 both that steps=1 is the base bit for bit: L2D's logits at t = 0 and its greedy tokens with
-                 one step equal the base's (docs/method.md, sec. 4-5).
-  3 speed        at SmolLM2's shape: generation ms/token at B = 1 and 16, steps 1 and 8, float32 against
-                 bfloat16 weights (one path evaluation: the difference over the NFE); the L2D train step in
-                 float32 and bf16 autocast, fused and unfused AdamW, eager and torch.compile'd (bf16, the
-                 GPU default; a compile of the 30 layers takes minutes); a base train step's tokens/s and MFU
-                 against the bf16 datasheet peak and a measured matmul (FLOPs 6 N + 12 L d T per token).
-  4 ddp          a short L2D run of train.py (float32) under torchrun on every GPU (nccl) against one
-                 process: their logged losses agree within DDP_TOLERANCE. On one GPU the world size is 1,
-                 which train.py does not wrap in DDP: then only torchrun's and nccl's start are checked.
-  5 lab          the CPU lab (config/lab_*.py) at a GPU's scale: a 34M-parameter base pretrained from scratch
-                 on 1-2-digit + and -, then L2D and LoRA on x at equal data and steps, each evaluated on 500
-                 test problems (L2D at 1/2/4/8/16 steps), every row against LoRA's, paired (intervals.py).
+  2 correctness  random weights in SmolLM2-135M's and GPT-2's shapes: float32 logits against the CPU's, argmax
+                 agreement in bf16, and in both that steps=1 is the base bit for bit (logits at t = 0, greedy).
+  3 speed        at SmolLM2's shape: generation ms/token and one path evaluation's cost; the L2D train step in
+                 float32/bf16, (un)fused AdamW, torch.compile; a base train step's MFU against the bf16
+                 datasheet peak and a measured matmul (FLOPs 6 N + 12 L d T per token).
+  4 ddp          a short L2D run of train.py under torchrun on every GPU (nccl) against one process: the
+                 logged losses agree within DDP_TOLERANCE (on one GPU, only torchrun's and nccl's start).
+  5 lab          the CPU lab with a 34M-parameter base, L2D and LoRA on x, 500 test problems, paired to LoRA.
 """
 
 import copy
@@ -40,7 +31,7 @@ import torch
 
 from configurator import UsageError, configure, fail, parse_list
 from diffusion import L2D, L2DConfig
-from harness.intervals import row_gains
+from harness.intervals import read_results, row_gains
 from loading.files import write_atomic
 from loading.precision import autocast, store_weights
 from lora import merge_lora
@@ -71,14 +62,13 @@ DDP_TOLERANCE = 1e-3
 
 
 def random_gpt(name, S):
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the same weights on every call
     return GPT(GPTConfig(**{**SHAPES[name], **(TINY[name] if S is DRY else {})}))
 
 
 def timed(fn, device, reps, warmup=1):
-    """(median seconds of fn() over reps calls after warmup calls, the device synchronised around each;
-    the last call's result)."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    """(median seconds of fn() over reps calls after warmup calls, synchronised; the last call's result)."""
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     for _ in range(warmup):
         fn()
     times = []
@@ -101,16 +91,7 @@ def random_l2d(base, **config):
     return l2d
 
 
-def machine(device):
-    info = dict(torch=torch.__version__, cuda=torch.version.cuda, device=device, gpus=torch.cuda.device_count())
-    if device.startswith("cuda"):
-        props = torch.cuda.get_device_properties(0)
-        info.update(name=props.name, memory_gib=props.total_memory / 2**30, multiprocessors=props.multi_processor_count)
-    return info
-
-
 def correctness(S, device):
-    """Per shape and dtype: the device's logits against the CPU's float32 ones, and steps=1 against the base."""
     rows = []
     for name in SHAPES:
         cpu = random_gpt(name, S).eval()
@@ -136,7 +117,7 @@ def correctness(S, device):
 
 
 def generation_speed(S, device):
-    """ms per generated token (the prefill included) and the cost of one path evaluation, at SmolLM2's shape."""
+    """ms per generated token (the prefill included) and the cost of one path evaluation."""
     base, rows = random_gpt("smollm2", S), []
     for dtype in (torch.float32, torch.bfloat16):  # every weight stored in it, LoRA merged, as eval.py generates
         l2d = store_weights(merge_lora(random_l2d(copy.deepcopy(base))).to(device).eval(), dtype)
@@ -155,7 +136,7 @@ def generation_speed(S, device):
 
 
 def train_step(model, optimizer, x, mixed):
-    """Forward, backward, clip and AdamW, as train.py's step (next-token targets, every position counted)."""
+    """Forward, backward, clip and AdamW, as train.py's step."""
     with mixed:
         loss = model(x, x.roll(-1, 1))[1]
     loss.backward()
@@ -165,8 +146,7 @@ def train_step(model, optimizer, x, mixed):
 
 
 def training_speed(S, device):
-    """L2D train steps (lora variant) as train.py takes them: the frozen base stored in the dtype, float32
-    master weights. The compiled row last: it takes longest."""
+    """L2D train steps as train.py takes them: the frozen base stored in the dtype, float32 masters."""
     base, rows = random_gpt("smollm2", S), []
     x = torch.randint(base.config.vocab_size, (S["batch"], S["seq"]), device=device)
     for dtype, fused, compiled in [(torch.float32, True, False), (torch.bfloat16, True, False),
@@ -183,8 +163,8 @@ def training_speed(S, device):
 
 
 def base_mfu(S, device, info):
-    """A base train step (every weight trained, bf16 autocast): its FLOP/s against the datasheet's bf16 peak
-    (MFU) and against a large bf16 matmul measured here."""
+    """A base train step (every weight trained, bf16 autocast): its FLOP/s against the bf16 datasheet peak
+    and a large bf16 matmul."""
     n = S["matmul"]
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     matmul_tflops = 2 * n**3 / timed(lambda: a @ b, device, S["reps"])[0] / 1e12
@@ -201,10 +181,9 @@ def base_mfu(S, device, info):
                 of_matmul=tflops / matmul_tflops)
 
 
-# --- parts 4 and 5: the command lines users run, in subprocesses ------------------------------------------
 def run(*commands, log):
-    """Run commands of this repository from its root, side by side (small runs leave most of a GPU idle);
-    their outputs, each appended to the log. Raises RuntimeError, once all have ended, if one failed."""
+    """Run commands from the repository's root side by side (small runs leave most of a GPU idle), each output
+    appended to the log; their stdouts, or a RuntimeError once all have ended if one failed."""
     started = [(args, subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
                for args in commands]
     ended = [(args, *proc.communicate(), proc.returncode) for args, proc in started]
@@ -216,13 +195,8 @@ def run(*commands, log):
     return [out for _, out, _, _ in ended]
 
 
-def losses(output):
-    return [float(v) for v in re.findall(r"iter \d+: (?:val )?loss ([\d.]+)", output)]
-
-
 def prepare_data(work, S, log):
-    """The lab's data in `work`: a character vocabulary with every operator, then + and - (the base's
-    pretraining) and x (the finetuning task), all in that vocabulary."""
+    """The lab's data in `work`: a character vocabulary, + and - (the base's) and x (the finetuning task)."""
     prepare = [sys.executable, "-m", "data.arithmetic.prepare", "--digits", "2"]
     vocab = os.path.join(work, "char", "vocab.json")
     if not os.path.exists(vocab):
@@ -239,29 +213,28 @@ def train(config, out_dir, *options, device, launch=(sys.executable,)):
 
 
 def ddp(S, device, work, log):
-    """A base (quick.py's shape, a few steps on + and -), then the same short L2D run on x in one process and
-    under torchrun, side by side: every logged loss compared."""
+    """A base (quick.py, a few steps on + and -), then one short L2D run on x in one process and under torchrun."""
     addsub, mul = prepare_data(work, S, log)
-    n = torch.cuda.device_count() if device.startswith("cuda") else 2  # gloo, 2 processes, on the CPU
+    n = torch.cuda.device_count() if device == "cuda" else 2  # gloo, 2 processes, on the CPU
     iters, base = S["ddp_iters"], os.path.join(work, "ddp-base")
     run(train("config/quick.py", base, f"--datasets=['{addsub}']", f"--max_iters={iters}", f"--eval_interval={iters}",
               "--batch_size=16", "--micro_batch=16", device=device), log=log)
     l2d = [f"--init_from={base}/ckpt.pt", "--method=l2d", f"--datasets=['{mul}']", "--flow_dim=64", "--dtype=float32",
            f"--max_iters={iters}", f"--eval_interval={iters}", "--log_interval=1", "--batch_size=16", "--micro_batch=2"]
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}")
+    losses = lambda output: [float(v) for v in re.findall(r"iter \d+: (?:val )?loss ([\d.]+)", output)]
     one, many = map(losses, run(train("config/quick.py", f"{work}/ddp-one", *l2d, device=device), train(
         "config/quick.py", f"{work}/ddp-torchrun", *l2d, device=device, launch=torchrun), log=log))
     if len(one) != iters + 2 or len(many) != len(one):
-        raise RuntimeError(f"expected {iters} training losses and a validation loss before and after, got {one} and {many}")
+        raise RuntimeError(f"expected {iters} training losses and a validation loss before and after: {one}, {many}")
     diff = max(abs(a - b) for a, b in zip(one, many))
-    return dict(world_size=n, backend="nccl" if device.startswith("cuda") else "gloo", losses_one_process=one,
+    return dict(world_size=n, backend="nccl" if device == "cuda" else "gloo", losses_one_process=one,
                 losses_torchrun=many, max_abs_diff=diff, tolerance=DDP_TOLERANCE, agree=diff <= DDP_TOLERANCE,
                 note="one GPU: world size 1, no DDP wrapper; torchrun and nccl's start only" if n == 1 else "")
 
 
 def lab(S, device, work, out, log):
-    """The lab's three trainings (L2D and LoRA side by side) and their evaluations, read back from eval.py's
-    JSONs into one table: each row's accuracy, its Wilson interval, and its paired difference from LoRA."""
+    """The lab's trainings and evaluations: each row's accuracy, interval and paired difference from LoRA."""
     addsub, mul = prepare_data(work, S, log)
     layers, width, heads, batch, steps = S["lab"]
     size = [f"--n_layer={layers}", f"--n_embd={width}", f"--n_head={heads}", "--learning_rate=1e-3",
@@ -278,10 +251,7 @@ def lab(S, device, work, out, log):
                 "--max_new_tokens=8", f"--device={device}", "--overwrite"]
     run(evaluate + [f"--ckpt={work}/lab-l2d/ckpt.pt", f"--out={out}/eval_l2d.json", "--steps=1,2,4,8,16"],
         evaluate + [f"--ckpt={work}/lab-lora/ckpt.pt", f"--out={out}/eval_lora.json"], log=log)
-    results = {}
-    for name in ("l2d", "lora"):
-        with open(f"{out}/eval_{name}.json") as f:
-            results[name] = json.load(f)["rows"]
+    results = {name: read_results(f"{out}/eval_{name}.json")["rows"] for name in ("l2d", "lora")}
     lora = results["lora"][0]
     rows = [dict(model=name, setting=row["setting"], accuracy=row["accuracy"], ci_low=row["ci_low"],
                  ci_high=row["ci_high"], n=row["n"], nfe_per_token=row["nfe_per_token"],
@@ -292,7 +262,6 @@ def lab(S, device, work, out, log):
     return dict(base_params_m=params, batch=batch, steps=steps, train_seconds=seconds, rows=rows)
 
 
-# --- output ---------------------------------------------------------------------------------------------
 def cell(value):
     if isinstance(value, dict):
         return ", ".join(f"{k} {cell(v)}" for k, v in value.items())
@@ -316,11 +285,6 @@ def markdown(results):
     return "\n".join(lines)
 
 
-def save(out, results):
-    write_atomic(os.path.join(out, "gpu_check.json"), lambda f: f.write(json.dumps(results, indent=1).encode()))
-    write_atomic(os.path.join(out, "gpu_check.md"), lambda f: f.write(f"# GPU check\n\n{markdown(results)}\n".encode()))
-
-
 def main(argv=None):
     cfg = configure(OPTIONS, argv)
     parts = parse_list("parts", cfg["parts"], int, [])
@@ -330,15 +294,18 @@ def main(argv=None):
     if os.path.isfile(out):
         raise UsageError(f"--out {out} is a file; pass a folder")
     if os.path.isdir(out) and os.listdir(out) and not cfg["overwrite"]:
-        raise UsageError(f"--out {out} has files in it; pass an empty or new folder, or add --overwrite to replace "
-                         "them")
+        raise UsageError(f"--out {out} has files in it; pass an empty or new folder, or add --overwrite")
     if not cfg["dry_run"] and not torch.cuda.is_available():
         raise UsageError("torch finds no CUDA device here; --dry_run runs every part on the CPU")
     os.makedirs(out, exist_ok=True)
     S, device = (DRY, "cpu") if cfg["dry_run"] else (GPU, "cuda")
     results, errors, seconds = {}, {}, {}
     with tempfile.TemporaryDirectory() as work, open(os.path.join(out, "gpu_check.log"), "w") as log:
-        info = machine(device)
+        info = dict(torch=torch.__version__, cuda=torch.version.cuda, device=device, gpus=torch.cuda.device_count())
+        if device == "cuda":
+            props = torch.cuda.get_device_properties(0)
+            info.update(name=props.name, memory_gib=props.total_memory / 2**30,
+                        multiprocessors=props.multi_processor_count)
         steps = [(1, "machine", lambda: info), (2, "correctness", lambda: correctness(S, device)),
                  (3, "generation_speed", lambda: generation_speed(S, device)),
                  (3, "base_mfu", lambda: [base_mfu(S, device, info)]),
@@ -356,7 +323,9 @@ def main(argv=None):
                 errors[name] = f"{type(e).__name__}: {e}"
                 print(f"error: part {part} ({name}) failed: {errors[name]}", file=sys.stderr, flush=True)
             seconds[name] = time.perf_counter() - start
-            save(out, dict(results, seconds=seconds, errors=errors))
+            saved = dict(results, seconds=seconds, errors=errors)
+            write_atomic(f"{out}/gpu_check.json", lambda f: f.write(json.dumps(saved, indent=1).encode()))
+            write_atomic(f"{out}/gpu_check.md", lambda f: f.write(f"# GPU check\n\n{markdown(saved)}\n".encode()))
     print(markdown(dict(seconds=seconds, errors=errors)))
     return 1 if errors else 0
 

@@ -31,18 +31,16 @@ def wilson_interval(correct, n, z=1.96):
 
 
 def ratio_interval(correct, count, z=1.96):
-    """95% interval for a token accuracy sum(correct) / sum(count) pooled over examples (per-example
-    lists). The tokens of one example are not independent draws, so the standard error is the ratio
-    estimator's, over examples: var = m / (m - 1) * sum_i (c_i - p n_i)^2 / N^2 (m examples, N tokens)."""
+    """95% interval for a token accuracy sum(correct) / sum(count) pooled over examples (per-example lists):
+    one example's tokens are not independent draws, so the variance is the ratio estimator's over examples."""
     _, low, high = paired_difference(correct, np.zeros(len(count)), count, z)
     return max(0.0, low), min(1.0, high)
 
 
 def paired_difference(correct_a, correct_b, count, z=1.96):
-    """(difference, 95% low, high) of two accuracies measured on the same examples and tokens, a minus b
-    (per-example correct counts, and the positions each example has). Pairing removes what the two rows
-    share (an example that is easy for both), so the interval is narrower than the two rows' own ones
-    suggest: the ratio estimator's variance of the per-example differences, as in ratio_interval."""
+    """(difference, 95% low, high) of accuracies a - b on the same examples (per-example correct counts and
+    positions): pairing removes what the rows share (an example easy for both), so it is narrower than
+    the rows' own intervals suggest. var = m / (m - 1) * sum_i (d_i - diff n_i)^2 / N^2 (m examples, N tokens)."""
     a, b, k = (np.asarray(v, dtype=np.float64) for v in (correct_a, correct_b, count))
     m, total = len(k), k.sum()
     if m < 2 or total == 0:
@@ -53,8 +51,8 @@ def paired_difference(correct_a, correct_b, count, z=1.96):
 
 
 def row_gains(row, reference):
-    """Paired gains of one eval.py row over another on the same examples, from the per-example results
-    eval.py stores: {"gain": exact match, "tf_gain": teacher-forced}, each (difference, low, high)."""
+    """Paired gains of one eval.py row over another from their per-example results: {"gain": exact match,
+    "tf_gain": teacher-forced}, each (difference, low, high), where both rows have them."""
     gains = {}
     if "example_correct" in row and "example_correct" in reference:
         gains["gain"] = paired_difference(row["example_correct"], reference["example_correct"],
@@ -67,38 +65,27 @@ def row_gains(row, reference):
 
 def comparison(row, reference):
     """One line: row minus reference, paired, in points."""
-    gains = row_gains(row, reference)
-    return f"{row['setting']} vs {reference['setting']}: " + (", ".join(
-        f"{name} {100 * d:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] points" for name, (d, low, high) in gains.items())
-        or "no per-example results (re-run eval.py)")
+    gains = ", ".join(f"{name} {100 * d:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] points"
+                      for name, (d, low, high) in row_gains(row, reference).items())
+    return f"{row['setting']} vs {reference['setting']}: {gains or 'no per-example results (re-run eval.py)'}"
 
 
 def step_to_step(rows):
-    """Lines comparing each row of one eval.py run with the row before it."""
     return [comparison(row, before) for before, row in zip(rows, rows[1:])]
 
 
-def first_examples(row, m):
-    """A row's per-example results cut to its first m examples."""
-    return {key: value[:m] if key.startswith(("example_", "tf_example_")) else value for key, value in row.items()}
-
-
-def dataset_name(run):
-    """(task, data folder name) of an eval.py run: the same for runs from different clones."""
-    return run["task"], os.path.basename(os.path.normpath(run["data"]))
-
-
 def across_runs(run_a, run_b):
-    """Lines comparing every row of run_b with every row of run_a (two eval.py results) on their shared
-    examples. Raises ValueError if the runs are on different data, or their token counts disagree."""
-    if dataset_name(run_a) != dataset_name(run_b):
+    """Every row of run_b against every row of run_a on their shared first examples. ValueError if the runs
+    are on different data (the task and data folder's name: the same in another clone) or token counts."""
+    if (run_a["task"], os.path.basename(os.path.normpath(run_a["data"]))) != \
+            (run_b["task"], os.path.basename(os.path.normpath(run_b["data"]))):
         raise ValueError(f"the runs are on different data: {run_a['data']} and {run_b['data']}")
     m = min(run_a["n"], run_b["n"])
-    named = run_a.get("ckpt") != run_b.get("ckpt")  # each row named by its model, so that B's and A's can be told apart
-    rows_a, rows_b = ([dict(first_examples(row, m), setting=f"{run['ckpt']} {row['setting']}" if named else row["setting"])
+    named = run_a.get("ckpt") != run_b.get("ckpt")  # then each row is named by its model too
+    rows_a, rows_b = ([dict({k: v[:m] if k.startswith(("example_", "tf_example_")) else v for k, v in row.items()},
+                            setting=f"{run['ckpt']} {row['setting']}" if named else row["setting"])
                        for row in run["rows"]] for run in (run_a, run_b))
-    counts = {tuple(row["tf_example_count"]) for row in rows_a + rows_b if "tf_example_count" in row}
-    if len(counts) > 1:
+    if len({tuple(row["tf_example_count"]) for row in rows_a + rows_b if "tf_example_count" in row}) > 1:
         raise ValueError("the runs' answer lengths differ on the shared examples: not the same examples")
     return [f"on the first {m} examples:"] + [comparison(row, reference) for row in rows_b for reference in rows_a]
 

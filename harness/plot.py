@@ -1,12 +1,11 @@
 """
 Plot eval.py's results: accuracy against steps (against path evaluations per token for dopri5), with
-95% intervals. eval.py draws each run's own plot; this compares several runs in one figure.
+95% intervals, several runs in one figure (eval.py draws each run's own).
 
     python -m harness.plot --runs out-l2d-smollm2-arith/eval_tf.json,out-lora-smollm2-arith/eval_tf.json \
                    --labels "L2D,LoRA" --out assets/compare.png --title "SmolLM2-135M, arithmetic"
 
-A run with a single row (a GPT, LoRA or full finetune: the model itself, steps=1) is drawn as a
-horizontal line with its interval as a band, so L2D's curves can be read against it.
+A run with a single row (a GPT, LoRA or full finetune) is drawn as a level with its interval as a band.
 Needs matplotlib (an optional dependency).
 """
 
@@ -26,11 +25,21 @@ OPTIONS = dict(
     title=("", "the figure's title"),
     overwrite=(False, "replace a file at --out that matplotlib did not draw"),
 )
-FORMATS = ("png", "pdf", "svg")
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        return None
 
 
 def drawn_by_matplotlib(path):
-    """A figure that --out may replace without --overwrite: matplotlib names itself in its first bytes."""
+    """A figure --out may replace without --overwrite: matplotlib names itself in its first bytes."""
     try:
         with open(path, "rb") as f:
             return b"Matplotlib" in f.read(4096)
@@ -40,13 +49,13 @@ def drawn_by_matplotlib(path):
 
 def check_figure(path, overwrite):
     """Refuse a figure's --out before any work: another format, or (check_output) a file that is not a figure."""
-    if os.path.splitext(path)[1][1:].lower() not in FORMATS:
+    if os.path.splitext(path)[1][1:].lower() not in ("png", "pdf", "svg"):
         raise OutputError(f"--out {path} must end in .png, .pdf or .svg (the figure's format)")
     return check_output(path, "--out", overwrite, ours=drawn_by_matplotlib)
 
 
 def save_figure(fig, path, dpi):
-    """fig written by the one writer: whole or not at all (a full disk or read-only folder: one line)."""
+    """fig written whole or not at all (a full disk or read-only folder: one line)."""
     write_atomic(path, lambda f: fig.savefig(f, format=os.path.splitext(path)[1][1:].lower(), dpi=dpi))
 
 
@@ -60,7 +69,7 @@ def draw_run(ax, rows, label, colors):
         sel = [r for r in rows if (r["guidance"], r.get("candidates") or 0) == (w, k) or (r["steps"] == 1 and not k)]
         xs = [r["nfe_per_token"] if adaptive else r["steps"] for r in sel]
         tag = label + (f" w={w:g}" if len(weights) > 1 else "") + (f" K={k}" if k else "")
-        for key, ci, style, kind in (("accuracy", "ci", "-", "generation"), ("tf_accuracy", "tf_ci", "--", "teacher-forced")):
+        for key, ci, kind in (("accuracy", "ci", "generation"), ("tf_accuracy", "tf_ci", "teacher-forced")):
             if sel[0].get(key) is None:
                 continue
             acc = np.array([r[key] for r in sel])
@@ -70,28 +79,21 @@ def draw_run(ax, rows, label, colors):
                 ax.axhline(acc[0], linestyle=":", color=color, label=name)
                 ax.axhspan(acc[0] - err[0, 0], acc[0] + err[1, 0], color=color, alpha=0.12)
             else:
-                ax.errorbar(xs, acc, yerr=err, marker="o" if kind == "generation" else "s", linestyle=style,
-                            color=color, capsize=3, label=name)
+                ax.errorbar(xs, acc, yerr=err, marker="o" if kind == "generation" else "s",
+                            linestyle="-" if kind == "generation" else "--", color=color, capsize=3, label=name)
     return adaptive
 
 
 def plot(path, runs, title):
-    """Write a PNG of runs [(label, rows)] to path; a note instead when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
+    """Draw runs [(label, rows)] to path; a note instead when matplotlib is missing."""
+    if not (plt := pyplot()):
+        return print("matplotlib is not installed: no plot")
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    adaptive, colors = False, itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
-    for label, rows in runs:
-        adaptive |= draw_run(ax, rows, label, colors)
+    colors = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    adaptive = any([draw_run(ax, rows, label, colors) for label, rows in runs])  # (a list: every run drawn)
     if not adaptive:
         ax.set_xscale("log", base=2)
-    ax.set_xlabel("mean path evaluations per token" if adaptive else "steps")
-    ax.set_ylabel("accuracy")
+    ax.set(xlabel="mean path evaluations per token" if adaptive else "steps", ylabel="accuracy")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -108,8 +110,7 @@ def main(argv=None):
     labels = cfg["labels"].split(",") if cfg["labels"] else [""] * len(paths)
     if not paths or len(labels) != len(paths):
         raise UsageError("--runs takes eval.py JSON files (comma-separated) and --labels, if given, one label per file")
-    runs = [(label, read_results(path)["rows"]) for path, label in zip(paths, labels)]
-    plot(cfg["out"], runs, cfg["title"])
+    plot(cfg["out"], [(label, read_results(path)["rows"]) for path, label in zip(paths, labels)], cfg["title"])
 
 
 if __name__ == "__main__":

@@ -1,17 +1,14 @@
 """
-The CPU lab over training seeds: pretrain a base per base seed (config/lab_base.py), finetune each
-base with each method per path seed (config/lab_<method>.py, else harness/experiments/lab_<method>.py;
-"<a>_on_<b>" finetunes a with b's run of the same seeds as its base), evaluate every run on the test and
-confirm splits, and summarise across seeds. Runs `jobs` trainings or evaluations at once, one thread
-each; a killed grid resumes where it stopped (a finished job leaves OUT/<job>.done; a killed training
-goes on from its last checkpoint).
+The CPU lab over training seeds: pretrain a base per base seed (config/lab_base.py), finetune it with each
+method per path seed (config/lab_<method>.py, else harness/experiments/lab_<method>.py; "<a>_on_<b>": a
+on b's run of the same seeds), evaluate every run on each split and summarise across seeds, `jobs` at once,
+one thread each. A killed grid resumes: a finished job leaves OUT/<job>.done, a training its checkpoint.
 
     python -m harness.seeds --bases 1,2,3 --paths 1                # 3 bases, L2D and LoRA on each
-    python -m harness.seeds --bases 1 --paths 1,2,3,4,5 --methods l2d
     python -m harness.seeds --methods l2d,lora,lora_params,l2d_on_lora   # + LoRA at the path's size, L2D on LoRA
 
-Across seeds, a mean comes with a 95% t-interval over the seeds (n seeds, n - 1 degrees of freedom);
-"seeds, own interval > 0" counts the seeds whose paired interval over the 500 examples is above 0.
+A mean over seeds comes with a 95% t-interval (n - 1 degrees of freedom); "seeds, own interval > 0"
+counts the seeds whose paired interval over the examples is above 0.
 """
 
 import json
@@ -24,8 +21,8 @@ import time
 import numpy as np
 
 from configurator import UsageError, configure, fail, parse_list
-from harness.intervals import paired_difference
-from harness.plot import save_figure
+from harness.intervals import row_gains
+from harness.plot import pyplot, save_figure
 
 OPTIONS = dict(
     bases=("1337", "seeds of the base's pretraining (initial weights and data order)"),
@@ -70,7 +67,6 @@ def plan(cfg):
 
 
 def config_of(method):
-    """A method's lab config: the README's (config/) or an experiment's (harness/experiments/)."""
     readme = f"config/lab_{method}.py"
     return readme if os.path.exists(readme) else f"harness/experiments/lab_{method}.py"
 
@@ -121,54 +117,38 @@ def fmt(m, lo, hi, sign="+"):
 
 
 def summarize(cfg):
-    """summary.md: per split, each run's exact match and tf by steps, then the across-seed means of the
-    accuracies, of the gains over 1 step and 16 over 4 (with the share of seeds whose own paired interval
-    is above 0), and of L2D - LoRA, paired on each (base, path) seed."""
-    out, lines = cfg["out"], []
+    """summary.md: per split, each run's exact match and tf by steps with their means over seeds, then the
+    gains over 1 step, of 16 over 4 and over each baseline, paired on each (base, path) seed."""
     seeds = [(b, p) for b in cfg["bases"] for p in cfg["paths"]]
-    rows_of = {split: read_rows(cfg, split) for split in cfg["splits"]}
-    for split, rows in rows_of.items():
-        lines += [f"## {split} split: {len(seeds)} seed pairs (base, path), "
-                  f"n = {next(iter(next(iter(rows.values())).values()))['n']} examples each", ""]
+    columns = [(m, s) for m in cfg["methods"] for s in steps_of(m, cfg)]
+    rows_of, lines = {}, []
+    for split in cfg["splits"]:
+        rows = rows_of[split] = {}  # {(method, base, path): {steps: eval.py's row}}
+        for b, m, p in ((b, m, p) for b in cfg["bases"] for m in cfg["methods"] for p in cfg["paths"]):
+            with open(f"{cfg['out']}/{m}-{b}-{p}/eval_{split}.json") as f:
+                rows[m, b, p] = {r["steps"]: r for r in json.load(f)["rows"]}
+        n = next(iter(next(iter(rows.values())).values()))["n"]  # the first row's, as every row's
+        lines += [f"## {split} split: {len(seeds)} seed pairs (base, path), n = {n} examples each", ""]
         for key, name in (("accuracy", "exact match"), ("tf_accuracy", "teacher-forced")):
-            lines += [f"| {name}, % | " + " | ".join(f"{m} @{s}" for m in cfg["methods"] for s in steps_of(m, cfg)) + " |",
-                      "|---" * (1 + sum(len(steps_of(m, cfg)) for m in cfg["methods"])) + "|"]
-            for b, p in seeds:
-                lines.append(f"| base {b}, path {p} | " + " | ".join(
-                    f"{rows[m, b, p][s][key] * 100:.1f}" for m in cfg["methods"] for s in steps_of(m, cfg)) + " |")
-            lines.append("| mean [95% over seeds] | " + " | ".join(
-                fmt(*mean_interval([rows[m, b, p][s][key] for b, p in seeds]), sign="")
-                for m in cfg["methods"] for s in steps_of(m, cfg)) + " |")
-            lines.append("")
+            lines += [f"| {name}, % | " + " | ".join(f"{m} @{s}" for m, s in columns) + " |",
+                      "|---" * (1 + len(columns)) + "|"]
+            lines += [f"| base {b}, path {p} | " + " | ".join(f"{rows[m, b, p][s][key] * 100:.1f}" for m, s in columns)
+                      + " |" for b, p in seeds]
+            lines += ["| mean [95% over seeds] | " + " | ".join(
+                fmt(*mean_interval([rows[m, b, p][s][key] for b, p in seeds]), sign="") for m, s in columns) + " |", ""]
         lines += gains(rows, seeds, cfg) + [""]
     text = "\n".join(lines)
-    with open(f"{out}/summary.md", "w") as f:
+    with open(f"{cfg['out']}/summary.md", "w") as f:
         f.write(text + "\n")
     print(text)
-    figure(rows_of[cfg["splits"][0]], seeds, cfg, f"{out}/summary.png")
-
-
-def read_rows(cfg, split):
-    """{(method, base, path): {steps: eval.py's row}} of one split."""
-    rows = {}
-    for b in cfg["bases"]:
-        for method in cfg["methods"]:
-            for p in cfg["paths"]:
-                with open(f"{cfg['out']}/{method}-{b}-{p}/eval_{split}.json") as f:
-                    rows[method, b, p] = {r["steps"]: r for r in json.load(f)["rows"]}
-    return rows
+    figure(rows_of[cfg["splits"][0]], seeds, cfg, f"{cfg['out']}/summary.png")
 
 
 def figure(rows, seeds, cfg, path):
     """Exact match and tf against steps, as the mean over seeds with its 95% band: a line per L2D, a level
     per baseline (one forward of a GPT). A note instead of the PNG when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figure")
-        return
+    if not (plt := pyplot()):
+        return print("matplotlib is not installed: no figure")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, (key, name) in zip(axes, (("accuracy", "exact match, %"), ("tf_accuracy", "teacher-forced, %"))):
         for method, color in zip(cfg["methods"], plt.rcParams["axes.prop_cycle"].by_key()["color"]):
@@ -186,7 +166,8 @@ def figure(rows, seeds, cfg, path):
         ax.set(xticks=cfg["steps"], xticklabels=cfg["steps"], xlabel="ODE steps per token", ylabel=name)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{cfg['splits'][0]} split, mean and 95% interval over {len(seeds)} seed pairs (base, path)", fontsize=9)
+    fig.suptitle(f"{cfg['splits'][0]} split, mean and 95% interval over {len(seeds)} seed pairs (base, path)",
+                 fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
@@ -197,29 +178,21 @@ def steps_of(method, cfg):
     return cfg["steps"] if method.startswith("l2d") else [1]  # a GPT's one forward
 
 
-def paired(row, reference, key):
-    """(difference, low, high) of row - reference on the same examples: exact match or tf."""
-    if key == "accuracy":
-        a, b = row["example_correct"], reference["example_correct"]
-        return paired_difference(a, b, [1] * len(a))
-    return paired_difference(row["tf_example_correct"], reference["tf_example_correct"], row["tf_example_count"])
-
-
 def gains(rows, seeds, cfg):
-    """Table lines: each gain's mean [95% over seeds] and the seeds whose own interval is above 0."""
-    comparisons, steps, name = [], cfg["steps"], lambda m: LABELS.get(m, m)
+    """Table lines: each gain's mean [95% over seeds] and the seeds whose own paired interval is above 0."""
+    comparisons, steps, label = [], cfg["steps"], lambda m: LABELS.get(m, m)
     for a in [m for m in cfg["methods"] if m.startswith("l2d")]:
-        comparisons += [(f"{name(a)} {s} over 1 step", (a, s), (a, 1)) for s in steps if s != 1]
+        comparisons += [(f"{label(a)} {s} over 1 step", (a, s), (a, 1)) for s in steps if s != 1]
         if 4 in steps and 16 in steps:
-            comparisons.append((f"{name(a)} 16 over 4 steps", (a, 16), (a, 4)))
+            comparisons.append((f"{label(a)} 16 over 4 steps", (a, 16), (a, 4)))
         for b in [m for m in cfg["methods"] if not m.startswith("l2d")]:
-            comparisons += [(f"{name(a)} @{s} - {name(b)}", (a, s), (b, 1)) for s in steps]
+            comparisons += [(f"{label(a)} @{s} - {label(b)}", (a, s), (b, 1)) for s in steps]
     beyond = "seeds, own interval > 0"
     lines = [f"| gain, points | exact match | {beyond} | teacher-forced | {beyond} |", "|---|---|---|---|---|"]
     for name, (m, s), (m0, s0) in comparisons:
         cells = []
-        for key in ("accuracy", "tf_accuracy"):
-            each = [paired(rows[m, b, p][s], rows[m0, b, p][s0], key) for b, p in seeds]
+        for key in ("gain", "tf_gain"):
+            each = [row_gains(rows[m, b, p][s], rows[m0, b, p][s0])[key] for b, p in seeds]
             cells += [fmt(*mean_interval([d for d, _, _ in each])), f"{sum(lo > 0 for _, lo, _ in each)}/{len(each)}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
@@ -253,8 +226,7 @@ def main(argv=None):
         print("error: interrupted; finished jobs are kept, and the same command goes on from them", file=sys.stderr)
         sys.exit(130)
     if not ok:
-        print(f"error: some jobs failed (their logs are in {cfg['out']}); the same command retries them", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"error: some jobs failed (their logs are in {cfg['out']}); the same command retries them")
     summarize(cfg)
 
 
