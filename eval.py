@@ -40,27 +40,29 @@ from harness.plot import plot
 from loading import checkpoint
 from loading.precision import autocast, resolve_device, resolve_dtype, store_weights
 from lora import merge_lora
+from solvers import SOLVERS
 
 TASKS = ("gsm8k", "arithmetic", "humaneval")
 OPTIONS = dict(
     ckpt=("", "required: a ckpt.pt of train.py (or its folder), or a base model name or HF folder"),
-    task=("arithmetic", "gsm8k, arithmetic or humaneval (pass@1: each completion run against its tests)"),
+    task=("arithmetic", "gsm8k, arithmetic or humaneval (pass@1: each completion run against its tests)", TASKS),
     data=("", 'the prepared folder; "": data/<task>/<tokenizer tag>'),
     split=("test", "test, or confirm (a second held-out split, to check a gain chosen on test once)"),
-    limit=(0, "the first N examples only; 0: all"),
-    max_new_tokens=(256, "generation stops there if the end token has not come"),
+    limit=(0, "the first N examples only; 0: all", ">= 0"),
+    max_new_tokens=(256, "generation stops there if the end token has not come", ">= 1"),
     steps=(None, "ODE steps per token, e.g. 1,2,4 (fixed-step solvers); None: 1,2,4,8,16,32 (AR2Diff: 1,2,5,10,20)"),
-    solver=("midpoint", "euler, midpoint, rk4 (fixed steps), or dopri5 (adaptive)"),
+    solver=("midpoint", "euler, midpoint, rk4 (fixed steps), or dopri5 (adaptive)", tuple(SOLVERS)),
     atol=(None, "dopri5's absolute error tolerances; None: 1e-5"),
     rtol=(None, "dopri5's relative error tolerances (as many as atol, or one); None: 1e-5"),
     guidance=(None, "classifier-free guidance weights (a model trained with guidance_classes); None: 1"),
     label=("", '"" each example\'s own class, null, or a class name (e.g. math) to condition on'),
-    estimate=("argmax", "the ODE's x_hat_1: argmax (V of the argmax), sample (drawn at temperature 1 - t) or mean"),
+    estimate=("argmax", "the ODE's x_hat_1: argmax (V of the argmax), sample (drawn at temperature 1 - t) or mean",
+              ("argmax", "sample", "mean")),
     candidates=(None, "AR2Diff: candidates refined in parallel, the best scored kept; None: 8"),
     generate=(True, "greedy generation: accuracy, NFE and tokens/s"),
     teacher_forced=(True, "teacher-forced next-token accuracy and NLL of the answer tokens"),
-    batch_size=(8, "examples per teacher-forced batch"),
-    gen_batch_size=(1, "prompts generated together, left-padded to the longest (faster, same answers)"),
+    batch_size=(8, "examples per teacher-forced batch", ">= 1"),
+    gen_batch_size=(1, "prompts generated together, left-padded to the longest (faster, same answers)", ">= 1"),
     diagnostics=(False, "also why each row differs from the base (harness/eval_rows.py)"),
     probe_t=(None, "t's at which to probe the path with the gold token noised to t (L2D; harness/eval_rows.py)"),
     out=("", 'the JSON; "": eval_results.json next to the checkpoint, or -2, -3, ... if it exists'),
@@ -183,13 +185,8 @@ def evaluate_setting(ev, setting, teacher_forcing):
 def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     cfg = configure(OPTIONS, argv)
-    if cfg["task"] not in TASKS:
-        raise UsageError(f"unknown task {cfg['task']!r}; use one of {', '.join(TASKS)}")
     device = resolve_device(cfg["device"])  # both checked before anything is loaded
     dtype = resolve_dtype(cfg["dtype"], device)
-    for key, least in (("limit", 0), ("max_new_tokens", 1), ("batch_size", 1), ("gen_batch_size", 1)):
-        if cfg[key] < least:
-            raise UsageError(f"--{key} must be >= {least}{' (0: all)' if key == 'limit' else ''}, got {cfg[key]}")
     if not cfg["ckpt"]:
         raise UsageError("--ckpt is required: a ckpt.pt from train.py, or a base model (e.g. smollm2-135m)")
     model, tokenizer, ckpt = checkpoint.load(cfg["ckpt"])

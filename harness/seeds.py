@@ -31,9 +31,9 @@ OPTIONS = dict(
     steps=("1,2,4,8,16", "L2D's ODE steps per token at evaluation"),
     splits=("test,confirm", "held-out splits each run is evaluated on"),
     data=("data/arithmetic", "the folder holding the lab's prepared lab-addsub (base) and lab-mul (finetuning)"),
-    limit=(0, "evaluate on the first N examples only; 0: all"),
+    limit=(0, "evaluate on the first N examples only; 0: all", ">= 0"),
     train_args=("", "extra options for every train.py run, e.g. '--max_iters=500' (a smaller lab)"),
-    jobs=(2, "trainings or evaluations at once, one thread each"),
+    jobs=(2, "trainings or evaluations at once, one thread each", ">= 1"),
     out=("out-seeds", "the grid's folder: one run folder per job, logs, summary.md and summary.png"),
 )
 LABELS = dict(l2d="L2D", lora="LoRA", lora_params="LoRA at the path's size", l2d_on_lora="L2D on LoRA")
@@ -212,10 +212,8 @@ def main(argv=None):
             raise UsageError(f"--data {cfg['data']} has no {name}/: run the prepare commands of config/lab_base.py "
                              "(the README's quick start), or name the folder that holds them")
     # before a job starts: a bad --steps would fail only at the first evaluation
-    for key, bad, rule in (("jobs", cfg["jobs"] < 1, ">= 1"), ("limit", cfg["limit"] < 0, ">= 0 (0: all)"),
-                           ("steps", not 1 <= min(cfg["steps"]) <= max(cfg["steps"]) <= 1_000_000, "in 1..1000000")):
-        if bad:
-            raise UsageError(f"--{key} must be {rule}, got {cfg[key]}")
+    if not 1 <= min(cfg["steps"]) <= max(cfg["steps"]) <= 1_000_000:
+        raise UsageError(f"--steps must be in 1..1000000, got {cfg['steps']}")
     try:
         os.makedirs(cfg["out"], exist_ok=True)
     except OSError as e:

@@ -216,10 +216,10 @@ def test_an_unavailable_device_is_one_line(script, device, words, data, l2d_ckpt
 
 # --- one option per line ----------------------------------------------------------------------------
 
-ONE_OPTION = [("eval.py", "limit", -1, ">= 0 (0: all), got -1"), ("eval.py", "max_new_tokens", 0, ">= 1, got 0"),
+ONE_OPTION = [("eval.py", "limit", -1, ">= 0, got -1"), ("eval.py", "max_new_tokens", 0, ">= 1, got 0"),
               ("eval.py", "batch_size", 0, ">= 1, got 0"), ("eval.py", "gen_batch_size", 0, ">= 1, got 0"),
               ("sample.py", "atol", 0.0, "> 0, got 0.0"), ("sample.py", "rtol", -1.0, "> 0"),
-              ("-m harness.seeds", "jobs", 0, ">= 1, got 0"), ("-m harness.seeds", "limit", -1, ">= 0 (0: all), got -1"),
+              ("-m harness.seeds", "jobs", 0, ">= 1, got 0"), ("-m harness.seeds", "limit", -1, ">= 0, got -1"),
               ("-m harness.seeds", "steps", 0, "in 1..1000000, got [0]")]
 
 

@@ -17,7 +17,7 @@ import forkrun
 from harness import eval_rows
 from ar2diff import AR2Diff, AR2DiffConfig, until_end
 from loading.checkpoint import save_checkpoint
-from configurator import UsageError, defaults
+from configurator import UsageError, configure, defaults
 from data.dataset import TokenDataset
 from diffusion import L2D, L2DConfig, Velocity
 from model import GPT, GPTConfig
@@ -76,10 +76,10 @@ def test_parse_lists_and_settings():
     assert len(eval_rows.make_settings(cfg, is_l2d=False)) == 1
     with pytest.raises(UsageError):
         eval_rows.make_settings(dict(defaults(ev.OPTIONS), steps=0), True)
-    with pytest.raises(UsageError):
-        eval_rows.make_settings(dict(defaults(ev.OPTIONS), solver="heun"), True)
-    with pytest.raises(UsageError):
-        eval_rows.make_settings(dict(defaults(ev.OPTIONS), estimate="mode"), True)
+    with pytest.raises(UsageError, match="--solver must be one of euler, midpoint, rk4, dopri5, got 'heun'"):
+        configure(ev.OPTIONS, ["--solver", "heun"])
+    with pytest.raises(UsageError, match="--estimate must be one of argmax, sample, mean, got 'mode'"):
+        configure(ev.OPTIONS, ["--estimate", "mode"])
 
 
 # --- teacher-forced metrics ------------------------------------------------------------------------
