@@ -1,12 +1,14 @@
-"""What every data/<task>/prepare.py shares: where the prepared folder goes, the checks of counts, and the
-command line's frame (--tokenizer and --out first, --overwrite last, every default in -h, a bad option or
-file one line and exit 2, Ctrl-C one line and exit 130)."""
+"""What every data/<task>/prepare.py shares: the command line (--tokenizer and --out first, --overwrite last,
+every default in -h; a bad option or file is one line and exit 2, Ctrl-C one line and exit 130), the checks
+of counts, the reading of .jsonl sources and where the prepared folder goes."""
 import argparse
+import gzip
+import json
 import os
 import sys
 
 from configurator import fail
-from data.dataset import check_out, tokenizer_tag, write_dataset
+from data.dataset import tokenizer_tag, write_dataset
 
 
 def write_prepared(here, out, tokenizer, splits, **options):
@@ -19,6 +21,19 @@ def at_least(minimum, **options):
     for name, value in options.items():
         if value is not None and value < minimum:
             raise ValueError(f"--{name} must be >= {minimum}, not {value}")
+
+
+def read_jsonl(path):
+    """{line number: row} of a .jsonl (or .jsonl.gz) file; a line that is not JSON is an error naming it."""
+    rows = {}
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                if line.strip():
+                    rows[n] = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n} is not JSON ({e.msg}): fix or remove that line") from None
+    return rows
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -41,7 +56,8 @@ def run(p, prepare):
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset already prepared there")
     args = vars(p.parse_args())
     try:
-        check_out(args["out"])
+        if args["out"] and os.path.exists(args["out"]) and not os.path.isdir(args["out"]):  # before any work
+            raise ValueError(f"--out {args['out']} is a file; name a folder for the prepared dataset")
         prepare(**args)
     except (ValueError, FileNotFoundError) as e:  # bad options or files
         fail(e)

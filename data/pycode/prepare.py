@@ -1,15 +1,14 @@
-"""Python functions from the running interpreter's standard library: a non-math class ("code") so
-classifier-free guidance has at least two classes to tell apart. Needs no download.
+"""Python functions from the running interpreter's standard library (class "code"), offline: a second,
+non-math class for classifier-free guidance, and code to train on.
 
     python -m data.pycode.prepare --tokenizer char            # -> data/pycode/char/ (+ vocab.json)
     python -m data.pycode.prepare --tokenizer smollm2-135m    # -> data/pycode/smollm2-135m/
 
-Each documented top-level function or method of a top-level class is one example: the question is "Write
-the body of this Python function." and its signature and docstring (decorators included, dedented); the
-answer is the rest, indented as in the file, so signature + "\\n" + answer is the whole function. Kept:
-ASCII-only, at most --max_lines lines, a statement after the docstring, outside test folders, each distinct
-function once; sorted, shuffled with --seed, the first --n_test are the test split (Python 3.11: 5,918
-functions, a few seconds).
+Each documented top-level function or method of a top-level class is one example: the question "Write the
+body of this Python function." and its signature and docstring (decorators included, dedented); the answer
+is the rest, indented as in the file, so signature + "\\n" + answer is the whole function. Kept: ASCII-only,
+at most --max_lines lines, a statement after the docstring, outside test folders, each distinct function
+once; sorted, shuffled with --seed, the first --n_test are the test split (Python 3.11: 5,918 functions).
 """
 import ast
 import os
@@ -17,9 +16,9 @@ import random
 import sysconfig
 import tokenize
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 from data.prepare_common import at_least, command_line, run, write_prepared
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
 
@@ -41,11 +40,10 @@ def functions(path, max_lines):
         if len(node.body) < 2 or node.body[1].lineno <= doc_end or node.end_lineno - node.lineno >= max_lines:
             continue
         start = (node.decorator_list[0] if node.decorator_list else node).lineno - 1
-        indent = node.col_offset
         text = lines[start:node.end_lineno]
-        if any(line[:indent].strip() for line in text):  # a line left of the def (e.g. inside a string)
+        if any(line[:node.col_offset].strip() for line in text):  # a line left of the def (e.g. inside a string)
             continue
-        text = [line[indent:] for line in text]
+        text = [line[node.col_offset:] for line in text]
         head, body = "\n".join(text[:doc_end - start]), "\n".join(text[doc_end - start:]).rstrip()
         if (head + body).isascii():
             yield head, body
@@ -54,8 +52,8 @@ def functions(path, max_lines):
 def prepare(tokenizer="char", out=None, n_test=200, max_lines=40, seed=0, overwrite=False):
     """Extract, split, tokenize and write data/pycode/<tag>/ (or out). Returns the output folder."""
     at_least(1, n_test=n_test, max_lines=max_lines)
-    root, pairs = sysconfig.get_paths()["stdlib"], set()
-    for folder, dirs, files in os.walk(root):
+    pairs = set()
+    for folder, dirs, files in os.walk(sysconfig.get_paths()["stdlib"]):
         dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
         for name in files:
             if name.endswith(".py"):
