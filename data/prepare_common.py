@@ -1,13 +1,12 @@
-"""What every data/<task>/prepare.py shares: the command line (--tokenizer and --out first, --overwrite last,
-every default in -h; a bad option or file is one line and exit 2, Ctrl-C one line and exit 130), the checks
+"""What every data/<task>/prepare.py shares: its command line (configurator's, as every script's), the checks
 of counts, the reading of .jsonl sources and where the prepared folder goes."""
-import argparse
 import gzip
+import inspect
 import json
 import os
 import sys
 
-from configurator import fail
+from configurator import UsageError, fail
 from data.dataset import tokenizer_tag, write_dataset
 
 
@@ -17,10 +16,10 @@ def write_prepared(here, out, tokenizer, splits, **options):
 
 
 def at_least(minimum, **options):
-    """A ValueError naming the first of these options (None: not given) below minimum."""
+    """A ValueError naming the first of these options (None: not given) that is not a whole number >= minimum."""
     for name, value in options.items():
-        if value is not None and value < minimum:
-            raise ValueError(f"--{name} must be >= {minimum}, not {value}")
+        if value is not None and (type(value) is not int or value < minimum):
+            raise ValueError(f"--{name} must be >= {minimum}, not {value!r}")
 
 
 def read_jsonl(path):
@@ -36,30 +35,24 @@ def read_jsonl(path):
     return rows
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    def _get_help_string(self, action):  # every option's default, where it has one
-        shown = action.default not in (None, argparse.SUPPRESS) and action.default is not False
-        return f"{action.help} (default: {action.default})" if shown else action.help
+def options(prepare, tokenizer, **meanings):
+    """configurator's OPTIONS of a prepare script: --tokenizer, --out, `meanings`, --overwrite, each with the
+    default of prepare's argument of that name."""
+    meanings = dict(tokenizer=tokenizer, out="output folder ('': data/<task>/<tokenizer tag>)", **meanings,
+                    overwrite="replace a different dataset already prepared there")
+    defaults = inspect.signature(prepare).parameters
+    return {key: (defaults[key].default, meaning) for key, meaning in meanings.items()}
 
 
-def command_line(doc, here, tokenizer, tokenizer_help):
-    """The script's parser (its docstring the description) with --tokenizer (default `tokenizer`) and --out."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
-    p.error = lambda message: fail(f"{message} (-h lists the options)")  # one line, not argparse's usage block
-    p.add_argument("--tokenizer", default=tokenizer, help=tokenizer_help)
-    p.add_argument("--out", default=None, help=f"output folder (default data/{os.path.basename(here)}/<tokenizer tag>)")
-    return p
-
-
-def run(p, prepare):
-    """Add --overwrite, parse the command line and call prepare(**its options)."""
-    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already prepared there")
-    args = vars(p.parse_args())
+def run(prepare, configure):
+    """prepare(**configure()), configure being the script's command line: a bad option or file is one line and
+    exit 2, Ctrl-C one line and exit 130."""
     try:
+        args = configure()
         if args["out"] and os.path.exists(args["out"]) and not os.path.isdir(args["out"]):  # before any work
-            raise ValueError(f"--out {args['out']} is a file; name a folder for the prepared dataset")
+            raise UsageError(f"--out {args['out']} is a file; name a folder for the prepared dataset")
         prepare(**args)
-    except (ValueError, FileNotFoundError) as e:  # bad options or files
+    except (UsageError, ValueError, FileNotFoundError) as e:
         fail(e)
     except KeyboardInterrupt:  # the folder is staged whole before it is moved in
         print("error: interrupted; nothing was written", file=sys.stderr)

