@@ -10,11 +10,6 @@ A prepared folder (by default data/<task>/<tag>, tag from the tokenizer: char, g
       answer, else null) and label
   meta.json {"tokenizer", "classes", "chat", "vocab_size", "eot"}: "tokenizer" is what get_tokenizer takes
       (a char vocabulary is saved beside the data as vocab.json); "eot" ends every answer and pads batches.
-Prompt and answer are encoded separately, so a prompt's tokens are what eval.py gets by encoding its text.
-
-    ds = TokenDataset(["data/arithmetic/char"], "train")
-    sampler = BatchSampler(len(ds), batch_size=64, seed=0, rank=rank, world_size=world_size)
-    x, y, labels = ds.get_batch(sampler.next_batch(), block_size)  # y: next token on answer positions, else -1
 """
 import json
 import os
@@ -80,7 +75,24 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=F
         enc = CharTokenizer("".join(set("Question: \nAnswer: ").union(*text)))
     else:  # a model's tokenizer or another folder's vocab.json (so the two mix), found from any working directory
         enc = get_tokenizer(os.path.abspath(tokenizer) if os.path.exists(tokenizer) else tokenizer)
-    encoded = {split: encode_split(enc, split, exs, classes, max_len, out_dir) for split, exs in splits.items()}
+    encoded, end = {}, end_token(enc)
+    for split, examples in splits.items():
+        tokens, mask, offsets, labels, rows = [], [], [0], [], []
+        for ex in examples:
+            prompt, ids, answer_mask, answer = encode_example(enc, ex, end)
+            if max_len and split == "train" and len(ids) > max_len:
+                continue
+            tokens += ids
+            mask += answer_mask
+            offsets.append(len(tokens))
+            labels.append(classes.index(ex["label"]))
+            rows.append(dict(prompt=prompt, answer=answer, final=ex.get("final"), label=ex["label"],
+                             **ex.get("fields", {})))
+        if not rows:  # training would wait forever for a batch, evaluation would have nothing to score
+            raise ValueError(f"the {split} split of {out_dir} would have no examples: " + (
+                f"all {len(examples)} are longer than max_len={max_len} tokens, raise --max_len" if examples else
+                "the source gave none for it, check the source data and the split sizes asked for"))
+        encoded[split] = tokens, mask, offsets, labels, rows
     meta = dict(tokenizer=tokenizer, classes=classes, chat=chat_template(enc) is not None, vocab_size=enc.n_vocab,
                 eot=end_token(enc))
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -110,26 +122,6 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=F
     return out_dir
 
 
-def encode_split(enc, split, examples, classes, max_len, out_dir):
-    """(tokens, loss mask, offsets, labels, held-out rows) of one split, which must not be empty."""
-    tokens, mask, offsets, labels, rows, end = [], [], [0], [], [], end_token(enc)
-    for ex in examples:
-        prompt, ids, answer_mask, answer = encode_example(enc, ex, end)
-        if max_len and split == "train" and len(ids) > max_len:
-            continue
-        tokens += ids
-        mask += answer_mask
-        offsets.append(len(tokens))
-        labels.append(classes.index(ex["label"]))
-        rows.append(dict(prompt=prompt, answer=answer, final=ex.get("final"), label=ex["label"],
-                         **ex.get("fields", {})))
-    if not rows:  # training would wait forever for a batch, evaluation would have nothing to score
-        raise ValueError(f"the {split} split of {out_dir} would have no examples: " + (
-            f"all {len(examples)} are longer than max_len={max_len} tokens, raise --max_len" if examples else
-            "the source gave none for it, check the source data and the split sizes asked for"))
-    return tokens, mask, offsets, labels, rows
-
-
 def install(staging, out_dir, overwrite):
     """Move staging's files into out_dir (False: it holds the same dataset already). A different one is
     refused unless overwrite, then removed first (no stale split stays). meta.json, last, marks a whole folder."""
@@ -151,13 +143,13 @@ def install(staging, out_dir, overwrite):
 
 def same_file(old, new):
     """Whether old holds what new does: an .npz by its arrays (the zip's bytes carry timestamps), else by bytes."""
-    if not os.path.isfile(old) or not new.endswith(".npz"):
-        return os.path.isfile(old) and Path(old).read_bytes() == Path(new).read_bytes()
     try:
-        a, b = read_npz(old), read_npz(new)
-    except ValueError:  # a damaged old one differs
+        if new.endswith(".npz"):
+            a, b = read_npz(old), read_npz(new)
+            return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
+        return Path(old).read_bytes() == Path(new).read_bytes()
+    except (OSError, ValueError):  # missing or damaged: it differs
         return False
-    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
 
 
 def read_npz(path):

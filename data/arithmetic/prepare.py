@@ -1,7 +1,6 @@
 """Synthetic arithmetic, the lab's offline task (class "math"): "What is a OP b?".
 
     python -m data.arithmetic.prepare --tokenizer char            # -> data/arithmetic/char/ (+ vocab.json)
-    python -m data.arithmetic.prepare --tokenizer smollm2-135m    # -> data/arithmetic/smollm2-135m/
     python -m data.arithmetic.prepare --digits 2 --ops "+-" --n_train 2000 --out /tmp/arith
 
 Short and long operands are equally common, and subtraction puts the larger first, so every answer is a
@@ -45,7 +44,6 @@ def make_problems(n, rng, digits, ops, exclude=frozenset()):
 
 def prepare(tokenizer="char", out="", n_train=10000, n_test=500, n_confirm=0, digits=3, ops="+-*", seed=0,
             overwrite=False):
-    """Generate, tokenize and write data/arithmetic/<tag>/ (or out). Returns the output folder."""
     at_least(1, n_train=n_train, n_test=n_test, digits=digits)
     at_least(0, n_confirm=n_confirm)
     if not ops or not set(ops) <= set(OPS):

@@ -3,10 +3,8 @@
     python -m data.gsm8k.prepare                         # smollm2-135m chat format -> data/gsm8k/smollm2-135m/
     python -m data.gsm8k.prepare --tokenizer gpt2 --limit 50 --out /tmp/gsm8k   # "Question: ...\\nAnswer: ", a slice
 
-Reads train.jsonl / test.jsonl ({"question", "answer"}) from --src, else ../shared/data/gsm8k, else
-downloads them once into data/gsm8k/raw/. The answer is the worked solution without the calculator notes
-"<<3*4=12>>", ending in "#### N", N without thousands commas, also test.jsonl's "final" (what eval compares
-with the last number the model writes).
+The answer is the worked solution without the calculator notes "<<3*4=12>>", ending in "#### N", N without
+thousands commas: test.jsonl's "final", compared with the last number the model writes.
 """
 import os
 import re
@@ -46,7 +44,6 @@ def read_split(split, src=""):
 
 
 def prepare(tokenizer="smollm2-135m", out="", src="", max_len=1024, limit=None, overwrite=False):
-    """Tokenize GSM8K into data/gsm8k/<tag>/ (or out). Returns the output folder."""
     at_least(0, max_len=max_len)
     at_least(1, limit=limit)
     splits = {s: read_split(s, src)[:limit] for s in ("train", "test")}
@@ -54,7 +51,8 @@ def prepare(tokenizer="smollm2-135m", out="", src="", max_len=1024, limit=None, 
 
 
 OPTIONS = options(prepare, "smollm2-135m, gpt2, a HF tokenizer folder, char, ...",
-                  src="folder with train.jsonl and test.jsonl",
+                  src="folder with train.jsonl and test.jsonl ('': ../shared/data/gsm8k, else downloaded once "
+                      "into data/gsm8k/raw)",
                   max_len="drop longer train examples (tokens); 0 keeps all",
                   limit="use only the first N examples of each split")
 

@@ -5,10 +5,8 @@ checked by its unit tests (class "coding"). A test split only: it is a benchmark
     python -m data.humaneval.prepare                      # smollm2-135m chat format -> data/humaneval/smollm2-135m/
     python -m data.humaneval.prepare --tokenizer gpt2     # the prompt is the code itself -> data/humaneval/gpt2/
 
-A chat model is asked for the whole function in a code block (its answer: the prompt's code and the
-canonical body, fenced); any other model continues the prompt's code (its answer: the body). Each test.jsonl
-row also keeps task_id, entry_point, test and code_prompt (the raw prompt), for eval.py to run a completion
-against its tests (harness/execution.py).
+A chat model is asked for the whole function in a code block, any other continues the prompt's code. Each
+test.jsonl row keeps task_id, entry_point, test and code_prompt, for eval.py to run a completion's tests.
 """
 import importlib.util
 import os
@@ -23,7 +21,6 @@ FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
 
 
 def prepare(tokenizer="smollm2-135m", out="", src="", overwrite=False):
-    """Tokenize HumanEval into data/humaneval/<tag>/ (or out), a test split. Returns the output folder."""
     chat = has_chat_template(get_tokenizer(tokenizer))
     path = src
     if not src:  # the installed package's file, found without importing it

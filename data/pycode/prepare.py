@@ -1,14 +1,10 @@
-"""Python functions from the running interpreter's standard library (class "code"), offline: a second,
-non-math class for classifier-free guidance, and code to train on.
+"""Python functions of the running interpreter's standard library, offline (class "code"): "Write the body
+of this Python function." and its signature and docstring; the answer is the rest of the function.
 
-    python -m data.pycode.prepare --tokenizer char            # -> data/pycode/char/ (+ vocab.json)
     python -m data.pycode.prepare --tokenizer smollm2-135m    # -> data/pycode/smollm2-135m/
 
-Each documented top-level function or method of a top-level class is one example: the question "Write the
-body of this Python function." and its signature and docstring (decorators included, dedented); the answer
-is the rest, indented as in the file, so signature + "\\n" + answer is the whole function. Kept: ASCII-only,
-at most --max_lines lines, a statement after the docstring, outside test folders, each distinct function
-once; sorted, shuffled with --seed, the first --n_test are the test split (Python 3.11: 5,918 functions).
+Kept: documented top-level functions and methods of top-level classes, ASCII-only, with a statement after the
+docstring, outside test folders, each distinct function once (Python 3.11: 5,918).
 """
 import ast
 import os
@@ -24,7 +20,7 @@ SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
 
 def functions(path, max_lines):
-    """(signature + docstring, body) of the documented functions and methods of one source file."""
+    """(signature + docstring dedented, body indented as in the file) of one source file's functions."""
     try:
         with tokenize.open(path) as f:  # honours the file's coding declaration
             lines = f.read().splitlines()
@@ -51,7 +47,6 @@ def functions(path, max_lines):
 
 
 def prepare(tokenizer="char", out="", n_test=200, max_lines=40, seed=0, overwrite=False):
-    """Extract, split, tokenize and write data/pycode/<tag>/ (or out). Returns the output folder."""
     at_least(1, n_test=n_test, max_lines=max_lines)
     pairs = set()
     for folder, dirs, files in os.walk(sysconfig.get_paths()["stdlib"]):

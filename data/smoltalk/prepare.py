@@ -1,14 +1,11 @@
 """SmolTalk (HuggingFaceTB/smoltalk, Apache-2.0): the chat data of the paper's training mix, each subset
 with its guidance class (math, coding, general_qa).
 
-    python -m data.smoltalk.prepare                          # the paper's subsets -> data/smoltalk/smollm2-135m/
-    python -m data.smoltalk.prepare --tokenizer path/to/Llama-3.2-1B-Instruct --max_len 2048
+    python -m data.smoltalk.prepare --tokenizer path/to/Llama-3.2-1B-Instruct   # -> data/smoltalk/Llama-3.2-1B-Instruct
     python -m data.smoltalk.prepare --subsets self-oss-instruct --limit 1000 --out /tmp/st   # a quick slice
-    python -m data.smoltalk.prepare --src DIR                # offline: DIR/<subset>/*.parquet (or .jsonl)
 
-Each example is one conversation in the tokenizer's chat template, the loss on every assistant turn and its
-end token; a held-out row's answer is the last assistant turn. Online, each subset's .parquet files are
-fetched once into data/smoltalk/raw (reading them needs pip install pyarrow).
+Each example is one conversation in the chat template, the loss on every assistant turn and its end token; a
+held-out row's answer is the last assistant turn. Reading .parquet files needs pip install pyarrow.
 """
 import json
 import os
@@ -27,7 +24,7 @@ SUBSETS = {"metamathqa-50k": "math", "numina-cot-100k": "math", "self-oss-instru
 
 
 def download(subset, folder):
-    """Fetch the subset's train and test files from the hub into folder (once; .part files until whole)."""
+    """Fetch the subset's .parquet files from the hub into folder."""
     try:
         url = f"https://huggingface.co/api/datasets/{REPO_ID}/tree/main/data/{subset}"
         with urllib.request.urlopen(url, timeout=30) as response:
@@ -71,8 +68,6 @@ def read_split(split, folder):
 
 def prepare(tokenizer="smollm2-135m", out="", subsets=None, src="", max_len=2048, limit=None, n_test=100,
             overwrite=False):
-    """Tokenize the subsets into data/smoltalk/<tag>/ (or out): train = the first `limit` of each train split,
-    test = the first n_test of each test split. Returns the output folder."""
     at_least(0, max_len=max_len)
     at_least(1, limit=limit, n_test=n_test)
     subsets = parse_list("subsets", subsets, str, SUBSETS)
