@@ -1,23 +1,15 @@
-"""Prepared token data: the on-disk format, its writer (used by data/*/prepare.py) and the batch loader.
+"""Prepared token data: the on-disk format, its writer (for data/*/prepare.py) and the batch loader.
 
-A prepared folder data/<task>/<tag>/ (tag from the tokenizer: char, gpt2, smollm2-135m, ...) holds
-  train.npz, test.npz  (np.savez, no pickles; optionally confirm.npz, a second held-out split):
+A prepared folder (by default data/<task>/<tag>, tag from the tokenizer: char, gpt2, smollm2-135m, ...) holds
+  train.npz, test.npz (and optionally confirm.npz, a second held-out split), np.savez without pickles:
       tokens    int32 (N,)    all examples concatenated: prompt tokens, answer tokens, end token
       loss_mask bool  (N,)    True exactly on the answer tokens and the end token that closes the answer
       offsets   int64 (E+1,)  example e is tokens[offsets[e]:offsets[e+1]]
       labels    int16 (E,)    class of each example, an index into meta["classes"]
-  test.jsonl   (and confirm.jsonl) per held-out example: prompt, answer (no end token), final (math's gold
-               answer, else null), label
-  meta.json    {"tokenizer", "classes", "chat", "vocab_size", "eot"}: "tokenizer" is what get_tokenizer takes
-               (relative to the folder for a char vocabulary, saved there as vocab.json); "eot" ends every
-               answer (<|im_end|> for chat models) and pads batches.
-Chat models get the chat template, base models and char "Question: {q}\nAnswer: ". Prompt and answer are
-encoded separately, so the prompt tokens are exactly what eval.py gets by encoding test.jsonl's prompt.
-
-    ds = TokenDataset(["data/arithmetic/char"], "train")
-    sampler = BatchSampler(len(ds), batch_size=64, seed=0, rank=rank, world_size=world_size)
-    for ix in np.split(sampler.next_batch(), grad_accum):  # this rank's share of one optimizer step
-        x, y, labels = ds.get_batch(ix, block_size)       # y = next token on answer positions, else -1
+  test.jsonl (and confirm.jsonl): per held-out example its prompt, answer (no end token), final (math's gold
+      answer, else null) and label
+  meta.json {"tokenizer", "classes", "chat", "vocab_size", "eot"}: "tokenizer" is what get_tokenizer takes
+      (a char vocabulary is saved beside the data as vocab.json); "eot" ends every answer and pads batches.
 """
 import json
 import os
@@ -28,72 +20,85 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loading.files import OutputError, write_error
-from loading.tokenizer import (CharTokenizer, chat_prompt, chat_start, chat_template, chat_turn, end_token, get_tokenizer,
-                               read_json)
-
-
-def segments(enc, ex):
-    """An example as (text, is_answer) pieces: dict(question, answer) (or with its own exact "prompt" text),
-    or dict(turns), a conversation [{"role", "content"}, ...] whose every assistant turn is an answer (in
-    the chat template, its own system turn or the default one; without one, "Question: ...\nAnswer: " per
-    user turn and no system turn)."""
-    template = chat_template(enc)
-    if "turns" not in ex:
-        prompt = chat_prompt(enc, ex["question"]) if template else f"Question: {ex['question']}\nAnswer: "
-        return [(ex.get("prompt") or prompt, False), (ex["answer"], True)]
-    pieces = [(chat_start(enc) if ex["turns"][0]["role"] != "system" else template["begin"], False)] if template else []
-    for turn in ex["turns"]:
-        if turn["role"] == "assistant":  # the content and its end token are the answer (encode_example adds the end)
-            pieces += [(template["header"].format(role="assistant") if template else "", False), (turn["content"], True),
-                       (template["sep"] if template else "", False)]
-        elif template:
-            pieces.append((chat_turn(enc, turn["role"], turn["content"]), False))
-        elif turn["role"] == "user":
-            pieces.append((f"Question: {turn['content']}\nAnswer: ", False))
-    return pieces
+from loading.files import write_error
+from loading.tokenizer import (CharTokenizer, chat_prompt, chat_start, chat_template, chat_turn, end_token,
+                               get_tokenizer, read_json)
 
 
 def encode_example(enc, ex, end):
-    """(prompt text, tokens, loss mask, answer text) of one example (as segments takes it): the held-out
-    row's prompt is everything before the last answer, its answer that answer. Each piece is encoded on its
-    own, so a prompt encodes to exactly its tokens here."""
-    pieces, tokens, mask, texts, last = segments(enc, ex), [], [], [], 0
+    """(prompt text, tokens, loss mask, answer text) of an example: dict(question, answer) (or with its own
+    exact "prompt" text), or dict(turns), a conversation [{"role", "content"}, ...] whose every assistant turn
+    is an answer. Chat models get the chat template (the default system turn unless the conversation has
+    one), other tokenizers "Question: ...\nAnswer: " per user turn. The prompt is everything before the last
+    answer; each piece is encoded on its own, so the prompt encodes to exactly its tokens here."""
+    template = chat_template(enc)
+    if "turns" not in ex:
+        prompt = chat_prompt(enc, ex["question"]) if template else f"Question: {ex['question']}\nAnswer: "
+        pieces = [(ex.get("prompt") or prompt, False), (ex["answer"], True)]
+    else:
+        pieces = []
+        if template:  # its own system turn, or the default one
+            pieces.append((chat_start(enc) if ex["turns"][0]["role"] != "system" else template["begin"], False))
+        for turn in ex["turns"]:
+            if turn["role"] == "assistant":
+                pieces += [(template["header"].format(role="assistant") if template else "", False),
+                           (turn["content"], True), (template["sep"] if template else "", False)]
+            elif template:
+                pieces.append((chat_turn(enc, turn["role"], turn["content"]), False))
+            elif turn["role"] == "user":
+                pieces.append((f"Question: {turn['content']}\nAnswer: ", False))
+    tokens, mask, texts, last = [], [], [], 0
     for text, is_answer in pieces:
         ids = enc.encode(text, allowed_special="all") + ([end] if is_answer else [])
         if is_answer:
             last = len(texts)
         tokens += ids
         mask += [is_answer] * len(ids)
-        texts.append(text if not is_answer else text + enc.decode([end]))  # an earlier answer is closed in the prompt
+        texts.append(text + enc.decode([end]) if is_answer else text)  # an earlier answer is closed in the prompt
     return "".join(texts[:last]), tokens, mask, pieces[last][0]
 
 
 def tokenizer_tag(name):
     """Output folder name for a tokenizer: char for char vocabularies, else the name or folder's basename."""
-    return "char" if name == "char" or name.endswith(".json") else os.path.basename(os.path.normpath(name)).removesuffix(".gguf")
+    if name == "char" or name.endswith(".json"):
+        return "char"
+    return os.path.basename(os.path.normpath(name)).removesuffix(".gguf")
 
 
 def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=False):
-    """Tokenize splits = {"train": [ex, ...], "test": [...]} (ex as segments takes it, plus a label,
-    optionally "final" and "fields" for the held-out row) into out_dir, written whole or not at all; returns
-    out_dir. tokenizer "char" builds a character vocabulary from the text, saved as vocab.json. max_len drops
-    longer train examples. An existing dataset is kept when the same, refused when it differs unless
-    overwrite (a checkpoint trained on it reads its vocabulary)."""
-    check_out(out_dir)
+    """Tokenize splits = {"train": [ex, ...], "test": [...]} (ex as encode_example takes it, plus a label and
+    optionally "final" and "fields" for the held-out row) into out_dir, written whole or not at all. tokenizer
+    "char" builds a character vocabulary from the text. max_len drops longer train examples. An existing
+    dataset is kept when the same, replaced only with overwrite (a checkpoint trained on it reads its vocab)."""
     if tokenizer == "char":
         text = (ex["question"] + ex["answer"] for exs in splits.values() for ex in exs)  # (no conversations)
         enc = CharTokenizer("".join(set("Question: \nAnswer: ").union(*text)))
-    else:  # a model's tokenizer or another folder's vocab.json (so the two mix); an unknown name fails here,
-        # before anything is written; a path is made absolute, found from any working directory
+    else:  # a model's tokenizer or another folder's vocab.json (so the two mix), found from any working directory
         enc = get_tokenizer(os.path.abspath(tokenizer) if os.path.exists(tokenizer) else tokenizer)
-    encoded = {split: encode_split(enc, split, exs, classes, max_len, out_dir) for split, exs in splits.items()}
+    encoded, end = {}, end_token(enc)
+    for split, examples in splits.items():
+        tokens, mask, offsets, labels, rows = [], [], [0], [], []
+        for ex in examples:
+            prompt, ids, answer_mask, answer = encode_example(enc, ex, end)
+            if max_len and split == "train" and len(ids) > max_len:
+                continue
+            tokens += ids
+            mask += answer_mask
+            offsets.append(len(tokens))
+            labels.append(classes.index(ex["label"]))
+            rows.append(dict(prompt=prompt, answer=answer, final=ex.get("final"), label=ex["label"],
+                             **ex.get("fields", {})))
+        if not rows:  # training would wait forever for a batch, evaluation would have nothing to score
+            raise ValueError(f"the {split} split of {out_dir} would have no examples: " + (
+                f"all {len(examples)} are longer than max_len={max_len} tokens, raise --max_len" if examples else
+                "the source gave none for it, check the source data and the split sizes asked for"))
+        encoded[split] = tokens, mask, offsets, labels, rows
     meta = dict(tokenizer=tokenizer, classes=classes, chat=chat_template(enc) is not None, vocab_size=enc.n_vocab,
                 eot=end_token(enc))
     parent = os.path.dirname(os.path.abspath(out_dir))
     try:
         os.makedirs(parent, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".prepare-", dir=parent) as staging:  # written whole, then moved in
+        with tempfile.TemporaryDirectory(prefix=".prepare-", dir=parent) as staging:
             if isinstance(enc, CharTokenizer):  # saved beside the data, which names it relatively
                 enc.save(os.path.join(staging, "vocab.json"))
                 meta["tokenizer"] = "vocab.json"
@@ -101,7 +106,7 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=F
                 np.savez(os.path.join(staging, f"{split}.npz"), tokens=np.array(tokens, np.int32),
                          loss_mask=np.array(mask, bool), offsets=np.array(offsets, np.int64),
                          labels=np.array(labels, np.int16))
-                if split != "train":  # a held-out split: eval.py reads its prompts and answers as text
+                if split != "train":  # eval.py reads the held-out prompts and answers as text
                     Path(staging, f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             Path(staging, "meta.json").write_text(json.dumps(meta, indent=1))
             installed = install(staging, out_dir, overwrite)
@@ -117,41 +122,16 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=F
     return out_dir
 
 
-def check_out(out_dir):
-    """Refuse an output folder that is a file: prepare scripts call it before any work, write_dataset again."""
-    if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutputError(f"--out {out_dir} is a file; name a folder for the prepared dataset")
-
-
-def encode_split(enc, split, examples, classes, max_len, out_dir):
-    """(tokens, loss mask, offsets, labels, held-out rows) of one split; ValueError if it would be empty
-    (training would wait forever for a batch, evaluation would have nothing to score)."""
-    tokens, mask, offsets, labels, rows, end = [], [], [0], [], [], end_token(enc)
-    for ex in examples:
-        prompt, ids, answer_mask, answer = encode_example(enc, ex, end)
-        if max_len and split == "train" and len(ids) > max_len:
-            continue
-        tokens += ids
-        mask += answer_mask
-        offsets.append(len(tokens))
-        labels.append(classes.index(ex["label"]))
-        rows.append(dict(prompt=prompt, answer=answer, final=ex.get("final"), label=ex["label"], **ex.get("fields", {})))
-    if not rows:
-        raise ValueError(f"the {split} split of {out_dir} would have no examples: " + (
-            f"all {len(examples)} are longer than max_len={max_len} tokens, raise --max_len" if examples else
-            "the source gave none for it, check the source data and the split sizes asked for"))
-    return tokens, mask, offsets, labels, rows
-
-
 def install(staging, out_dir, overwrite):
-    """Move the files of `staging` into out_dir (False: it holds the same dataset already). A different one is
+    """Move staging's files into out_dir (False: it holds the same dataset already). A different one is
     refused unless overwrite, then removed first (no stale split stays). meta.json, last, marks a whole folder."""
     if os.path.isfile(os.path.join(out_dir, "meta.json")):
         if all(same_file(os.path.join(out_dir, name), os.path.join(staging, name)) for name in os.listdir(staging)):
             return False
         if not overwrite:
-            raise ValueError(f"{out_dir} already holds a prepared dataset that these settings would change (a checkpoint "
-                             "trained on it reads its vocabulary); pass --overwrite to replace it, or --out another folder")
+            raise ValueError(f"{out_dir} already holds a prepared dataset that these settings would change (a "
+                             "checkpoint trained on it reads its vocabulary); pass --overwrite to replace it, or --out "
+                             "another folder")
         for name in os.listdir(out_dir):
             if name in ("meta.json", "vocab.json") or name.endswith((".npz", ".jsonl")):
                 os.remove(os.path.join(out_dir, name))
@@ -162,17 +142,14 @@ def install(staging, out_dir, overwrite):
 
 
 def same_file(old, new):
-    """Whether old holds what new does: an .npz compared by its arrays (the zip's own bytes carry timestamps;
-    a damaged old one differs), any other file by its bytes."""
-    if not os.path.isfile(old):
-        return False
-    if not new.endswith(".npz"):
-        return Path(old).read_bytes() == Path(new).read_bytes()
+    """Whether old holds what new does: an .npz by its arrays (the zip's bytes carry timestamps), else by bytes."""
     try:
-        a, b = read_npz(old), read_npz(new)
-    except ValueError:
+        if new.endswith(".npz"):
+            a, b = read_npz(old), read_npz(new)
+            return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
+        return Path(old).read_bytes() == Path(new).read_bytes()
+    except (OSError, ValueError):  # missing or damaged: it differs
         return False
-    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
 
 
 def read_npz(path):
@@ -185,18 +162,6 @@ def read_npz(path):
                          "wrote it, with --overwrite") from None
 
 
-def read_prepared(folder, split):
-    """meta.json and the arrays of {split}.npz of a prepared folder; one line naming what is missing."""
-    if not os.path.isfile(os.path.join(folder, "meta.json")):
-        why = "holds no meta.json" if os.path.isdir(folder) else "does not exist"
-        raise FileNotFoundError(f"the dataset folder {folder} {why}: write it with python -m data.<task>.prepare "
-                                "(its --out), or name a prepared folder")
-    path = os.path.join(folder, f"{split}.npz")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: {folder} has no {split} split; name a folder prepared with one")
-    return read_json(os.path.join(folder, "meta.json")), read_npz(path)
-
-
 class TokenDataset:
     """One split of one or more prepared folders, concatenated. Labels are remapped to the union of the
     folders' classes (in order of appearance); all folders must share one tokenizer."""
@@ -204,13 +169,20 @@ class TokenDataset:
     def __init__(self, data_dirs, split):
         data_dirs = [data_dirs] if isinstance(data_dirs, str) else list(data_dirs)
         if not data_dirs or not all(isinstance(d, str) and d for d in data_dirs):
-            raise ValueError(f"--datasets must list prepared folders, e.g. --datasets=\"['data/gsm8k/smollm2-135m']\"; "
-                             f"got {data_dirs!r}")
+            raise ValueError("--datasets must list prepared folders, e.g. "
+                             f"--datasets=\"['data/gsm8k/smollm2-135m']\"; got {data_dirs!r}")
         self.classes, parts = [], []
         for d in data_dirs:
-            meta, z = read_prepared(d, split)
-            path = os.path.join(d, meta["tokenizer"])
-            tok = path if os.path.exists(path) else meta["tokenizer"]
+            path = os.path.join(d, f"{split}.npz")
+            if not os.path.isfile(os.path.join(d, "meta.json")):
+                why = "holds no meta.json" if os.path.isdir(d) else "does not exist"
+                raise FileNotFoundError(f"the dataset folder {d} {why}: write it with python -m data.<task>.prepare "
+                                        "(its --out), or name a prepared folder")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} not found: {d} has no {split} split; name a folder prepared with one")
+            meta, z = read_json(os.path.join(d, "meta.json")), read_npz(path)
+            tok = os.path.join(d, meta["tokenizer"])
+            tok = tok if os.path.exists(tok) else meta["tokenizer"]
             key = (Path(tok).read_bytes() if os.path.isfile(tok) else tok, meta["chat"], meta["eot"])
             if not parts:
                 self.key, self.tokenizer_path, self.vocab_size, self.eot = key, tok, meta["vocab_size"], meta["eot"]
@@ -220,8 +192,7 @@ class TokenDataset:
                                  f"pass the first folder's vocab.json as the --tokenizer of the others)")
             self.classes += [c for c in meta["classes"] if c not in self.classes]
             if not len(z["labels"]):  # written by hand or before write_dataset refused empty splits
-                raise ValueError(f"{d}/{split}.npz has no examples: prepare {d} again with more examples "
-                                 "(or a larger --max_len)")
+                raise ValueError(f"{path} has no examples: prepare {d} again with more (or a larger --max_len)")
             remap = np.array([self.classes.index(c) for c in meta["classes"]], np.int64)
             parts.append((z["tokens"], z["loss_mask"], z["offsets"], remap[z["labels"]]))
         tokens, masks, offsets, labels = zip(*parts)

@@ -1,12 +1,13 @@
-"""What every data/<task>/prepare.py shares: where the prepared folder goes, the checks of counts, and the
-command line's frame (--tokenizer and --out first, --overwrite last, every default in -h, a bad option or
-file one line and exit 2, Ctrl-C one line and exit 130)."""
-import argparse
+"""What every data/<task>/prepare.py shares: its command line (configurator's, as every script's), the checks
+of counts, the reading of .jsonl sources and where the prepared folder goes."""
+import gzip
+import inspect
+import json
 import os
 import sys
 
-from configurator import fail
-from data.dataset import check_out, tokenizer_tag, write_dataset
+from configurator import UsageError, fail
+from data.dataset import tokenizer_tag, write_dataset
 
 
 def write_prepared(here, out, tokenizer, splits, **options):
@@ -15,35 +16,43 @@ def write_prepared(here, out, tokenizer, splits, **options):
 
 
 def at_least(minimum, **options):
-    """A ValueError naming the first of these options (None: not given) below minimum."""
+    """A ValueError naming the first of these options (None: not given) that is not a whole number >= minimum."""
     for name, value in options.items():
-        if value is not None and value < minimum:
-            raise ValueError(f"--{name} must be >= {minimum}, not {value}")
+        if value is not None and (type(value) is not int or value < minimum):
+            raise ValueError(f"--{name} must be >= {minimum}, not {value!r}")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    def _get_help_string(self, action):  # every option's default, where it has one
-        shown = action.default not in (None, argparse.SUPPRESS) and action.default is not False
-        return f"{action.help} (default: {action.default})" if shown else action.help
+def read_jsonl(path):
+    """{line number: row} of a .jsonl (or .jsonl.gz) file; a line that is not JSON is an error naming it."""
+    rows = {}
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                if line.strip():
+                    rows[n] = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n} is not JSON ({e.msg}): fix or remove that line") from None
+    return rows
 
 
-def command_line(doc, here, tokenizer, tokenizer_help):
-    """The script's parser (its docstring the description) with --tokenizer (default `tokenizer`) and --out."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
-    p.error = lambda message: fail(f"{message} (-h lists the options)")  # one line, not argparse's usage block
-    p.add_argument("--tokenizer", default=tokenizer, help=tokenizer_help)
-    p.add_argument("--out", default=None, help=f"output folder (default data/{os.path.basename(here)}/<tokenizer tag>)")
-    return p
+def options(prepare, tokenizer, **meanings):
+    """configurator's OPTIONS of a prepare script: --tokenizer, --out, `meanings`, --overwrite, each with the
+    default of prepare's argument of that name."""
+    meanings = dict(tokenizer=tokenizer, out="output folder ('': data/<task>/<tokenizer tag>)", **meanings,
+                    overwrite="replace a different dataset already prepared there")
+    defaults = inspect.signature(prepare).parameters
+    return {key: (defaults[key].default, meaning) for key, meaning in meanings.items()}
 
 
-def run(p, prepare):
-    """Add --overwrite, parse the command line and call prepare(**its options)."""
-    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already prepared there")
-    args = vars(p.parse_args())
+def run(prepare, configure):
+    """prepare(**configure()), configure being the script's command line: a bad option or file is one line and
+    exit 2, Ctrl-C one line and exit 130."""
     try:
-        check_out(args["out"])
+        args = configure()
+        if args["out"] and os.path.exists(args["out"]) and not os.path.isdir(args["out"]):  # before any work
+            raise UsageError(f"--out {args['out']} is a file; name a folder for the prepared dataset")
         prepare(**args)
-    except (ValueError, FileNotFoundError) as e:  # bad options or files
+    except (UsageError, ValueError, FileNotFoundError) as e:
         fail(e)
     except KeyboardInterrupt:  # the folder is staged whole before it is moved in
         print("error: interrupted; nothing was written", file=sys.stderr)

@@ -243,8 +243,9 @@ def test_gsm8k_slice(tmp_path):
     ("arithmetic", ["--digits", "-1"], ["--digits must be >= 1, not -1"]),
     ("pycode", ["--max_lines", "0"], ["--max_lines must be >= 1, not 0"]),
     ("pycode", ["--max_lines", "2"], ["--max_lines 2", "raise --max_lines"]),
-    ("arithmetic", ["--n_train", "abc"], ["--n_train: invalid int value: 'abc'", "-h lists the options"]),
-    ("gsm8k", ["--bogus"], ["unrecognized arguments: --bogus"]),
+    ("arithmetic", ["--n_train", "abc"], ["--n_train must be of type int, got 'abc'"]),
+    ("gsm8k", ["--limit", "abc"], ["--limit must be >= 1, not 'abc'"]),
+    ("gsm8k", ["--bogus"], ["unknown option --bogus", "-h lists the options"]),
 ])
 def test_prepare_bad_options_exit_2_with_one_line(task, args, words, tmp_path):
     result = forkrun.run([sys.executable, "-m", f"data.{task}.prepare", *args,
@@ -255,9 +256,9 @@ def test_prepare_bad_options_exit_2_with_one_line(task, args, words, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
-@pytest.mark.parametrize("task, default", [("arithmetic", "max digits per operand (default: 3)"),
-                                           ("gsm8k", "(default: 1024)"), ("humaneval", "(default: smollm2-135m)"),
-                                           ("pycode", "(default: 40)"), ("smoltalk", "(default: 100)")])
+@pytest.mark.parametrize("task, default", [("arithmetic", "--digits 3 max digits per operand"),
+                                           ("gsm8k", "--max_len 1024"), ("humaneval", "--tokenizer 'smollm2-135m'"),
+                                           ("pycode", "--max_lines 40"), ("smoltalk", "--n_test 100")])
 def test_prepare_help_shows_the_defaults(task, default):
     result = subprocess.run([sys.executable, "-m", f"data.{task}.prepare", "-h"], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
@@ -322,6 +323,7 @@ def test_prepare_again_replaces_a_truncated_split_only_with_overwrite(prepared):
 
 
 def test_ctrl_c_in_prepare_is_one_line_exit_130_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from configurator import configure
     from data import dataset, prepare_common
 
     def interrupt(*args, **kwargs):
@@ -331,7 +333,7 @@ def test_ctrl_c_in_prepare_is_one_line_exit_130_and_writes_nothing(tmp_path, mon
     out = tmp_path / "data"
     monkeypatch.setattr(sys, "argv", ["prepare.py", "--out", str(out)])
     with pytest.raises(SystemExit) as e:
-        prepare_common.run(prepare_common.command_line("", "arithmetic", "char", "t"),
-                           lambda **options: arithmetic.prepare(n_train=20, n_test=5, **options))
+        prepare_common.run(lambda **options: arithmetic.prepare(**options | dict(n_train=20, n_test=5)),
+                           lambda: configure(arithmetic.OPTIONS))
     assert e.value.code == 130 and capsys.readouterr().err == "error: interrupted; nothing was written\n"
     assert os.listdir(tmp_path) == []  # no staging folder either

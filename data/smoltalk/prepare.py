@@ -1,44 +1,38 @@
 """SmolTalk (HuggingFaceTB/smoltalk, Apache-2.0): the chat data of the paper's training mix, each subset
 with its guidance class (math, coding, general_qa).
 
-    python -m data.smoltalk.prepare                                   # the paper's subsets -> data/smoltalk/smollm2-135m/
-    python -m data.smoltalk.prepare --tokenizer path/to/Llama-3.2-1B-Instruct --max_len 2048
+    python -m data.smoltalk.prepare --tokenizer path/to/Llama-3.2-1B-Instruct   # -> data/smoltalk/Llama-3.2-1B-Instruct
     python -m data.smoltalk.prepare --subsets self-oss-instruct --limit 1000 --out /tmp/st   # a quick slice
-    python -m data.smoltalk.prepare --src DIR                         # offline: DIR/<subset>/*.parquet (or .jsonl)
 
-Each example is one conversation ({"role", "content"} messages) in the tokenizer's chat template, the loss
-on every assistant turn and its end token; a held-out row's answer is the last assistant turn. Train
-examples longer than --max_len tokens are dropped. Online, each subset's .parquet files are fetched once
-into --cache (reading them needs pip install pyarrow); offline, the error names the files to put where.
+Each example is one conversation in the chat template, the loss on every assistant turn and its end token; a
+held-out row's answer is the last assistant turn. Reading .parquet files needs pip install pyarrow.
 """
 import json
 import os
 import urllib.request
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-from data.prepare_common import at_least, command_line, run, write_prepared
+from configurator import configure, parse_list
+from data.prepare_common import at_least, options, read_jsonl, run, write_prepared
 from loading.pretrained import download_file
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ID = "HuggingFaceTB/smoltalk"
-LIST_URL = f"https://huggingface.co/api/datasets/{REPO_ID}/tree/main/data/{{}}"
-FILE_URL = f"https://huggingface.co/datasets/{REPO_ID}/resolve/main/{{}}"
 # The paper's mix: math (MetaMathQA, NuminaMath CoT), coding (self-oss-instruct), general QA (OpenHermes,
 # smol-magpie-ultra). The paper reports ~892k examples; these five subsets' train splits hold ~0.7M.
 SUBSETS = {"metamathqa-50k": "math", "numina-cot-100k": "math", "self-oss-instruct": "coding",
            "openhermes-100k": "general_qa", "smol-magpie-ultra": "general_qa"}
-CLASSES = ["math", "coding", "general_qa"]
-ROLES = ("system", "user", "assistant")
 
 
 def download(subset, folder):
-    """Fetch the subset's train and test files from the hub into folder (once; .part files until whole)."""
+    """Fetch the subset's .parquet files from the hub into folder."""
     try:
-        with urllib.request.urlopen(LIST_URL.format(subset), timeout=30) as response:
+        url = f"https://huggingface.co/api/datasets/{REPO_ID}/tree/main/data/{subset}"
+        with urllib.request.urlopen(url, timeout=30) as response:
             files = [f["path"] for f in json.load(response) if f["path"].endswith(".parquet")]
         for path in files:
             target = os.path.join(folder, os.path.basename(path))
             if not os.path.isfile(target):
-                download_file(FILE_URL.format(path), target, timeout=60)
+                download_file(f"https://huggingface.co/datasets/{REPO_ID}/resolve/main/{path}", target, timeout=60)
     except OSError as e:
         raise FileNotFoundError(f"SmolTalk {subset}: no files in {folder} and downloading them from {REPO_ID} failed "
                                 f"({e}); offline, put data/{subset}/*.parquet of the hub's {REPO_ID} dataset into "
@@ -46,59 +40,61 @@ def download(subset, folder):
 
 
 def read_split(split, folder):
-    """The conversations of one subset's split: every {split}*.parquet / .jsonl file in folder, in order, each
-    row's messages a list of {"role", "content"} with an assistant turn, or an error naming the file and row."""
+    """The conversations of every {split}*.parquet / .jsonl file in folder, in order; a row without a list of
+    {"role", "content"} messages with an assistant turn is an error naming its file and row."""
     conversations = []
     for name in sorted(n for n in os.listdir(folder) if n.startswith(split) and n.endswith((".parquet", ".jsonl"))):
         path = os.path.join(folder, name)
         if name.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+            rows = list(read_jsonl(path).values())
         else:
             try:
                 import pyarrow.parquet as pq
             except ImportError:
                 raise FileNotFoundError(f"reading {path} needs pyarrow: pip install pyarrow") from None
             rows = pq.read_table(path, columns=["messages"]).to_pylist()
-        for n, messages in enumerate((row.get("messages") for row in rows), 1):
-            if not isinstance(messages, list) or not all(isinstance(m, dict) and m.get("role") in ROLES and
-                                                         isinstance(m.get("content"), str) for m in messages):
+        for n, row in enumerate(rows, 1):
+            messages = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                         and m.get("role") in ("system", "user", "assistant")
+                                                         for m in messages):
                 raise ValueError(f"{path} row {n}: 'messages' must be a list of {{'role': system|user|assistant, "
-                                 "'content': text}}, as in SmolTalk")
+                                 "'content': text}, as in SmolTalk")
             if not any(m["role"] == "assistant" for m in messages):
                 raise ValueError(f"{path} row {n}: the conversation has no assistant turn to learn from")
             conversations.append([dict(role=m["role"], content=m["content"]) for m in messages])
     return conversations
 
 
-def prepare(tokenizer="smollm2-135m", subsets=tuple(SUBSETS), out=None, src=None, cache=None, max_len=2048,
-            limit=None, n_test=100, overwrite=False):
-    """Tokenize the subsets into data/smoltalk/<tag>/ (or out): train = their train splits (the first `limit`
-    of each), test = the first n_test of each test split. Returns the output folder."""
+def prepare(tokenizer="smollm2-135m", out="", subsets=None, src="", max_len=2048, limit=None, n_test=100,
+            overwrite=False):
     at_least(0, max_len=max_len)
     at_least(1, limit=limit, n_test=n_test)
+    subsets = parse_list("subsets", subsets, str, SUBSETS)
     unknown = [s for s in subsets if s not in SUBSETS]
     if unknown:
         raise ValueError(f"unknown --subsets {', '.join(unknown)}; known: {', '.join(SUBSETS)}")
     splits = {"train": [], "test": []}
     for subset in subsets:
-        folder = os.path.join(src or cache or os.path.join(HERE, "raw"), subset)
-        if src is None and not (os.path.isdir(folder) and os.listdir(folder)):
+        folder = os.path.join(src or os.path.join(HERE, "raw"), subset)
+        if not src and not (os.path.isdir(folder) and os.listdir(folder)):
             download(subset, folder)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"SmolTalk {subset}: {folder} not found; put the subset's train/test .parquet "
                                     "(or .jsonl) files there")
         for split, count in (("train", limit), ("test", n_test)):
             splits[split] += [dict(turns=c, label=SUBSETS[subset]) for c in read_split(split, folder)[:count]]
-    return write_prepared(HERE, out, tokenizer, splits, classes=CLASSES, max_len=max_len, overwrite=overwrite)
+    classes = ["math", "coding", "general_qa"]
+    return write_prepared(HERE, out, tokenizer, splits, classes=classes, max_len=max_len, overwrite=overwrite)
 
+
+OPTIONS = options(prepare, "smollm2-135m, a HF tokenizer folder, ...",
+                  subsets=f"comma-separated SmolTalk subsets (None: {', '.join(SUBSETS)})",
+                  src="offline: a folder with <subset>/ folders of .parquet or .jsonl files ('': download them once "
+                      "into data/smoltalk/raw)",
+                  max_len="drop longer train conversations (tokens); 0 keeps all",
+                  limit="only the first N train conversations of each subset",
+                  n_test="held-out conversations per subset (of its test split)")
 
 if __name__ == "__main__":
-    p = command_line(__doc__, HERE, "smollm2-135m", "smollm2-135m, a HF tokenizer folder, ...")
-    p.add_argument("--subsets", default=",".join(SUBSETS), type=lambda text: [s.strip() for s in text.split(",") if s.strip()], help="comma-separated SmolTalk subsets")
-    p.add_argument("--src", default=None, help="offline: a folder with <subset>/ folders of .parquet or .jsonl files")
-    p.add_argument("--cache", default=None, help="where downloads go (default data/smoltalk/raw)")
-    p.add_argument("--max_len", type=int, default=2048, help="drop train conversations longer than this (tokens); 0 keeps all")
-    p.add_argument("--limit", type=int, default=None, help="only the first N train conversations of each subset")
-    p.add_argument("--n_test", type=int, default=100, help="held-out conversations per subset (from its test split)")
-    run(p, prepare)
+    run(prepare, lambda: configure(OPTIONS))
