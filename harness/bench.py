@@ -304,28 +304,21 @@ def memory_worker(cfg):
     method, dtype = cfg["_memory_worker"].split(":")
     setup = build_trainer(method, base_model(cfg), cfg, getattr(torch, dtype))
     gc.collect()  # the float32 base, when cast away
-    try:  # hand freed heap back to the OS (glibc), or RSS would still count it
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:  # forget the peak of loading the weights (Linux >= 4.0); else it may hide the training peak
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        reset = True
-    except OSError:
-        reset = False
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back to the OS, or RSS would still count it
+    with open("/proc/self/clear_refs", "w") as f:  # forget the peak of loading the weights, not of training
+        f.write("5")
     before = rss("VmRSS")
     for _ in range(cfg["mem_steps"]):
         train_step(*setup, getattr(torch, dtype))
-    print(json.dumps(dict(before_mb=before, peak_mb=rss("VmHWM"), increase_mb=rss("VmHWM") - before, peak_reset=reset)))
+    print(json.dumps(dict(before_mb=before, peak_mb=rss("VmHWM"), increase_mb=rss("VmHWM") - before)))
 
 
-def table(title, rows, columns):
-    """Print rows (dicts) as an aligned table; columns: "header key format" triples (one string each)."""
-    columns = [c.rsplit(" ", 2) for c in columns]
-    cells = [[h for h, _, _ in columns]]
-    cells += [["-" if row[k] is None else fmt.format(row[k]) for _, k, fmt in columns] for row in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+def table(title, rows, keys):
+    """Print the rows' (dicts') space-separated `keys` as an aligned table, each number to about 3 digits."""
+    def cell(v):
+        return "-" if v is None else v if isinstance(v, str) else f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    cells = [keys.split()] + [[cell(row[k]) for k in keys.split()] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     print(f"\n{title}")
     for line in cells[:1] + [["-" * w for w in widths]] + cells[1:]:
         print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
@@ -359,32 +352,24 @@ def main(argv=None):
     results = dict(config=cfg, machine=info, matmul_gflops=peaks, weights_mb=weights)
     if "gen" in cfg["what"]:
         results["generation"] = gen = bench_generation(base, cfg)
-        table(f"One decoding step (median of {cfg['eval_reps']}, interleaved; prompt {cfg['prompt_len']} tokens)",
-              gen["decode_step"], ["batch batch {}", "dtype dtype {}", "base step ms base_step_ms {:.2f}",
-                                   "path eval ms path_eval_ms {:.2f}", "path/base ratio {:.2f}",
-                                   "merged ms merged_path_eval_ms {:.2f}", "merged/base merged_ratio {:.2f}",
-                                   "path x fp32 path_vs_fp32 {:.2f}", "merged x fp32 path merged_vs_fp32 {:.2f}"])
-        table(f"Generation, midpoint: time per new token (median of {cfg['new_tokens']}, interleaved)",
-              gen["steps"], ["batch batch {}", "dtype dtype {}", "steps steps {}", "NFE/tok nfe_per_token {:.0f}",
-                             "ms/tok ms_per_token {:.1f}", "tok/s tokens_per_s {:.2f}", "x fp32 vs_fp32 {:.2f}",
-                             "x steps=1 vs_steps1 {:.2f}"])
+        table(f"One decoding step (median of {cfg['eval_reps']}; prompt {cfg['prompt_len']} tokens); ratio: path "
+              "over base", gen["decode_step"], "batch dtype base_step_ms path_eval_ms ratio merged_path_eval_ms "
+              "merged_ratio path_vs_fp32 merged_vs_fp32")
+        table(f"Generation, midpoint: time per new token (median of {cfg['new_tokens']})", gen["steps"],
+              "batch dtype steps nfe_per_token ms_per_token tokens_per_s vs_fp32 vs_steps1")
     if "ar2diff" in cfg["what"]:
         results["ar2diff"] = rows = bench_ar2diff(base, cfg)
-        table(f"Writing an answer of L tokens, batch 1 (prompt {cfg['prompt_len']} tokens, interleaved): "
-              f"AR decoding against AR2Diff, {cfg['ar2diff_steps']} steps", rows,
-              ["L answer_len {}", "K candidates {}", "passes passes {}", "AR s ar_s {:.3f}",
-               "AR2Diff s ar2diff_s {:.3f}", "AR tok/s ar_tokens_per_s {:.1f}",
-               "AR2Diff tok/s ar2diff_tokens_per_s {:.1f}", "speed-up speedup {:.2f}"])
+        table(f"Writing an answer of L tokens, batch 1 (prompt {cfg['prompt_len']} tokens): AR decoding against "
+              f"AR2Diff, {cfg['ar2diff_steps']} steps", rows,
+              "answer_len candidates passes ar_s ar2diff_s ar_tokens_per_s ar2diff_tokens_per_s speedup")
     if "train" in cfg["what"]:
         results["training"] = rows = bench_training(base, cfg, peaks)
         gc.collect()
         for row in rows:
             row.update(measure_memory(cfg, row["method"], row["dtype"]))
-        table(f"Training step, batch {cfg['batch']} x {cfg['seq']} tokens (median of {cfg['train_reps']}, interleaved)",
-              rows, ["method method {}", "dtype dtype {}", "trainable trainable_params {:,}", "step s step_s {:.3f}",
-                     "tok/s tokens_per_s {:.0f}", "x full vs_full {:.2f}", "x fp32 vs_fp32 {:.2f}",
-                     "GFLOP/step gflop_per_step {:.1f}", "GFLOP/s gflops {:.1f}", "of matmul of_peak {:.0%}",
-                     "peak RSS MB peak_mb {:.0f}", "+MB over start increase_mb {:.0f}"])
+        table(f"Training step, batch {cfg['batch']} x {cfg['seq']} tokens (median of {cfg['train_reps']}); of_peak: "
+              "of the matmul's GFLOP/s; peak_mb: the peak RSS", rows, "method dtype trainable_params step_s "
+              "tokens_per_s vs_full vs_fp32 gflop_per_step gflops of_peak peak_mb increase_mb")
     info["load_avg_end"] = os.getloadavg()[0]
     if cfg["out"]:
         write_atomic(cfg["out"], lambda f: f.write(json.dumps(results, indent=1).encode()))
