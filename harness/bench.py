@@ -69,8 +69,6 @@ OPTIONS = dict(
     block_size=(1024, "positions, at least prompt_len + new_tokens and seq"),
     _memory_worker=("", "internal: measure one method's training memory and print it as JSON"),
 )
-POSITIVE = ("steps", "batch_sizes", "prompt_len", "new_tokens", "eval_reps", "answer_lens", "ar2diff_steps",
-            "ar2diff_candidates", "batch", "seq", "train_reps", "mem_steps", "matmul_n", "lora_rank", "flow_dim")
 METHODS = ("l2d-lora", "l2d-full", "lora", "full")  # what is trained: the path, and the two baselines
 
 # torch counts attention on CUDA but not its CPU kernel: count that the same way (dense q k^T and p v).
@@ -89,9 +87,10 @@ def check(cfg):
         raise UsageError(f"unknown --dtypes {sorted(unknown)}; use {', '.join(DTYPES[1:])}")
     if not set(cfg["what"]) <= {"gen", "train", "ar2diff"}:
         raise UsageError(f"--what takes gen, train, ar2diff or several (gen,train), got {cfg['what']}")
-    for key in POSITIVE:
-        if min(cfg[key] if isinstance(cfg[key], list) else [cfg[key]]) < 1:
-            raise UsageError(f"--{key} must be >= 1, got {cfg[key]}")
+    for key, value in cfg.items():  # every count and size
+        values = value if isinstance(value, list) else [value]
+        if key not in ("seed", "threads") and any(type(v) is int and v < 1 for v in values):
+            raise UsageError(f"--{key} must be >= 1, got {value}")
     if cfg["threads"] < 0:
         raise UsageError(f"--threads must be >= 0 (0: torch's default), got {cfg['threads']}")
     if cfg["out"] and not cfg["_memory_worker"]:
@@ -148,15 +147,11 @@ def base_model(cfg):
                          n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"]))
 
 
-def l2d_path(base, cfg, variant):
-    return L2D(base, L2DConfig(variant=variant, flow_dim=cfg["flow_dim"], lora_rank=cfg["lora_rank"]))
-
-
 def bench_generation(base, cfg):
     """Per batch size and dtype: the median cost of a base decoding step, a path evaluation and a merged one
     (the cost of one NFE), and the median time per new token at each step count."""
     torch.manual_seed(cfg["seed"])
-    l2d = l2d_path(base, cfg, "lora").eval()
+    l2d = L2D(base, L2DConfig(variant="lora", flow_dim=cfg["flow_dim"], lora_rank=cfg["lora_rank"])).eval()
     models = {d: (store_weights(copy.deepcopy(l2d), getattr(torch, d)),
                   store_weights(merge_lora(copy.deepcopy(l2d)), getattr(torch, d))) for d in cfg["dtypes"]}
     prompt = torch.randint(0, base.config.vocab_size, (1, cfg["prompt_len"]))
@@ -237,7 +232,8 @@ def build_trainer(method, base, cfg, dtype=torch.float32):
     """(model, optimizer, x, y): a training method, its frozen weights stored in dtype as train.py stores them
     (the caller's float32 `base` is left as it was), and a random batch with a target at every position."""
     if method.startswith("l2d"):
-        model = l2d_path(frozen_base(base, dtype), cfg, method.split("-")[1])
+        config = L2DConfig(variant=method.split("-")[1], flow_dim=cfg["flow_dim"], lora_rank=cfg["lora_rank"])
+        model = L2D(frozen_base(base, dtype), config)
     elif method == "lora":
         model = add_lora(copy.deepcopy(base), cfg["lora_rank"])
     else:  # every weight trained, in float32
