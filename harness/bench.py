@@ -5,12 +5,11 @@ Speed and memory of L2D next to its base model and the two finetuning baselines 
     python -m harness.bench --init_from scratch --new_tokens 2 --eval_reps 2 --train_reps 1    # smoke test, seconds
     python -m harness.bench --what ar2diff --threads 1 --answer_lens 16,64,256,1024        # AR2Diff against AR decoding
 
-Every measurement runs in each --dtypes format, interleaved, each with its own copy of the base stored as the
-scripts store it (a CPU without bf16 matmul instructions, named on the first line, emulates bf16: tens of times
-slower). Tables: a base decoding step against a path evaluation (one NFE), also with the LoRA merged as sample.py
-and eval.py generate; time per new token at each --steps (greedy, midpoint); AR decoding against AR2Diff; a
-train.py step per method on random tokens (a target at every position: l2d's worst case), its FLOPs against a
-large matmul's GFLOP/s and its peak memory in a fresh process. On a shared machine, read the ratios.
+Each --dtypes format is timed interleaved with the others, the base stored in it as the scripts store it (without
+bf16 matmul instructions, named on the first line, a CPU emulates bf16, tens of times slower). The tables: a base
+decoding step against a path evaluation (one NFE), also with the LoRA merged as sample.py generates; time per new
+token at each --steps; AR decoding against AR2Diff; a train.py step per method on random tokens (a target at every
+position: l2d's worst case), its FLOPs against a matmul's GFLOP/s, its peak memory in a fresh process.
 """
 
 import copy
