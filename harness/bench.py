@@ -305,7 +305,8 @@ def memory_worker(cfg):
     before = rss("VmRSS")
     for _ in range(cfg["mem_steps"]):
         train_step(*setup, getattr(torch, dtype))
-    print(json.dumps(dict(before_mb=before, peak_mb=rss("VmHWM"), increase_mb=rss("VmHWM") - before)))
+    peak = rss("VmHWM")
+    print(json.dumps(dict(before_mb=before, peak_mb=peak, increase_mb=peak - before)))
 
 
 def table(title, rows, keys):
