@@ -226,9 +226,10 @@ def evaluate(model, val_batches, method, mixed):
             nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="none")
         nll, t, valid = nll.flatten().cpu(), t.flatten().cpu(), y.flatten().cpu() != -1
         bucket = torch.bucketize(t, edges, right=True) - 1
-        for b in range(len(edges)):  # each bucket, then every token
-            sel = valid & (bucket == b) if b < len(edges) - 1 else valid
+        for b in range(len(edges) - 1):
+            sel = valid & (bucket == b)
             sums[:, b] += torch.stack([nll[sel].sum(), sel.sum()])
+        sums[:, -1] += torch.stack([nll[valid].sum(), valid.sum()])
     if dist.is_initialized():
         dist.all_reduce(sums)
     model.train()
@@ -291,8 +292,7 @@ def main(argv=None):
             val, buckets = evaluate(raw_model, val_batches, cfg["method"], mixed)
             by_t = {"l2d": ", by t: ", "ar2diff": " (pass 1), by corruption rate: "}.get(cfg["method"])
             log(f"iter {it}: val loss {val:.4f}" + (by_t + " ".join(f"{b:.3f}" for b in buckets) if by_t else ""))
-            if rank == 0 and it > 0:  # the model's spec, its weights (l2d, lora: what trains), what a resume restores
-                weights = raw_model.state_dict() if spec["method"] in WHOLE else trainable_state_dict(raw_model)
+            if rank == 0 and it > 0:
                 diverged = best is not None and val > DIVERGED * best[0] + 0.1  # (nan: save_checkpoint refuses it)
                 if diverged:
                     log(f"warning: iter {it}: val loss {val:.4f} is far above the best, {best[0]:.4f} at iter "
@@ -300,6 +300,8 @@ def main(argv=None):
                         (f", it keeps iter {saved}" if saved else ""))
                 else:
                     os.makedirs(cfg["out_dir"], exist_ok=True)
+                    # the model's spec, its weights (l2d, lora: only what trains), what a resume restores
+                    weights = raw_model.state_dict() if spec["method"] in WHOLE else trainable_state_dict(raw_model)
                     try:
                         save_checkpoint(ckpt_path, dict(
                             spec, tokenizer=local_path(train_data.tokenizer_path), state_dict=weights, config=cfg,
