@@ -94,7 +94,7 @@ def write_dataset(out_dir, tokenizer, splits, classes, max_len=None, overwrite=F
                 "the source gave none for it, check the source data and the split sizes asked for"))
         encoded[split] = tokens, mask, offsets, labels, rows
     meta = dict(tokenizer=tokenizer, classes=classes, chat=chat_template(enc) is not None, vocab_size=enc.n_vocab,
-                eot=end_token(enc))
+                eot=end)
     parent = os.path.dirname(os.path.abspath(out_dir))
     try:
         os.makedirs(parent, exist_ok=True)

@@ -53,7 +53,10 @@ def main(argv=None):
         raise UsageError(f"--token {cfg['token']}: {cfg['steps_file']} shows {len(tokens)} token(s) "
                          "(run sample.py with --show_steps and write its output there)")
     steps = tokens[cfg["token"] - 1]
-    best = {tok: max(g.get(tok, 0.0) for _, g in steps) for _, guesses in steps for tok in guesses}  # along the ODE
+    best = {}  # each token's highest probability anywhere along the ODE
+    for _, guesses in steps:
+        for tok, p in guesses.items():
+            best[tok] = max(best.get(tok, 0.0), p)
     if not (plt := pyplot()):
         raise UsageError("matplotlib is not installed: pip install matplotlib")
     fig, ax = plt.subplots(figsize=(6.5, 3.6))

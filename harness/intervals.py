@@ -76,9 +76,11 @@ def step_to_step(rows):
 
 def across_runs(run_a, run_b):
     """Every row of run_b against every row of run_a on their shared first examples. ValueError if the runs
-    are on different data (the task and data folder's name: the same in another clone) or token counts."""
-    if (run_a["task"], os.path.basename(os.path.normpath(run_a["data"]))) != \
-            (run_b["task"], os.path.basename(os.path.normpath(run_b["data"]))):
+    are on different data or their token counts differ."""
+    def dataset(run):  # the task and the data folder's name: the same in another clone
+        return run["task"], os.path.basename(os.path.normpath(run["data"]))
+
+    if dataset(run_a) != dataset(run_b):
         raise ValueError(f"the runs are on different data: {run_a['data']} and {run_b['data']}")
     m = min(run_a["n"], run_b["n"])
     named = run_a.get("ckpt") != run_b.get("ckpt")  # then each row is named by its model too

@@ -11,7 +11,6 @@ A mean over seeds comes with a 95% t-interval (n - 1 degrees of freedom); "seeds
 counts the seeds whose paired interval over the examples is above 0.
 """
 
-import json
 import math
 import os
 import subprocess
@@ -21,7 +20,7 @@ import time
 import numpy as np
 
 from configurator import UsageError, configure, fail, parse_list
-from harness.intervals import row_gains
+from harness.intervals import read_results, row_gains
 from harness.plot import pyplot, save_figure
 
 OPTIONS = dict(
@@ -125,8 +124,7 @@ def summarize(cfg):
     for split in cfg["splits"]:
         rows = rows_of[split] = {}  # {(method, base, path): {steps: eval.py's row}}
         for b, m, p in ((b, m, p) for b in cfg["bases"] for m in cfg["methods"] for p in cfg["paths"]):
-            with open(f"{cfg['out']}/{m}-{b}-{p}/eval_{split}.json") as f:
-                rows[m, b, p] = {r["steps"]: r for r in json.load(f)["rows"]}
+            rows[m, b, p] = {r["steps"]: r for r in read_results(f"{cfg['out']}/{m}-{b}-{p}/eval_{split}.json")["rows"]}
         n = next(iter(next(iter(rows.values())).values()))["n"]  # the first row's, as every row's
         lines += [f"## {split} split: {len(seeds)} seed pairs (base, path), n = {n} examples each", ""]
         for key, name in (("accuracy", "exact match"), ("tf_accuracy", "teacher-forced")):
@@ -231,5 +229,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except UsageError as e:
+    except (UsageError, ValueError) as e:  # (read_results': a run's eval JSON damaged)
         fail(str(e))

@@ -5,10 +5,14 @@ import os
 import urllib.request
 
 from model import GPT, GPTConfig
-from loading.tokenizer import GPT2_MODELS, get_tokenizer, read_json
+from loading.tokenizer import get_tokenizer, read_json
 
-GPT2_SIZES = {name: dict(model_type="gpt2", n_layer=layers, n_head=heads, n_embd=width) for name, (layers, heads, width)
-              in zip(GPT2_MODELS, ((12, 12, 768), (24, 16, 1024), (36, 20, 1280), (48, 25, 1600)))}  # their config.json
+GPT2_SIZES = {  # config.json values of the four OpenAI GPT-2 checkpoints
+    "gpt2": dict(model_type="gpt2", n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(model_type="gpt2", n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(model_type="gpt2", n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(model_type="gpt2", n_layer=48, n_head=25, n_embd=1600),
+}
 CACHE_DIR = os.environ.get("L2D_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "l2d"))
 
 

@@ -222,7 +222,8 @@ def end_token(enc) -> int:
 
 def stop_tokens(enc) -> set[int]:
     """The ids that end a generation: end_token(enc) and, under a chat template, any end of text too."""
-    return {end_token(enc)} | {enc.encode(e, allowed_special="all")[0] for e in TEXT_ENDS if e in enc.special_tokens_set}
+    ends = [e for e in TEXT_ENDS if e in enc.special_tokens_set]
+    return {end_token(enc)} | {enc.encode(e, allowed_special="all")[0] for e in ends}
 
 
 def chat_turn(enc, role: str, content: str) -> str:
